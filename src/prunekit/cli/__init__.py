@@ -1,0 +1,1 @@
+"""Command-line interface: ``prunekit train``, ``prunekit demo``, ``prunekit methods``."""

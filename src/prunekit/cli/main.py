@@ -1,0 +1,83 @@
+"""``prunekit`` command line: thin wrappers over the public functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from prunekit.config import ConfigError
+from prunekit.methods import available, get_method
+from prunekit.training.checkpoint import CheckpointError
+from prunekit.training.recipe import load_recipe
+from prunekit.training.trainer import NonFiniteLossError, train
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.set)
+    metrics = train(recipe, args.out, resume=not args.no_resume, progress=not args.quiet, device=args.device)
+    summary = {k: metrics[k] for k in ("method", "model", "global_sparsity", "compression", "test_accuracy", "wall_seconds")}
+    print(json.dumps(summary, indent=2))
+    print(f"outputs in {args.out}: model_sparse.pt, metrics.json, report.md, accuracy.png, layer_sparsity.png")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    del args
+    for name in available():
+        cls = get_method(name)
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:6s} {doc}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from prunekit.cli.demo import run_demo
+
+    run_demo(Path(args.out), epochs=args.epochs, sparsity=args.sparsity, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description="Sparse and slim neural networks for PyTorch.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a recipe and write the sparse model, metrics, report and plots")
+    p.add_argument("--recipe", required=True, help="YAML recipe file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe entry")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("demo", help="LeNet-300-100 on MNIST: dense vs DPF at high sparsity")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--sparsity", type=float, default=0.98)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("methods", help="list the registered sparse-training methods")
+    p.set_defaults(func=_cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as exc:
+        print(f"prunekit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Masks on module parameters and the optimizer hooks that enforce them.
+
+A :class:`Masker` registers, for every target ``module.<p>``, a boolean buffer ``module.<p>_mask`` (so
+masks appear in ``model.state_dict()`` under readable names such as ``fc1.weight_mask``). It enforces
+them in one of three modes, through the optimizer's public step hooks — nothing runs in the forward
+pass, so masking adds no cost per forward:
+
+* ``hard`` — pruned weights are zero and stay zero. Before ``optimizer.step()`` the gradients are
+  multiplied by the mask (so momentum, Adam moments and weight decay never see pruned coordinates);
+  after it the weights are re-masked. When a mask changes, the optimizer state of the newly pruned
+  coordinates is zeroed, otherwise momentum would revive them.
+* ``straight_through`` — the parameter holds ``m ⊙ w`` during forward and backward, so autograd
+  yields ``∇f(m ⊙ w)`` for *every* coordinate; the dense ``w`` lives in the buffer
+  ``module.<p>_dense``. Before the step the dense values are swapped in, the optimizer applies
+  ``w ← w − lr·∇f(m ⊙ w)`` to the dense weights (DPF, Lin et al. ICLR 2020), and after the step the
+  dense values are saved and the parameter re-masked. Evaluating the model outside the step always
+  evaluates the sparse model ``m ⊙ w``.
+* ``off`` — hooks do nothing (AC/DC's decompressed phases).
+
+The masker survives ``copy.deepcopy`` together with its model and optimizer (see
+:class:`~prunekit.core.hooks.OptimizerHooks`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from prunekit.core.hooks import OptimizerHooks
+from prunekit.core.targets import Target
+
+logger = logging.getLogger(__name__)
+
+MASK_SUFFIX = "_mask"
+DENSE_SUFFIX = "_dense"
+
+GradObserver = Callable[[list[Tensor | None]], None]
+
+
+class MaskMode(StrEnum):
+    """How masks are enforced during training."""
+
+    HARD = "hard"
+    STRAIGHT_THROUGH = "straight_through"
+    OFF = "off"
+
+
+class Masker:
+    """Mask buffers plus the optimizer hooks that enforce them.
+
+    Args:
+        targets: parameters to mask.
+        optimizer: the optimizer that updates them; ``None`` for one-shot use (no hooks).
+        mode: initial :class:`MaskMode`.
+        grad_observer: called before the gradients are masked at every step, with the raw
+            gradients of the targets (RigL reads the dense gradient this way).
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        optimizer: Optimizer | None,
+        mode: MaskMode | str = MaskMode.HARD,
+        grad_observer: GradObserver | None = None,
+    ) -> None:
+        self.targets = list(targets)
+        self.optimizer = optimizer
+        self.grad_observer = grad_observer
+        self._mode = MaskMode.OFF
+        self._hooks: OptimizerHooks | None = None
+        for t in self.targets:
+            name = t.param_name + MASK_SUFFIX
+            if hasattr(t.module, name):
+                raise RuntimeError(
+                    f"{t.name} already carries a mask buffer {name!r}: another pruner is attached; "
+                    "call its finalize() first"
+                )
+            t.module.register_buffer(name, torch.ones_like(t.param, dtype=torch.bool))
+        self.set_mode_(mode)
+        self._register_hooks()
+
+    # ------------------------------------------------------------------ views
+    @property
+    def mode(self) -> MaskMode:
+        return self._mode
+
+    @property
+    def masks(self) -> list[Tensor]:
+        return [getattr(t.module, t.param_name + MASK_SUFFIX) for t in self.targets]
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [t.param for t in self.targets]
+
+    def dense_weights(self) -> list[Tensor]:
+        """The dense weights: the ``_dense`` buffers in straight-through mode, else the parameters."""
+        if self._mode is MaskMode.STRAIGHT_THROUGH:
+            return [getattr(t.module, t.param_name + DENSE_SUFFIX) for t in self.targets]
+        return [p.detach() for p in self.params]
+
+    # ---------------------------------------------------------------- changes
+    @torch.no_grad()
+    def set_masks_(self, masks: Sequence[Tensor], reset_optimizer_state: bool | None = None) -> None:
+        """Replace the masks and apply them.
+
+        Args:
+            masks: boolean keep-masks, one per target.
+            reset_optimizer_state: zero the optimizer state (momentum, moments) of coordinates whose
+                mask changed. Defaults to ``True`` unless in straight-through mode, where the dense
+                weights keep training and keep their momentum.
+        """
+        if len(masks) != len(self.targets):
+            raise ValueError(f"expected {len(self.targets)} masks, got {len(masks)}")
+        reset = self._mode is not MaskMode.STRAIGHT_THROUGH if reset_optimizer_state is None else reset_optimizer_state
+        for t, old, new in zip(self.targets, self.masks, masks, strict=True):
+            if new.shape != old.shape:
+                raise ValueError(f"mask for {t.name} has shape {tuple(new.shape)}, weight {tuple(old.shape)}")
+            new = new.to(device=old.device, dtype=torch.bool)
+            if reset:
+                self.zero_optimizer_state_(t.param, old != new)
+            old.copy_(new)
+        self.apply_()
+
+    @torch.no_grad()
+    def zero_optimizer_state_(self, param: Tensor, where: Tensor) -> None:
+        """Zero the optimizer state tensors of ``param`` (momentum, Adam moments) where ``where``."""
+        if self.optimizer is None:
+            return
+        for value in self.optimizer.state.get(param, {}).values():
+            if isinstance(value, Tensor) and value.shape == param.shape:
+                value.masked_fill_(where, 0)
+
+    @torch.no_grad()
+    def reset_optimizer_state_(self) -> None:
+        """Zero the per-coordinate optimizer state of every target (e.g. momentum)."""
+        for p in self.params:
+            self.zero_optimizer_state_(p, torch.ones_like(p, dtype=torch.bool))
+
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Make the parameters consistent with the masks under the current mode."""
+        if self._mode is MaskMode.HARD:
+            for p, m in zip(self.params, self.masks, strict=True):
+                p.mul_(m)
+        elif self._mode is MaskMode.STRAIGHT_THROUGH:
+            for t, m in zip(self.targets, self.masks, strict=True):
+                dense = getattr(t.module, t.param_name + DENSE_SUFFIX)
+                torch.mul(dense, m, out=t.param.data)
+
+    @torch.no_grad()
+    def set_mode_(self, mode: MaskMode | str) -> None:
+        """Switch mode. Leaving straight-through keeps ``m ⊙ w`` and drops the dense buffers."""
+        mode = MaskMode(mode)
+        if mode is self._mode:
+            return
+        if self._mode is MaskMode.STRAIGHT_THROUGH:
+            self.apply_()
+            for t in self.targets:
+                del t.module._buffers[t.param_name + DENSE_SUFFIX]
+        if mode is MaskMode.STRAIGHT_THROUGH:
+            for t in self.targets:
+                t.module.register_buffer(t.param_name + DENSE_SUFFIX, t.param.detach().clone())
+        self._mode = mode
+        self.apply_()
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        """Bake ``m ⊙ w`` into the weights, delete the buffers and the hooks."""
+        if self._mode is MaskMode.OFF:
+            self._mode = MaskMode.HARD
+        self.set_mode_(MaskMode.HARD)
+        for t in self.targets:
+            t.module._buffers.pop(t.param_name + MASK_SUFFIX, None)
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+
+    # ------------------------------------------------------------------ hooks
+    def _register_hooks(self) -> None:
+        if self.optimizer is None:
+            return
+        self._hooks = OptimizerHooks(self.optimizer, pre=self._pre_step, post=self._post_step)
+
+    @torch.no_grad()
+    def _pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if self._mode is MaskMode.OFF:
+            return
+        if self.grad_observer is not None:
+            self.grad_observer([p.grad for p in self.params])
+        if self._mode is MaskMode.HARD:
+            for p, m in zip(self.params, self.masks, strict=True):
+                if p.grad is not None:
+                    p.grad.mul_(m)
+        else:
+            for t in self.targets:
+                t.param.data.copy_(getattr(t.module, t.param_name + DENSE_SUFFIX))
+
+    @torch.no_grad()
+    def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if self._mode is MaskMode.STRAIGHT_THROUGH:
+            for t in self.targets:
+                getattr(t.module, t.param_name + DENSE_SUFFIX).copy_(t.param.data)
+        self.apply_()

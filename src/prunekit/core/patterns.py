@@ -1,0 +1,71 @@
+"""Mask patterns as pure tensor functions: top-k (unstructured) and N:M (k-out-of-n).
+
+All functions take a score tensor (larger = more important) and return a boolean keep-mask of the
+same shape. They never modify their inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """Keep ``n`` of every ``m`` consecutive weights along the input dimension."""
+
+    n: int
+    m: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+
+def parse_pattern(pattern: str) -> NMPattern | None:
+    """Parse ``"unstructured"`` (returns ``None``) or ``"N:M"`` such as ``"2:4"``.
+
+    Raises:
+        ValueError: anything else, or N:M with ``N >= M`` / ``N < 1``.
+    """
+    if pattern == "unstructured":
+        return None
+    match = _NM.match(pattern)
+    if match is None:
+        raise ValueError(f"pattern must be 'unstructured' or 'N:M' such as '2:4', got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m:
+        raise ValueError(f"N:M pattern needs 1 <= N < M, got {pattern!r}")
+    return NMPattern(n, m)
+
+
+def topk_mask(scores: Tensor, keep: int) -> Tensor:
+    """Keep exactly the ``keep`` largest scores (ties broken by index order of ``torch.topk``)."""
+    numel = scores.numel()
+    keep = max(0, min(int(keep), numel))
+    mask = torch.zeros(numel, dtype=torch.bool, device=scores.device)
+    if keep > 0:
+        idx = torch.topk(scores.reshape(-1), keep, sorted=False).indices
+        mask[idx] = True
+    return mask.view_as(scores)
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep the ``n`` largest of every ``m`` consecutive scores along the flattened input dim.
+
+    The weight is viewed as ``(out_features, -1)``; its second dimension must be divisible by ``m``.
+    """
+    rows = scores.reshape(scores.shape[0], -1)
+    if rows.shape[1] % m != 0:
+        raise ValueError(
+            f"N:M pattern needs the input dimension ({rows.shape[1]}) divisible by M={m}"
+        )
+    groups = rows.reshape(-1, m)
+    idx = torch.topk(groups, n, dim=1, sorted=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True)
+    return mask.view_as(scores)

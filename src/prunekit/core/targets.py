@@ -1,0 +1,104 @@
+"""Which parameters of a model are pruned.
+
+A *target* is one parameter of one module, named by its fully qualified name (``"features.0.weight"``).
+Selection is by module type (dispatch on ``isinstance``, never on class-name strings) and by names:
+a plain string matches a module or parameter name exactly, a string starting with ``re:`` is a regular
+expression matched in full against the parameter's fully qualified name. Biases and normalisation
+layers are excluded by default because they are not in :data:`DEFAULT_TYPES` and only ``weight`` is
+selected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class NoPrunableLayersError(ValueError):
+    """Raised when target selection finds nothing to prune."""
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One prunable parameter: ``getattr(module, param_name)``."""
+
+    module_name: str
+    param_name: str
+    module: nn.Module
+
+    @property
+    def name(self) -> str:
+        """Fully qualified parameter name, as in ``model.state_dict()``."""
+        return f"{self.module_name}.{self.param_name}" if self.module_name else self.param_name
+
+    @property
+    def param(self) -> Tensor:
+        return getattr(self.module, self.param_name)  # type: ignore[no-any-return]
+
+
+def _matches(pattern: str, module_name: str, param_name: str) -> bool:
+    full = f"{module_name}.{param_name}" if module_name else param_name
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], full) is not None
+    return pattern in (module_name, full)
+
+
+def select_targets(
+    model: nn.Module,
+    targets: Sequence[str] | None = None,
+    ignore: Sequence[str] = (),
+    types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
+    param_name: str = "weight",
+) -> list[Target]:
+    """Select the parameters to prune.
+
+    Args:
+        model: any module.
+        targets: module or parameter names (``re:`` prefix for a regular expression). ``None``
+            selects every module of one of ``types``.
+        ignore: names or ``re:`` patterns to leave dense (e.g. the classifier).
+        types: module types considered when ``targets`` is ``None``.
+        param_name: the parameter of each module that is pruned.
+
+    Returns:
+        The targets in module registration order.
+
+    Raises:
+        NoPrunableLayersError: nothing matched; the message lists what the model contains.
+        ValueError: a pattern in ``targets`` matched nothing (likely a typo).
+    """
+    type_tuple = tuple(types)
+    found: list[Target] = []
+    used: set[str] = set()
+    for module_name, module in model.named_modules():
+        param = getattr(module, param_name, None)
+        if not isinstance(param, nn.Parameter) or param.dim() < 2:
+            continue
+        if targets is None:
+            if not isinstance(module, type_tuple):
+                continue
+        else:
+            hits = [p for p in targets if _matches(p, module_name, param_name)]
+            if not hits:
+                continue
+            used.update(hits)
+        if any(_matches(p, module_name, param_name) for p in ignore):
+            continue
+        found.append(Target(module_name, param_name, module))
+    if targets is not None:
+        unused = [p for p in targets if p not in used]
+        if unused:
+            raise ValueError(f"target patterns matched no {param_name!r} parameter: {unused}")
+    if not found:
+        kinds = sorted({type(m).__name__ for m in model.modules()})
+        raise NoPrunableLayersError(
+            f"no prunable layers found in {type(model).__name__}: it has modules {kinds}; "
+            f"prunable types are {[t.__name__ for t in type_tuple]}. Pass targets=[...] with module "
+            "names or 're:' patterns to choose parameters explicitly."
+        )
+    return found

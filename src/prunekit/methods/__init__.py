@@ -1,0 +1,33 @@
+"""Sparse-training methods. Importing this package registers them; :func:`available` lists them."""
+
+from prunekit.methods.acdc import ACDC, ACDCConfig
+from prunekit.methods.base import Pruner, SparsityConfig
+from prunekit.methods.cram import CrAM, CrAMConfig
+from prunekit.methods.dpf import DPF, DPFConfig
+from prunekit.methods.gap import GaP, GaPConfig
+from prunekit.methods.gmp import GMP, GMPConfig
+from prunekit.methods.imp import IMP, IMPConfig
+from prunekit.methods.registry import available, get_method, register_method
+from prunekit.methods.rigl import RigL, RigLConfig
+
+__all__ = [
+    "ACDC",
+    "DPF",
+    "GMP",
+    "IMP",
+    "ACDCConfig",
+    "CrAM",
+    "CrAMConfig",
+    "DPFConfig",
+    "GMPConfig",
+    "GaP",
+    "GaPConfig",
+    "IMPConfig",
+    "Pruner",
+    "RigL",
+    "RigLConfig",
+    "SparsityConfig",
+    "available",
+    "get_method",
+    "register_method",
+]

@@ -1,0 +1,203 @@
+"""The contract every sparse-training method follows, and the config fields they share.
+
+A method is a :class:`Pruner` subclass with a config dataclass. It is created on a model and its
+optimizer, and used like an optimizer::
+
+    pruner = prunekit.sparsify(model, optimizer, method="dpf", sparsity=0.95, total_steps=n)
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y); optimizer.zero_grad(); loss.backward()
+        optimizer.step(); pruner.step()
+    pruner.finalize()
+
+``step()`` is called once after every ``optimizer.step()``; it advances the method's step counter and
+changes masks when the method's schedule says so. ``state_dict()`` / ``load_state_dict()`` hold the
+method's own state; masks (and dense weights in straight-through mode) live in the model's buffers,
+so ``model.state_dict()`` carries them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from prunekit.config import ConfigError, from_dict, to_dict
+from prunekit.core.allocation import ALLOCATIONS, compute_masks
+from prunekit.core.masks import Masker
+from prunekit.core.patterns import NMPattern, parse_pattern
+from prunekit.core.targets import Target, select_targets
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class SparsityConfig:
+    """Fields shared by all sparse-training methods.
+
+    Attributes:
+        sparsity: final fraction of zero weights among the targets, in ``[0, 1)``.
+        total_steps: number of ``pruner.step()`` calls the run will make (optimizer steps).
+        targets: module/parameter names or ``re:`` patterns to prune; ``None`` = all Linear/Conv.
+        ignore: names or ``re:`` patterns to keep dense.
+        allocation: ``global`` (one magnitude threshold), ``uniform`` or ``erk``.
+        pattern: ``unstructured`` or ``N:M`` (then ``sparsity`` must be ``1 − N/M``).
+    """
+
+    sparsity: float
+    total_steps: int
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+    allocation: str = "global"
+    pattern: str = "unstructured"
+
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.sparsity, int | float) and 0.0 <= self.sparsity < 1.0):
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        if not isinstance(self.total_steps, int) or self.total_steps < 1:
+            raise ConfigError(f"total_steps must be a positive integer, got {self.total_steps!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}")
+        try:
+            nm = parse_pattern(self.pattern)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if nm is not None and not math.isclose(self.sparsity, nm.sparsity, abs_tol=1e-9):
+            raise ConfigError(
+                f"pattern {self.pattern} fixes the sparsity at {nm.sparsity}, got sparsity={self.sparsity}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SparsityConfig:
+        """Strict construction: unknown keys and wrong types raise :class:`ConfigError`."""
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def fraction_step(self, fraction: float) -> int:
+        """A point of the run given as a fraction of ``total_steps``, in steps."""
+        return int(round(fraction * self.total_steps))
+
+
+def check_fraction(name: str, value: float, *, allow_one: bool = True) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a fraction of training in ``[0, 1]``."""
+    upper_ok = value <= 1.0 if allow_one else value < 1.0
+    if not (0.0 <= value and upper_ok):
+        raise ConfigError(f"{name} is a fraction of training and must be in [0, 1], got {value!r}")
+
+
+def check_positive(name: str, value: float) -> None:
+    """Raise :class:`ConfigError` unless ``value > 0``."""
+    if not value > 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}")
+
+
+class Pruner:
+    """Base of all sparse-training methods (the contract; behaviour lives in the subclasses).
+
+    Subclasses set ``name`` and ``config_class`` and implement :meth:`_on_step` and, where needed,
+    :meth:`_extra_state` / :meth:`_load_extra_state`.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[SparsityConfig]] = SparsityConfig
+    #: ``True`` when the optimizer must be stepped with a closure (``optimizer.step(closure)``).
+    needs_closure: ClassVar[bool] = False
+    #: ``True`` when the method sets the learning rate itself (no other scheduler should).
+    owns_lr: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, optimizer: Optimizer | None, config: SparsityConfig):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.targets: list[Target] = select_targets(model, config.targets, config.ignore)
+        self.pattern: NMPattern | None = parse_pattern(config.pattern)
+        self.step_count = 0
+        self.finalized = False
+        self.masker: Masker | None = None
+
+    # ----------------------------------------------------------- public API
+    def step(self) -> None:
+        """Advance one optimizer step; update masks when the schedule says so."""
+        if self.finalized:
+            raise RuntimeError(f"{self.name}: step() after finalize()")
+        self.step_count += 1
+        self._on_step()
+
+    def finalize(self) -> nn.Module:
+        """Bake the final masks into the weights, remove buffers and hooks; return the model.
+
+        If called before the schedule reached the target, the weights are pruned to the target
+        sparsity by magnitude first (and a warning is logged).
+        """
+        if self.finalized:
+            return self.model
+        if self.masker is not None:
+            self.masker.remove()
+        self._ensure_target_()
+        self.finalized = True
+        return self.model
+
+    def current_sparsity(self) -> float:
+        """Measured sparsity of the targets now (from the weight values)."""
+        total = sum(t.param.numel() for t in self.targets)
+        nnz = sum(int(torch.count_nonzero(t.param.detach())) for t in self.targets)
+        return 1.0 - nnz / total
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state (step counter, config and method-specific entries); masks are model buffers."""
+        return {
+            "method": self.name,
+            "version": self.config.version,
+            "step_count": self.step_count,
+            "config": self.config.to_dict(),
+            "mode": None if self.masker is None else str(self.masker.mode),
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; load the model's state dict too."""
+        if state.get("method") != self.name:
+            raise ValueError(f"state is for method {state.get('method')!r}, not {self.name!r}")
+        self.step_count = int(state["step_count"])
+        if self.masker is not None and state.get("mode") is not None:
+            self.masker.set_mode_(state["mode"])
+        self._load_extra_state(state.get("extra", {}))
+
+    # -------------------------------------------------------------- helpers
+    def magnitude_masks(self, sparsity: float, scores: list[Tensor] | None = None) -> list[Tensor]:
+        """Masks keeping the largest-magnitude weights (dense weights in straight-through mode)."""
+        if scores is None:
+            weights = self.masker.dense_weights() if self.masker is not None else [t.param.detach() for t in self.targets]
+            scores = [w.abs() for w in weights]
+        return compute_masks(scores, sparsity, self.config.allocation, self.pattern)
+
+    @torch.no_grad()
+    def _ensure_target_(self, warn: bool = True) -> None:
+        if self.current_sparsity() + 1e-9 >= self.config.sparsity:
+            return
+        if warn:
+            logger.warning(
+                "%s: finalize() at step %d before the schedule reached sparsity %.4f; pruning by magnitude now",
+                self.name, self.step_count, self.config.sparsity,
+            )
+        for t, m in zip(self.targets, self.magnitude_masks(self.config.sparsity), strict=True):
+            t.param.mul_(m)
+
+    def _on_step(self) -> None:
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        del state

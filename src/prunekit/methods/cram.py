@@ -1,0 +1,122 @@
+"""CrAM — Compression-aware minimizer (Peste, Vladu, Kurtic, Lampert, Alistarh; ICLR 2023).
+
+A SAM-like wrapper around the user's optimizer that trains a *dense* model which can be pruned one-shot
+with little loss. Each step, with ``C`` the top-k magnitude compression at a sparsity drawn from
+``sparsities``::
+
+    θ~  = θ + ρ ∇L(θ)
+    g_c = ∇L(C(θ~))           (batch-norm statistics are not updated in this pass)
+    θ  ← optimizer step with g_c + ∇L(θ)      (CrAM+, ``plus=True``)
+
+It needs two forward/backward passes per step, so the optimizer must be stepped with a closure that
+zeroes the gradients, recomputes the loss and calls ``backward()``::
+
+    loss = F.cross_entropy(model(x), y); optimizer.zero_grad(); loss.backward()
+    def closure():
+        optimizer.zero_grad(); loss = F.cross_entropy(model(x), y); loss.backward(); return loss
+    optimizer.step(closure); pruner.step()
+
+The closure is consumed by CrAM's step pre-hook; the wrapped optimizer then steps with the combined
+gradient. :meth:`finalize` prunes one-shot by magnitude to ``sparsity``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from prunekit.config import ConfigError
+from prunekit.core.allocation import compute_masks
+from prunekit.core.hooks import OptimizerHooks
+from prunekit.methods.base import Pruner, SparsityConfig
+from prunekit.methods.registry import register_method
+
+
+@dataclass(kw_only=True)
+class CrAMConfig(SparsityConfig):
+    """``rho`` perturbation size; ``sparsities`` the compression levels drawn per step."""
+
+    rho: float = 0.05
+    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    plus: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rho < 0:
+            raise ConfigError(f"rho must be >= 0, got {self.rho}")
+        if not self.sparsities or any(not 0.0 <= s < 1.0 for s in self.sparsities):
+            raise ConfigError(f"sparsities must be a non-empty list in [0, 1), got {self.sparsities}")
+
+
+@register_method("cram")
+class CrAM(Pruner):
+    """Compression-aware training; the dense result is pruned one-shot at :meth:`finalize`."""
+
+    config_class = CrAMConfig
+    config: CrAMConfig
+    needs_closure: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, optimizer: Optimizer | None, config: CrAMConfig):
+        super().__init__(model, optimizer, config)
+        if optimizer is None:
+            raise ValueError("CrAM wraps an optimizer; pass one")
+        self._hooks: OptimizerHooks | None = OptimizerHooks(optimizer, pre=self._pre_step)
+        self.last_compression: float | None = None
+
+    def _pre_step(
+        self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        # ``args`` starts with the optimizer itself (torch passes ``step``'s full argument tuple).
+        closure: Callable[[], Any] | None = args[1] if len(args) > 1 else kwargs.get("closure")
+        if closure is None:
+            raise RuntimeError(
+                "CrAM needs optimizer.step(closure): the closure must zero the gradients, recompute "
+                "the loss and call backward() (see prunekit.methods.cram)"
+            )
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self._perturbed_gradients_(params, closure)
+        rest = {k: v for k, v in kwargs.items() if k != "closure"}
+        return args[:1], rest
+
+    def _perturbed_gradients_(self, params: list[Tensor], closure: Callable[[], Any]) -> None:
+        cfg = self.config
+        with torch.no_grad():
+            grads = [p.grad.detach().clone() for p in params]  # type: ignore[union-attr]
+            saved = [p.detach().clone() for p in params]
+            buffers = [b.detach().clone() for b in self.model.buffers()]
+            for p, g in zip(params, grads, strict=True):
+                p.add_(g, alpha=cfg.rho)
+            idx = int(torch.randint(len(cfg.sparsities), ()).item())
+            self.last_compression = cfg.sparsities[idx]
+            scores = [t.param.detach().abs() for t in self.targets]
+            level = self.pattern.sparsity if self.pattern is not None else self.last_compression
+            masks = compute_masks(scores, level, cfg.allocation, self.pattern)
+            for t, m in zip(self.targets, masks, strict=True):
+                t.param.mul_(m)
+        with torch.enable_grad():
+            closure()
+        with torch.no_grad():
+            for b, saved_b in zip(self.model.buffers(), buffers, strict=True):
+                b.copy_(saved_b)
+            for p, w, g in zip(params, saved, grads, strict=True):
+                p.copy_(w)
+                if p.grad is None:
+                    p.grad = g if cfg.plus else torch.zeros_like(g)
+                elif cfg.plus:
+                    p.grad.add_(g)
+
+    def _on_step(self) -> None:
+        pass
+
+    def finalize(self) -> nn.Module:
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        if not self.finalized:
+            self._ensure_target_(warn=False)  # CrAM's one-shot pruning
+        return super().finalize()

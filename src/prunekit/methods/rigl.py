@@ -1,0 +1,104 @@
+"""RigL — Rigging the Lottery (Evci, Gale, Menick, Castro, Elsen; ICML 2020).
+
+The number of nonzeros is fixed for the whole run. Masks start random with per-layer densities
+``uniform`` or ``erk``. Every ``update_every`` steps until ``end`` (75% of training), in each layer:
+
+* drop the ``k = α_t · n_active`` active weights of smallest magnitude;
+* grow the ``k`` inactive weights with the largest dense-gradient magnitude ``|∇_w L|`` (the gradient
+  with respect to the masked weights on the current batch);
+* grown weights start at zero with zero momentum.
+
+``α_t = α/2 · (1 + cos(π t / T_end))`` with ``α = 0.3``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from prunekit.config import ConfigError
+from prunekit.core.allocation import random_masks
+from prunekit.core.masks import Masker, MaskMode
+from prunekit.methods.base import Pruner, SparsityConfig, check_fraction
+from prunekit.methods.registry import register_method
+from prunekit.schedules import cosine
+
+
+@dataclass(kw_only=True)
+class RigLConfig(SparsityConfig):
+    """RigL settings; ``allocation`` is ``erk`` (default) or ``uniform``."""
+
+    allocation: str = "erk"
+    update_every: int = 100
+    drop_fraction: float = 0.3
+    end: float = 0.75
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.allocation not in ("erk", "uniform"):
+            raise ConfigError(f"RigL allocation must be 'erk' or 'uniform', got {self.allocation!r}")
+        if self.pattern != "unstructured":
+            raise ConfigError("RigL supports only unstructured sparsity")
+        if self.update_every < 1:
+            raise ConfigError(f"update_every must be >= 1, got {self.update_every}")
+        if not 0.0 < self.drop_fraction < 1.0:
+            raise ConfigError(f"drop_fraction must be in (0, 1), got {self.drop_fraction}")
+        check_fraction("end", self.end)
+
+
+@register_method("rigl")
+class RigL(Pruner):
+    """Dynamic sparse training with magnitude drop and gradient growth."""
+
+    config_class = RigLConfig
+    config: RigLConfig
+
+    def __init__(self, model: nn.Module, optimizer: Optimizer | None, config: RigLConfig):
+        super().__init__(model, optimizer, config)
+        self._grads: list[Tensor | None] | None = None
+        self.masker = Masker(self.targets, optimizer, MaskMode.HARD, grad_observer=self._observe)
+        device = self.targets[0].param.device
+        shapes = [tuple(t.param.shape) for t in self.targets]
+        self.masker.set_masks_(random_masks(shapes, config.sparsity, config.allocation, device=device))
+
+    def _update_due(self, step: int) -> bool:
+        return step % self.config.update_every == 0 and step < self.config.fraction_step(self.config.end)
+
+    def _observe(self, grads: list[Tensor | None]) -> None:
+        # Called before the gradients are masked, for the step about to be taken.
+        if self._update_due(self.step_count + 1):
+            self._grads = [None if g is None else g.detach().clone() for g in grads]
+
+    def drop_fraction(self, step: int) -> float:
+        return cosine(step, self.config.drop_fraction, self.config.fraction_step(self.config.end))
+
+    @torch.no_grad()
+    def _on_step(self) -> None:
+        grads, self._grads = self._grads, None
+        if grads is None or not self._update_due(self.step_count):
+            return
+        assert self.masker is not None
+        fraction = self.drop_fraction(self.step_count)
+        new_masks = []
+        grown: list[Tensor] = []
+        for t, mask, grad in zip(self.targets, self.masker.masks, grads, strict=True):
+            w = t.param.detach()
+            n_active = int(mask.sum())
+            k = int(fraction * n_active)
+            new = mask.clone().reshape(-1)
+            grow = torch.zeros_like(new)
+            if k > 0 and grad is not None:
+                drop_scores = torch.where(mask, w.abs(), torch.full_like(w, float("inf"))).reshape(-1)
+                new[torch.topk(drop_scores, k, largest=False).indices] = False
+                grow_scores = torch.where(new, torch.full_like(new, -1.0, dtype=w.dtype), grad.abs().reshape(-1))
+                grow[torch.topk(grow_scores, k).indices] = True
+                new |= grow
+            new_masks.append(new.view_as(mask))
+            grown.append(grow.view_as(mask))
+        self.masker.set_masks_(new_masks)
+        for t, g in zip(self.targets, grown, strict=True):
+            t.param.masked_fill_(g, 0.0)
+            self.masker.zero_optimizer_state_(t.param, g)

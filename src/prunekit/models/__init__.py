@@ -1,0 +1,32 @@
+"""Reference architectures used by the benchmarks, in a registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from prunekit.models.lenet import LeNet5Caffe, LeNet300100
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "lenet300_100": LeNet300100,
+    "lenet5_caffe": LeNet5Caffe,
+}
+
+
+def available_models() -> list[str]:
+    """Registered model names."""
+    return sorted(_MODELS)
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> nn.Module:
+    """Instantiate a registered model for inputs of ``input_shape`` (without the batch dimension)."""
+    try:
+        factory = _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}") from None
+    return factory(input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
+
+
+__all__ = ["LeNet5Caffe", "LeNet300100", "available_models", "build_model"]

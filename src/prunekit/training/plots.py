@@ -1,0 +1,41 @@
+"""PNG plots of a run: test accuracy per epoch and per-layer sparsity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_accuracy(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Test accuracy (and measured sparsity) per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(epochs, [100 * h["test_accuracy"] for h in history], marker="o", label="test accuracy")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [100 * h["sparsity"] for h in history], color="tab:red", ls="--", label="sparsity")
+    ax2.set_ylabel("sparsity (%)", color="tab:red")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_layer_sparsity(report: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """Bar chart of the final sparsity of every pruned layer."""
+    layers = report["layers"]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(layers) + 2), 3.6))
+    ax.bar(range(len(layers)), [100 * layer["sparsity"] for layer in layers])
+    ax.set_xticks(range(len(layers)), [layer["name"] for layer in layers], rotation=45, ha="right")
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title or f"global sparsity {100 * report['global_sparsity']:.2f}%")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,188 @@
+"""YAML recipes: a whole training run as data, validated strictly.
+
+Example::
+
+    model: {name: lenet300_100}
+    data: {name: mnist, batch_size: 128}
+    pruning: {method: dpf, sparsity: 0.98}      # omit for dense training
+    optimizer: {name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 0.0001}
+    lr_schedule: {name: cosine}
+    epochs: 20
+    seed: 0
+
+Every section is a dataclass; an unknown key anywhere is an error naming it and the valid keys. The
+``pruning`` section is checked against the method's own config class (``total_steps`` is filled in
+from ``epochs`` and the data).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prunekit.config import ConfigError, check_keys, from_dict, to_dict
+from prunekit.data import DATASETS
+from prunekit.methods.registry import get_method
+from prunekit.models import available_models
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "linear", "step")
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in available_models():
+            raise ConfigError(f"model.name {self.name!r} unknown; available: {', '.join(available_models())}")
+
+
+@dataclass(kw_only=True)
+class DataSpec:
+    name: str = "mnist"
+    root: str | None = None
+    split: str = "train+val"
+    batch_size: int = 128
+    train_subset: int | None = None
+    test_subset: int | None = None
+    num_samples: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASETS:
+            raise ConfigError(f"data.name {self.name!r} unknown; available: {', '.join(DATASETS)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(kw_only=True)
+class OptimizerSpec:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optimizer.name {self.name!r} unknown; available: {', '.join(OPTIMIZERS)}")
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class ScheduleSpec:
+    name: str = "cosine"
+    warmup_epochs: float = 0.0
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.name not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule.name {self.name!r} unknown; available: {', '.join(LR_SCHEDULES)}")
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """A validated recipe. ``pruning`` is the method's config minus ``total_steps``, plus ``method``."""
+
+    model: ModelSpec
+    data: DataSpec = field(default_factory=DataSpec)
+    pruning: dict[str, Any] | None = None
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    lr_schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    epochs: int = 10
+    seed: int = 0
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.pruning is not None:
+            validate_pruning(self.pruning)
+
+    @property
+    def method(self) -> str:
+        return "dense" if self.pruning is None else str(self.pruning["method"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelSpec,
+    "data": DataSpec,
+    "optimizer": OptimizerSpec,
+    "lr_schedule": ScheduleSpec,
+}
+
+
+def validate_pruning(section: dict[str, Any], total_steps: int = 1) -> None:
+    """Check a ``pruning`` section against its method's config class."""
+    if "method" not in section:
+        raise ConfigError("pruning needs a 'method' key (e.g. method: dpf)")
+    try:
+        cls = get_method(str(section["method"]))
+    except ValueError as exc:
+        raise ConfigError(f"pruning.method: {exc}") from None
+    fields = {k: v for k, v in section.items() if k != "method"}
+    if "total_steps" in fields:
+        raise ConfigError("pruning.total_steps is derived from epochs and the data; remove it")
+    valid = [f.name for f in dataclasses.fields(cls.config_class) if f.name != "total_steps"] + ["method"]
+    check_keys(section, valid, f"pruning (method {section['method']})")
+    from_dict(cls.config_class, {**fields, "total_steps": total_steps}, where="pruning")
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Build a :class:`Recipe` strictly from plain data."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a recipe must be a mapping, got {type(data).__name__}")
+    data = copy.deepcopy(data)
+    check_keys(data, [*_SECTIONS, "pruning", "epochs", "seed", "name"], "recipe")
+    if "model" not in data:
+        raise ConfigError("recipe needs a 'model' section (e.g. model: {name: lenet300_100})")
+    for key, cls in _SECTIONS.items():
+        if key in data:
+            value = data[key]
+            if key == "model" and isinstance(value, str):
+                value = {"name": value}
+            data[key] = from_dict(cls, value or {}, where=key)
+    return from_dict(Recipe, data, where="recipe")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        path, raw = item.split("=", 1)
+        keys = path.split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a YAML recipe file, applying ``overrides``."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"recipe {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+    try:
+        return recipe_from_dict(apply_overrides(data or {}, overrides or []))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

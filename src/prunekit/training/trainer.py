@@ -1,0 +1,328 @@
+"""The training loop behind ``prunekit train``: one recipe → a sparse model and its report.
+
+Deterministic and resumable: the batch order of an epoch depends only on ``(seed, epoch)``, the
+learning rate is a pure function of the step, and each epoch ends with an atomic checkpoint holding
+model (with masks), optimizer, pruner and RNG state. A run interrupted at any point and started again
+with the same ``out_dir`` ends exactly where an uninterrupted run does (CPU, same seed). A non-finite
+loss stops the run with :class:`NonFiniteLossError` and leaves the last good checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from prunekit.api import sparsify
+from prunekit.core.report import format_report, sparsity_report
+from prunekit.data import ArrayDataset, BatchIterator, load_dataset
+from prunekit.methods.acdc import ACDC
+from prunekit.methods.base import Pruner
+from prunekit.models import build_model
+from prunekit.schedules import cosine, linear
+from prunekit.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_atomic,
+    save_checkpoint,
+    save_sparse,
+)
+from prunekit.training.plots import plot_accuracy, plot_layer_sparsity
+from prunekit.training.recipe import Recipe, ScheduleSpec, recipe_from_dict
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left intact."""
+
+
+def lr_factor(spec: ScheduleSpec, step: int, total: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at ``step`` (pure function)."""
+    warmup = int(spec.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    t, span = step - warmup, max(1, total - warmup)
+    if spec.name == "cosine":
+        return cosine(t, 1.0, span)
+    if spec.name == "linear":
+        return linear(t, 1.0, span)
+    if spec.name == "step":
+        return spec.gamma ** sum(step >= m * total for m in spec.milestones)
+    return 1.0
+
+
+def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
+    o = recipe.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+        )
+    if o.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+def load_data(recipe: Recipe) -> ArrayDataset:
+    d = recipe.data
+    if d.name == "mnist":
+        data = load_dataset("mnist", root=d.root, split=d.split)
+    else:
+        data = load_dataset("mnist1d", num_samples=d.num_samples, seed=recipe.seed)
+    return data.subset(d.train_subset, d.test_subset)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        out = model(x[i : i + batch_size].to(device))
+        correct += int((out.argmax(1).cpu() == y[i : i + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(1, len(x))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    data: ArrayDataset | None = None,
+    stop_after_epoch: int | None = None,
+) -> dict[str, Any]:
+    """Run a recipe and write its outputs to ``out_dir``.
+
+    Args:
+        recipe: a validated recipe.
+        out_dir: output directory (created).
+        resume: continue from ``out_dir/checkpoint.pt`` if present (the recipe must be the same).
+        progress: show a progress bar.
+        device: where to train; defaults to CUDA when available, else CPU.
+        data: an already loaded data set (otherwise loaded from the recipe).
+        stop_after_epoch: stop (as if interrupted) after this many epochs; for tests and time limits.
+
+    Returns:
+        The metrics written to ``metrics.json`` (or, when stopped early, the partial history).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device) if device is not None else default_device()
+    torch.manual_seed(recipe.seed)
+    data = data if data is not None else load_data(recipe)
+    model = build_model(recipe.model.name, data.input_shape, data.num_classes, **recipe.model.kwargs).to(dev)
+    optimizer = build_optimizer(recipe, model)
+    batches = BatchIterator(data.x_train, data.y_train, recipe.data.batch_size, seed=recipe.seed)
+    steps_per_epoch = len(batches)
+    total_steps = recipe.epochs * steps_per_epoch
+    pruner: Pruner | None = None
+    if recipe.pruning is not None:
+        cfg = {k: v for k, v in recipe.pruning.items() if k != "method"}
+        pruner = sparsify(model, optimizer, recipe.pruning["method"], total_steps=total_steps, **cfg)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    start_epoch, step, history, wall = 0, 0, [], 0.0
+    ckpt_path = out / CHECKPOINT_NAME
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["recipe"] != recipe.to_dict():
+            raise CheckpointError(
+                f"{ckpt_path} was written by a different recipe; use another --out or --no-resume"
+            )
+        if pruner is not None:
+            pruner.load_state_dict(ckpt["pruner"])
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        start_epoch, step, history, wall = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["wall_seconds"]
+        logger.info("resumed from %s at epoch %d (step %d)", ckpt_path, start_epoch, step)
+
+    owns_lr = pruner is not None and pruner.owns_lr
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc=recipe.name or recipe.method, unit="step")
+    model.train()
+    for epoch in range(start_epoch, recipe.epochs):
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for x, y in batches.epoch(epoch):
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if not owns_lr:
+                factor = lr_factor(recipe.lr_schedule, step, total_steps, steps_per_epoch)
+                for group, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = lr0 * factor
+            loss = F.cross_entropy(model(x), y)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                bar.close()
+                raise NonFiniteLossError(
+                    f"loss is {loss_value} at epoch {epoch + 1}, step {step}; stopped. The last good "
+                    f"checkpoint ({ckpt_path}, epoch {start_epoch if not history else history[-1]['epoch']}) "
+                    "is intact: lower the learning rate and resume."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if pruner is not None and pruner.needs_closure:
+
+                def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+
+                optimizer.step(closure)
+            else:
+                optimizer.step()
+            if pruner is not None:
+                pruner.step()
+            step += 1
+            loss_sum += loss_value
+            bar.update(1)
+        acc = evaluate(model, data.x_test, data.y_test)
+        sparsity = sparsity_report(model)["global_sparsity"]
+        wall += time.perf_counter() - t0
+        history.append(
+            {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "test_accuracy": acc, "sparsity": sparsity}
+        )
+        bar.set_postfix(acc=f"{acc:.4f}", sparsity=f"{sparsity:.3f}")
+        logger.info("epoch %d: loss %.4f, test accuracy %.4f, sparsity %.4f", epoch + 1, history[-1]["train_loss"], acc, sparsity)
+        save_checkpoint(
+            {
+                "recipe": recipe.to_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "pruner": None if pruner is None else pruner.state_dict(),
+                "rng": torch.get_rng_state(),
+                "history": history,
+                "wall_seconds": wall,
+            },
+            ckpt_path,
+        )
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < recipe.epochs:
+            bar.close()
+            return {"history": history, "stopped_after_epoch": epoch + 1}
+    bar.close()
+    return _finish(recipe, model, pruner, data, history, wall, out, dev)
+
+
+def _finish(
+    recipe: Recipe,
+    model: nn.Module,
+    pruner: Pruner | None,
+    data: ArrayDataset,
+    history: list[dict[str, Any]],
+    wall: float,
+    out: Path,
+    device: torch.device,
+) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if isinstance(pruner, ACDC):
+        dense_state = pruner.dense_state_dict()
+        dense_model = build_model(recipe.model.name, data.input_shape, data.num_classes, **recipe.model.kwargs)
+        dense_model.load_state_dict(dense_state)
+        extra["dense_pair_test_accuracy"] = evaluate(dense_model.to(device), data.x_test, data.y_test)
+        save_atomic(dense_state, out / "model_dense_pair.pt")
+    if pruner is not None:
+        pruner.finalize()
+    report = sparsity_report(model)
+    acc = evaluate(model, data.x_test, data.y_test)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_atomic(state, out / "model.pt")
+    save_sparse(state, out / "model_sparse.pt", {"model": recipe.model.name, "recipe": recipe.to_dict()})
+    target = 0.0 if recipe.pruning is None else float(recipe.pruning["sparsity"])
+    metrics: dict[str, Any] = {
+        "method": recipe.method,
+        "model": recipe.model.name,
+        "dataset": recipe.data.name,
+        "target_sparsity": target,
+        "global_sparsity": report["global_sparsity"],
+        "compression": report["compression"],
+        "nonzeros": report["nonzeros"],
+        "total_weights": report["total_weights"],
+        "test_accuracy": acc,
+        "test_error": 100.0 * (1.0 - acc),
+        "epochs": recipe.epochs,
+        "steps": recipe.epochs * len(BatchIterator(data.x_train, data.y_train, recipe.data.batch_size)),
+        "wall_seconds": wall,
+        "model_file_bytes": (out / "model.pt").stat().st_size,
+        "sparse_file_bytes": (out / "model_sparse.pt").stat().st_size,
+        "device": str(device),
+        **extra,
+        "history": history,
+        "layers": report["layers"],
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    title = f"{recipe.model.name} / {recipe.method}"
+    plot_accuracy(history, out / "accuracy.png", title)
+    plot_layer_sparsity(report, out / "layer_sparsity.png", f"{title}: {100 * report['global_sparsity']:.2f}% sparse")
+    (out / "report.md").write_text(_report_md(recipe, metrics, report))
+    logger.info("wrote %s", out)
+    return metrics
+
+
+def _report_md(recipe: Recipe, metrics: dict[str, Any], report: dict[str, Any]) -> str:
+    rows = "\n".join(
+        f"| {h['epoch']} | {h['train_loss']:.4f} | {100 * h['test_accuracy']:.2f} | {100 * h['sparsity']:.2f} |"
+        for h in metrics["history"]
+    )
+    pair = (
+        f"\nDense model of the AC/DC pair: {100 * metrics['dense_pair_test_accuracy']:.2f}% test accuracy.\n"
+        if "dense_pair_test_accuracy" in metrics
+        else ""
+    )
+    return f"""# {recipe.name or recipe.method}: {recipe.model.name} on {recipe.data.name}
+
+| metric | value |
+|---|---|
+| method | {metrics['method']} |
+| target sparsity | {100 * metrics['target_sparsity']:.2f}% |
+| measured sparsity | {100 * metrics['global_sparsity']:.2f}% |
+| compression | {metrics['compression']:.1f}× |
+| test accuracy | {100 * metrics['test_accuracy']:.2f}% (error {metrics['test_error']:.2f}%) |
+| epochs | {metrics['epochs']} |
+| training time | {metrics['wall_seconds']:.1f} s |
+| model file (dense format) | {metrics['model_file_bytes']:,} bytes |
+| model file (sparse format) | {metrics['sparse_file_bytes']:,} bytes |
+{pair}
+## Layers
+
+{format_report(report)}
+
+## Training
+
+| epoch | train loss | test accuracy (%) | sparsity (%) |
+|---|---:|---:|---:|
+{rows}
+
+![accuracy](accuracy.png) ![layers](layer_sparsity.png)
+
+## Recipe
+
+```json
+{json.dumps(recipe.to_dict(), indent=2)}
+```
+"""
+
+
+def train_from_dict(data: dict[str, Any], out_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Validate a recipe given as plain data and run it."""
+    return train(recipe_from_dict(data), out_dir, **kwargs)
