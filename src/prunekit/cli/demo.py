@@ -13,28 +13,44 @@ def demo_recipes(epochs: int, sparsity: float) -> dict[str, dict[str, Any]]:
     base: dict[str, Any] = {
         "model": {"name": "lenet300_100"},
         "data": {"name": "mnist", "batch_size": 128},
-        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0001, "nesterov": True},
+        "optimizer": {
+            "name": "sgd",
+            "lr": 0.1,
+            "momentum": 0.9,
+            "weight_decay": 0.0001,
+            "nesterov": True,
+        },
         "lr_schedule": {"name": "cosine"},
         "epochs": epochs,
         "seed": 0,
     }
     return {
         "dense": {**base, "name": "dense"},
-        "dpf": {**base, "name": f"dpf-{sparsity:g}", "pruning": {"method": "dpf", "sparsity": sparsity}},
+        "dpf": {
+            **base,
+            "name": f"dpf-{sparsity:g}",
+            "pruning": {"method": "dpf", "sparsity": sparsity},
+        },
     }
 
 
-def run_demo(out: Path, epochs: int = 20, sparsity: float = 0.98, progress: bool = True) -> list[dict[str, Any]]:
+def run_demo(
+    out: Path, epochs: int = 20, sparsity: float = 0.98, progress: bool = True
+) -> list[dict[str, Any]]:
     """Train both recipes, print a comparison table and return the metrics."""
     recipes = demo_recipes(epochs, sparsity)
     first = recipe_from_dict(recipes["dense"])
     data = load_data(first)
     results = []
     for name, r in recipes.items():
-        results.append(train(recipe_from_dict(r), out / name, progress=progress, data=data, device="cpu"))
+        results.append(
+            train(recipe_from_dict(r), out / name, progress=progress, data=data, device="cpu")
+        )
     print()
     print(f"LeNet-300-100 on MNIST, {epochs} epochs each (outputs in {out}/)")
-    print(f"{'model':<12}{'test acc':>10}{'sparsity':>10}{'compress':>10}{'file':>12}{'sparse file':>13}{'train s':>9}")
+    print(
+        f"{'model':<12}{'test acc':>10}{'sparsity':>10}{'compress':>10}{'file':>12}{'sparse file':>13}{'train s':>9}"
+    )
     for name, m in zip(recipes, results, strict=True):
         print(
             f"{name:<12}{100 * m['test_accuracy']:>9.2f}%{100 * m['global_sparsity']:>9.2f}%"

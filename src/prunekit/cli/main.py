@@ -17,10 +17,24 @@ from prunekit.training.trainer import NonFiniteLossError, train
 
 def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
-    metrics = train(recipe, args.out, resume=not args.no_resume, progress=not args.quiet, device=args.device)
-    summary = {k: metrics[k] for k in ("method", "model", "global_sparsity", "compression", "test_accuracy", "wall_seconds")}
+    metrics = train(
+        recipe, args.out, resume=not args.no_resume, progress=not args.quiet, device=args.device
+    )
+    summary = {
+        k: metrics[k]
+        for k in (
+            "method",
+            "model",
+            "global_sparsity",
+            "compression",
+            "test_accuracy",
+            "wall_seconds",
+        )
+    }
     print(json.dumps(summary, indent=2))
-    print(f"outputs in {args.out}: model_sparse.pt, metrics.json, report.md, accuracy.png, layer_sparsity.png")
+    print(
+        f"outputs in {args.out}: model_sparse.pt, metrics.json, report.md, accuracy.png, layer_sparsity.png"
+    )
     return 0
 
 
@@ -41,16 +55,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunekit", description="Sparse and slim neural networks for PyTorch.")
+    parser = argparse.ArgumentParser(
+        prog="prunekit", description="Sparse and slim neural networks for PyTorch."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a recipe and write the sparse model, metrics, report and plots")
+    p = sub.add_parser(
+        "train", help="train a recipe and write the sparse model, metrics, report and plots"
+    )
     p.add_argument("--recipe", required=True, help="YAML recipe file")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe entry")
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe entry",
+    )
+    p.add_argument(
+        "--no-resume", action="store_true", help="ignore an existing checkpoint in --out"
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -68,14 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args))
     except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prunekit: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        print(
+            "prunekit: interrupted; run the same command again to resume from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
 
 

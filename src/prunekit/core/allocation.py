@@ -53,7 +53,9 @@ def layer_keep_counts(
     if allocation == "uniform":
         return [round((1.0 - sparsity) * n) for n in numels]
     if allocation == "erk":
-        return [round(d * n) for d, n in zip(erk_densities(shapes, 1.0 - sparsity), numels, strict=True)]
+        return [
+            round(d * n) for d, n in zip(erk_densities(shapes, 1.0 - sparsity), numels, strict=True)
+        ]
     raise ValueError(f"per-layer keep counts exist for 'uniform' and 'erk', not {allocation!r}")
 
 

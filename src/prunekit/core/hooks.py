@@ -21,7 +21,9 @@ class OptimizerHooks:
     The pre-step hook may return ``(args, kwargs)`` to replace the arguments of ``optimizer.step``.
     """
 
-    def __init__(self, optimizer: Optimizer, pre: StepHook | None = None, post: StepHook | None = None):
+    def __init__(
+        self, optimizer: Optimizer, pre: StepHook | None = None, post: StepHook | None = None
+    ):
         self.optimizer = optimizer
         self.pre = pre
         self.post = post

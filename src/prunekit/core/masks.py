@@ -106,7 +106,9 @@ class Masker:
 
     # ---------------------------------------------------------------- changes
     @torch.no_grad()
-    def set_masks_(self, masks: Sequence[Tensor], reset_optimizer_state: bool | None = None) -> None:
+    def set_masks_(
+        self, masks: Sequence[Tensor], reset_optimizer_state: bool | None = None
+    ) -> None:
         """Replace the masks and apply them.
 
         Args:
@@ -117,10 +119,16 @@ class Masker:
         """
         if len(masks) != len(self.targets):
             raise ValueError(f"expected {len(self.targets)} masks, got {len(masks)}")
-        reset = self._mode is not MaskMode.STRAIGHT_THROUGH if reset_optimizer_state is None else reset_optimizer_state
+        reset = (
+            self._mode is not MaskMode.STRAIGHT_THROUGH
+            if reset_optimizer_state is None
+            else reset_optimizer_state
+        )
         for t, old, new in zip(self.targets, self.masks, masks, strict=True):
             if new.shape != old.shape:
-                raise ValueError(f"mask for {t.name} has shape {tuple(new.shape)}, weight {tuple(old.shape)}")
+                raise ValueError(
+                    f"mask for {t.name} has shape {tuple(new.shape)}, weight {tuple(old.shape)}"
+                )
             new = new.to(device=old.device, dtype=torch.bool)
             if reset:
                 self.zero_optimizer_state_(t.param, old != new)

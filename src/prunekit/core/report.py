@@ -32,7 +32,13 @@ def sparsity_report(
         w = t.param.detach()
         n, k = w.numel(), int(torch.count_nonzero(w))
         layers.append(
-            {"name": t.name, "shape": list(w.shape), "numel": n, "nonzeros": k, "sparsity": 1.0 - k / n}
+            {
+                "name": t.name,
+                "shape": list(w.shape),
+                "numel": n,
+                "nonzeros": k,
+                "sparsity": 1.0 - k / n,
+            }
         )
         total += n
         nnz += k
@@ -54,7 +60,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines = ["| layer | shape | nonzeros | sparsity |", "|---|---|---:|---:|"]
     for layer in report["layers"]:
         shape = "×".join(str(s) for s in layer["shape"])
-        lines.append(f"| {layer['name']} | {shape} | {layer['nonzeros']:,} | {layer['sparsity']:.2%} |")
+        lines.append(
+            f"| {layer['name']} | {shape} | {layer['nonzeros']:,} | {layer['sparsity']:.2%} |"
+        )
     lines.append(
         f"| **global** | | {report['nonzeros']:,} / {report['total_weights']:,} | "
         f"{report['global_sparsity']:.2%} ({report['compression']:.1f}×) |"

@@ -38,7 +38,7 @@ class Target:
 
     @property
     def param(self) -> Tensor:
-        return getattr(self.module, self.param_name)  # type: ignore[no-any-return]
+        return getattr(self.module, self.param_name)
 
 
 def _matches(pattern: str, module_name: str, param_name: str) -> bool:

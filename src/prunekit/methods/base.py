@@ -63,7 +63,9 @@ class SparsityConfig:
         if not isinstance(self.total_steps, int) or self.total_steps < 1:
             raise ConfigError(f"total_steps must be a positive integer, got {self.total_steps!r}")
         if self.allocation not in ALLOCATIONS:
-            raise ConfigError(f"allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}")
+            raise ConfigError(
+                f"allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}"
+            )
         try:
             nm = parse_pattern(self.pattern)
         except ValueError as exc:
@@ -83,13 +85,13 @@ class SparsityConfig:
 
     def fraction_step(self, fraction: float) -> int:
         """A point of the run given as a fraction of ``total_steps``, in steps."""
-        return int(round(fraction * self.total_steps))
+        return round(fraction * self.total_steps)
 
 
 def check_fraction(name: str, value: float, *, allow_one: bool = True) -> None:
     """Raise :class:`ConfigError` unless ``value`` is a fraction of training in ``[0, 1]``."""
     upper_ok = value <= 1.0 if allow_one else value < 1.0
-    if not (0.0 <= value and upper_ok):
+    if not (value >= 0.0 and upper_ok):
         raise ConfigError(f"{name} is a fraction of training and must be in [0, 1], got {value!r}")
 
 
@@ -115,7 +117,9 @@ class Pruner:
 
     def __init__(self, model: nn.Module, optimizer: Optimizer | None, config: SparsityConfig):
         if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
+            )
         self.model = model
         self.optimizer = optimizer
         self.config = config
@@ -177,7 +181,11 @@ class Pruner:
     def magnitude_masks(self, sparsity: float, scores: list[Tensor] | None = None) -> list[Tensor]:
         """Masks keeping the largest-magnitude weights (dense weights in straight-through mode)."""
         if scores is None:
-            weights = self.masker.dense_weights() if self.masker is not None else [t.param.detach() for t in self.targets]
+            weights = (
+                self.masker.dense_weights()
+                if self.masker is not None
+                else [t.param.detach() for t in self.targets]
+            )
             scores = [w.abs() for w in weights]
         return compute_masks(scores, sparsity, self.config.allocation, self.pattern)
 
@@ -188,7 +196,9 @@ class Pruner:
         if warn:
             logger.warning(
                 "%s: finalize() at step %d before the schedule reached sparsity %.4f; pruning by magnitude now",
-                self.name, self.step_count, self.config.sparsity,
+                self.name,
+                self.step_count,
+                self.config.sparsity,
             )
         for t, m in zip(self.targets, self.magnitude_masks(self.config.sparsity), strict=True):
             t.param.mul_(m)

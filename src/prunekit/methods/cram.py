@@ -50,7 +50,9 @@ class CrAMConfig(SparsityConfig):
         if self.rho < 0:
             raise ConfigError(f"rho must be >= 0, got {self.rho}")
         if not self.sparsities or any(not 0.0 <= s < 1.0 for s in self.sparsities):
-            raise ConfigError(f"sparsities must be a non-empty list in [0, 1), got {self.sparsities}")
+            raise ConfigError(
+                f"sparsities must be a non-empty list in [0, 1), got {self.sparsities}"
+            )
 
 
 @register_method("cram")

@@ -25,9 +25,11 @@ from prunekit.methods.registry import register_method
 
 @dataclass(kw_only=True)
 class DPFConfig(RampConfig):
-    """DPF: the cubic ramp, mask recomputed from the dense weights every 16 steps."""
+    """DPF: the cubic ramp; the mask is recomputed from the dense weights every 16 steps for the whole
+    run (also after the target sparsity is reached), so wrongly pruned weights can return."""
 
     update_every: int = 16
+    update_until: float | None = 1.0
 
 
 @register_method("dpf")

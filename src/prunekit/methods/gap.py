@@ -53,7 +53,9 @@ class GaP(Pruner):
         n = len(self.targets)
         kappa = min(n, config.partitions or min(n, 4))
         bounds = [round(i * n / kappa) for i in range(kappa + 1)]
-        self.partitions: list[list[int]] = [list(range(bounds[i], bounds[i + 1])) for i in range(kappa)]
+        self.partitions: list[list[int]] = [
+            list(range(bounds[i], bounds[i + 1])) for i in range(kappa)
+        ]
         self.phase_steps = max(1, config.fraction_step(config.grow_end) // (kappa * config.cycles))
         self.masker = Masker(self.targets, optimizer, MaskMode.HARD)
         masks = self.magnitude_masks(config.sparsity)
@@ -66,7 +68,11 @@ class GaP(Pruner):
     def phase(self, step: int) -> int | None:
         """Index of the partition grown at ``step`` (``None`` once the cycles are over)."""
         index = step // self.phase_steps
-        return index % len(self.partitions) if index < len(self.partitions) * self.config.cycles else None
+        return (
+            index % len(self.partitions)
+            if index < len(self.partitions) * self.config.cycles
+            else None
+        )
 
     @torch.no_grad()
     def _prune_back(self, part: int) -> None:

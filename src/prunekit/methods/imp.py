@@ -50,9 +50,13 @@ class IMPConfig(SparsityConfig):
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
         check_fraction("pretrain", self.pretrain, allow_one=False)
         if self.retrain_schedule not in RETRAIN_SCHEDULES:
-            raise ConfigError(f"retrain_schedule must be one of {list(RETRAIN_SCHEDULES)}, got {self.retrain_schedule!r}")
+            raise ConfigError(
+                f"retrain_schedule must be one of {list(RETRAIN_SCHEDULES)}, got {self.retrain_schedule!r}"
+            )
         if self.base_schedule not in BASE_SCHEDULES:
-            raise ConfigError(f"base_schedule must be one of {list(BASE_SCHEDULES)}, got {self.base_schedule!r}")
+            raise ConfigError(
+                f"base_schedule must be one of {list(BASE_SCHEDULES)}, got {self.base_schedule!r}"
+            )
         if not 0 < self.ft_lr_factor <= 1:
             raise ConfigError(f"ft_lr_factor must be in (0, 1], got {self.ft_lr_factor}")
         if self.total_steps - self.fraction_step(self.pretrain) < self.rounds:

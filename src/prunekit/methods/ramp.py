@@ -13,13 +13,15 @@ from prunekit.schedules import polynomial
 class RampConfig(SparsityConfig):
     """Sparsity ramps ``initial_sparsity → sparsity`` between fractions ``start`` and ``end`` of
     training, ``s_t = s_f + (s_i − s_f)(1 − (t − t0)/(t1 − t0))^power``, with the mask recomputed every
-    ``update_every`` steps inside the ramp and once more exactly at its end."""
+    ``update_every`` steps from ``start`` until ``update_until`` (a fraction of training; ``None`` = the
+    end of the ramp) and once more exactly at the ramp's end."""
 
     initial_sparsity: float = 0.0
     start: float = 0.0
     end: float = 0.75
     update_every: int = 100
     power: float = 3.0
+    update_until: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -28,9 +30,13 @@ class RampConfig(SparsityConfig):
         if self.end < self.start:
             raise ConfigError(f"end ({self.end}) must not be before start ({self.start})")
         if not 0.0 <= self.initial_sparsity <= self.sparsity:
-            raise ConfigError(f"initial_sparsity must be in [0, sparsity], got {self.initial_sparsity}")
+            raise ConfigError(
+                f"initial_sparsity must be in [0, sparsity], got {self.initial_sparsity}"
+            )
         if self.update_every < 1:
             raise ConfigError(f"update_every must be >= 1, got {self.update_every}")
+        if self.update_until is not None:
+            check_fraction("update_until", self.update_until)
         if self.power <= 0:
             raise ConfigError(f"power must be positive, got {self.power}")
 
@@ -50,7 +56,10 @@ def ramp_sparsity(config: RampConfig, step: int) -> float:
 def ramp_update_due(config: RampConfig, step: int) -> bool:
     """Whether the mask is recomputed after ``step`` optimizer steps."""
     start, end = config.fraction_step(config.start), config.fraction_step(config.end)
-    if step < start or step > end:
+    until = (
+        end if config.update_until is None else max(end, config.fraction_step(config.update_until))
+    )
+    if step < start or step > until:
         return False
     return step == end or (step - start) % config.update_every == 0
 

@@ -39,7 +39,9 @@ class RigLConfig(SparsityConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.allocation not in ("erk", "uniform"):
-            raise ConfigError(f"RigL allocation must be 'erk' or 'uniform', got {self.allocation!r}")
+            raise ConfigError(
+                f"RigL allocation must be 'erk' or 'uniform', got {self.allocation!r}"
+            )
         if self.pattern != "unstructured":
             raise ConfigError("RigL supports only unstructured sparsity")
         if self.update_every < 1:
@@ -62,10 +64,14 @@ class RigL(Pruner):
         self.masker = Masker(self.targets, optimizer, MaskMode.HARD, grad_observer=self._observe)
         device = self.targets[0].param.device
         shapes = [tuple(t.param.shape) for t in self.targets]
-        self.masker.set_masks_(random_masks(shapes, config.sparsity, config.allocation, device=device))
+        self.masker.set_masks_(
+            random_masks(shapes, config.sparsity, config.allocation, device=device)
+        )
 
     def _update_due(self, step: int) -> bool:
-        return step % self.config.update_every == 0 and step < self.config.fraction_step(self.config.end)
+        return step % self.config.update_every == 0 and step < self.config.fraction_step(
+            self.config.end
+        )
 
     def _observe(self, grads: list[Tensor | None]) -> None:
         # Called before the gradients are masked, for the step about to be taken.
@@ -91,9 +97,13 @@ class RigL(Pruner):
             new = mask.clone().reshape(-1)
             grow = torch.zeros_like(new)
             if k > 0 and grad is not None:
-                drop_scores = torch.where(mask, w.abs(), torch.full_like(w, float("inf"))).reshape(-1)
+                drop_scores = torch.where(mask, w.abs(), torch.full_like(w, float("inf"))).reshape(
+                    -1
+                )
                 new[torch.topk(drop_scores, k, largest=False).indices] = False
-                grow_scores = torch.where(new, torch.full_like(new, -1.0, dtype=w.dtype), grad.abs().reshape(-1))
+                grow_scores = torch.where(
+                    new, torch.full_like(new, -1.0, dtype=w.dtype), grad.abs().reshape(-1)
+                )
                 grow[torch.topk(grow_scores, k).indices] = True
                 new |= grow
             new_masks.append(new.view_as(mask))

@@ -20,12 +20,16 @@ def available_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> nn.Module:
+def build_model(
+    name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any
+) -> nn.Module:
     """Instantiate a registered model for inputs of ``input_shape`` (without the batch dimension)."""
     try:
         factory = _MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}") from None
+        raise ValueError(
+            f"unknown model {name!r}; available: {', '.join(available_models())}"
+        ) from None
     return factory(input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
 
 

@@ -9,7 +9,13 @@ from prunekit.training.checkpoint import (
     save_sparse,
 )
 from prunekit.training.recipe import Recipe, load_recipe, recipe_from_dict
-from prunekit.training.trainer import NonFiniteLossError, evaluate, lr_factor, train, train_from_dict
+from prunekit.training.trainer import (
+    NonFiniteLossError,
+    evaluate,
+    lr_factor,
+    train,
+    train_from_dict,
+)
 
 __all__ = [
     "CheckpointError",

@@ -60,7 +60,9 @@ def _load(path: str | Path, expected: str) -> dict[str, Any]:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path} is not a {expected} file (found format {found!r})")
     if obj.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {obj['version']}, this prunekit reads <= {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has format version {obj['version']}, this prunekit reads <= {FORMAT_VERSION}"
+        )
     return obj
 
 
@@ -74,7 +76,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return _load(path, CHECKPOINT_FORMAT)
 
 
-def save_sparse(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, Any] | None = None) -> None:
+def save_sparse(
+    state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, Any] | None = None
+) -> None:
     """Save a state dict storing mostly-zero floating tensors as (flat int32 positions, values).
 
     A tensor is stored sparsely when that is smaller than storing it densely (density below ~50%).
@@ -94,7 +98,12 @@ def save_sparse(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Ma
                 continue
         tensors[name] = {"dense": t.clone()}
     save_atomic(
-        {"format": SPARSE_FORMAT, "version": FORMAT_VERSION, "tensors": tensors, "metadata": dict(metadata or {})},
+        {
+            "format": SPARSE_FORMAT,
+            "version": FORMAT_VERSION,
+            "tensors": tensors,
+            "metadata": dict(metadata or {}),
+        },
         path,
     )
 

@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def plot_accuracy(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
@@ -19,7 +19,9 @@ def plot_accuracy(history: list[dict[str, Any]], path: str | Path, title: str = 
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax2 = ax.twinx()
-    ax2.plot(epochs, [100 * h["sparsity"] for h in history], color="tab:red", ls="--", label="sparsity")
+    ax2.plot(
+        epochs, [100 * h["sparsity"] for h in history], color="tab:red", ls="--", label="sparsity"
+    )
     ax2.set_ylabel("sparsity (%)", color="tab:red")
     ax.set_title(title)
     fig.tight_layout()

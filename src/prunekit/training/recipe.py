@@ -41,7 +41,9 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if self.name not in available_models():
-            raise ConfigError(f"model.name {self.name!r} unknown; available: {', '.join(available_models())}")
+            raise ConfigError(
+                f"model.name {self.name!r} unknown; available: {', '.join(available_models())}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -71,7 +73,9 @@ class OptimizerSpec:
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
-            raise ConfigError(f"optimizer.name {self.name!r} unknown; available: {', '.join(OPTIMIZERS)}")
+            raise ConfigError(
+                f"optimizer.name {self.name!r} unknown; available: {', '.join(OPTIMIZERS)}"
+            )
         if self.lr <= 0:
             raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
 
@@ -85,7 +89,9 @@ class ScheduleSpec:
 
     def __post_init__(self) -> None:
         if self.name not in LR_SCHEDULES:
-            raise ConfigError(f"lr_schedule.name {self.name!r} unknown; available: {', '.join(LR_SCHEDULES)}")
+            raise ConfigError(
+                f"lr_schedule.name {self.name!r} unknown; available: {', '.join(LR_SCHEDULES)}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -123,8 +129,12 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def validate_pruning(section: dict[str, Any], total_steps: int = 1) -> None:
-    """Check a ``pruning`` section against its method's config class."""
+def validate_pruning(section: dict[str, Any], total_steps: int = 1_000_000) -> None:
+    """Check a ``pruning`` section against its method's config class.
+
+    The real ``total_steps`` is known only when the data is loaded; checks that depend on it run
+    again when training starts.
+    """
     if "method" not in section:
         raise ConfigError("pruning needs a 'method' key (e.g. method: dpf)")
     try:
@@ -134,7 +144,9 @@ def validate_pruning(section: dict[str, Any], total_steps: int = 1) -> None:
     fields = {k: v for k, v in section.items() if k != "method"}
     if "total_steps" in fields:
         raise ConfigError("pruning.total_steps is derived from epochs and the data; remove it")
-    valid = [f.name for f in dataclasses.fields(cls.config_class) if f.name != "total_steps"] + ["method"]
+    valid = [f.name for f in dataclasses.fields(cls.config_class) if f.name != "total_steps"] + [
+        "method"
+    ]
     check_keys(section, valid, f"pruning (method {section['method']})")
     from_dict(cls.config_class, {**fields, "total_steps": total_steps}, where="pruning")
 

@@ -66,7 +66,11 @@ def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     o = recipe.optimizer
     if o.name == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+            model.parameters(),
+            lr=o.lr,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            nesterov=o.nesterov,
         )
     if o.name == "adam":
         return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
@@ -129,7 +133,9 @@ def train(
     dev = torch.device(device) if device is not None else default_device()
     torch.manual_seed(recipe.seed)
     data = data if data is not None else load_data(recipe)
-    model = build_model(recipe.model.name, data.input_shape, data.num_classes, **recipe.model.kwargs).to(dev)
+    model = build_model(
+        recipe.model.name, data.input_shape, data.num_classes, **recipe.model.kwargs
+    ).to(dev)
     optimizer = build_optimizer(recipe, model)
     batches = BatchIterator(data.x_train, data.y_train, recipe.data.batch_size, seed=recipe.seed)
     steps_per_epoch = len(batches)
@@ -137,7 +143,9 @@ def train(
     pruner: Pruner | None = None
     if recipe.pruning is not None:
         cfg = {k: v for k, v in recipe.pruning.items() if k != "method"}
-        pruner = sparsify(model, optimizer, recipe.pruning["method"], total_steps=total_steps, **cfg)
+        pruner = sparsify(
+            model, optimizer, recipe.pruning["method"], total_steps=total_steps, **cfg
+        )
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     start_epoch, step, history, wall = 0, 0, [], 0.0
@@ -153,11 +161,22 @@ def train(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
-        start_epoch, step, history, wall = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["wall_seconds"]
+        start_epoch, step, history, wall = (
+            ckpt["epoch"],
+            ckpt["step"],
+            ckpt["history"],
+            ckpt["wall_seconds"],
+        )
         logger.info("resumed from %s at epoch %d (step %d)", ckpt_path, start_epoch, step)
 
     owns_lr = pruner is not None and pruner.owns_lr
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc=recipe.name or recipe.method, unit="step")
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not progress,
+        desc=recipe.name or recipe.method,
+        unit="step",
+    )
     model.train()
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()
@@ -181,11 +200,11 @@ def train(
             loss.backward()
             if pruner is not None and pruner.needs_closure:
 
-                def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+                def closure(x: Tensor = x, y: Tensor = y) -> float:
                     optimizer.zero_grad(set_to_none=True)
                     loss = F.cross_entropy(model(x), y)
                     loss.backward()
-                    return loss
+                    return float(loss.detach())
 
                 optimizer.step(closure)
             else:
@@ -199,10 +218,21 @@ def train(
         sparsity = sparsity_report(model)["global_sparsity"]
         wall += time.perf_counter() - t0
         history.append(
-            {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "test_accuracy": acc, "sparsity": sparsity}
+            {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / steps_per_epoch,
+                "test_accuracy": acc,
+                "sparsity": sparsity,
+            }
         )
         bar.set_postfix(acc=f"{acc:.4f}", sparsity=f"{sparsity:.3f}")
-        logger.info("epoch %d: loss %.4f, test accuracy %.4f, sparsity %.4f", epoch + 1, history[-1]["train_loss"], acc, sparsity)
+        logger.info(
+            "epoch %d: loss %.4f, test accuracy %.4f, sparsity %.4f",
+            epoch + 1,
+            history[-1]["train_loss"],
+            acc,
+            sparsity,
+        )
         save_checkpoint(
             {
                 "recipe": recipe.to_dict(),
@@ -217,7 +247,11 @@ def train(
             },
             ckpt_path,
         )
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < recipe.epochs:
+        if (
+            stop_after_epoch is not None
+            and epoch + 1 >= stop_after_epoch
+            and epoch + 1 < recipe.epochs
+        ):
             bar.close()
             return {"history": history, "stopped_after_epoch": epoch + 1}
     bar.close()
@@ -237,9 +271,13 @@ def _finish(
     extra: dict[str, Any] = {}
     if isinstance(pruner, ACDC):
         dense_state = pruner.dense_state_dict()
-        dense_model = build_model(recipe.model.name, data.input_shape, data.num_classes, **recipe.model.kwargs)
+        dense_model = build_model(
+            recipe.model.name, data.input_shape, data.num_classes, **recipe.model.kwargs
+        )
         dense_model.load_state_dict(dense_state)
-        extra["dense_pair_test_accuracy"] = evaluate(dense_model.to(device), data.x_test, data.y_test)
+        extra["dense_pair_test_accuracy"] = evaluate(
+            dense_model.to(device), data.x_test, data.y_test
+        )
         save_atomic(dense_state, out / "model_dense_pair.pt")
     if pruner is not None:
         pruner.finalize()
@@ -247,7 +285,9 @@ def _finish(
     acc = evaluate(model, data.x_test, data.y_test)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_atomic(state, out / "model.pt")
-    save_sparse(state, out / "model_sparse.pt", {"model": recipe.model.name, "recipe": recipe.to_dict()})
+    save_sparse(
+        state, out / "model_sparse.pt", {"model": recipe.model.name, "recipe": recipe.to_dict()}
+    )
     target = 0.0 if recipe.pruning is None else float(recipe.pruning["sparsity"])
     metrics: dict[str, Any] = {
         "method": recipe.method,
@@ -261,7 +301,8 @@ def _finish(
         "test_accuracy": acc,
         "test_error": 100.0 * (1.0 - acc),
         "epochs": recipe.epochs,
-        "steps": recipe.epochs * len(BatchIterator(data.x_train, data.y_train, recipe.data.batch_size)),
+        "steps": recipe.epochs
+        * len(BatchIterator(data.x_train, data.y_train, recipe.data.batch_size)),
         "wall_seconds": wall,
         "model_file_bytes": (out / "model.pt").stat().st_size,
         "sparse_file_bytes": (out / "model_sparse.pt").stat().st_size,
@@ -273,7 +314,11 @@ def _finish(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     title = f"{recipe.model.name} / {recipe.method}"
     plot_accuracy(history, out / "accuracy.png", title)
-    plot_layer_sparsity(report, out / "layer_sparsity.png", f"{title}: {100 * report['global_sparsity']:.2f}% sparse")
+    plot_layer_sparsity(
+        report,
+        out / "layer_sparsity.png",
+        f"{title}: {100 * report['global_sparsity']:.2f}% sparse",
+    )
     (out / "report.md").write_text(_report_md(recipe, metrics, report))
     logger.info("wrote %s", out)
     return metrics
@@ -293,15 +338,15 @@ def _report_md(recipe: Recipe, metrics: dict[str, Any], report: dict[str, Any]) 
 
 | metric | value |
 |---|---|
-| method | {metrics['method']} |
-| target sparsity | {100 * metrics['target_sparsity']:.2f}% |
-| measured sparsity | {100 * metrics['global_sparsity']:.2f}% |
-| compression | {metrics['compression']:.1f}× |
-| test accuracy | {100 * metrics['test_accuracy']:.2f}% (error {metrics['test_error']:.2f}%) |
-| epochs | {metrics['epochs']} |
-| training time | {metrics['wall_seconds']:.1f} s |
-| model file (dense format) | {metrics['model_file_bytes']:,} bytes |
-| model file (sparse format) | {metrics['sparse_file_bytes']:,} bytes |
+| method | {metrics["method"]} |
+| target sparsity | {100 * metrics["target_sparsity"]:.2f}% |
+| measured sparsity | {100 * metrics["global_sparsity"]:.2f}% |
+| compression | {metrics["compression"]:.1f}× |
+| test accuracy | {100 * metrics["test_accuracy"]:.2f}% (error {metrics["test_error"]:.2f}%) |
+| epochs | {metrics["epochs"]} |
+| training time | {metrics["wall_seconds"]:.1f} s |
+| model file (dense format) | {metrics["model_file_bytes"]:,} bytes |
+| model file (sparse format) | {metrics["sparse_file_bytes"]:,} bytes |
 {pair}
 ## Layers
 

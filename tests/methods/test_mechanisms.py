@@ -1,0 +1,298 @@
+"""Tests that each method does what its paper says (would fail if the mechanism were wrong)."""
+
+from itertools import pairwise
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prunekit
+from prunekit.methods.imp import imp_lr_factor
+from tests.helpers import mlp, run, sgd, small_cnn, toy_data
+
+
+def test_gmp_follows_cubic_ramp_and_pruned_stay_pruned():
+    model = mlp()
+    opt = sgd(model)
+    pruner = prunekit.sparsify(
+        model, opt, "gmp", sparsity=0.9, total_steps=100, start=0.1, end=0.5, update_every=5
+    )
+    seen = []
+    prev_masks = None
+
+    def check():
+        nonlocal prev_masks
+        seen.append(pruner.current_sparsity())
+        masks = [m.clone() for m in pruner.masker.masks]
+        if prev_masks is not None:
+            for a, b in zip(prev_masks, masks, strict=True):
+                assert not (b & ~a).any()  # hard: nothing ever returns
+        prev_masks = masks
+
+    run(model, opt, pruner, 100, callback=check)
+    assert seen[8] == 0.0  # before start (step 9 < 10)
+    assert seen[29] == pytest.approx(pruner.scheduled_sparsity(30), abs=0.002)
+    assert seen[49] == pytest.approx(0.9, abs=0.002) and seen[-1] == pytest.approx(0.9, abs=0.002)
+    assert all(b >= a - 1e-9 for a, b in pairwise(seen))
+
+
+def test_dpf_pruned_coordinates_get_gradient_and_return():
+    model = mlp()
+    opt = sgd(model, lr=0.1)
+    pruner = prunekit.sparsify(
+        model, opt, "dpf", sparsity=0.8, total_steps=200, end=0.2, update_every=4
+    )
+    x, y = toy_data()
+    run(model, opt, pruner, 50)
+    masks_before = [m.clone() for m in pruner.masker.masks]
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    for t, m in zip(pruner.targets, masks_before, strict=True):
+        assert torch.count_nonzero(t.param.grad[~m]) > 0  # feedback reaches pruned weights
+    opt.zero_grad()
+    run(model, opt, pruner, 100, seed=3)
+    revived = sum(
+        int((m & ~m0).sum()) for m, m0 in zip(pruner.masker.masks, masks_before, strict=True)
+    )
+    assert revived > 0  # some pruned weights came back when the mask was recomputed
+    pruner.finalize()
+    assert prunekit.sparsity_report(model)["global_sparsity"] == pytest.approx(0.8, abs=0.005)
+
+
+def test_rigl_constant_nonzeros_and_zero_initialised_growth():
+    model = mlp()
+    opt = sgd(model, lr=0.1)
+    pruner = prunekit.sparsify(
+        model, opt, "rigl", sparsity=0.9, total_steps=200, update_every=10, allocation="erk"
+    )
+    counts = [int(m.sum()) for m in pruner.masker.masks]
+    changed = 0
+
+    def check():
+        nonlocal changed
+        masks = pruner.masker.masks
+        assert [int(m.sum()) for m in masks] == counts  # per-layer counts never change
+        for t, m in zip(pruner.targets, masks, strict=True):
+            assert torch.count_nonzero(t.param[~m]) == 0
+        if pruner.step_count % 10 == 0 and pruner.step_count < 150:
+            changed += 1
+
+    before = [m.clone() for m in pruner.masker.masks]
+    run(model, opt, pruner, 200, callback=check)
+    moved = sum(int((m != b).sum()) for m, b in zip(pruner.masker.masks, before, strict=True))
+    assert moved > 0 and changed == 14
+
+
+def test_rigl_grows_largest_gradient_and_drops_smallest_magnitude():
+    model = mlp()
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.0
+    )  # weights do not move: selection is observable
+    pruner = prunekit.sparsify(
+        model, opt, "rigl", sparsity=0.9, total_steps=100, update_every=1, allocation="uniform"
+    )
+    x, y = toy_data()
+    old = [m.clone() for m in pruner.masker.masks]
+    weights = [t.param.detach().clone() for t in pruner.targets]
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    grads = [t.param.grad.detach().clone() for t in pruner.targets]  # captured before masking
+    opt.step()
+    pruner.step()
+    for t, m_old, m_new, w, g in zip(
+        pruner.targets, old, pruner.masker.masks, weights, grads, strict=True
+    ):
+        # a weight may be dropped and regrown in the same update; regrown weights restart at zero
+        regrown = m_old & m_new & (t.param.detach() == 0)
+        survivors = m_old & m_new & ~regrown
+        dropped = (m_old & ~m_new) | regrown
+        grown = (m_new & ~m_old) | regrown
+        assert int(dropped.sum()) > 0 and int(grown.sum()) == int(dropped.sum())
+        assert w[dropped].abs().max() <= w[survivors].abs().min()  # smallest magnitudes dropped
+        assert g[grown].abs().min() >= g[~m_new].abs().max()  # largest gradients grown
+
+
+def test_acdc_switches_phases_at_configured_steps_and_yields_pair():
+    model = mlp()
+    opt = sgd(model)
+    total = 100
+    pruner = prunekit.sparsify(
+        model,
+        opt,
+        "acdc",
+        sparsity=0.9,
+        total_steps=total,
+        warmup=0.1,
+        period=0.1,
+        alternate_end=0.5,
+        final_start=0.8,
+    )
+    phases = [pruner.compressed]
+    sparsities = [pruner.current_sparsity()]
+
+    def record():
+        phases.append(pruner.compressed)
+        sparsities.append(pruner.current_sparsity())
+
+    run(model, opt, pruner, total, callback=record)
+    expected = [pruner.is_compressed(t) for t in range(total + 1)]
+    assert phases == expected
+    # dense [0,10), C [10,20), D [20,30), C [30,40), D [40,80), C [80,100]
+    assert (
+        phases[:10] == [False] * 10
+        and phases[10:20] == [True] * 10
+        and phases[20:30] == [False] * 10
+    )
+    assert phases[40:80] == [False] * 40 and all(phases[80:])
+    assert sparsities[15] == pytest.approx(0.9, abs=0.002)
+    assert sparsities[25] < 0.5  # decompressed: pruned weights were revived
+    dense = pruner.dense_state_dict()
+    assert all(not k.endswith("_mask") for k in dense)
+    dense_nnz = sum(int(torch.count_nonzero(v)) for k, v in dense.items() if k.endswith("weight"))
+    pruner.finalize()
+    assert prunekit.sparsity_report(model)["nonzeros"] < dense_nnz / 5  # the pair: dense and sparse
+
+
+def test_acdc_resets_momentum_when_dense_phase_starts():
+    model = mlp()
+    opt = sgd(model)
+    pruner = prunekit.sparsify(
+        model,
+        opt,
+        "acdc",
+        sparsity=0.9,
+        total_steps=100,
+        warmup=0.1,
+        period=0.1,
+        alternate_end=0.5,
+        final_start=0.8,
+    )
+    run(model, opt, pruner, 20)  # step 20: dense phase just started
+    for t in pruner.targets:
+        assert torch.count_nonzero(opt.state[t.param]["momentum_buffer"]) == 0
+
+
+def test_gap_grows_one_partition_at_a_time():
+    model = mlp()
+    opt = sgd(model)
+    pruner = prunekit.sparsify(
+        model, opt, "gap", sparsity=0.9, total_steps=120, partitions=3, cycles=2, grow_end=0.6
+    )
+    assert pruner.phase_steps == 12
+    for step in range(72):
+        part = pruner.phase(pruner.step_count)
+        dens = [float(m.float().mean()) for m in pruner.masker.masks]
+        assert dens[part] == 1.0  # the grown partition is dense
+        assert all(d == pytest.approx(0.1, abs=0.01) for i, d in enumerate(dens) if i != part)
+        run(model, opt, pruner, 1, seed=step)
+    assert pruner.phase(pruner.step_count) is None
+    assert all(float(m.float().mean()) == pytest.approx(0.1, abs=0.01) for m in pruner.masker.masks)
+
+
+def test_imp_rounds_and_retraining_schedules():
+    total = 100
+    model = mlp()
+    opt = sgd(model, lr=0.2)
+    pruner = prunekit.sparsify(
+        model, opt, "imp", sparsity=0.875, total_steps=total, rounds=3, pretrain=0.4
+    )
+    assert pruner.round_starts() == [40, 60, 80]
+    lrs, sparsity = [], []
+
+    def record():
+        lrs.append(opt.param_groups[0]["lr"])
+        sparsity.append(pruner.current_sparsity())
+
+    run(model, opt, pruner, total, callback=record)
+    assert sparsity[38] == 0.0
+    assert sparsity[39] == pytest.approx(0.5, abs=0.002)  # 1 - 0.125 ** (1/3)
+    assert sparsity[59] == pytest.approx(0.75, abs=0.002)
+    assert sparsity[79] == pytest.approx(0.875, abs=0.002)
+    # LLR: each retraining phase restarts at the initial lr and decays linearly
+    assert (
+        lrs[39] == pytest.approx(0.2)
+        and lrs[49] == pytest.approx(0.1)
+        and lrs[59] == pytest.approx(0.2)
+    )
+
+
+@pytest.mark.parametrize("schedule", ["ft", "lrw", "slr", "llr"])
+def test_imp_lr_schedule_shapes(schedule):
+    cfg = prunekit.methods.IMPConfig(
+        sparsity=0.9,
+        total_steps=100,
+        rounds=2,
+        pretrain=0.6,
+        retrain_schedule=schedule,
+        base_schedule="linear",
+    )
+    # base: linear 1 -> 0 over 60 steps; retraining phases of 20 steps at 60 and 80
+    base = [imp_lr_factor(cfg, t) for t in range(60)]
+    assert base[0] == 1.0 and base[30] == pytest.approx(0.5)
+    phase = [imp_lr_factor(cfg, t) for t in range(60, 80)]
+    assert phase == [imp_lr_factor(cfg, t) for t in range(80, 100)]  # every round restarts
+    expected = {
+        "ft": [0.01] * 20,
+        "lrw": [1 - (40 + j) / 60 for j in range(20)],
+        "slr": [1 - int(j * 3) / 60 for j in range(20)],
+        "llr": [1 - j / 20 for j in range(20)],
+    }[schedule]
+    assert phase == pytest.approx(expected)
+
+
+def test_cram_requires_closure_and_combines_gradients():
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = prunekit.sparsify(
+        model, opt, "cram", sparsity=0.9, total_steps=10, rho=0.05, sparsities=[0.7]
+    )
+    x, y = toy_data(image=True)
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+
+    # expected CrAM+ update, computed by hand on a copy
+    import copy
+
+    ref = copy.deepcopy(model)
+    loss = F.cross_entropy(ref(x), y)
+    loss.backward()
+    g = [p.grad.clone() for p in ref.parameters()]
+    bn_before = [b.clone() for b in ref.buffers()]
+    with torch.no_grad():
+        theta = [p.clone() for p in ref.parameters()]
+        for p, gi in zip(ref.parameters(), g, strict=True):
+            p.add_(gi, alpha=0.05)
+        ws = [ref[0].weight, ref[3].weight, ref[6].weight]
+        from prunekit.core import compute_masks
+
+        for w, m in zip(ws, compute_masks([w.abs() for w in ws], 0.7, "global"), strict=True):
+            w.mul_(m)
+    ref.zero_grad()
+    F.cross_entropy(ref(x), y).backward()
+    expected = [
+        t - 0.1 * (p.grad + gi) for t, p, gi in zip(theta, ref.parameters(), g, strict=True)
+    ]
+
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    bn_model_before = [b.clone() for b in model.buffers()]
+
+    def closure():
+        opt.zero_grad()
+        out = F.cross_entropy(model(x), y)
+        out.backward()
+        return out
+
+    opt.step(closure)
+    pruner.step()
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e)
+    # batch-norm statistics are not updated by the perturbed pass
+    for b0, b1 in zip(bn_model_before, model.buffers(), strict=True):
+        assert torch.equal(b0, b1)
+    del bn_before

@@ -1,0 +1,120 @@
+import json
+import math
+
+import pytest
+import torch
+
+from prunekit.training import (
+    CheckpointError,
+    NonFiniteLossError,
+    load_checkpoint,
+    recipe_from_dict,
+    train,
+)
+from prunekit.training.trainer import load_data
+
+
+def _recipe(method="dpf", epochs=3, **pruning):
+    return recipe_from_dict(
+        {
+            "model": {"name": "lenet300_100"},
+            "data": {"name": "mnist", "batch_size": 64, "train_subset": 1024, "test_subset": 500},
+            "pruning": {"method": method, "sparsity": 0.9, **pruning},
+            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+            "epochs": epochs,
+            "seed": 3,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(_recipe())
+
+
+@pytest.mark.parametrize("method", ["dpf", "acdc", "rigl", "cram"])
+def test_resume_equals_uninterrupted(tmp_path, data, method):
+    recipe = _recipe(method)
+    full = train(recipe, tmp_path / "full", progress=False, data=data, device="cpu")
+    part = train(
+        recipe, tmp_path / "part", progress=False, data=data, device="cpu", stop_after_epoch=1
+    )
+    assert part["stopped_after_epoch"] == 1
+    resumed = train(recipe, tmp_path / "part", progress=False, data=data, device="cpu")
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    assert resumed["history"] == full["history"]
+    a = torch.load(tmp_path / "full" / "model.pt")
+    b = torch.load(tmp_path / "part" / "model.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_outputs_and_metrics(tmp_path, data):
+    m = train(
+        _recipe("gmp", epochs=2, update_every=5), tmp_path, progress=False, data=data, device="cpu"
+    )
+    for name in (
+        "model_sparse.pt",
+        "model.pt",
+        "metrics.json",
+        "report.md",
+        "accuracy.png",
+        "layer_sparsity.png",
+    ):
+        assert (tmp_path / name).exists(), name
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in (
+        "method",
+        "model",
+        "dataset",
+        "target_sparsity",
+        "global_sparsity",
+        "compression",
+        "test_accuracy",
+        "epochs",
+        "wall_seconds",
+    ):
+        assert key in metrics
+    assert metrics["global_sparsity"] == pytest.approx(0.9, abs=0.005)
+    assert m["sparse_file_bytes"] < m["model_file_bytes"] / 3
+    assert metrics["test_accuracy"] > 0.5
+
+
+def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path, data, monkeypatch):
+    recipe = _recipe("gmp", epochs=3, update_every=5)
+    train(recipe, tmp_path, progress=False, data=data, device="cpu", stop_after_epoch=1)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    import prunekit.training.trainer as trainer
+
+    real = trainer.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out * math.nan if calls["n"] > 5 else out
+
+    monkeypatch.setattr(trainer.F, "cross_entropy", poisoned)
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+        train(recipe, tmp_path, progress=False, data=data, device="cpu")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_resume_with_other_recipe_is_refused(tmp_path, data):
+    train(
+        _recipe("gmp", epochs=2, update_every=5),
+        tmp_path,
+        progress=False,
+        data=data,
+        device="cpu",
+        stop_after_epoch=1,
+    )
+    with pytest.raises(CheckpointError, match="different recipe"):
+        train(_recipe("dpf", epochs=2), tmp_path, progress=False, data=data, device="cpu")
+
+
+def test_acdc_run_writes_dense_pair(tmp_path, data):
+    m = train(_recipe("acdc", epochs=2), tmp_path, progress=False, data=data, device="cpu")
+    assert (tmp_path / "model_dense_pair.pt").exists()
+    assert 0.0 < m["dense_pair_test_accuracy"] <= 1.0
