@@ -1,20 +1,23 @@
 """Masks on module parameters and the optimizer hooks that enforce them.
 
-A :class:`Masker` registers, for every target ``module.<p>``, a boolean buffer ``module.<p>_mask`` (so
-masks appear in ``model.state_dict()`` under readable names such as ``fc1.weight_mask``). It enforces
-them in one of three modes, through the optimizer's public step hooks — nothing runs in the forward
-pass, so masking adds no cost per forward:
+A :class:`Masker` registers, for every target ``module.<p>``, a buffer ``module.<p>_mask`` of 0/1
+values in the parameter's dtype (so masks appear in ``model.state_dict()`` under readable names such
+as ``fc1.weight_mask``; a float mask multiplies 6× faster than a boolean one). It enforces them in one
+of three modes, through the optimizer's public step hooks — nothing runs in the forward pass, so
+masking adds no cost per forward:
 
 * ``hard`` — pruned weights are zero and stay zero. Before ``optimizer.step()`` the gradients are
-  multiplied by the mask (so momentum, Adam moments and weight decay never see pruned coordinates);
-  after it the weights are re-masked. When a mask changes, the optimizer state of the newly pruned
-  coordinates is zeroed, otherwise momentum would revive them.
+  multiplied by the mask, so momentum, Adam moments and weight decay never see pruned coordinates.
+  With zero weight, zero gradient and zero state, the built-in optimizers (:data:`ZERO_PRESERVING`)
+  leave pruned weights at exactly zero; for any other optimizer the weights are also re-masked after
+  the step. When a mask changes, the optimizer state of the changed coordinates is zeroed, otherwise
+  momentum would revive them.
 * ``straight_through`` — the parameter holds ``m ⊙ w`` during forward and backward, so autograd
   yields ``∇f(m ⊙ w)`` for *every* coordinate; the dense ``w`` lives in the buffer
-  ``module.<p>_dense``. Before the step the dense values are swapped in, the optimizer applies
-  ``w ← w − lr·∇f(m ⊙ w)`` to the dense weights (DPF, Lin et al. ICLR 2020), and after the step the
-  dense values are saved and the parameter re-masked. Evaluating the model outside the step always
-  evaluates the sparse model ``m ⊙ w``.
+  ``module.<p>_dense``. Before the step the parameter is pointed at the dense storage (no copy), the
+  optimizer applies ``w ← w − lr·∇f(m ⊙ w)`` to the dense weights (DPF, Lin et al. ICLR 2020), and
+  after the step ``m ⊙ w`` is written back into the parameter's own storage. Evaluating the model
+  outside the step always evaluates the sparse model ``m ⊙ w``.
 * ``off`` — hooks do nothing (AC/DC's decompressed phases).
 
 The masker survives ``copy.deepcopy`` together with its model and optimizer (see
@@ -41,6 +44,18 @@ MASK_SUFFIX = "_mask"
 DENSE_SUFFIX = "_dense"
 
 GradObserver = Callable[[list[Tensor | None]], None]
+
+#: Optimizers that never move a weight whose value, gradient and per-coordinate state are all zero.
+ZERO_PRESERVING: tuple[type[Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+)
 
 
 class MaskMode(StrEnum):
@@ -81,7 +96,10 @@ class Masker:
                     f"{t.name} already carries a mask buffer {name!r}: another pruner is attached; "
                     "call its finalize() first"
                 )
-            t.module.register_buffer(name, torch.ones_like(t.param, dtype=torch.bool))
+            t.module.register_buffer(name, torch.ones_like(t.param.detach()))
+        # exact type: a subclass may override step()
+        self.remask_after_step = optimizer is not None and type(optimizer) not in ZERO_PRESERVING
+        self._swapped: list[Tensor] = []
         self.set_mode_(mode)
         self._register_hooks()
 
@@ -92,7 +110,16 @@ class Masker:
 
     @property
     def masks(self) -> list[Tensor]:
+        """Boolean keep-masks (new tensors; use :attr:`mask_buffers` for the stored 0/1 values)."""
+        return [m.bool() for m in self.mask_buffers]
+
+    @property
+    def mask_buffers(self) -> list[Tensor]:
+        """The mask buffers themselves: 0/1 in the parameter's dtype."""
         return [getattr(t.module, t.param_name + MASK_SUFFIX) for t in self.targets]
+
+    def _dense_buffers(self) -> list[Tensor]:
+        return [getattr(t.module, t.param_name + DENSE_SUFFIX) for t in self.targets]
 
     @property
     def params(self) -> list[Tensor]:
@@ -101,7 +128,7 @@ class Masker:
     def dense_weights(self) -> list[Tensor]:
         """The dense weights: the ``_dense`` buffers in straight-through mode, else the parameters."""
         if self._mode is MaskMode.STRAIGHT_THROUGH:
-            return [getattr(t.module, t.param_name + DENSE_SUFFIX) for t in self.targets]
+            return self._dense_buffers()
         return [p.detach() for p in self.params]
 
     # ---------------------------------------------------------------- changes
@@ -124,14 +151,14 @@ class Masker:
             if reset_optimizer_state is None
             else reset_optimizer_state
         )
-        for t, old, new in zip(self.targets, self.masks, masks, strict=True):
+        for t, old, new in zip(self.targets, self.mask_buffers, masks, strict=True):
             if new.shape != old.shape:
                 raise ValueError(
                     f"mask for {t.name} has shape {tuple(new.shape)}, weight {tuple(old.shape)}"
                 )
             new = new.to(device=old.device, dtype=torch.bool)
             if reset:
-                self.zero_optimizer_state_(t.param, old != new)
+                self.zero_optimizer_state_(t.param, old.bool() != new)
             old.copy_(new)
         self.apply_()
 
@@ -154,11 +181,14 @@ class Masker:
     def apply_(self) -> None:
         """Make the parameters consistent with the masks under the current mode."""
         if self._mode is MaskMode.HARD:
-            for p, m in zip(self.params, self.masks, strict=True):
+            for p, m in zip(self.params, self.mask_buffers, strict=True):
                 p.mul_(m)
         elif self._mode is MaskMode.STRAIGHT_THROUGH:
-            for t, m in zip(self.targets, self.masks, strict=True):
-                dense = getattr(t.module, t.param_name + DENSE_SUFFIX)
+            for t, m, dense in zip(
+                self.targets, self.mask_buffers, self._dense_buffers(), strict=True
+            ):
+                if t.param.data_ptr() == dense.data_ptr():  # a step was interrupted mid-swap
+                    t.param.data = torch.empty_like(dense)
                 torch.mul(dense, m, out=t.param.data)
 
     @torch.no_grad()
@@ -202,16 +232,23 @@ class Masker:
         if self.grad_observer is not None:
             self.grad_observer([p.grad for p in self.params])
         if self._mode is MaskMode.HARD:
-            for p, m in zip(self.params, self.masks, strict=True):
+            for p, m in zip(self.params, self.mask_buffers, strict=True):
                 if p.grad is not None:
                     p.grad.mul_(m)
         else:
-            for t in self.targets:
-                t.param.data.copy_(getattr(t.module, t.param_name + DENSE_SUFFIX))
+            # point each parameter at its dense storage: the optimizer updates the dense weights
+            self._swapped = [t.param.data for t in self.targets]
+            for t, dense in zip(self.targets, self._dense_buffers(), strict=True):
+                t.param.data = dense
 
     @torch.no_grad()
     def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        if self._mode is MaskMode.STRAIGHT_THROUGH:
-            for t in self.targets:
-                getattr(t.module, t.param_name + DENSE_SUFFIX).copy_(t.param.data)
-        self.apply_()
+        if self._mode is MaskMode.STRAIGHT_THROUGH and self._swapped:
+            for t, m, dense, own in zip(
+                self.targets, self.mask_buffers, self._dense_buffers(), self._swapped, strict=True
+            ):
+                torch.mul(dense, m, out=own)
+                t.param.data = own
+            self._swapped = []
+        elif self._mode is MaskMode.HARD and self.remask_after_step:
+            self.apply_()
