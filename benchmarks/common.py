@@ -24,8 +24,9 @@ def environment() -> dict[str, Any]:
     }
 
 
-def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
+def write_results(name: str, payload: dict[str, Any], markdown: str, echo: bool = False) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     (RESULTS / f"{name}.md").write_text(markdown)
-    print(markdown)
+    if echo:
+        print(markdown)

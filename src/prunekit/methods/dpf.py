@@ -13,13 +13,11 @@ ramp. The final model is ``m ⊙ w``; no fine-tuning is needed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from torch import nn
-from torch.optim import Optimizer
-
-from prunekit.core.masks import Masker, MaskMode
-from prunekit.methods.base import Pruner
-from prunekit.methods.ramp import RampConfig, ramp_sparsity, ramp_step_
+from prunekit.core.masks import MaskMode
+from prunekit.methods.base import SparsityConfig
+from prunekit.methods.ramp import RampConfig, RampPruner
 from prunekit.methods.registry import register_method
 
 
@@ -33,19 +31,8 @@ class DPFConfig(RampConfig):
 
 
 @register_method("dpf")
-class DPF(Pruner):
+class DPF(RampPruner):
     """Pruning with feedback: straight-through masks over dense weights."""
 
-    config_class = DPFConfig
-    config: DPFConfig
-
-    def __init__(self, model: nn.Module, optimizer: Optimizer | None, config: DPFConfig):
-        super().__init__(model, optimizer, config)
-        self.masker = Masker(self.targets, optimizer, MaskMode.STRAIGHT_THROUGH)
-        ramp_step_(self, config, 0)
-
-    def scheduled_sparsity(self, step: int | None = None) -> float:
-        return ramp_sparsity(self.config, self.step_count if step is None else step)
-
-    def _on_step(self) -> None:
-        ramp_step_(self, self.config, self.step_count)
+    config_class: ClassVar[type[SparsityConfig]] = DPFConfig
+    mask_mode: ClassVar[MaskMode] = MaskMode.STRAIGHT_THROUGH

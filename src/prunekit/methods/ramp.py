@@ -1,10 +1,16 @@
-"""The cubic sparsity ramp shared by GMP and DPF (Zhu & Gupta 2017)."""
+"""The cubic sparsity ramp shared by GMP (hard masks) and DPF (straight-through masks)
+(Zhu & Gupta 2017)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+from torch.optim import Optimizer
 
 from prunekit.config import ConfigError
+from prunekit.core.masks import Masker, MaskMode
 from prunekit.methods.base import Pruner, SparsityConfig, check_fraction
 from prunekit.schedules import polynomial
 
@@ -64,9 +70,26 @@ def ramp_update_due(config: RampConfig, step: int) -> bool:
     return step == end or (step - start) % config.update_every == 0
 
 
-def ramp_step_(pruner: Pruner, config: RampConfig, step: int) -> None:
-    """Recompute ``pruner``'s masks by magnitude at the ramp's sparsity when an update is due."""
-    if pruner.masker is None:
-        raise RuntimeError(f"{pruner.name} has no masker")
-    if ramp_update_due(config, step) or (step == 0 and config.initial_sparsity > 0):
-        pruner.masker.set_masks_(pruner.magnitude_masks(ramp_sparsity(config, step)))
+class RampPruner(Pruner):
+    """Magnitude masks recomputed on the cubic ramp; subclasses choose the :class:`MaskMode`."""
+
+    config_class: ClassVar[type[SparsityConfig]] = RampConfig
+    config: RampConfig
+    mask_mode: ClassVar[MaskMode] = MaskMode.HARD
+
+    def __init__(self, model: nn.Module, optimizer: Optimizer | None, config: RampConfig):
+        super().__init__(model, optimizer, config)
+        self.masker = Masker(self.targets, optimizer, self.mask_mode)
+        self._update(0)
+
+    def scheduled_sparsity(self, step: int | None = None) -> float:
+        """Sparsity of the ramp at ``step`` (default: now)."""
+        return ramp_sparsity(self.config, self.step_count if step is None else step)
+
+    def _update(self, step: int) -> None:
+        if ramp_update_due(self.config, step) or (step == 0 and self.config.initial_sparsity > 0):
+            assert self.masker is not None
+            self.masker.set_masks_(self.magnitude_masks(ramp_sparsity(self.config, step)))
+
+    def _on_step(self) -> None:
+        self._update(self.step_count)

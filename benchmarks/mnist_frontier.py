@@ -1,0 +1,257 @@
+"""Accuracy–compression frontier on MNIST next to the published points of METHODS.md §E.
+
+Every registered method (and dense training) at several sparsities on LeNet-300-100 and LeNet-5-Caffe,
+each trained from the shipped recipe ``recipes/<model>/<method>.yaml`` with ``pruning.sparsity`` set
+per point. For every published (compression, error) point the table says whether at least one prunekit
+run reaches at least that compression with at most that error.
+
+Runs are resumable and incremental: each run writes to ``runs/frontier/<model>/<method>-<sparsity>``
+and is skipped when its ``metrics.json`` exists; finished runs are merged into
+``benchmarks/results/mnist_frontier.json``, so the frontier can be filled in over several sessions.
+
+Usage::
+
+    python benchmarks/mnist_frontier.py                                 # everything (hours on 2 cores)
+    python benchmarks/mnist_frontier.py --models lenet300 --methods dpf gmp --sparsities 0.98 0.99
+    python benchmarks/mnist_frontier.py --table-only                    # rebuild tables from results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS, environment, write_results
+
+from prunekit.methods import available
+from prunekit.training import load_recipe, train
+from prunekit.training.trainer import load_data
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"lenet300": "lenet300_100", "lenet5": "lenet5_caffe"}
+SPARSITIES = {
+    "lenet300": [0.9, 0.92, 0.95, 0.96, 0.98, 0.986, 0.99],
+    "lenet5": [0.9, 0.95, 0.98, 0.99, 0.992, 0.995, 0.9965],
+}
+# METHODS.md §E: (source, compression ×, test error %)
+PUBLISHED: dict[str, list[tuple[str, float, float]]] = {
+    "lenet300": [
+        ("dense (Han et al. 2015)", 1.0, 1.64),
+        ("Han et al. 2015, prune + retrain", 12.0, 1.59),
+        ("DNS (Guo 2016)", 56.0, 1.99),
+        ("Soft weight sharing (Ullrich 2017)", 23.0, 1.94),
+        ("Sparse variational dropout (Molchanov 2017)", 68.0, 1.92),
+        ("SNIP 95% (Lee 2019)", 20.0, 1.6),
+        ("SNIP 98% (Lee 2019)", 50.0, 2.4),
+        ("L-OBS 98.5% (Dong 2017, via SNIP)", 1 / 0.015, 2.0),
+    ],
+    "lenet5": [
+        ("dense (Han et al. 2015)", 1.0, 0.80),
+        ("Han et al. 2015, prune + retrain", 12.0, 0.77),
+        ("DNS (Guo 2016)", 111.0, 0.91),
+        ("Soft weight sharing (Ullrich 2017)", 200.0, 0.97),
+        ("Sparse variational dropout (Molchanov 2017)", 280.0, 0.75),
+        ("SNIP 98% (Lee 2019)", 50.0, 0.8),
+        ("SNIP 99% (Lee 2019)", 100.0, 1.1),
+        ("L-OBS 99% (Dong 2017, via SNIP)", 100.0, 2.1),
+    ],
+}
+RESULT_NAME = "mnist_frontier"
+
+
+def run_key(r: dict[str, Any]) -> tuple[str, str, float, int]:
+    return (r["model"], r["method"], round(r["sparsity"], 6), r["epochs"])
+
+
+def load_results() -> list[dict[str, Any]]:
+    path = RESULTS / f"{RESULT_NAME}.json"
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
+def run_one(
+    model: str, method: str, sparsity: float, epochs: int | None, runs_dir: Path, data: Any
+) -> dict[str, Any]:
+    overrides = [] if method == "dense" else [f"pruning.sparsity={sparsity}"]
+    if epochs is not None:
+        overrides.append(f"epochs={epochs}")
+    recipe = load_recipe(ROOT / "recipes" / model / f"{method}.yaml", overrides)
+    out = (
+        runs_dir
+        / model
+        / (method if method == "dense" else f"{method}-{sparsity:g}")
+        / f"e{recipe.epochs}"
+    )
+    metrics_path = out / "metrics.json"
+    if metrics_path.exists():
+        m = json.loads(metrics_path.read_text())
+    else:
+        m = train(recipe, out, progress=False, data=data)
+    return {
+        "model": model,
+        "method": method,
+        "sparsity": 0.0 if method == "dense" else sparsity,
+        "epochs": recipe.epochs,
+        "test_error": m["test_error"],
+        "global_sparsity": m["global_sparsity"],
+        "compression": m["compression"],
+        "wall_seconds": m["wall_seconds"],
+        "device": m.get("device", "cpu"),
+        **(
+            {"dense_pair_test_error": 100 * (1 - m["dense_pair_test_accuracy"])}
+            if "dense_pair_test_accuracy" in m
+            else {}
+        ),
+    }
+
+
+def frontier_tables(runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "# MNIST accuracy–compression frontier",
+        "",
+        "Compression = prunable weights / nonzero weights; error = test error (%) on the 10k MNIST test set, "
+        "one seed. Reproduce a cell: `python benchmarks/mnist_frontier.py --models M --methods X --sparsities S` "
+        "(recipes in `recipes/`).",
+    ]
+    for model in MODELS:
+        mruns = [r for r in runs if r["model"] == model]
+        if not mruns:
+            continue
+        sparsities = sorted({r["sparsity"] for r in mruns if r["method"] != "dense"})
+        methods = sorted({r["method"] for r in mruns})
+        lines += ["", f"## {MODELS[model]}", "", "Test error % (compression ×, epochs):", ""]
+        lines.append("| method | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |")
+        lines.append("|---|" + "---:|" * len(sparsities))
+        for method in methods:
+            cells = []
+            for s in sparsities:
+                hits = [
+                    r
+                    for r in mruns
+                    if r["method"] == method and (r["sparsity"] == s or method == "dense")
+                ]
+                if method == "dense":
+                    hits = [r for r in mruns if r["method"] == "dense"]
+                cells.append(
+                    "; ".join(
+                        f"{r['test_error']:.2f} ({r['compression']:.0f}×, {r['epochs']}e)"
+                        for r in hits
+                    )
+                    or "—"
+                )
+                if method == "dense":
+                    cells = [cells[0]] + [""] * (len(sparsities) - 1)
+                    break
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Published points (METHODS.md §E) and the best prunekit run at ≥ that compression:",
+            "",
+        ]
+        lines.append(
+            "| published | compression | error | best prunekit at ≥ compression | beaten? |"
+        )
+        lines.append("|---|---:|---:|---|---|")
+        for source, comp, err in PUBLISHED[model]:
+            eligible = [r for r in mruns if r["compression"] >= comp * 0.999]
+            best = min(eligible, key=lambda r: r["test_error"], default=None)
+            if best is None:
+                lines.append(
+                    f"| {source} | {comp:.0f}× | {err:.2f} | no run at this compression | not yet |"
+                )
+                continue
+            beaten = best["test_error"] <= err
+            lines.append(
+                f"| {source} | {comp:.0f}× | {err:.2f} | {best['method']} {best['test_error']:.2f} @ "
+                f"{best['compression']:.0f}× ({best['epochs']} epochs) | {'**yes**' if beaten else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in MODELS if any(r["model"] == m for r in runs)]
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mruns = [r for r in runs if r["model"] == model]
+        for method in sorted({r["method"] for r in mruns}):
+            pts = sorted(
+                (r["compression"], r["test_error"]) for r in mruns if r["method"] == method
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        for source, comp, err in PUBLISHED[model]:
+            ax.scatter([comp], [err], marker="*", s=120, color="black", zorder=5)
+            ax.annotate(
+                source.split(" (")[0],
+                (comp, err),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("compression (×, log)")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(f"{MODELS[model]} on MNIST (★ published)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=["dense", *available()])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=None)
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "frontier")
+    parser.add_argument(
+        "--max-minutes", type=float, default=None, help="stop starting new runs after this"
+    )
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    runs = {run_key(r): r for r in load_results()}
+    start = time.time()
+    if not args.table_only:
+        for model in args.models:
+            first = load_recipe(ROOT / "recipes" / model / "dense.yaml")
+            data = load_data(first)
+            for method in args.methods:
+                for sparsity in (
+                    [0.0] if method == "dense" else (args.sparsities or SPARSITIES[model])
+                ):
+                    if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:
+                        print("time budget reached; stopping")
+                        break
+                    r = run_one(model, method, sparsity, args.epochs, args.runs_dir, data)
+                    runs[run_key(r)] = r
+                    print(
+                        f"{model} {method} {sparsity:g}: error {r['test_error']:.2f}% at {r['compression']:.1f}× ({r['wall_seconds']:.0f}s)"
+                    )
+                    ordered = sorted(runs.values(), key=run_key)
+                    write_results(
+                        RESULT_NAME,
+                        {"environment": environment(), "runs": ordered},
+                        frontier_tables(ordered),
+                    )
+    ordered = sorted(runs.values(), key=run_key)
+    write_results(
+        RESULT_NAME, {"environment": environment(), "runs": ordered}, frontier_tables(ordered)
+    )
+    plot(ordered, RESULTS / f"{RESULT_NAME}.png")
+
+
+if __name__ == "__main__":
+    main()
