@@ -107,3 +107,43 @@ def test_nm_pattern_training():
         assert (groups <= 2).all()
     with pytest.raises(ConfigError, match="fixes the sparsity"):
         prunekit.sparsify(mlp(), opt, "gmp", sparsity=0.9, pattern="2:4", total_steps=40)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deepcopy_mid_run_continues_identically_and_independently(method):
+    model = mlp()
+    opt = sgd(model)
+    pruner = prunekit.sparsify(model, opt, method, sparsity=0.9, total_steps=STEPS, **QUICK[method])
+    run(model, opt, pruner, 50, seed=1)
+    model2, opt2, pruner2 = copy.deepcopy((model, opt, pruner))
+    assert pruner2.model is model2 and pruner2.optimizer is opt2
+    rng = torch.get_rng_state()
+    run(model, opt, pruner, 70, seed=2)
+    pruner.finalize()
+    torch.set_rng_state(rng)
+    run(model2, opt2, pruner2, 70, seed=2)
+    pruner2.finalize()
+    for (k, v), v2 in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.equal(v, v2), k
+    assert abs(prunekit.sparsity_report(model2)["global_sparsity"] - 0.9) <= 0.005
+
+
+def test_finalize_after_full_schedule_does_not_warn(caplog):
+    model = mlp()
+    opt = sgd(model)
+    pruner = prunekit.sparsify(model, opt, "dpf", sparsity=0.986, total_steps=60, update_every=4)
+    run(model, opt, pruner, 60)
+    with caplog.at_level("WARNING"):
+        pruner.finalize()
+    assert "before the schedule reached" not in caplog.text
+
+
+def test_early_finalize_prunes_to_target_and_warns(caplog):
+    model = mlp()
+    opt = sgd(model)
+    pruner = prunekit.sparsify(model, opt, "gmp", sparsity=0.9, total_steps=100, update_every=5)
+    run(model, opt, pruner, 10)
+    with caplog.at_level("WARNING"):
+        pruner.finalize()
+    assert "before the schedule reached" in caplog.text
+    assert abs(prunekit.sparsity_report(model)["global_sparsity"] - 0.9) <= 0.005

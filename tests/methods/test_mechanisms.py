@@ -296,3 +296,14 @@ def test_cram_requires_closure_and_combines_gradients():
     for b0, b1 in zip(bn_model_before, model.buffers(), strict=True):
         assert torch.equal(b0, b1)
     del bn_before
+
+
+def test_cram_draws_target_level_by_default():
+    cfg = prunekit.methods.CrAMConfig(sparsity=0.95, total_steps=10, sparsities=[0.5, 0.9])
+    assert cfg.levels() == [0.5, 0.9, 0.95]
+    model = mlp()
+    opt = sgd(model)
+    pruner = prunekit.sparsify(model, opt, "cram", sparsity=0.95, total_steps=40, sparsities=[0.5])
+    seen = set()
+    run(model, opt, pruner, 40, callback=lambda: seen.add(pruner.last_compression))
+    assert seen == {0.5, 0.95}

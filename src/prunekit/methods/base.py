@@ -191,7 +191,10 @@ class Pruner:
 
     @torch.no_grad()
     def _ensure_target_(self, warn: bool = True) -> None:
-        if self.current_sparsity() + 1e-9 >= self.config.sparsity:
+        total = sum(t.param.numel() for t in self.targets)
+        nnz = sum(int(torch.count_nonzero(t.param.detach())) for t in self.targets)
+        # masks keep round((1 - s) * n) weights per layer (or globally): allow that rounding
+        if nnz <= round((1.0 - self.config.sparsity) * total) + len(self.targets):
             return
         if warn:
             logger.warning(

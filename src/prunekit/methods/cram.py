@@ -39,11 +39,20 @@ from prunekit.methods.registry import register_method
 
 @dataclass(kw_only=True)
 class CrAMConfig(SparsityConfig):
-    """``rho`` perturbation size; ``sparsities`` the compression levels drawn per step."""
+    """``rho`` perturbation size; ``sparsities`` the compression levels drawn per step (the final
+    ``sparsity`` is added unless ``include_target`` is false, since CrAM prunes one-shot at it)."""
 
     rho: float = 0.05
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
     plus: bool = True
+    include_target: bool = True
+
+    def levels(self) -> list[float]:
+        """The compression levels drawn per step (``sparsities``, plus the target by default)."""
+        extra = (
+            [self.sparsity] if self.include_target and self.sparsity not in self.sparsities else []
+        )
+        return [*self.sparsities, *extra]
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,8 +102,8 @@ class CrAM(Pruner):
             buffers = [b.detach().clone() for b in self.model.buffers()]
             for p, g in zip(params, grads, strict=True):
                 p.add_(g, alpha=cfg.rho)
-            idx = int(torch.randint(len(cfg.sparsities), ()).item())
-            self.last_compression = cfg.sparsities[idx]
+            levels = cfg.levels()
+            self.last_compression = levels[int(torch.randint(len(levels), ()).item())]
             scores = [t.param.detach().abs() for t in self.targets]
             level = self.pattern.sparsity if self.pattern is not None else self.last_compression
             masks = compute_masks(scores, level, cfg.allocation, self.pattern)
