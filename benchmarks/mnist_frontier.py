@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, environment, write_results
-
 from prunekit.methods import available
 from prunekit.training import load_recipe, train
 from prunekit.training.trainer import load_data
+
+from common import RESULTS, environment, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"lenet300": "lenet300_100", "lenet5": "lenet5_caffe"}
