@@ -13,6 +13,7 @@ from prunekit.api import sparsify
 from prunekit.config import ConfigError
 from prunekit.core import MaskMode, NoPrunableLayersError, select_targets, sparsity_report
 from prunekit.methods import Pruner, available
+from prunekit.training.checkpoint import load_sparse, save_sparse
 
 __version__ = "0.1.0"
 
@@ -23,7 +24,9 @@ __all__ = [
     "Pruner",
     "__version__",
     "available",
+    "load_sparse",
     "methods",
+    "save_sparse",
     "select_targets",
     "sparsify",
     "sparsity_report",

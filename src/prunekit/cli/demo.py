@@ -10,14 +10,15 @@ from prunekit.training.trainer import load_data, train
 
 
 def demo_recipes(epochs: int, sparsity: float) -> dict[str, dict[str, Any]]:
+    """The two recipes of the demo (the settings of ``recipes/lenet300/``, fewer epochs)."""
     base: dict[str, Any] = {
         "model": {"name": "lenet300_100"},
         "data": {"name": "mnist", "batch_size": 128},
         "optimizer": {
             "name": "sgd",
-            "lr": 0.1,
+            "lr": 0.05,
             "momentum": 0.9,
-            "weight_decay": 0.0001,
+            "weight_decay": 0.0005,
             "nesterov": True,
         },
         "lr_schedule": {"name": "cosine"},
