@@ -5,9 +5,10 @@ each trained from the shipped recipe ``recipes/<model>/<method>.yaml`` with ``pr
 per point. For every published (compression, error) point the table says whether at least one prunekit
 run reaches at least that compression with at most that error.
 
-Runs are resumable and incremental: each run writes to ``runs/frontier/<model>/<method>-<sparsity>``
-and is skipped when its ``metrics.json`` exists; finished runs are merged into
-``benchmarks/results/mnist_frontier.json``, so the frontier can be filled in over several sessions.
+Runs are resumable and incremental: a point already recorded in ``benchmarks/results/mnist_frontier.json``
+(same model, method, sparsity and epochs) is not trained again; each run writes to
+``runs/frontier/<model>/<method>-<sparsity>/e<epochs>`` and resumes from its checkpoint if interrupted.
+So the frontier can be filled in over several sessions (``--max-minutes`` bounds one sitting).
 
 Usage::
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.methods import available
-from prunekit.training import load_recipe, train
+from prunekit.training import Recipe, load_recipe, train
 from prunekit.training.trainer import load_data
 
 from common import RESULTS, environment, write_results
@@ -72,13 +73,17 @@ def load_results() -> list[dict[str, Any]]:
     return json.loads(path.read_text())["runs"] if path.exists() else []
 
 
-def run_one(
-    model: str, method: str, sparsity: float, epochs: int | None, runs_dir: Path, data: Any
-) -> dict[str, Any]:
+def point_recipe(model: str, method: str, sparsity: float, epochs: int | None) -> Recipe:
+    """The shipped recipe of ``model``/``method`` with this point's sparsity (and epochs)."""
     overrides = [] if method == "dense" else [f"pruning.sparsity={sparsity}"]
     if epochs is not None:
         overrides.append(f"epochs={epochs}")
-    recipe = load_recipe(ROOT / "recipes" / model / f"{method}.yaml", overrides)
+    return load_recipe(ROOT / "recipes" / model / f"{method}.yaml", overrides)
+
+
+def run_one(
+    model: str, method: str, sparsity: float, recipe: Recipe, runs_dir: Path, data: Any
+) -> dict[str, Any]:
     out = (
         runs_dir
         / model
@@ -235,7 +240,11 @@ def main() -> None:
                     if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:
                         print("time budget reached; stopping")
                         break
-                    r = run_one(model, method, sparsity, args.epochs, args.runs_dir, data)
+                    recipe = point_recipe(model, method, sparsity, args.epochs)
+                    point = 0.0 if method == "dense" else sparsity
+                    if (model, method, round(point, 6), recipe.epochs) in runs:
+                        continue  # recorded in the committed results: not trained again
+                    r = run_one(model, method, sparsity, recipe, args.runs_dir, data)
                     runs[run_key(r)] = r
                     print(
                         f"{model} {method} {sparsity:g}: error {r['test_error']:.2f}% at {r['compression']:.1f}× ({r['wall_seconds']:.0f}s)"

@@ -307,3 +307,27 @@ def test_cram_draws_target_level_by_default():
     seen = set()
     run(model, opt, pruner, 40, callback=lambda: seen.add(pruner.last_compression))
     assert seen == {0.5, 0.95}
+
+
+def test_acdc_pruned_weights_stay_zero_in_every_compressed_phase():
+    # the second compressed phase follows a dense phase in which pruned weights gathered momentum
+    model = mlp()
+    opt = sgd(model)
+    pruner = prunekit.sparsify(
+        model,
+        opt,
+        "acdc",
+        sparsity=0.9,
+        total_steps=100,
+        warmup=0.1,
+        period=0.1,
+        alternate_end=0.5,
+        final_start=0.8,
+    )
+
+    def check():
+        if pruner.compressed:
+            for t, m in zip(pruner.targets, pruner.masker.masks, strict=True):
+                assert torch.count_nonzero(t.param[~m]) == 0, pruner.step_count
+
+    run(model, opt, pruner, 100, callback=check)

@@ -10,8 +10,8 @@ masking adds no cost per forward:
   multiplied by the mask, so momentum, Adam moments and weight decay never see pruned coordinates.
   With zero weight, zero gradient and zero state, the built-in optimizers (:data:`ZERO_PRESERVING`)
   leave pruned weights at exactly zero; for any other optimizer the weights are also re-masked after
-  the step. When a mask changes, the optimizer state of the changed coordinates is zeroed, otherwise
-  momentum would revive them.
+  the step. When masks are set, the optimizer state of all pruned (and newly grown) coordinates is
+  zeroed, otherwise momentum gathered while they were unmasked would revive them.
 * ``straight_through`` — the parameter holds ``m ⊙ w`` during forward and backward, so autograd
   yields ``∇f(m ⊙ w)`` for *every* coordinate; the dense ``w`` lives in the buffer
   ``module.<p>_dense``. Before the step the parameter is pointed at the dense storage (no copy), the
@@ -140,9 +140,9 @@ class Masker:
 
         Args:
             masks: boolean keep-masks, one per target.
-            reset_optimizer_state: zero the optimizer state (momentum, moments) of coordinates whose
-                mask changed. Defaults to ``True`` unless in straight-through mode, where the dense
-                weights keep training and keep their momentum.
+            reset_optimizer_state: zero the optimizer state (momentum, moments) of every pruned and
+                every newly grown coordinate. Defaults to ``True`` unless in straight-through mode,
+                where the dense weights keep training and keep their momentum.
         """
         if len(masks) != len(self.targets):
             raise ValueError(f"expected {len(self.targets)} masks, got {len(masks)}")
@@ -158,7 +158,9 @@ class Masker:
                 )
             new = new.to(device=old.device, dtype=torch.bool)
             if reset:
-                self.zero_optimizer_state_(t.param, old.bool() != new)
+                # every pruned coordinate (its state may have grown while it was unmasked, e.g. in
+                # an AC/DC dense phase) and every newly grown one (RigL: grown weights start afresh)
+                self.zero_optimizer_state_(t.param, ~(old.bool() & new))
             old.copy_(new)
         self.apply_()
 
