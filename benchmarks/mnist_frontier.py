@@ -20,11 +20,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from prunekit.methods import available
 from prunekit.training import Recipe, load_recipe, train
@@ -71,6 +74,23 @@ def run_key(r: dict[str, Any]) -> tuple[str, str, float, int]:
 def load_results() -> list[dict[str, Any]]:
     path = RESULTS / f"{RESULT_NAME}.json"
     return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
+def save_merged(
+    new_runs: dict[tuple[str, str, float, int], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Merge ``new_runs`` into the results file under a lock (several processes may run at once)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f".{RESULT_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = {run_key(r): r for r in load_results()}
+        merged.update(new_runs)
+        ordered = sorted(merged.values(), key=run_key)
+        write_results(
+            RESULT_NAME, {"environment": environment(), "runs": ordered}, frontier_tables(ordered)
+        )
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return ordered
 
 
 def point_recipe(model: str, method: str, sparsity: float, epochs: int | None) -> Recipe:
@@ -224,41 +244,36 @@ def main() -> None:
         "--max-minutes", type=float, default=None, help="stop starting new runs after this"
     )
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1 when running two at once)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     runs = {run_key(r): r for r in load_results()}
     start = time.time()
-    if not args.table_only:
-        for model in args.models:
-            first = load_recipe(ROOT / "recipes" / model / "dense.yaml")
-            data = load_data(first)
-            for method in args.methods:
-                for sparsity in (
-                    [0.0] if method == "dense" else (args.sparsities or SPARSITIES[model])
-                ):
-                    if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:
-                        print("time budget reached; stopping")
-                        break
-                    recipe = point_recipe(model, method, sparsity, args.epochs)
-                    point = 0.0 if method == "dense" else sparsity
-                    if (model, method, round(point, 6), recipe.epochs) in runs:
-                        continue  # recorded in the committed results: not trained again
-                    r = run_one(model, method, sparsity, recipe, args.runs_dir, data)
-                    runs[run_key(r)] = r
-                    print(
-                        f"{model} {method} {sparsity:g}: error {r['test_error']:.2f}% at {r['compression']:.1f}× ({r['wall_seconds']:.0f}s)"
-                    )
-                    ordered = sorted(runs.values(), key=run_key)
-                    write_results(
-                        RESULT_NAME,
-                        {"environment": environment(), "runs": ordered},
-                        frontier_tables(ordered),
-                    )
-    ordered = sorted(runs.values(), key=run_key)
-    write_results(
-        RESULT_NAME, {"environment": environment(), "runs": ordered}, frontier_tables(ordered)
-    )
+    for model in [] if args.table_only else args.models:
+        data = load_data(load_recipe(ROOT / "recipes" / model / "dense.yaml"))
+        for method in args.methods:
+            for sparsity in [0.0] if method == "dense" else (args.sparsities or SPARSITIES[model]):
+                if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:
+                    print("time budget reached; stopping")
+                    break
+                recipe = point_recipe(model, method, sparsity, args.epochs)
+                point = 0.0 if method == "dense" else sparsity
+                if (model, method, round(point, 6), recipe.epochs) in runs:
+                    continue  # recorded in the committed results: not trained again
+                r = run_one(model, method, sparsity, recipe, args.runs_dir, data)
+                runs[run_key(r)] = r
+                print(
+                    f"{model} {method} {sparsity:g}: error {r['test_error']:.2f}% at "
+                    f"{r['compression']:.1f}× ({r['wall_seconds']:.0f}s)",
+                    flush=True,
+                )
+                save_merged({run_key(r): r})
+    ordered = save_merged({})
     plot(ordered, RESULTS / f"{RESULT_NAME}.png")
 
 
