@@ -1,0 +1,24 @@
+"""Only-Train-Once structured pruning: zero-invariant groups and the slim model.
+
+``groups = find_groups(model, example_inputs)`` finds every zero-invariant group automatically;
+``slim(model, example_inputs)`` builds the physically smaller network whose output equals the
+group-sparse model's.
+"""
+
+from prunekit.structured.channels import Member
+from prunekit.structured.groups import CaptureError, Group, capture, find_groups
+from prunekit.structured.rules import register_module_rule
+from prunekit.structured.slim import SlimError, register_fixup, removal_plan, slim
+
+__all__ = [
+    "CaptureError",
+    "Group",
+    "Member",
+    "SlimError",
+    "capture",
+    "find_groups",
+    "register_fixup",
+    "register_module_rule",
+    "removal_plan",
+    "slim",
+]

@@ -1,0 +1,96 @@
+"""Channel bookkeeping for zero-invariant group discovery (pure data structures, no torch graph).
+
+Every tensor in the captured graph carries a :class:`Flow`: which of its dimensions holds channels
+(features) and, for each channel, an integer *channel id*. Ops either create fresh ids (a conv's output
+channels), pass ids through (batch norm, ReLU, pooling), join ids (a residual add unions the ids of its
+operands elementwise; concatenation concatenates them), or pin ids (an op that mixes channels or is not
+understood: those channels can never be removed). Parameters and buffers attach to ids as
+:class:`Member` slices. A union class of ids is one zero-invariant group.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Member:
+    """One slice of one parameter or buffer that belongs to a channel.
+
+    ``role`` is ``"out"`` for slices that *produce* the channel (zeroing all of them makes the
+    channel exactly zero), ``"in"`` for slices that consume it (removed with it) and ``"aux"`` for
+    per-channel state that is removed with it but does not matter for zero-invariance (batch-norm
+    running statistics).
+    """
+
+    tensor: str
+    axis: int
+    index: int
+    role: str
+
+
+@dataclass
+class Flow:
+    """Channel ids of one tensor along dimension ``dim`` (non-negative)."""
+
+    dim: int
+    ids: list[int]
+
+
+@dataclass
+class ChannelGraph:
+    """Union-find over channel ids with members and pin reasons."""
+
+    parent: list[int] = field(default_factory=list)
+    members: dict[int, list[Member]] = field(default_factory=lambda: defaultdict(list))
+    pins: dict[int, str] = field(default_factory=dict)
+    _owner: dict[tuple[str, int, int], int] = field(default_factory=dict)
+
+    def fresh(self, n: int, pin: str | None = None) -> list[int]:
+        """``n`` new channel ids, pinned with reason ``pin`` if given."""
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        ids = list(range(start, start + n))
+        if pin is not None:
+            self.pin(ids, pin)
+        return ids
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def union_all(self, a: list[int], b: list[int]) -> None:
+        for x, y in zip(a, b, strict=True):
+            self.union(x, y)
+
+    def pin(self, ids: list[int], reason: str) -> None:
+        for i in ids:
+            self.pins.setdefault(i, reason)
+
+    def add_member(self, cid: int, member: Member) -> None:
+        """Attach ``member`` to channel ``cid``; a slice already attached elsewhere joins the two
+        channels (module reuse and tied weights make one channel of two)."""
+        key = (member.tensor, member.axis, member.index)
+        owner = self._owner.get(key)
+        if owner is not None:
+            self.union(owner, cid)
+            return
+        self._owner[key] = cid
+        self.members[cid].append(member)
+
+    def classes(self) -> dict[int, list[int]]:
+        """Root id → all ids of its class, for every id."""
+        out: dict[int, list[int]] = defaultdict(list)
+        for i in range(len(self.parent)):
+            out[self.find(i)].append(i)
+        return out

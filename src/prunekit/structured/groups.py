@@ -1,0 +1,211 @@
+"""Zero-invariant groups (Only-Train-Once; Chen et al., NeurIPS 2021), found automatically.
+
+A group is a set of parameter slices such that, when all of its *producing* slices are zero, the
+network's output does not depend on the channel they produce: the channel and every slice that
+consumes it can be deleted and the output stays exactly the same. A conv's output channel, its bias
+entry, the following batch norm's ``γ``/``β`` entries and, through a residual add, every other producer
+of that channel form one group; concatenation offsets them; a depthwise conv joins its input's group.
+Groups that reach the model output, touch shared (tied) tensors or pass through an op that mixes
+channels (layer norm, attention matmuls, an unknown op) are reported unprunable with the reason.
+
+Capture uses ``torch.fx.symbolic_trace`` and ``ShapeProp`` (public APIs); modules are recognised by
+type, never by class-name strings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from prunekit.structured.channels import ChannelGraph, Member
+from prunekit.structured.rules import (
+    RuleContext,
+    Value,
+    fresh_flow,
+    function_rule,
+    module_rule,
+    pin_all,
+    unknown,
+)
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as a graph."""
+
+
+class Group:
+    """One zero-invariant group: slices of parameters and buffers removed together."""
+
+    def __init__(
+        self, index: int, members: list[Member], reason: str | None, tensors: dict[str, Tensor]
+    ):
+        self.index = index
+        self.members = sorted(members, key=lambda m: (m.tensor, m.axis, m.index))
+        self.reason = reason
+        self._tensors = tensors
+        self._out: dict[tuple[str, int], Tensor] = {}
+        for (name, axis), idx in self.slices("out").items():
+            self._out[(name, axis)] = torch.tensor(idx, dtype=torch.long)
+
+    @property
+    def prunable(self) -> bool:
+        """Whether the group may be zeroed and removed (``reason`` says why not)."""
+        return self.reason is None
+
+    @property
+    def size(self) -> int:
+        """Number of channels in the group, counted on its first producing tensor."""
+        return len(next(iter(self._out.values()))) if self._out else 0
+
+    def slices(self, role: str | None = None) -> dict[tuple[str, int], list[int]]:
+        """``(tensor name, axis) → indices`` of the group's members (optionally of one role)."""
+        out: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for m in self.members:
+            if role is None or m.role == role:
+                out[(m.tensor, m.axis)].append(m.index)
+        return dict(out)
+
+    def out_tensors(self) -> list[Tensor]:
+        """The producing slices, each as a view-free copy (for criteria and optimizers)."""
+        return [
+            self._tensors[name].detach().index_select(axis, idx.to(self._tensors[name].device))
+            for (name, axis), idx in self._out.items()
+        ]
+
+    def norm(self) -> float:
+        """Euclidean norm of all producing slices."""
+        return math.sqrt(sum(float(t.float().pow(2).sum()) for t in self.out_tensors()))
+
+    def is_zero(self) -> bool:
+        """Whether every producing slice is exactly zero."""
+        return all(not bool(t.any()) for t in self.out_tensors())
+
+    @torch.no_grad()
+    def zero_(self) -> None:
+        """Set every producing slice to zero (the channel then contributes nothing)."""
+        for (name, axis), idx in self._out.items():
+            t = self._tensors[name]
+            t.index_fill_(axis, idx.to(t.device), 0.0)
+
+    def details(self) -> str:
+        status = "prunable" if self.prunable else f"unprunable: {self.reason}"
+        lines = [f"Group {self.index} ({status})"]
+        for role in ("out", "in", "aux"):
+            for (name, axis), idx in self.slices(role).items():
+                lines.append(f"  {role:>3} {name}{_fmt_slice(axis, idx)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.details()
+
+
+def _fmt_slice(axis: int, idx: list[int]) -> str:
+    runs: list[str] = []
+    start = prev = idx[0]
+    for i in [*idx[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        runs.append(str(start) if start == prev else f"{start}:{prev + 1}")
+        if i is not None:
+            start = prev = i
+    return "[" + ", ".join([":"] * axis + [",".join(runs)]) + "]"
+
+
+def capture(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """Trace ``model`` with ``torch.fx`` and annotate every node with its output shape.
+
+    The model runs once in eval mode without gradients; its state (batch-norm statistics, training
+    flag) is left as it was.
+    """
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:
+        raise CaptureError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
+            "Structured pruning needs a traceable forward (no data-dependent Python control flow)."
+        ) from exc
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return gm
+
+
+def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> list[Group]:
+    """All zero-invariant groups of ``model`` (prunable and not), in graph order.
+
+    Args:
+        model: any traceable ``nn.Module``.
+        example_inputs: a tensor or a tuple of positional inputs for one forward pass.
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    gm = capture(model, inputs)
+    names: dict[int, str] = {}
+    tensors: dict[str, Tensor] = {}
+    uses: dict[int, int] = defaultdict(int)
+    for name, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        uses[id(t)] += 1
+        if id(t) not in names:
+            names[id(t)] = name
+            tensors[name] = t
+    shared = {names[i] for i, n in uses.items() if n > 1}
+    calls: dict[str, int] = defaultdict(int)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] += 1
+    for target, n in calls.items():
+        if n > 1:
+            module = model.get_submodule(target)
+            shared |= {
+                names[id(t)] for t in [*module.parameters(), *module.buffers()] if id(t) in names
+            }
+
+    ctx = RuleContext(ChannelGraph(), names, shared)
+    env: dict[fx.Node, Value] = {}
+
+    def value(arg: Any) -> Value:
+        if isinstance(arg, fx.Node):
+            return env.get(arg)
+        if isinstance(arg, list | tuple):
+            return tuple(value(a) for a in arg)
+        return None
+
+    for node in gm.graph.nodes:
+        args = [value(a) for a in node.args]
+        if node.op == "placeholder":
+            env[node] = fresh_flow(ctx, node, "model input")
+        elif node.op == "get_attr":
+            env[node] = None
+        elif node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            rule = module_rule(module)
+            env[node] = (
+                rule(ctx, node, module, args) if rule is not None else unknown(ctx, node, args)
+            )
+        elif node.op in ("call_function", "call_method"):
+            env[node] = function_rule(ctx, node, args)
+        elif node.op == "output":
+            pin_all(ctx, args, "reaches the model output")
+
+    groups: list[Group] = []
+    for ids in ctx.graph.classes().values():
+        members = [m for cid in ids for m in ctx.graph.members.get(cid, [])]
+        if not any(m.role == "out" for m in members):
+            continue
+        reasons = [ctx.graph.pins[cid] for cid in ids if cid in ctx.graph.pins]
+        groups.append(Group(len(groups), members, reasons[0] if reasons else None, tensors))
+    return groups

@@ -1,0 +1,183 @@
+"""Construct the physically smaller network from a group-sparse one.
+
+Every prunable group whose producing slices are all exactly zero is removed: its output channels and
+the matching input channels of every consumer (and per-channel buffers) are sliced out of a deep copy
+of the model, and module attributes (``in_features``, ``out_channels``, ``num_features``, depthwise
+``groups`` …) are updated. The original model is untouched. The result is verified on the example
+inputs: if its output differs from the original's, :class:`SlimError` is raised rather than a wrong
+model returned.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.structured.groups import Group, find_groups
+from prunekit.structured.rules import BATCH_NORMS, CONVS
+
+Fixup = Callable[[nn.Module], None]
+
+
+class SlimError(RuntimeError):
+    """The slim model does not reproduce the original's output."""
+
+
+def _fix_conv(m: nn.Module) -> None:
+    assert isinstance(m, CONVS)
+    m = cast(nn.Conv2d, m)  # the attributes all convolutions share
+    out_c = m.weight.shape[0]
+    if m.groups > 1:  # depthwise (other grouped convs are never sliced)
+        m.groups = m.in_channels = m.out_channels = out_c
+    else:
+        m.in_channels, m.out_channels = m.weight.shape[1], out_c
+
+
+def _fix_linear(m: nn.Module) -> None:
+    assert isinstance(m, nn.Linear)
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _fix_bn(m: nn.Module) -> None:
+    assert isinstance(m, BATCH_NORMS)
+    m = cast(nn.BatchNorm2d, m)
+    ref = m.weight if m.weight is not None else m.running_mean
+    assert ref is not None
+    m.num_features = ref.shape[0]
+
+
+def _fix_embedding(m: nn.Module) -> None:
+    assert isinstance(m, nn.Embedding)
+    m.embedding_dim = m.weight.shape[1]
+
+
+def _fix_prelu(m: nn.Module) -> None:
+    assert isinstance(m, nn.PReLU)
+    m.num_parameters = m.weight.numel()
+
+
+_FIXUPS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], Fixup]] = [
+    (CONVS, _fix_conv),
+    (nn.Linear, _fix_linear),
+    (BATCH_NORMS, _fix_bn),
+    (nn.Embedding, _fix_embedding),
+    (nn.PReLU, _fix_prelu),
+]
+
+
+def register_fixup(module_type: type[nn.Module], fixup: Fixup) -> None:
+    """Tell :func:`slim` how to update ``module_type``'s attributes after its tensors are sliced."""
+    _FIXUPS.insert(0, (module_type, fixup))
+
+
+def removal_plan(
+    groups: Sequence[Group], sizes: dict[tuple[str, int], int] | None = None
+) -> dict[tuple[str, int], list[int]]:
+    """``(tensor, axis) → indices`` removed for the prunable, all-zero groups.
+
+    When removing every such group would leave a tensor with no channels along an axis (a layer
+    PyTorch cannot run), one of those zero groups is kept: the output is the same either way.
+    """
+    removable = [g for g in groups if g.prunable and g.is_zero()]
+    while True:
+        plan: dict[tuple[str, int], set[int]] = defaultdict(set)
+        for g in removable:
+            for key, idx in g.slices().items():
+                plan[key].update(idx)
+        empty = [key for key, idx in plan.items() if sizes is not None and len(idx) >= sizes[key]]
+        if not empty:
+            return {k: sorted(v) for k, v in plan.items()}
+        keep = next(g for g in removable if empty[0] in g.slices())
+        removable.remove(keep)
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: dict[tuple[str, int], list[int]]) -> nn.Module:
+    """A deep copy of ``model`` with the planned slices removed and module attributes fixed."""
+    new = copy.deepcopy(model)
+    touched: set[str] = set()
+    for (name, axis), drop in plan.items():
+        module_name, _, attr = name.rpartition(".")
+        module = new.get_submodule(module_name)
+        t: Tensor = getattr(module, attr)
+        keep = torch.tensor(
+            sorted(set(range(t.shape[axis])) - set(drop)), dtype=torch.long, device=t.device
+        )
+        sliced = t.index_select(axis, keep).clone()
+        if isinstance(t, nn.Parameter):
+            module._parameters[attr] = nn.Parameter(sliced, requires_grad=t.requires_grad)
+        else:
+            module._buffers[attr] = sliced
+        touched.add(module_name)
+    for module_name in touched:
+        module = new.get_submodule(module_name)
+        for types, fix in _FIXUPS:
+            if isinstance(module, types):
+                fix(module)
+                break
+    return new
+
+
+def _outputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor]:
+    out = model(*inputs)
+    flat: list[Tensor] = []
+
+    def walk(o: Any) -> None:
+        if isinstance(o, Tensor):
+            flat.append(o)
+        elif isinstance(o, list | tuple):
+            for x in o:
+                walk(x)
+        elif isinstance(o, dict):
+            for x in o.values():
+                walk(x)
+
+    walk(out)
+    return flat
+
+
+@torch.no_grad()
+def slim(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | Tensor,
+    groups: Sequence[Group] | None = None,
+    *,
+    check: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> nn.Module:
+    """A new, smaller module without the zero groups of ``model``; ``model`` is not modified.
+
+    Args:
+        model: the group-sparse model.
+        example_inputs: inputs for capture and for the output check.
+        groups: groups from :func:`find_groups` (found again if ``None``).
+        check: compare the slim and the original outputs on ``example_inputs`` (eval mode).
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    groups = find_groups(model, inputs) if groups is None else groups
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    sizes = {key: tensors[key[0]].shape[key[1]] for g in groups for key in g.slices()}
+    new = apply_plan(model, removal_plan(groups, sizes))
+    if check:
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        new.eval()
+        try:
+            ref, got = _outputs(model, inputs), _outputs(new, inputs)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        new.train(model.training)
+        for a, b in zip(ref, got, strict=True):
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=rtol, atol=atol):
+                diff = (
+                    (a - b).abs().max().item() if a.shape == b.shape else f"shape {tuple(b.shape)}"
+                )
+                raise SlimError(f"slim model output differs from the original (max |diff| {diff})")
+    return new

@@ -1,0 +1,186 @@
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.structured import CaptureError, find_groups, removal_plan, slim
+from tests.structured.zoo import ZOO
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _settle_bn(model: nn.Module, x: torch.Tensor) -> None:
+    """Give batch norms non-trivial running statistics."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x if x.is_floating_point() is False else x + 0.1 * torch.randn_like(x))
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zero_random_groups_then_slim_is_exact(name):
+    torch.manual_seed(0)
+    model, x = ZOO[name]()
+    _settle_bn(model, x)
+    groups = find_groups(model, x)
+    gen = torch.Generator().manual_seed(0)
+    chosen = [g for g in groups if torch.rand((), generator=gen) < 0.5]  # prunable or not
+    for g in chosen:
+        g.zero_()
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    small = slim(model, x, groups, check=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref, rtol=1e-5, atol=1e-6)
+    removed = [g for g in chosen if g.prunable]
+    if removed:
+        assert _params(small) < _params(model)
+    plan = removal_plan(groups)
+    for g in groups:  # unprunable groups are never removed
+        if not g.prunable:
+            for key, idx in g.slices().items():
+                assert not set(idx) & set(plan.get(key, [])), (g.details(), key)
+
+
+@pytest.mark.parametrize(
+    "name", ["mlp", "conv_bn_flatten", "residual", "concat_bn", "inverted_residual", "conv1d"]
+)
+def test_slim_after_real_training_steps(name):
+    """Groups zeroed and held at zero while SGD with momentum and BN updates trains the rest."""
+    torch.manual_seed(0)
+    model, x = ZOO[name]()
+    groups = find_groups(model, x)
+    prunable = [g for g in groups if g.prunable]
+    chosen = prunable[::3]
+    for g in chosen:
+        g.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    model.train()
+    for _ in range(20):
+        out = model(x + 0.05 * torch.randn_like(x))
+        loss = out.pow(2).mean() + F.cross_entropy(out, torch.zeros(len(x), dtype=torch.long))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for g in chosen:  # projection onto the group-sparse set (what HSPG-style optimizers do)
+            g.zero_()
+    before = _params(model)
+    small = slim(model, x, groups)  # check=True: raises if the output differs
+    assert _params(small) < before
+    assert _params(model) == before  # the original is untouched
+
+
+def test_expected_groups_on_residual_and_concat():
+    model, x = ZOO["residual"]()
+    groups = find_groups(model, x)
+    first = next(g for g in groups if ("stem.weight", 0) in g.slices("out"))
+    # the residual add joins stem/bn0 with c2/b2 (same channel), consumed by c1, c3, proj
+    assert set(first.slices("out")) == {
+        ("stem.weight", 0),
+        ("bn0.weight", 0),
+        ("bn0.bias", 0),
+        ("c2.weight", 0),
+        ("b2.weight", 0),
+        ("b2.bias", 0),
+    }
+    assert set(first.slices("in")) == {("c1.weight", 1), ("c3.weight", 1), ("proj.weight", 1)}
+    model, x = ZOO["concat_bn"]()
+    groups = find_groups(model, x)
+    g = next(g for g in groups if g.slices("out").get(("b.weight", 0)) == [2])
+    assert g.slices("out")[("bn.weight", 0)] == [5 + 2]  # offset by the 5 channels of branch a
+    assert g.slices("out")[("bn2.weight", 0)] == [5 + 2]
+    g = next(g for g in groups if g.slices("out").get(("c.weight", 0)) == [1])
+    assert g.slices("out")[("bn2.weight", 0)] == [12 + 1]
+
+
+def test_depthwise_joins_its_input_group():
+    model, x = ZOO["inverted_residual"]()
+    groups = find_groups(model, x)
+    g = next(g for g in groups if g.slices("out").get(("expand.0.weight", 0)) == [3])
+    assert g.prunable
+    assert g.slices("out")[("dw.0.weight", 0)] == [3]
+    small_model, x = ZOO["inverted_residual"]()
+    for gg in find_groups(small_model, x):
+        if gg.prunable and gg.slices("out").get(("dw.0.weight", 0)):
+            gg.zero_()
+    small = slim(
+        small_model, x
+    )  # all 24 expanded channels are zero: one is kept so layers stay valid
+    assert small.dw[0].groups == small.dw[0].in_channels == small.dw[0].out_channels == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "tensor", "reason"),
+    [
+        ("mlp", "net.4.weight", "model output"),
+        ("squeeze_excite", "conv.weight", "Sigmoid|sigmoid"),
+        ("embed_layernorm", "emb.weight", "LayerNorm"),
+        ("tied", "hidden.weight", "shared"),
+        ("tied", "mid.weight", "shared"),
+        ("grouped_unknown", "a.weight", "grouped"),
+        ("grouped_unknown", "b.weight", "cumsum"),
+    ],
+)
+def test_unprunable_groups_say_why(name, tensor, reason):
+    model, x = ZOO[name]()
+    groups = [g for g in find_groups(model, x) if any(k[0] == tensor for k in g.slices("out"))]
+    assert groups and all(not g.prunable for g in groups)
+    assert all(re.search(reason, g.reason) for g in groups), groups[0].reason
+
+
+def test_tied_model_keeps_unshared_groups_prunable():
+    model, x = ZOO["tied"]()
+    groups = find_groups(model, x)
+    # dec's channels feed the shared weight: unprunable; extra's touch nothing shared: prunable
+    assert not any(g.prunable for g in groups if ("dec.weight", 0) in g.slices("out"))
+    extra = [g for g in groups if ("extra.weight", 0) in g.slices("out")]
+    assert len(extra) == 7 and all(g.prunable for g in extra)
+
+
+def test_embed_layernorm_mlp_hidden_stays_prunable():
+    model, x = ZOO["embed_layernorm"]()
+    hidden = [g for g in find_groups(model, x) if ("fc1.weight", 0) in g.slices("out")]
+    assert len(hidden) == 16 and all(g.prunable for g in hidden)
+
+
+def test_group_is_printable_and_zero_is_exact():
+    model, x = ZOO["conv_bn_flatten"]()
+    g = next(
+        g
+        for g in find_groups(model, x)
+        if g.prunable and ("features.4.weight", 0) in g.slices("out")
+    )
+    text = g.details()
+    assert "prunable" in text and "fc.weight[:, " in text and "features.5.running_mean" in text
+    assert not g.is_zero()
+    g.zero_()
+    assert g.is_zero() and g.norm() == 0.0
+
+
+def test_untraceable_model_gives_clear_error():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.fc(x)
+            return x
+
+    with pytest.raises(CaptureError, match=r"torch\.fx could not trace DataDependent"):
+        find_groups(DataDependent(), torch.randn(2, 4))
+
+
+def test_capture_leaves_model_state_alone():
+    model, x = ZOO["conv_bn_flatten"]()
+    model.train()
+    stats = [b.clone() for b in model.buffers()]
+    find_groups(model, x)
+    assert model.training
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers(), strict=True))

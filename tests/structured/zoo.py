@@ -1,0 +1,204 @@
+"""Small architectures covering every construct group discovery must handle."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 3)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ConvBNFlatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU6(),
+        )  # fmt: skip
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(12 * 4 * 4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.flatten(self.features(x)))
+
+
+class Residual(nn.Module):
+    """Two residual stages, the second with a 1×1 projection shortcut (ResNet style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c3, self.b3 = nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(12)
+        self.c4, self.b4 = nn.Conv2d(12, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
+        self.proj, self.bp = nn.Conv2d(8, 12, 1, stride=2, bias=False), nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))) + x)
+        y = self.b4(self.c4(F.relu(self.b3(self.c3(x)))))
+        x = F.relu(y + self.bp(self.proj(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class ConcatBN(nn.Module):
+    """Concatenation followed by batch norm (where OTO's offsets go wrong)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 5, 3, padding=1)
+        self.b = nn.Conv2d(3, 7, 1)
+        self.bn = nn.BatchNorm2d(12)
+        self.c = nn.Conv2d(12, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(18)
+        self.fc = nn.Linear(18, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1)))
+        z = F.relu(self.bn2(torch.cat((y, self.c(y)), 1)))
+        return self.fc(z.mean((2, 3)))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1×1 expand, 3×3 depthwise, 1×1 project, residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6()
+        )
+        self.expand = nn.Sequential(nn.Conv2d(8, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6())
+        self.dw = nn.Sequential(
+            nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), nn.BatchNorm2d(24), nn.ReLU6()
+        )
+        self.project = nn.Sequential(nn.Conv2d(24, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        x = x + self.project(self.dw(self.expand(x)))
+        return self.head(F.adaptive_avg_pool2d(x, 1).view(x.size(0), -1))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(1, 6, 5, padding=2)
+        self.c2 = nn.Conv1d(6, 10, 3)
+        self.fc = nn.Linear(10 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.tanh(self.c1(x))
+        x = F.silu(self.c2(F.max_pool1d(x, 2)))
+        x = F.adaptive_max_pool1d(x, 4)
+        return self.fc(x.reshape(x.size(0), -1))
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gating through a sigmoid: gated channels are pinned (sigmoid(0) != 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.se1 = nn.Linear(8, 4)
+        self.se2 = nn.Linear(4, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.conv(x))
+        s = torch.sigmoid(self.se2(F.relu(self.se1(y.mean((2, 3))))))
+        y = y * s[:, :, None, None]
+        return self.fc(y.mean((2, 3)))
+
+
+class EmbedLN(nn.Module):
+    """Embedding and LayerNorm (channels through LayerNorm are pinned), then an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.ln = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        h = self.ln(self.emb(idx))
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.out(h.mean(1))
+
+
+class Tied(nn.Module):
+    """A module called twice (``hidden``) and a weight shared by two modules (``mid``/``mid2``):
+    the groups they touch are unprunable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(10, 6)
+        self.hidden = nn.Linear(6, 6)
+        self.dec = nn.Linear(6, 10)
+        self.mid = nn.Linear(10, 10)
+        self.mid2 = nn.Linear(10, 10)
+        self.mid2.weight = self.mid.weight
+        self.extra = nn.Linear(10, 7)
+        self.out = nn.Linear(7, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.hidden(F.relu(self.hidden(F.relu(self.enc(x))))))
+        h = F.relu(self.mid2(F.relu(self.mid(self.dec(h)))))
+        return self.out(F.relu(self.extra(h)))
+
+
+class GroupedAndUnknown(nn.Module):
+    """A grouped (not depthwise) conv and an op without a rule (cumsum over channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.g(F.relu(self.a(x))))
+        y = torch.cumsum(F.relu(self.b(y)), dim=1)
+        return self.fc(y.mean((2, 3)))
+
+
+def _img(c: int = 3, s: int = 8) -> Tensor:
+    return torch.randn(4, c, s, s, generator=torch.Generator().manual_seed(1))
+
+
+ZOO: dict[str, Callable[[], tuple[nn.Module, Tensor]]] = {
+    "mlp": lambda: (MLP(), torch.randn(4, 12, generator=torch.Generator().manual_seed(1))),
+    "conv_bn_flatten": lambda: (ConvBNFlatten(), _img()),
+    "residual": lambda: (Residual(), _img()),
+    "concat_bn": lambda: (ConcatBN(), _img()),
+    "inverted_residual": lambda: (InvertedResidual(), _img()),
+    "conv1d": lambda: (
+        Conv1dNet(),
+        torch.randn(4, 1, 20, generator=torch.Generator().manual_seed(1)),
+    ),
+    "squeeze_excite": lambda: (SqueezeExcite(), _img()),
+    "embed_layernorm": lambda: (
+        EmbedLN(),
+        torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(1)),
+    ),
+    "tied": lambda: (Tied(), torch.randn(4, 10, generator=torch.Generator().manual_seed(1))),
+    "grouped_unknown": lambda: (GroupedAndUnknown(), _img()),
+}
