@@ -1,18 +1,26 @@
 """Only-Train-Once structured pruning: zero-invariant groups and the slim model.
 
 ``groups = find_groups(model, example_inputs)`` finds every zero-invariant group automatically;
+:class:`HSPG`, :class:`DHSPG` and :class:`HESSO` train while driving whole groups to exactly zero;
 ``slim(model, example_inputs)`` builds the physically smaller network whose output equals the
 group-sparse model's.
 """
 
 from prunekit.structured.channels import Member
+from prunekit.structured.group_index import GroupIndex
 from prunekit.structured.groups import CaptureError, Group, capture, find_groups
+from prunekit.structured.optim import DHSPG, HESSO, HSPG, GroupSparseOptimizer
 from prunekit.structured.rules import register_module_rule
 from prunekit.structured.slim import SlimError, register_fixup, removal_plan, slim
 
 __all__ = [
+    "DHSPG",
+    "HESSO",
+    "HSPG",
     "CaptureError",
     "Group",
+    "GroupIndex",
+    "GroupSparseOptimizer",
     "Member",
     "SlimError",
     "capture",

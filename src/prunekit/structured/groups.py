@@ -58,6 +58,10 @@ class Group:
         """Whether the group may be zeroed and removed (``reason`` says why not)."""
         return self.reason is None
 
+    def tensors(self) -> dict[str, Tensor]:
+        """The model's tensors this group slices, by name."""
+        return {name: self._tensors[name] for name, _ in self.slices()}
+
     @property
     def size(self) -> int:
         """Number of channels in the group, counted on its first producing tensor."""
