@@ -31,7 +31,7 @@ import torch
 
 from prunekit.methods import available
 from prunekit.training import Recipe, load_recipe, train
-from prunekit.training.trainer import load_data
+from prunekit.training.trainer import NonFiniteLossError, load_data
 
 from common import RESULTS, environment, write_results
 
@@ -114,7 +114,14 @@ def run_one(
     if metrics_path.exists():
         m = json.loads(metrics_path.read_text())
     else:
-        m = train(recipe, out, progress=False, data=data)
+        try:
+            m = train(recipe, out, progress=False, data=data)
+        except NonFiniteLossError as exc:
+            print(f"{model} {method} {sparsity:g}: diverged ({exc})", flush=True)
+            return {
+                "model": model, "method": method, "sparsity": sparsity, "epochs": recipe.epochs,
+                "test_error": None, "compression": None, "diverged": True, "lr": recipe.optimizer.lr,
+            }  # fmt: skip
     return {
         "model": model,
         "method": method,
@@ -162,7 +169,9 @@ def frontier_tables(runs: list[dict[str, Any]]) -> str:
                     hits = [r for r in mruns if r["method"] == "dense"]
                 cells.append(
                     "; ".join(
-                        f"{r['test_error']:.2f} ({r['compression']:.0f}×, {r['epochs']}e)"
+                        f"diverged (lr {r['lr']:g})"
+                        if r.get("diverged")
+                        else f"{r['test_error']:.2f} ({r['compression']:.0f}×, {r['epochs']}e)"
                         for r in hits
                     )
                     or "—"
@@ -181,7 +190,9 @@ def frontier_tables(runs: list[dict[str, Any]]) -> str:
         )
         lines.append("|---|---:|---:|---|---|")
         for source, comp, err in PUBLISHED[model]:
-            eligible = [r for r in mruns if r["compression"] >= comp * 0.999]
+            eligible = [
+                r for r in mruns if not r.get("diverged") and r["compression"] >= comp * 0.999
+            ]
             best = min(eligible, key=lambda r: r["test_error"], default=None)
             if best is None:
                 lines.append(
@@ -207,7 +218,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        mruns = [r for r in runs if r["model"] == model]
+        mruns = [r for r in runs if r["model"] == model and not r.get("diverged")]
         for method in sorted({r["method"] for r in mruns}):
             pts = sorted(
                 (r["compression"], r["test_error"]) for r in mruns if r["method"] == method
