@@ -7,11 +7,16 @@ from typing import Any
 
 from torch import nn
 
+from prunekit.models.cifar import VGGBN, CifarResNet, MobileNetV2, resnet20, resnet56
 from prunekit.models.lenet import LeNet5Caffe, LeNet300100
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300_100": LeNet300100,
     "lenet5_caffe": LeNet5Caffe,
+    "resnet20": resnet20,
+    "resnet56": resnet56,
+    "vgg_bn": VGGBN,
+    "mobilenet_v2": MobileNetV2,
 }
 
 
@@ -33,4 +38,14 @@ def build_model(
     return factory(input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
 
 
-__all__ = ["LeNet5Caffe", "LeNet300100", "available_models", "build_model"]
+__all__ = [
+    "VGGBN",
+    "CifarResNet",
+    "LeNet5Caffe",
+    "LeNet300100",
+    "MobileNetV2",
+    "available_models",
+    "build_model",
+    "resnet20",
+    "resnet56",
+]
