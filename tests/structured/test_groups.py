@@ -184,3 +184,22 @@ def test_capture_leaves_model_state_alone():
     find_groups(model, x)
     assert model.training
     assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["residual", "concat_bn", "inverted_residual", "embed_layernorm"])
+def test_save_and_load_slim_without_pickled_code(tmp_path, name):
+    from prunekit.structured.io import load_slim, save_slim, slim_spec
+
+    torch.manual_seed(0)
+    model, x = ZOO[name]()
+    groups = find_groups(model, x)
+    for g in [g for g in groups if g.prunable][::2]:
+        g.zero_()
+    small = slim(model, x, groups).eval()
+    save_slim(small, slim_spec(model, groups), tmp_path)
+    assert (tmp_path / "spec.json").read_text().startswith("{")
+    fresh, _ = ZOO[name]()  # a new instance of the original class
+    loaded = load_slim(fresh, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x))
+    assert [p.shape for p in loaded.parameters()] == [p.shape for p in small.parameters()]

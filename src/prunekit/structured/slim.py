@@ -96,23 +96,39 @@ def removal_plan(
         removable.remove(keep)
 
 
+def kept_plan(model: nn.Module, groups: Sequence[Group]) -> dict[str, list[dict[str, Any]]]:
+    """``tensor name → [{"axis": a, "kept": [indices]}, ...]`` describing the slim model of ``model``."""
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    sizes = {key: tensors[key[0]].shape[key[1]] for g in groups for key in g.slices()}
+    kept: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for (name, axis), drop in sorted(removal_plan(groups, sizes).items()):
+        dropped = set(drop)
+        kept[name].append(
+            {"axis": axis, "kept": [i for i in range(sizes[(name, axis)]) if i not in dropped]}
+        )
+    return dict(kept)
+
+
 @torch.no_grad()
-def apply_plan(model: nn.Module, plan: dict[tuple[str, int], list[int]]) -> nn.Module:
-    """A deep copy of ``model`` with the planned slices removed and module attributes fixed."""
-    new = copy.deepcopy(model)
+def apply_kept(
+    model: nn.Module, kept: dict[str, list[dict[str, Any]]], copy_model: bool = False
+) -> nn.Module:
+    """Slice ``model``'s tensors to the ``kept`` indices and fix module attributes (in place unless
+    ``copy_model``): what :func:`slim` and :func:`~prunekit.structured.io.load_slim` do."""
+    new = copy.deepcopy(model) if copy_model else model
     touched: set[str] = set()
-    for (name, axis), drop in plan.items():
+    for name, axes in kept.items():
         module_name, _, attr = name.rpartition(".")
         module = new.get_submodule(module_name)
         t: Tensor = getattr(module, attr)
-        keep = torch.tensor(
-            sorted(set(range(t.shape[axis])) - set(drop)), dtype=torch.long, device=t.device
-        )
-        sliced = t.index_select(axis, keep).clone()
+        sliced = t.detach()
+        for entry in axes:
+            index = torch.tensor(entry["kept"], dtype=torch.long, device=t.device)
+            sliced = sliced.index_select(int(entry["axis"]), index)
         if isinstance(t, nn.Parameter):
-            module._parameters[attr] = nn.Parameter(sliced, requires_grad=t.requires_grad)
+            module._parameters[attr] = nn.Parameter(sliced.clone(), requires_grad=t.requires_grad)
         else:
-            module._buffers[attr] = sliced
+            module._buffers[attr] = sliced.clone()
         touched.add(module_name)
     for module_name in touched:
         module = new.get_submodule(module_name)
@@ -161,9 +177,7 @@ def slim(
     """
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     groups = find_groups(model, inputs) if groups is None else groups
-    tensors = dict([*model.named_parameters(), *model.named_buffers()])
-    sizes = {key: tensors[key[0]].shape[key[1]] for g in groups for key in g.slices()}
-    new = apply_plan(model, removal_plan(groups, sizes))
+    new = apply_kept(model, kept_plan(model, groups), copy_model=True)
     if check:
         modes = {m: m.training for m in model.modules()}
         model.eval()

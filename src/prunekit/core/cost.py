@@ -1,0 +1,57 @@
+"""Model cost: parameters and multiply-accumulates (MACs) of one forward pass.
+
+MACs count the multiplications of convolutions and linear layers (``out elements × in_channels/groups
+× kernel size`` and ``out elements × in_features``), the convention of the pruning literature's FLOPs
+tables (which count one MAC as one FLOP). Other ops are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.core.targets import DEFAULT_TYPES
+
+
+def count_params(model: nn.Module, nonzero: bool = False) -> int:
+    """Number of parameters (only the nonzero ones with ``nonzero=True``)."""
+    if nonzero:
+        return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> int:
+    """MACs of convolutions and linear layers in one forward pass on ``example_inputs`` (batch 1 is
+    the usual convention; the count scales with the batch). The model runs in eval mode and is left in
+    its original mode."""
+    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    total = 0
+
+    def hook(module: nn.Module, args: Any, output: Tensor) -> None:
+        nonlocal total
+        weight = getattr(module, "weight", None)
+        if weight is None or not isinstance(output, Tensor):
+            return
+        if isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+        else:  # convolution: weight is (out, in/groups, *kernel)
+            total += output.numel() * math.prod(weight.shape[1:])
+
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DEFAULT_TYPES)
+    ]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return total

@@ -1,0 +1,48 @@
+"""Saving and loading slim models without pickling code.
+
+A slim model is described by a JSON *spec* — for every sliced tensor, the axis and the indices kept —
+plus an ordinary state dict. :func:`load_slim` rebuilds the slim architecture on a fresh instance of
+the original class (the same slicing and attribute updates as :func:`~prunekit.structured.slim`) and
+loads the weights, so no Python objects are unpickled (``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.structured.groups import Group
+from prunekit.structured.slim import apply_kept, kept_plan
+
+SPEC_FORMAT = "prunekit-slim"
+
+
+def slim_spec(model: nn.Module, groups: Sequence[Group]) -> dict[str, Any]:
+    """The JSON-ready spec of the slim model :func:`~prunekit.structured.slim` would build."""
+    return {"format": SPEC_FORMAT, "version": 1, "kept": kept_plan(model, groups)}
+
+
+def save_slim(slim_model: nn.Module, spec: dict[str, Any], directory: str | Path) -> None:
+    """Write ``spec.json`` and ``weights.pt`` (tensors only) into ``directory``."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(spec, indent=1))
+    torch.save(
+        {k: v.detach().cpu() for k, v in slim_model.state_dict().items()}, out / "weights.pt"
+    )
+
+
+def load_slim(fresh_model: nn.Module, directory: str | Path) -> nn.Module:
+    """Rebuild the slim model on ``fresh_model`` (a new instance of the original class) and load it."""
+    src = Path(directory)
+    spec = json.loads((src / "spec.json").read_text())
+    if spec.get("format") != SPEC_FORMAT:
+        raise ValueError(f"{src / 'spec.json'} is not a {SPEC_FORMAT} spec")
+    model = apply_kept(fresh_model, spec["kept"])
+    model.load_state_dict(torch.load(src / "weights.pt", map_location="cpu", weights_only=True))
+    return model
