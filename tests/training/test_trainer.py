@@ -118,3 +118,54 @@ def test_acdc_run_writes_dense_pair(tmp_path, data):
     m = train(_recipe("acdc", epochs=2), tmp_path, progress=False, data=data, device="cpu")
     assert (tmp_path / "model_dense_pair.pt").exists()
     assert 0.0 < m["dense_pair_test_accuracy"] <= 1.0
+
+
+def _structured_recipe(optimizer="hesso", epochs=2):
+    return recipe_from_dict(
+        {
+            "model": {"name": "resnet20"},
+            "data": {"name": "mnist", "batch_size": 64, "train_subset": 256, "test_subset": 200},
+            "structured": {
+                "optimizer": optimizer,
+                "target_group_sparsity": 0.5,
+                "start": 0.1,
+                "end": 0.6,
+                "periods": 2,
+                "lambda_": 5.0 if optimizer == "hspg" else None,
+            },
+            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+            "epochs": epochs,
+            "seed": 1,
+        }
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["hesso", "dhspg"])
+def test_structured_run_writes_an_equivalent_slim_model(tmp_path, data, optimizer):
+    from prunekit.models import build_model
+    from prunekit.structured.io import load_slim
+
+    m = train(_structured_recipe(optimizer), tmp_path, progress=False, data=data, device="cpu")
+    assert abs(m["group_sparsity"] - 0.5) <= 1 / 448 + 1e-9  # within one group of the target
+    assert m["params_after"] < m["params_before"] and m["macs_after"] < m["macs_before"]
+    assert m["test_accuracy_slim"] == m["test_accuracy_group_sparse"]
+    slim_model = load_slim(build_model("resnet20", (1, 28, 28), 10), tmp_path / "slim")
+    assert sum(p.numel() for p in slim_model.parameters()) == m["params_after"]
+    assert "Structured pruning" in (tmp_path / "report.md").read_text()
+
+
+def test_structured_resume_equals_uninterrupted(tmp_path, data):
+    recipe = _structured_recipe("hesso", epochs=3)
+    full = train(recipe, tmp_path / "full", progress=False, data=data, device="cpu")
+    train(recipe, tmp_path / "part", progress=False, data=data, device="cpu", stop_after_epoch=1)
+    resumed = train(recipe, tmp_path / "part", progress=False, data=data, device="cpu")
+    assert resumed["history"] == full["history"]
+    assert resumed["params_after"] == full["params_after"]
+
+
+def test_recipe_cannot_mix_sparse_and_structured():
+    from prunekit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not both"):
+        recipe_from_dict({"model": "resnet20", "pruning": {"method": "gmp", "sparsity": 0.5},
+                          "structured": {"optimizer": "hesso"}})  # fmt: skip

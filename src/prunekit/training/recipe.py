@@ -94,6 +94,45 @@ class ScheduleSpec:
             )
 
 
+STRUCTURED_OPTIMIZERS = ("hspg", "dhspg", "hesso")
+
+
+@dataclass(kw_only=True)
+class StructuredSpec:
+    """Only-Train-Once structured pruning: which group-sparsity optimizer and its schedule.
+
+    ``start``/``end`` are fractions of training: HESSO prunes over ``[start, end)`` in ``periods``
+    periods; DHSPG selects its redundant groups at ``start`` and has them all at zero by ``end``; HSPG
+    runs subgradient steps until ``start`` and half-space steps afterwards (``lambda_`` drives it).
+    The update rule (SGD/Adam/AdamW), learning rate, momentum and weight decay come from the
+    recipe's ``optimizer`` section.
+    """
+
+    optimizer: str = "hesso"
+    target_group_sparsity: float = 0.5
+    start: float = 0.1
+    end: float = 0.6
+    periods: int = 10
+    lambda_: float | None = None
+    epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in STRUCTURED_OPTIMIZERS:
+            raise ConfigError(
+                f"structured.optimizer {self.optimizer!r} unknown; available: {', '.join(STRUCTURED_OPTIMIZERS)}"
+            )
+        if not 0.0 <= self.target_group_sparsity < 1.0:
+            raise ConfigError(
+                f"structured.target_group_sparsity must be in [0, 1), got {self.target_group_sparsity}"
+            )
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ConfigError(
+                f"structured needs 0 <= start < end <= 1, got {self.start}, {self.end}"
+            )
+        if self.periods < 1:
+            raise ConfigError(f"structured.periods must be >= 1, got {self.periods}")
+
+
 @dataclass(kw_only=True)
 class Recipe:
     """A validated recipe. ``pruning`` is the method's config minus ``total_steps``, plus ``method``."""
@@ -101,6 +140,7 @@ class Recipe:
     model: ModelSpec
     data: DataSpec = field(default_factory=DataSpec)
     pruning: dict[str, Any] | None = None
+    structured: StructuredSpec | None = None
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     lr_schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     epochs: int = 10
@@ -112,9 +152,15 @@ class Recipe:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.pruning is not None:
             validate_pruning(self.pruning)
+        if self.pruning is not None and self.structured is not None:
+            raise ConfigError(
+                "a recipe has either 'pruning' (sparse training) or 'structured' (OTO), not both"
+            )
 
     @property
     def method(self) -> str:
+        if self.structured is not None:
+            return self.structured.optimizer
         return "dense" if self.pruning is None else str(self.pruning["method"])
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +172,7 @@ _SECTIONS: dict[str, type] = {
     "data": DataSpec,
     "optimizer": OptimizerSpec,
     "lr_schedule": ScheduleSpec,
+    "structured": StructuredSpec,
 }
 
 
@@ -156,7 +203,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"a recipe must be a mapping, got {type(data).__name__}")
     data = copy.deepcopy(data)
-    check_keys(data, [*_SECTIONS, "pruning", "epochs", "seed", "name"], "recipe")
+    check_keys(data, [*_SECTIONS, "pruning", "structured", "epochs", "seed", "name"], "recipe")
     if "model" not in data:
         raise ConfigError("recipe needs a 'model' section (e.g. model: {name: lenet300_100})")
     for key, cls in _SECTIONS.items():

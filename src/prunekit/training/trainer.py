@@ -28,6 +28,7 @@ from prunekit.methods.acdc import ACDC
 from prunekit.methods.base import Pruner
 from prunekit.models import build_model
 from prunekit.schedules import cosine, linear
+from prunekit.structured import GroupSparseOptimizer, find_groups
 from prunekit.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -37,6 +38,11 @@ from prunekit.training.checkpoint import (
 )
 from prunekit.training.plots import plot_accuracy, plot_layer_sparsity
 from prunekit.training.recipe import Recipe, ScheduleSpec, recipe_from_dict
+from prunekit.training.structured_run import (
+    build_structured_optimizer,
+    finish_structured,
+    structured_report,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +142,16 @@ def train(
     model = build_model(
         recipe.model.name, data.input_shape, data.num_classes, **recipe.model.kwargs
     ).to(dev)
-    optimizer = build_optimizer(recipe, model)
     batches = BatchIterator(data.x_train, data.y_train, recipe.data.batch_size, seed=recipe.seed)
     steps_per_epoch = len(batches)
     total_steps = recipe.epochs * steps_per_epoch
+    example = data.x_train[:2].to(dev)
+    groups = find_groups(model, example) if recipe.structured is not None else []
+    optimizer: torch.optim.Optimizer = (
+        build_structured_optimizer(recipe, model, groups, total_steps)
+        if recipe.structured is not None
+        else build_optimizer(recipe, model)
+    )
     pruner: Pruner | None = None
     if recipe.pruning is not None:
         cfg = {k: v for k, v in recipe.pruning.items() if k != "method"}
@@ -223,6 +235,11 @@ def train(
                 "train_loss": loss_sum / steps_per_epoch,
                 "test_accuracy": acc,
                 "sparsity": sparsity,
+                **(
+                    {"group_sparsity": optimizer.group_sparsity()}
+                    if isinstance(optimizer, GroupSparseOptimizer)
+                    else {}
+                ),
             }
         )
         bar.set_postfix(acc=f"{acc:.4f}", sparsity=f"{sparsity:.3f}")
@@ -255,7 +272,14 @@ def train(
             bar.close()
             return {"history": history, "stopped_after_epoch": epoch + 1}
     bar.close()
-    return _finish(recipe, model, pruner, data, history, wall, out, dev)
+    structured = (
+        finish_structured(
+            model, optimizer, groups, example, out, lambda m: evaluate(m, data.x_test, data.y_test)
+        )
+        if recipe.structured is not None
+        else {}
+    )
+    return _finish(recipe, model, pruner, data, history, wall, out, dev, structured)
 
 
 def _finish(
@@ -267,8 +291,9 @@ def _finish(
     wall: float,
     out: Path,
     device: torch.device,
+    structured: dict[str, Any],
 ) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(structured)
     if isinstance(pruner, ACDC):
         dense_state = pruner.dense_state_dict()
         dense_model = build_model(
@@ -319,7 +344,9 @@ def _finish(
         out / "layer_sparsity.png",
         f"{title}: {100 * report['global_sparsity']:.2f}% sparse",
     )
-    (out / "report.md").write_text(_report_md(recipe, metrics, report))
+    (out / "report.md").write_text(
+        _report_md(recipe, metrics, report) + (structured_report(metrics) if structured else "")
+    )
     logger.info("wrote %s", out)
     return metrics
 

@@ -1,0 +1,99 @@
+"""The Only-Train-Once path of the trainer: group-sparsity optimizer in, slim model out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from prunekit.core.cost import count_macs, count_params
+from prunekit.structured import DHSPG, HESSO, HSPG, Group, GroupSparseOptimizer, slim
+from prunekit.structured.io import save_slim, slim_spec
+from prunekit.training.recipe import Recipe
+
+
+def build_structured_optimizer(
+    recipe: Recipe, model: nn.Module, groups: list[Group], total_steps: int
+) -> GroupSparseOptimizer:
+    """The recipe's HSPG / DHSPG / HESSO over ``groups``, with the recipe's update rule."""
+    spec, o = recipe.structured, recipe.optimizer
+    assert spec is not None
+    common: dict[str, Any] = dict(
+        lr=o.lr,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        nesterov=o.nesterov,
+        variant=o.name,
+        target_group_sparsity=spec.target_group_sparsity,
+    )
+    start, end = round(spec.start * total_steps), round(spec.end * total_steps)
+    if spec.optimizer == "hspg":
+        lam = 1e-3 if spec.lambda_ is None else spec.lambda_
+        return HSPG(
+            model.parameters(),
+            groups,
+            lambda_=lam,
+            epsilon=spec.epsilon,
+            subgradient_steps=start,
+            **common,
+        )
+    if spec.optimizer == "dhspg":
+        return DHSPG(model.parameters(), groups, start_step=start, project_end=end, lambda_=spec.lambda_,
+                     epsilon=spec.epsilon, **common)  # fmt: skip
+    periods = min(spec.periods, max(1, end - start))
+    return HESSO(
+        model.parameters(),
+        groups,
+        start_step=start,
+        pruning_steps=end - start,
+        periods=periods,
+        **common,
+    )
+
+
+def finish_structured(
+    model: nn.Module,
+    optimizer: Optimizer,
+    groups: list[Group],
+    example: Tensor,
+    out: Path,
+    evaluate: Any,
+) -> dict[str, Any]:
+    """Build, check and save the slim model; return its metrics (before/after parameters, MACs and
+    accuracy of the group-sparse and the slim model, which must agree)."""
+    one = example[:1]
+    small = slim(model, one, groups)  # raises SlimError if the outputs differ
+    save_slim(small, slim_spec(model, groups), out / "slim")
+    acc_sparse, acc_slim = evaluate(model), evaluate(small)
+    params, macs = count_params(model), count_macs(model, one)
+    slim_params, slim_macs = count_params(small), count_macs(small, one)
+    assert isinstance(optimizer, GroupSparseOptimizer)
+    return {
+        "group_sparsity": optimizer.group_sparsity(),
+        "target_group_sparsity": optimizer.target,
+        "params_before": params,
+        "params_after": slim_params,
+        "macs_before": macs,
+        "macs_after": slim_macs,
+        "flops_removed": 1.0 - slim_macs / macs,
+        "test_accuracy_group_sparse": acc_sparse,
+        "test_accuracy_slim": acc_slim,
+    }
+
+
+def structured_report(metrics: dict[str, Any]) -> str:
+    """Markdown lines for report.md."""
+    return (
+        "\n## Structured pruning (Only-Train-Once)\n\n"
+        "| | before | after (slim) |\n|---|---:|---:|\n"
+        f"| parameters | {metrics['params_before']:,} | {metrics['params_after']:,} |\n"
+        f"| MACs (batch 1) | {metrics['macs_before']:,} | {metrics['macs_after']:,} |\n"
+        f"| test accuracy | {100 * metrics['test_accuracy_group_sparse']:.2f}% (group-sparse) | "
+        f"{100 * metrics['test_accuracy_slim']:.2f}% |\n\n"
+        f"Group sparsity {100 * metrics['group_sparsity']:.1f}% (target "
+        f"{100 * metrics['target_group_sparsity']:.1f}%), FLOPs removed {100 * metrics['flops_removed']:.1f}%. "
+        "The slim model is in `slim/` (spec.json + weights.pt; load with "
+        "`prunekit.structured.io.load_slim(fresh_model, 'slim')`).\n"
+    )
