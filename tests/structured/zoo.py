@@ -202,3 +202,59 @@ ZOO: dict[str, Callable[[], tuple[nn.Module, Tensor]]] = {
     "tied": lambda: (Tied(), torch.randn(4, 10, generator=torch.Generator().manual_seed(1))),
     "grouped_unknown": lambda: (GroupedAndUnknown(), _img()),
 }
+
+
+class AttentionBlock(nn.Module):
+    """Transformer encoder block: heads and MLP neurons are prunable, the residual stream is not."""
+
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Linear(6, 16)
+        self.ln1 = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.ln2 = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        y = self.ln1(h)
+        h = h + self.attn(y, y, y, need_weights=False)[0]
+        h = h + self.fc2(F.gelu(self.fc1(self.ln2(h))))
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+class HandWrittenAttention(nn.Module):
+    """Attention written out by hand (reshape into heads, q @ kᵀ): its projections are pinned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.k = nn.Linear(8, 8)
+        self.v = nn.Linear(8, 8)
+        self.o = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 12)
+        self.out = nn.Linear(12, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 2, 4).transpose(1, 2)
+        k = self.k(x).view(b, t, 2, 4).transpose(1, 2)
+        v = self.v(x).view(b, t, 2, 4).transpose(1, 2)
+        a = (q @ k.transpose(-2, -1) / 2.0).softmax(-1) @ v
+        y = self.o(a.transpose(1, 2).reshape(b, t, 8))
+        return self.out(F.relu(self.fc(y)).mean(1))
+
+
+def _seq(c: int) -> Tensor:
+    return torch.randn(3, 5, c, generator=torch.Generator().manual_seed(1))
+
+
+ZOO["attention"] = lambda: (AttentionBlock(), _seq(6))
+ZOO["attention_seq_first"] = lambda: (
+    AttentionBlock(batch_first=False),
+    _seq(6).transpose(0, 1).contiguous(),
+)
+ZOO["handwritten_attention"] = lambda: (HandWrittenAttention(), _seq(8))

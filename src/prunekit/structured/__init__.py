@@ -6,12 +6,20 @@
 group-sparse model's.
 """
 
+from torch import nn
+
+from prunekit.structured.attention import SlimMultiheadAttention, fix_mha, mha_rule
 from prunekit.structured.channels import Member
 from prunekit.structured.group_index import GroupIndex
 from prunekit.structured.groups import CaptureError, Group, capture, find_groups
 from prunekit.structured.optim import DHSPG, HESSO, HSPG, GroupSparseOptimizer
 from prunekit.structured.rules import register_module_rule
 from prunekit.structured.slim import SlimError, register_fixup, removal_plan, slim
+
+register_module_rule(nn.MultiheadAttention, mha_rule)
+register_module_rule(SlimMultiheadAttention, mha_rule)
+register_fixup(nn.MultiheadAttention, fix_mha)
+register_fixup(SlimMultiheadAttention, fix_mha)
 
 __all__ = [
     "DHSPG",
@@ -23,6 +31,7 @@ __all__ = [
     "GroupSparseOptimizer",
     "Member",
     "SlimError",
+    "SlimMultiheadAttention",
     "capture",
     "find_groups",
     "register_fixup",

@@ -348,14 +348,18 @@ def getitem_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
 
 
 def reduce_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
-    """mean/sum/amax over dims that are all after the channel dim keep the channels."""
+    """mean/sum/amax over dims other than the channel dim keep the channels (the channel dim moves
+    down by the number of reduced dims before it unless ``keepdim``)."""
     x = inputs[0]
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
     in_shape = shape_of(node.args[0])
     if isinstance(x, Flow) and in_shape is not None and dims is not None:
-        dims_t = (dims,) if isinstance(dims, int) else tuple(dims)  # type: ignore[arg-type]
-        if all(d % len(in_shape) > x.dim for d in dims_t):
-            return Flow(x.dim, list(x.ids))
+        raw = (dims,) if isinstance(dims, int) else tuple(dims)  # type: ignore[arg-type]
+        reduced = {int(d) % len(in_shape) for d in raw}
+        if x.dim not in reduced:
+            shift = 0 if keepdim else sum(d < x.dim for d in reduced)
+            return Flow(x.dim - shift, list(x.ids))
     return unknown(ctx, node, inputs)
 
 

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from prunekit.structured.groups import Group, find_groups
 from prunekit.structured.rules import BATCH_NORMS, CONVS
 
-Fixup = Callable[[nn.Module], None]
+#: Updates a module's attributes after its tensors were sliced; may return a replacement module.
+Fixup = Callable[[nn.Module], nn.Module | None]
 
 
 class SlimError(RuntimeError):
@@ -130,11 +131,14 @@ def apply_kept(
         else:
             module._buffers[attr] = sliced.clone()
         touched.add(module_name)
-    for module_name in touched:
+    for module_name in sorted(touched, key=lambda n: -n.count(".")):  # children before parents
         module = new.get_submodule(module_name)
         for types, fix in _FIXUPS:
             if isinstance(module, types):
-                fix(module)
+                replacement = fix(module)
+                if replacement is not None:
+                    parent_name, _, child = module_name.rpartition(".")
+                    setattr(new.get_submodule(parent_name), child, replacement)
                 break
     return new
 
