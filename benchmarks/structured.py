@@ -1,0 +1,367 @@
+"""Only-Train-Once structured pruning side by side with only-train-once 3.0.1 and Torch-Pruning 1.6.1.
+
+Three parts, every library run in this same process on the same models and data:
+
+1. ``discovery`` — time to find the prunable groups / dependency graph, and exactness: 70% of the
+   groups zeroed at random, the slim model's output compared with the zeroed model's (max |diff|).
+2. ``accuracy`` — MNIST, the same training loop for everybody (same batches, cosine learning rate):
+   dense; prunekit HESSO; OTO's HESSO (shimmed to run on CPU); Torch-Pruning magnitude pruning to the
+   same MACs after half the budget, then fine-tuning for the other half. Reports accuracy, parameters
+   and MACs of the slim models.
+3. ``latency`` — CPU latency of the dense and slim models at batch 1 and 64 (median of many runs),
+   and the speed-up relative to the FLOPs-reduction factor.
+
+Usage::
+
+    python benchmarks/structured.py --parts discovery latency           # minutes
+    python benchmarks/structured.py --parts accuracy --epochs 3 --train-subset 10000   # ~1 h on 2 cores
+
+Peers are benchmark extras: ``pip install torch-pruning==1.6.1 only-train-once==3.0.1 packaging``;
+only-train-once needs ``../shared/peers/oto_shim.py`` on torch 2.13 (found via ``--oto-shim``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.core import count_macs, count_params
+from prunekit.data import BatchIterator, load_mnist
+from prunekit.models import build_model
+from prunekit.schedules import cosine
+from prunekit.structured import HESSO, find_groups, slim
+
+from common import environment, write_results
+
+MODELS = {
+    "resnet20": {},
+    "resnet56": {},
+    "vgg_bn": {"width": 0.25},
+    "mobilenet_v2": {"width": 0.5},
+}
+SHAPE = (1, 28, 28)
+
+
+def load_oto(shim: Path) -> Any | None:
+    """only_train_once.OTO, or None (with the reason printed) if it cannot run here."""
+    try:
+        sys.path.insert(0, str(shim.parent))
+        importlib.import_module(shim.stem)
+        from only_train_once import OTO
+
+        return OTO
+    except Exception as exc:
+        print(f"only-train-once unavailable: {type(exc).__name__}: {exc}")
+        return None
+
+
+def load_tp() -> Any | None:
+    try:
+        import torch_pruning as tp
+
+        return tp
+    except Exception as exc:
+        print(f"torch-pruning unavailable: {exc}")
+        return None
+
+
+# --------------------------------------------------------------------------------------- part 1
+def discovery(oto_cls: Any, tp: Any, repeats: int = 3) -> list[dict[str, Any]]:
+    rows = []
+    x = torch.randn(1, *SHAPE)
+    for name, kwargs in MODELS.items():
+        row: dict[str, Any] = {"model": name}
+        model = build_model(name, SHAPE, 10, **kwargs).eval()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            groups = find_groups(model, x)
+            times.append(time.perf_counter() - t)
+        row["prunekit_find_s"] = min(times)
+        prunable = [g for g in groups if g.prunable]
+        row["prunekit_groups"] = len(prunable)
+        gen = torch.Generator().manual_seed(0)
+        for g in prunable:
+            if torch.rand((), generator=gen) < 0.7:
+                g.zero_()
+        with torch.no_grad():
+            ref = model(x)
+            small = slim(model, x, groups, check=False).eval()
+            row["prunekit_max_diff"] = float((small(x) - ref).abs().max())
+        row["prunekit_params_after"] = count_params(small)
+        if oto_cls is not None:
+            m = build_model(name, SHAPE, 10, **kwargs).eval()
+            try:
+                t = time.perf_counter()
+                oto = oto_cls(model=m, dummy_input=x)
+                row["oto_find_s"] = time.perf_counter() - t
+                oto.random_set_zero_groups(target_group_sparsity=0.7)
+                with torch.no_grad():
+                    zeroed = m(x)
+                with tempfile.TemporaryDirectory() as d:
+                    oto.construct_subnet(out_dir=d)
+                    cm = torch.load(oto.compressed_model_path, weights_only=False).eval()
+                with torch.no_grad():
+                    row["oto_max_diff"] = float((cm(x) - zeroed).abs().max())
+                row["oto_params_after"] = count_params(cm)
+            except Exception as exc:
+                row["oto_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        if tp is not None:
+            m = build_model(name, SHAPE, 10, **kwargs).eval()
+            t = time.perf_counter()
+            tp.DependencyGraph().build_dependency(m, example_inputs=x)
+            row["tp_graph_s"] = time.perf_counter() - t
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------- part 2
+def train_loop(model: nn.Module, opt: torch.optim.Optimizer, data: Any, epochs: int, start_epoch: int = 0,
+               total_epochs: int | None = None, batch_size: int = 128) -> None:  # fmt: skip
+    batches = BatchIterator(data.x_train, data.y_train, batch_size, seed=0)
+    total = (total_epochs or epochs) * len(batches)
+    base = [g["lr"] for g in opt.param_groups]
+    step = start_epoch * len(batches)
+    model.train()
+    for epoch in range(start_epoch, start_epoch + epochs):
+        for xb, yb in batches.epoch(epoch):
+            for g, lr0 in zip(opt.param_groups, base, strict=True):
+                g["lr"] = lr0 * cosine(step, 1.0, total)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Any) -> float:
+    model.eval()
+    correct = sum(int((model(data.x_test[i : i + 1000]).argmax(1) == data.y_test[i : i + 1000]).sum())
+                  for i in range(0, len(data.x_test), 1000))  # fmt: skip
+    return correct / len(data.x_test)
+
+
+def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    data = load_mnist().subset(args.train_subset, None)
+    x1 = torch.randn(1, *SHAPE)
+    rows = []
+    steps = args.epochs * len(BatchIterator(data.x_train, data.y_train, 128))
+    hp = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
+    for name in args.models:
+        kwargs = MODELS[name]
+        dense = build_model(name, SHAPE, 10, **kwargs)
+        macs0, params0 = count_macs(dense, x1), count_params(dense)
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        train_loop(dense, torch.optim.SGD(dense.parameters(), **hp), data, args.epochs)
+        acc0 = accuracy(dense, data)
+        rows.append({"model": name, "library": "dense", "accuracy": acc0, "params": params0, "macs": macs0,
+                     "seconds": time.perf_counter() - t})  # fmt: skip
+        print(rows[-1], flush=True)
+
+        torch.manual_seed(0)
+        model = build_model(name, SHAPE, 10, **kwargs)
+        groups = find_groups(model, x1)
+        opt = HESSO(model.parameters(), groups, target_group_sparsity=args.target, start_step=steps // 10,
+                    pruning_steps=steps // 2, periods=10, **hp)  # fmt: skip
+        t = time.perf_counter()
+        train_loop(model, opt, data, args.epochs)
+        small = slim(model, x1, groups)
+        rows.append({"model": name, "library": "prunekit HESSO", "accuracy": accuracy(small, data),
+                     "params": count_params(small), "macs": count_macs(small, x1),
+                     "seconds": time.perf_counter() - t, "slim": small})  # fmt: skip
+        print({k: v for k, v in rows[-1].items() if k != "slim"}, flush=True)
+        target_macs = rows[-1]["macs"]
+
+        if oto_cls is not None:
+            torch.manual_seed(0)
+            model = build_model(name, SHAPE, 10, **kwargs)
+            try:
+                oto = oto_cls(model=model, dummy_input=x1)
+                opt = oto.hesso(variant="sgd", lr=hp["lr"], weight_decay=hp["weight_decay"], first_momentum=0.9,
+                                target_group_sparsity=args.target, start_pruning_step=steps // 10,
+                                pruning_steps=steps // 2, pruning_periods=10)  # fmt: skip
+                t = time.perf_counter()
+                train_loop(model, opt, data, args.epochs)
+                with tempfile.TemporaryDirectory() as d:
+                    oto.construct_subnet(out_dir=d)
+                    cm = torch.load(oto.compressed_model_path, weights_only=False)
+                rows.append({"model": name, "library": "only-train-once HESSO", "accuracy": accuracy(cm, data),
+                             "params": count_params(cm), "macs": count_macs(cm, x1),
+                             "seconds": time.perf_counter() - t, "slim": cm})  # fmt: skip
+            except Exception as exc:
+                rows.append(
+                    {
+                        "model": name,
+                        "library": "only-train-once HESSO",
+                        "error": f"{type(exc).__name__}: {exc}"[:200],
+                    }
+                )
+            print({k: v for k, v in rows[-1].items() if k != "slim"}, flush=True)
+
+        if tp is not None:
+            torch.manual_seed(0)
+            model = build_model(name, SHAPE, 10, **kwargs)
+            t = time.perf_counter()
+            half = max(1, args.epochs // 2)
+            opt = torch.optim.SGD(model.parameters(), **hp)
+            train_loop(model, opt, data, half, total_epochs=args.epochs)
+            ratio = tp_ratio_for_macs(tp, model, x1, target_macs)
+            pruned = tp_prune(tp, copy.deepcopy(model), x1, ratio)
+            opt = torch.optim.SGD(pruned.parameters(), **hp)
+            train_loop(
+                pruned, opt, data, args.epochs - half, start_epoch=half, total_epochs=args.epochs
+            )
+            rows.append({"model": name, "library": "torch-pruning (magnitude, prune + fine-tune)",
+                         "accuracy": accuracy(pruned, data), "params": count_params(pruned),
+                         "macs": count_macs(pruned, x1), "seconds": time.perf_counter() - t,
+                         "pruning_ratio": ratio, "slim": pruned})  # fmt: skip
+            print({k: v for k, v in rows[-1].items() if k != "slim"}, flush=True)
+    return rows
+
+
+def tp_prune(tp: Any, model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]  # TP needs it named
+    pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=ratio, ignored_layers=[classifier])  # fmt: skip
+    pruner.step()
+    return model
+
+
+def tp_ratio_for_macs(tp: Any, model: nn.Module, x: torch.Tensor, target_macs: int) -> float:
+    """Bisection on Torch-Pruning's channel ratio until its MACs match ``target_macs``."""
+    lo, hi = 0.0, 0.95
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        macs = count_macs(tp_prune(tp, copy.deepcopy(model), x, mid), x)
+        lo, hi = (mid, hi) if macs > target_macs else (lo, mid)
+    return hi
+
+
+# --------------------------------------------------------------------------------------- part 3
+@torch.no_grad()
+def latency(model: nn.Module, batch: int, runs: int) -> float:
+    model.eval()
+    x = torch.randn(batch, *SHAPE)
+    for _ in range(5):
+        model(x)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def latency_rows(models: dict[str, nn.Module], runs: int) -> list[dict[str, Any]]:
+    x1 = torch.randn(1, *SHAPE)
+    macs0 = count_macs(models["dense"], x1)
+    base = {b: 1000 * latency(models["dense"], b, runs) for b in (1, 64)}  # measured once
+    rows = []
+    for label, m in models.items():
+        row: dict[str, Any] = {"model": label, "params": count_params(m), "macs": count_macs(m, x1)}
+        for b in (1, 64):
+            row[f"ms_b{b}"] = base[b] if label == "dense" else 1000 * latency(m, b, runs)
+            row[f"speedup_b{b}"] = base[b] / row[f"ms_b{b}"]
+        row["flops_factor"] = macs0 / row["macs"]
+        row["speedup_over_flops_b64"] = row["speedup_b64"] / row["flops_factor"]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["discovery", "latency"],
+        choices=["discovery", "accuracy", "latency"],
+    )
+    parser.add_argument("--models", nargs="+", default=["resnet20", "vgg_bn"], choices=list(MODELS))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-subset", type=int, default=10000)
+    parser.add_argument("--target", type=float, default=0.7, help="target group sparsity")
+    parser.add_argument("--runs", type=int, default=50, help="latency repetitions")
+    parser.add_argument(
+        "--oto-shim",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared" / "peers" / "oto_shim.py",
+    )
+    args = parser.parse_args()
+    oto_cls, tp = load_oto(args.oto_shim), load_tp()
+    payload: dict[str, Any] = {
+        "environment": environment(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    md = ["# Structured pruning: prunekit vs only-train-once 3.0.1 vs Torch-Pruning 1.6.1", ""]
+    if "discovery" in args.parts:
+        rows = discovery(oto_cls, tp)
+        payload["discovery"] = rows
+        md += ["## Group discovery and exactness (70% of groups zeroed at random, then slimmed)", "",
+               "| model | prunekit groups | prunekit find (s) | prunekit max diff | OTO find (s) | OTO max diff | TP graph (s) |",
+               "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in rows:
+            oto_diff = r.get("oto_error", f"{r.get('oto_max_diff', float('nan')):.1e}")
+            md.append(f"| {r['model']} | {r['prunekit_groups']} | {r['prunekit_find_s']:.3f} | {r['prunekit_max_diff']:.1e} | "
+                      f"{r.get('oto_find_s', float('nan')):.3f} | {oto_diff} | {r.get('tp_graph_s', float('nan')):.3f} |")  # fmt: skip
+        md.append("")
+    slim_models: dict[str, dict[str, nn.Module]] = {}
+    if "accuracy" in args.parts:
+        rows = accuracy_runs(oto_cls, tp, args)
+        for r in rows:
+            if "slim" in r:
+                slim_models.setdefault(r["model"], {})[r["library"]] = r.pop("slim")
+        payload["accuracy"] = rows
+        md += [f"## MNIST accuracy ({args.epochs} epochs on {args.train_subset} images, target group sparsity {args.target})", "",
+               "| model | library | accuracy | params | MACs | FLOPs removed |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+        base = {r["model"]: r for r in rows if r["library"] == "dense"}
+        for r in rows:
+            if "error" in r:
+                md.append(f"| {r['model']} | {r['library']} | error: {r['error']} | | | |")
+                continue
+            removed = 1 - r["macs"] / base[r["model"]]["macs"]
+            md.append(
+                f"| {r['model']} | {r['library']} | {100 * r['accuracy']:.2f}% | {r['params']:,} | {r['macs']:,} | {100 * removed:.1f}% |"
+            )
+        md.append("")
+    if "latency" in args.parts:
+        payload["latency"] = {}
+        for name in args.models:
+            models: dict[str, nn.Module] = {"dense": build_model(name, SHAPE, 10, **MODELS[name])}
+            models.update(slim_models.get(name, {}))
+            if len(models) == 1:  # no accuracy run: a 70% group-sparse model, slimmed
+                m = build_model(name, SHAPE, 10, **MODELS[name])
+                groups = find_groups(m, torch.randn(1, *SHAPE))
+                gen = torch.Generator().manual_seed(0)
+                for g in groups:
+                    if g.prunable and torch.rand((), generator=gen) < 0.7:
+                        g.zero_()
+                models["prunekit slim (70% groups)"] = slim(m, torch.randn(1, *SHAPE), groups)
+            rows = latency_rows(models, args.runs)
+            payload["latency"][name] = rows
+            md += [f"## CPU latency: {name} (median of {args.runs} runs, {torch.get_num_threads()} threads)", "",
+                   "| model | params | MACs | FLOPs factor | ms b=1 | speed-up b=1 | ms b=64 | speed-up b=64 | speed-up / FLOPs factor (b=64) |",
+                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+            for r in rows:
+                md.append(f"| {r['model']} | {r['params']:,} | {r['macs']:,} | {r['flops_factor']:.2f}× | {r['ms_b1']:.2f} | "
+                          f"{r['speedup_b1']:.2f}× | {r['ms_b64']:.2f} | {r['speedup_b64']:.2f}× | {r['speedup_over_flops_b64']:.2f} |")  # fmt: skip
+            md.append("")
+    write_results("structured", payload, "\n".join(md), echo=True)
+
+
+if __name__ == "__main__":
+    main()
