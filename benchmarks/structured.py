@@ -176,7 +176,7 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
         model = build_model(name, SHAPE, 10, **kwargs)
         groups = find_groups(model, x1)
         opt = HESSO(model.parameters(), groups, target_group_sparsity=args.target, start_step=steps // 10,
-                    pruning_steps=steps // 2, periods=10, **hp)  # fmt: skip
+                    pruning_steps=steps // 2, periods=min(10, max(1, steps // 2)), **hp)  # fmt: skip
         t = time.perf_counter()
         train_loop(model, opt, data, args.epochs)
         small = slim(model, x1, groups)
@@ -193,7 +193,7 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
                 oto = oto_cls(model=model, dummy_input=x1)
                 opt = oto.hesso(variant="sgd", lr=hp["lr"], weight_decay=hp["weight_decay"], first_momentum=0.9,
                                 target_group_sparsity=args.target, start_pruning_step=steps // 10,
-                                pruning_steps=steps // 2, pruning_periods=10)  # fmt: skip
+                                pruning_steps=steps // 2, pruning_periods=min(10, max(1, steps // 2)))  # fmt: skip
                 t = time.perf_counter()
                 train_loop(model, opt, data, args.epochs)
                 with tempfile.TemporaryDirectory() as d:
