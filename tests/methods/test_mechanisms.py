@@ -114,21 +114,20 @@ def test_rigl_grows_largest_gradient_and_drops_smallest_magnitude():
         assert g[grown].abs().min() >= g[~m_new].abs().max()  # largest gradients grown
 
 
-def test_acdc_switches_phases_at_configured_steps_and_yields_pair():
+def _acdc_setup():
+    """AC/DC over 100 steps: dense [0,10), C [10,20), D [20,30), C [30,40), D [40,80), C [80,100]."""
     model = mlp()
     opt = sgd(model)
-    total = 100
     pruner = prunekit.sparsify(
-        model,
-        opt,
-        "acdc",
-        sparsity=0.9,
-        total_steps=total,
-        warmup=0.1,
-        period=0.1,
-        alternate_end=0.5,
+        model, opt, "acdc", sparsity=0.9, total_steps=100, warmup=0.1, period=0.1, alternate_end=0.5,
         final_start=0.8,
-    )
+    )  # fmt: skip
+    return model, opt, pruner
+
+
+def test_acdc_switches_phases_at_configured_steps_and_yields_pair():
+    model, opt, pruner = _acdc_setup()
+    total = 100
     phases = [pruner.compressed]
     sparsities = [pruner.current_sparsity()]
 
@@ -156,19 +155,7 @@ def test_acdc_switches_phases_at_configured_steps_and_yields_pair():
 
 
 def test_acdc_resets_momentum_when_dense_phase_starts():
-    model = mlp()
-    opt = sgd(model)
-    pruner = prunekit.sparsify(
-        model,
-        opt,
-        "acdc",
-        sparsity=0.9,
-        total_steps=100,
-        warmup=0.1,
-        period=0.1,
-        alternate_end=0.5,
-        final_start=0.8,
-    )
+    model, opt, pruner = _acdc_setup()
     run(model, opt, pruner, 20)  # step 20: dense phase just started
     for t in pruner.targets:
         assert torch.count_nonzero(opt.state[t.param]["momentum_buffer"]) == 0
@@ -311,19 +298,7 @@ def test_cram_draws_target_level_by_default():
 
 def test_acdc_pruned_weights_stay_zero_in_every_compressed_phase():
     # the second compressed phase follows a dense phase in which pruned weights gathered momentum
-    model = mlp()
-    opt = sgd(model)
-    pruner = prunekit.sparsify(
-        model,
-        opt,
-        "acdc",
-        sparsity=0.9,
-        total_steps=100,
-        warmup=0.1,
-        period=0.1,
-        alternate_end=0.5,
-        final_start=0.8,
-    )
+    model, opt, pruner = _acdc_setup()
 
     def check():
         if pruner.compressed:
