@@ -278,11 +278,12 @@ def main() -> None:
                     continue  # recorded in the committed results: not trained again
                 r = run_one(model, method, sparsity, recipe, args.runs_dir, data)
                 runs[run_key(r)] = r
-                print(
-                    f"{model} {method} {sparsity:g}: error {r['test_error']:.2f}% at "
-                    f"{r['compression']:.1f}× ({r['wall_seconds']:.0f}s)",
-                    flush=True,
-                )
+                if not r.get("diverged"):
+                    print(
+                        f"{model} {method} {sparsity:g}: error {r['test_error']:.2f}% at "
+                        f"{r['compression']:.1f}× ({r['wall_seconds']:.0f}s)",
+                        flush=True,
+                    )
                 save_merged({run_key(r): r})
     ordered = save_merged({})
     plot(ordered, RESULTS / f"{RESULT_NAME}.png")
