@@ -64,11 +64,18 @@ PUBLISHED: dict[str, list[tuple[str, float, float]]] = {
         ("L-OBS 99% (Dong 2017, via SNIP)", 100.0, 2.1),
     ],
 }
+# Points that diverged (NaN loss) with the recipe's learning rate and were run again with these
+# overrides (``prunekit train --set``); the tables mark them. Both diverged runs are kept in the results.
+POINT_OVERRIDES: dict[tuple[str, str, float], list[str]] = {
+    ("lenet5", "acdc", 0.99): ["optimizer.lr=0.02"],
+}
 RESULT_NAME = "mnist_frontier"
 
 
-def run_key(r: dict[str, Any]) -> tuple[str, str, float, int]:
-    return (r["model"], r["method"], round(r["sparsity"], 6), r["epochs"])
+def run_key(r: dict[str, Any]) -> tuple[str, str, float, int, str]:
+    return (
+        r["model"], r["method"], round(r["sparsity"], 6), r["epochs"], " ".join(r.get("overrides", []))
+    )  # fmt: skip
 
 
 def load_results() -> list[dict[str, Any]]:
@@ -77,7 +84,7 @@ def load_results() -> list[dict[str, Any]]:
 
 
 def save_merged(
-    new_runs: dict[tuple[str, str, float, int], dict[str, Any]],
+    new_runs: dict[tuple[str, str, float, int, str], dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Merge ``new_runs`` into the results file under a lock (several processes may run at once)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -96,6 +103,7 @@ def save_merged(
 def point_recipe(model: str, method: str, sparsity: float, epochs: int | None) -> Recipe:
     """The shipped recipe of ``model``/``method`` with this point's sparsity (and epochs)."""
     overrides = [] if method == "dense" else [f"pruning.sparsity={sparsity}"]
+    overrides += POINT_OVERRIDES.get((model, method, sparsity), [])
     if epochs is not None:
         overrides.append(f"epochs={epochs}")
     return load_recipe(ROOT / "recipes" / model / f"{method}.yaml", overrides)
@@ -104,10 +112,12 @@ def point_recipe(model: str, method: str, sparsity: float, epochs: int | None) -
 def run_one(
     model: str, method: str, sparsity: float, recipe: Recipe, runs_dir: Path, data: Any
 ) -> dict[str, Any]:
+    extra = POINT_OVERRIDES.get((model, method, sparsity), [])
+    tag = "".join(f"-{o.split('.')[-1].replace('=', '')}" for o in extra)
     out = (
         runs_dir
         / model
-        / (method if method == "dense" else f"{method}-{sparsity:g}")
+        / (method if method == "dense" else f"{method}-{sparsity:g}{tag}")
         / f"e{recipe.epochs}"
     )
     metrics_path = out / "metrics.json"
@@ -121,6 +131,7 @@ def run_one(
             return {
                 "model": model, "method": method, "sparsity": sparsity, "epochs": recipe.epochs,
                 "test_error": None, "compression": None, "diverged": True, "lr": recipe.optimizer.lr,
+                **({"overrides": extra} if extra else {}),
             }  # fmt: skip
     return {
         "model": model,
@@ -132,6 +143,7 @@ def run_one(
         "compression": m["compression"],
         "wall_seconds": m["wall_seconds"],
         "device": m.get("device", "cpu"),
+        **({"overrides": extra} if extra else {}),
         **(
             {"dense_pair_test_error": 100 * (1 - m["dense_pair_test_accuracy"])}
             if "dense_pair_test_accuracy" in m
@@ -171,7 +183,9 @@ def frontier_tables(runs: list[dict[str, Any]]) -> str:
                     "; ".join(
                         f"diverged (lr {r['lr']:g})"
                         if r.get("diverged")
-                        else f"{r['test_error']:.2f} ({r['compression']:.0f}×, {r['epochs']}e)"
+                        else f"{r['test_error']:.2f} ({r['compression']:.0f}×, {r['epochs']}e"
+                        + "".join(f", {o}" for o in r.get("overrides", []))
+                        + ")"
                         for r in hits
                     )
                     or "—"
@@ -274,7 +288,8 @@ def main() -> None:
                     break
                 recipe = point_recipe(model, method, sparsity, args.epochs)
                 point = 0.0 if method == "dense" else sparsity
-                if (model, method, round(point, 6), recipe.epochs) in runs:
+                extra = " ".join(POINT_OVERRIDES.get((model, method, sparsity), []))
+                if (model, method, round(point, 6), recipe.epochs, extra) in runs:
                     continue  # recorded in the committed results: not trained again
                 r = run_one(model, method, sparsity, recipe, args.runs_dir, data)
                 runs[run_key(r)] = r

@@ -48,7 +48,16 @@ def test_zero_random_groups_then_slim_is_exact(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["mlp", "conv_bn_flatten", "residual", "concat_bn", "inverted_residual", "conv1d"]
+    "name",
+    [
+        "mlp",
+        "conv_bn_flatten",
+        "residual",
+        "concat_bn",
+        "inverted_residual",
+        "conv1d",
+        "grouped_unknown",
+    ],
 )
 def test_slim_after_real_training_steps(name):
     """Groups zeroed and held at zero while SGD with momentum and BN updates trains the rest."""
@@ -114,6 +123,28 @@ def test_depthwise_joins_its_input_group():
     assert small.dw[0].groups == small.dw[0].in_channels == small.dw[0].out_channels == 1
 
 
+def test_grouped_conv_groups_keep_conv_groups_balanced():
+    model, x = ZOO["grouped_unknown"]()
+    groups = find_groups(model, x)
+    # g has 2 conv groups of 4 inputs: a's channels s and 4+s feed the same weight column s
+    a_groups = [g for g in groups if ("a.weight", 0) in g.slices("out")]
+    assert sorted(g.slices("out")[("a.weight", 0)] for g in a_groups) == [
+        [s, 4 + s] for s in range(4)
+    ]
+    assert all(g.prunable for g in a_groups)
+    assert all(g.slices("in")[("g.weight", 1)] == [i] for i, g in enumerate(a_groups))
+    # g's outputs t and 6+t; the depthwise multiplier conv dm joins its 2 outputs per input channel
+    first = next(g for g in groups if g.slices("out").get(("g.weight", 0)) == [0, 6])
+    assert first.prunable
+    assert first.slices("out")[("dm.weight", 0)] == [0, 1, 12, 13]
+    a_groups[1].zero_()
+    first.zero_()
+    small = slim(model, x, groups)
+    assert (small.g.in_channels, small.g.out_channels, small.g.groups) == (6, 10, 2)
+    assert (small.dm.in_channels, small.dm.out_channels, small.dm.groups) == (10, 20, 10)
+    assert small.b.in_channels == 20
+
+
 @pytest.mark.parametrize(
     ("name", "tensor", "reason"),
     [
@@ -122,7 +153,6 @@ def test_depthwise_joins_its_input_group():
         ("embed_layernorm", "emb.weight", "LayerNorm"),
         ("tied", "hidden.weight", "shared"),
         ("tied", "mid.weight", "shared"),
-        ("grouped_unknown", "a.weight", "grouped"),
         ("grouped_unknown", "b.weight", "cumsum"),
     ],
 )

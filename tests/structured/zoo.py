@@ -165,17 +165,20 @@ class Tied(nn.Module):
 
 
 class GroupedAndUnknown(nn.Module):
-    """A grouped (not depthwise) conv and an op without a rule (cumsum over channels)."""
+    """A grouped conv (2 groups of 4 → 6), a depthwise conv with channel multiplier 2 and an op without
+    a rule (cumsum over channels)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.b = nn.Conv2d(8, 6, 1)
+        self.g = nn.Conv2d(8, 12, 3, padding=1, groups=2)
+        self.dm = nn.Conv2d(12, 24, 3, padding=1, groups=12)
+        self.b = nn.Conv2d(24, 6, 1)
         self.fc = nn.Linear(6, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.relu(self.g(F.relu(self.a(x))))
+        y = F.relu(self.dm(y))
         y = torch.cumsum(F.relu(self.b(y)), dim=1)
         return self.fc(y.mean((2, 3)))
 

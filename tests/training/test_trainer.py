@@ -101,6 +101,16 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path, data, monkeyp
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
+def test_nan_loss_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path, data, monkeypatch):
+    import prunekit.training.trainer as trainer
+
+    real = trainer.F.cross_entropy
+    monkeypatch.setattr(trainer.F, "cross_entropy", lambda *a, **k: real(*a, **k) * math.nan)
+    with pytest.raises(NonFiniteLossError, match="no checkpoint"):
+        train(_recipe("gmp", epochs=2, update_every=5), tmp_path, progress=False, data=data)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_resume_with_other_recipe_is_refused(tmp_path, data):
     train(
         _recipe("gmp", epochs=2, update_every=5),

@@ -116,20 +116,59 @@ def conv_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]
     if isinstance(x, Flow) and x.dim != 1:
         ctx.graph.pin(x.ids, f"{name}: channels not on dim 1")
         x = None
-    depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
-    if depthwise and isinstance(x, Flow):
-        ctx.attach(x.ids, weight, 0, "out")
-        ctx.attach(x.ids, bias, 0, "out")
-        return Flow(1, list(x.ids))
-    if m.groups > 1 or isinstance(m, TRANSPOSED_CONVS):
-        reason = f"{name}: grouped or transposed convolution"
+    if isinstance(m, TRANSPOSED_CONVS):
+        reason = f"{name}: transposed convolution"
         pin_all(ctx, [x], reason)
-        out = fresh_flow(ctx, node, reason, dim=1)
-        return out
+        return fresh_flow(ctx, node, reason, dim=1)
+    if m.groups > 1:
+        return grouped_conv(ctx, node, m, x if isinstance(x, Flow) else None, weight, bias)
     if isinstance(x, Flow):
         ctx.attach(x.ids, weight, 1, "in")
     out = fresh_flow(ctx, node, None, dim=1)
     assert out is not None
+    ctx.attach(out.ids, weight, 0, "out")
+    ctx.attach(out.ids, bias, 0, "out")
+    return out
+
+
+def grouped_conv(
+    ctx: RuleContext,
+    node: fx.Node,
+    m: nn.Conv2d,
+    x: Flow | None,
+    weight: str | None,
+    bias: str | None,
+) -> Value:
+    """A convolution with ``g = groups > 1``: ``a`` input and ``b`` output channels per group.
+
+    With ``a == 1`` (depthwise, with or without a channel multiplier ``b``) input channel ``k`` and
+    output channels ``k·b … k·b+b-1`` are one channel: removing it removes a whole conv group (the
+    slim conv has fewer groups). With ``a > 1`` every conv group must keep the same width, so the
+    channels with the same index *within* their group are joined: input channels ``s, a+s, 2a+s, …``
+    (weight column ``s``) and output channels ``t, b+t, 2b+t, …`` (weight rows): removing them keeps
+    ``groups`` and narrows every group.
+    """
+    g = m.groups
+    a, b = m.in_channels // g, m.out_channels // g
+    shape = shape_of(node)
+    if shape is None:
+        return unknown(ctx, node, [x])
+    if a == 1:
+        ids = list(x.ids) if x is not None else ctx.graph.fresh(m.in_channels, "untracked input")
+        out_ids = [cid for cid in ids for _ in range(b)]
+        ctx.attach(out_ids, weight, 0, "out")
+        ctx.attach(out_ids, bias, 0, "out")
+        return Flow(1, out_ids)
+    if x is not None:
+        for s in range(a):
+            column = x.ids[s::a]
+            ctx.graph.union_all(column[:-1], column[1:])
+        # weight column s belongs to x.ids[s] (and so to its whole class)
+        ctx.attach(x.ids[:a], weight, 1, "in")
+    out = Flow(1, ctx.graph.fresh(m.out_channels))
+    for t in range(b):
+        row = out.ids[t::b]
+        ctx.graph.union_all(row[:-1], row[1:])
     ctx.attach(out.ids, weight, 0, "out")
     ctx.attach(out.ids, bias, 0, "out")
     return out

@@ -32,11 +32,12 @@ class SlimError(RuntimeError):
 def _fix_conv(m: nn.Module) -> None:
     assert isinstance(m, CONVS)
     m = cast(nn.Conv2d, m)  # the attributes all convolutions share
-    out_c = m.weight.shape[0]
-    if m.groups > 1:  # depthwise (other grouped convs are never sliced)
-        m.groups = m.in_channels = m.out_channels = out_c
-    else:
-        m.in_channels, m.out_channels = m.weight.shape[1], out_c
+    out_c, per_group_in = m.weight.shape[0], m.weight.shape[1]
+    if m.groups > 1 and m.in_channels == m.groups:  # whole conv groups were removed (see rules)
+        m.groups = m.in_channels = out_c // (m.out_channels // m.groups)
+    else:  # every conv group narrowed alike (groups == 1 included)
+        m.in_channels = per_group_in * m.groups
+    m.out_channels = out_c
 
 
 def _fix_linear(m: nn.Module) -> None:

@@ -203,10 +203,15 @@ def train(
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 bar.close()
+                kept = (
+                    f"The last good checkpoint ({ckpt_path}, epoch "
+                    f"{start_epoch if not history else history[-1]['epoch']}) is intact"
+                    if ckpt_path.exists()
+                    else "No epoch had completed, so there is no checkpoint"
+                )
                 raise NonFiniteLossError(
-                    f"loss is {loss_value} at epoch {epoch + 1}, step {step}; stopped. The last good "
-                    f"checkpoint ({ckpt_path}, epoch {start_epoch if not history else history[-1]['epoch']}) "
-                    "is intact: lower the learning rate and resume."
+                    f"loss is {loss_value} at epoch {epoch + 1}, step {step}; stopped. {kept}: "
+                    "lower the learning rate (or add lr_schedule.warmup_epochs) and resume."
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
