@@ -7,7 +7,7 @@ run reaches at least that compression with at most that error.
 
 Runs are resumable and incremental: a point already recorded in ``benchmarks/results/mnist_frontier.json``
 (same model, method, sparsity and epochs) is not trained again; each run writes to
-``runs/frontier/<model>/<method>-<sparsity>/e<epochs>`` and resumes from its checkpoint if interrupted.
+``runs/frontier/<model>/<method>-<sparsity>/e<epochs>-<recipe digest>`` and resumes from its checkpoint if interrupted.
 So the frontier can be filled in over several sessions (``--max-minutes`` bounds one sitting).
 
 Usage::
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import logging
 import time
@@ -64,11 +65,10 @@ PUBLISHED: dict[str, list[tuple[str, float, float]]] = {
         ("L-OBS 99% (Dong 2017, via SNIP)", 100.0, 2.1),
     ],
 }
-# Points that diverged (NaN loss) with the recipe's learning rate and were run again with these
-# overrides (``prunekit train --set``); the tables mark them. Both diverged runs are kept in the results.
-POINT_OVERRIDES: dict[tuple[str, str, float], list[str]] = {
-    ("lenet5", "acdc", 0.99): ["optimizer.lr=0.02"],
-}
+# A point whose loss becomes NaN with the recipe's learning rate is run once more with the learning
+# rate times this factor (``prunekit train --set optimizer.lr=...``); both runs are recorded and the
+# retry is marked in the tables.
+RETRY_LR_FACTOR = 0.4
 RESULT_NAME = "mnist_frontier"
 
 
@@ -100,25 +100,36 @@ def save_merged(
     return ordered
 
 
-def point_recipe(model: str, method: str, sparsity: float, epochs: int | None) -> Recipe:
-    """The shipped recipe of ``model``/``method`` with this point's sparsity (and epochs)."""
+def point_recipe(
+    model: str, method: str, sparsity: float, epochs: int | None, extra: list[str] | None = None
+) -> Recipe:
+    """The shipped recipe of ``model``/``method`` with this point's sparsity (epochs, overrides)."""
     overrides = [] if method == "dense" else [f"pruning.sparsity={sparsity}"]
-    overrides += POINT_OVERRIDES.get((model, method, sparsity), [])
+    overrides += extra or []
     if epochs is not None:
         overrides.append(f"epochs={epochs}")
     return load_recipe(ROOT / "recipes" / model / f"{method}.yaml", overrides)
 
 
+def recipe_digest(recipe: Recipe) -> str:
+    return hashlib.sha1(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+
+
 def run_one(
-    model: str, method: str, sparsity: float, recipe: Recipe, runs_dir: Path, data: Any
+    model: str,
+    method: str,
+    sparsity: float,
+    recipe: Recipe,
+    runs_dir: Path,
+    data: Any,
+    extra: list[str],
 ) -> dict[str, Any]:
-    extra = POINT_OVERRIDES.get((model, method, sparsity), [])
     tag = "".join(f"-{o.split('.')[-1].replace('=', '')}" for o in extra)
     out = (
         runs_dir
         / model
         / (method if method == "dense" else f"{method}-{sparsity:g}{tag}")
-        / f"e{recipe.epochs}"
+        / f"e{recipe.epochs}-{recipe_digest(recipe)}"  # a changed recipe never resumes a stale run
     )
     metrics_path = out / "metrics.json"
     if metrics_path.exists():
@@ -286,20 +297,25 @@ def main() -> None:
                 if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:
                     print("time budget reached; stopping")
                     break
-                recipe = point_recipe(model, method, sparsity, args.epochs)
-                point = 0.0 if method == "dense" else sparsity
-                extra = " ".join(POINT_OVERRIDES.get((model, method, sparsity), []))
-                if (model, method, round(point, 6), recipe.epochs, extra) in runs:
-                    continue  # recorded in the committed results: not trained again
-                r = run_one(model, method, sparsity, recipe, args.runs_dir, data)
-                runs[run_key(r)] = r
-                if not r.get("diverged"):
-                    print(
-                        f"{model} {method} {sparsity:g}: error {r['test_error']:.2f}% at "
-                        f"{r['compression']:.1f}× ({r['wall_seconds']:.0f}s)",
-                        flush=True,
-                    )
-                save_merged({run_key(r): r})
+                extra: list[str] = []
+                while True:
+                    recipe = point_recipe(model, method, sparsity, args.epochs, extra)
+                    point = 0.0 if method == "dense" else sparsity
+                    key = (model, method, round(point, 6), recipe.epochs, " ".join(extra))
+                    r = runs.get(key)  # recorded in the committed results: not trained again
+                    if r is None:
+                        r = run_one(model, method, sparsity, recipe, args.runs_dir, data, extra)
+                        runs[run_key(r)] = r
+                        save_merged({run_key(r): r})
+                        if not r.get("diverged"):
+                            print(
+                                f"{model} {method} {sparsity:g}: error {r['test_error']:.2f}% at "
+                                f"{r['compression']:.1f}× ({r['wall_seconds']:.0f}s)",
+                                flush=True,
+                            )
+                    if not r.get("diverged") or extra:
+                        break
+                    extra = [f"optimizer.lr={recipe.optimizer.lr * RETRY_LR_FACTOR:g}"]
     ordered = save_merged({})
     plot(ordered, RESULTS / f"{RESULT_NAME}.png")
 

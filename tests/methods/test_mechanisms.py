@@ -178,6 +178,17 @@ def test_gap_grows_one_partition_at_a_time():
     assert all(float(m.float().mean()) == pytest.approx(0.1, abs=0.01) for m in pruner.masker.masks)
 
 
+def test_gap_refuses_an_allocation_that_empties_a_layer_at_init():
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-3)  # the smallest magnitudes at init: global magnitude drops it all
+    with pytest.raises(prunekit.ConfigError, match=r"layer collapse.*erk"):
+        prunekit.sparsify(
+            model, sgd(model), "gap", sparsity=0.9, total_steps=100, allocation="global"
+        )
+    prunekit.sparsify(model, sgd(model), "gap", sparsity=0.9, total_steps=100, allocation="erk")
+
+
 def test_imp_rounds_and_retraining_schedules():
     total = 100
     model = mlp()

@@ -27,7 +27,9 @@ from prunekit.methods.registry import register_method
 @dataclass(kw_only=True)
 class GaPConfig(SparsityConfig):
     """``partitions`` = κ (0: one per layer, at most 4); ``cycles`` passes over the partitions end at
-    fraction ``grow_end`` of training."""
+    fraction ``grow_end`` of training. ``allocation`` splits the budget at initialisation (``erk``
+    suits a random network; ``global`` magnitude at init can empty a whole layer and is refused then);
+    each partition keeps its share when it is pruned back."""
 
     allocation: str = "uniform"
     partitions: int = 0
@@ -57,10 +59,19 @@ class GaP(Pruner):
             list(range(bounds[i], bounds[i + 1])) for i in range(kappa)
         ]
         self.phase_steps = max(1, config.fraction_step(config.grow_end) // (kappa * config.cycles))
-        self.masker = Masker(self.targets, optimizer, MaskMode.HARD)
-        masks = self.magnitude_masks(config.sparsity)
+        masks = self.magnitude_masks(
+            config.sparsity
+        )  # before the masker: a refusal leaves no trace
         # Each partition keeps its share of the budget when it is pruned back.
         self._budgets = [sum(int(masks[i].sum()) for i in part) for part in self.partitions]
+        empty = [self.targets[i].name for i, m in enumerate(masks) if not bool(m.any())]
+        if empty:
+            raise ConfigError(
+                f"GaP with allocation {config.allocation!r} at sparsity {config.sparsity} keeps no "
+                f"weight of {', '.join(empty)} at initialisation (layer collapse: magnitudes at init "
+                "differ by layer); use allocation 'erk' or 'uniform'"
+            )
+        self.masker = Masker(self.targets, optimizer, MaskMode.HARD)
         self.masker.set_masks_(masks)
         self._grown: int | None = None
         self._enter_phase(self.phase(0))
