@@ -230,7 +230,8 @@ class AttentionBlock(nn.Module):
 
 
 class HandWrittenAttention(nn.Module):
-    """Attention written out by hand (reshape into heads, q @ kᵀ): its projections are pinned."""
+    """Attention written out by hand with the head count hard-coded (``view(b, t, 2, 4)``): the heads
+    cannot be removed (the literal would not follow), so its projections are pinned."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -260,4 +261,58 @@ ZOO["attention_seq_first"] = lambda: (
     AttentionBlock(batch_first=False),
     _seq(6).transpose(0, 1).contiguous(),
 )
+
+
+class HeadAttributeAttention(nn.Module):
+    """Pre-norm transformer block written by hand: ``view(b, t, self.num_heads, self.head_dim)``,
+    ``q @ kᵀ · scale``, a causal mask, softmax, dropout, ``@ v``, merge with
+    ``self.num_heads * self.head_dim``: the 4 heads (of 3) are prunable, ``num_heads`` follows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.depth = 4, 3, 4  # depth: an unrelated int equal to 4
+        inner = self.num_heads * self.head_dim
+        self.embed = nn.Linear(6, 8)
+        self.ln = nn.LayerNorm(8)
+        self.q, self.k, self.v = nn.Linear(8, inner), nn.Linear(8, inner), nn.Linear(8, inner)
+        self.drop = nn.Dropout(0.0)
+        self.o = nn.Linear(inner, 8)
+        self.head = nn.Linear(8, 3)
+        self.register_buffer("causal", torch.ones(5, 5, dtype=torch.bool).triu(1))
+
+    def split(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        b, t, _ = h.shape
+        y = self.ln(h)
+        q, k, v = self.split(self.q(y)), self.split(self.k(y)), self.split(self.v(y))
+        s = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+        s = s.masked_fill(self.causal, float("-inf"))
+        a = self.drop(s.softmax(dim=-1)) @ v
+        h = h + self.o(a.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self.head(h.mean(1))
+
+
+class SDPAAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` with ``view(b, t, -1, 3)`` and ``reshape(b, t, -1)``: the
+    heads are prunable without any attribute to update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 12), nn.Linear(8, 12), nn.Linear(8, 12)
+        self.o = nn.Linear(12, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, 3).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(F.relu(self.o(a.transpose(1, 2).reshape(b, t, -1))).mean(1))
+
+
 ZOO["handwritten_attention"] = lambda: (HandWrittenAttention(), _seq(8))
+ZOO["head_attribute_attention"] = lambda: (HeadAttributeAttention(), _seq(6))
+ZOO["sdpa_attention"] = lambda: (SDPAAttention(), _seq(8))

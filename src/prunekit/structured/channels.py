@@ -32,10 +32,18 @@ class Member:
 
 @dataclass
 class Flow:
-    """Channel ids of one tensor along dimension ``dim`` (non-negative)."""
+    """Channel ids of one tensor along dimension ``dim`` (non-negative).
+
+    A *head flow* (``heads`` set) lays the ids out over two dims: ``heads`` (the head index) and
+    ``dim`` (the position within a head), ``ids[h · D + j]``. A *structural* flow (attention scores,
+    one id per head on ``dim``) marks which slices go with a group without claiming that they are zero
+    when the group is (see :mod:`prunekit.structured.heads`).
+    """
 
     dim: int
     ids: list[int]
+    heads: int | None = None
+    structural: bool = False
 
 
 @dataclass

@@ -5,8 +5,10 @@ network's output does not depend on the channel they produce: the channel and ev
 consumes it can be deleted and the output stays exactly the same. A conv's output channel, its bias
 entry, the following batch norm's ``γ``/``β`` entries and, through a residual add, every other producer
 of that channel form one group; concatenation offsets them; a depthwise conv joins its input's group.
-Groups that reach the model output, touch shared (tied) tensors or pass through an op that mixes
-channels (layer norm, attention matmuls, an unknown op) are reported unprunable with the reason.
+Attention heads — of ``nn.MultiheadAttention`` and of attention written out by hand
+(:mod:`prunekit.structured.heads`) — are groups too. Groups that reach the model output, touch shared
+(tied) tensors or pass through an op that mixes channels (layer norm, an unknown op) are reported
+unprunable with the reason.
 
 Capture uses ``torch.fx.symbolic_trace`` and ``ShapeProp`` (public APIs); modules are recognised by
 type, never by class-name strings.
@@ -23,7 +25,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from prunekit.structured.channels import ChannelGraph, Member
+from prunekit.structured.channels import ChannelGraph, Flow, Member
+from prunekit.structured.heads import head_rule, resolve_sites, split_rule
 from prunekit.structured.rules import (
     RuleContext,
     Value,
@@ -43,9 +46,16 @@ class Group:
     """One zero-invariant group: slices of parameters and buffers removed together."""
 
     def __init__(
-        self, index: int, members: list[Member], reason: str | None, tensors: dict[str, Tensor]
+        self,
+        index: int,
+        members: list[Member],
+        reason: str | None,
+        tensors: dict[str, Tensor],
+        counters: Sequence[tuple[str, int]] = (),
     ):
         self.index = index
+        #: ``(module attribute path, value)`` that removing this group lowers by one (head counts)
+        self.counters = list(counters)
         self.members = sorted(members, key=lambda m: (m.tensor, m.axis, m.index))
         self.reason = reason
         self._tensors = tensors
@@ -194,6 +204,9 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
             env[node] = fresh_flow(ctx, node, "model input")
         elif node.op == "get_attr":
             env[node] = None
+        elif _has_heads(args):
+            owner = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+            env[node] = head_rule(ctx, node, owner, args)
         elif node.op == "call_module":
             module = gm.get_submodule(str(node.target))
             rule = module_rule(module)
@@ -201,15 +214,39 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
                 rule(ctx, node, module, args) if rule is not None else unknown(ctx, node, args)
             )
         elif node.op in ("call_function", "call_method"):
-            env[node] = function_rule(ctx, node, args)
+            split = (
+                split_rule(ctx, node, args[0])
+                if _is_reshape(node) and args and isinstance(args[0], Flow)
+                else None
+            )
+            env[node] = split if split is not None else function_rule(ctx, node, args)
         elif node.op == "output":
             pin_all(ctx, args, "reaches the model output")
 
+    resolve_sites(ctx, model)
     groups: list[Group] = []
     for ids in ctx.graph.classes().values():
         members = [m for cid in ids for m in ctx.graph.members.get(cid, [])]
         if not any(m.role == "out" for m in members):
             continue
         reasons = [ctx.graph.pins[cid] for cid in ids if cid in ctx.graph.pins]
-        groups.append(Group(len(groups), members, reasons[0] if reasons else None, tensors))
+        counters = sorted({a for cid in ids for a in ctx.head_attrs.get(cid, ())})
+        groups.append(
+            Group(len(groups), members, reasons[0] if reasons else None, tensors, counters)
+        )
     return groups
+
+
+def _has_heads(args: list[Value]) -> bool:
+    for a in args:
+        if isinstance(a, Flow) and (a.heads is not None or a.structural):
+            return True
+        if isinstance(a, tuple) and _has_heads(list(a)):
+            return True
+    return False
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in ("view", "reshape")) or (
+        node.target is torch.reshape
+    )

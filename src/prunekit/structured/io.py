@@ -1,9 +1,10 @@
 """Saving and loading slim models without pickling code.
 
-A slim model is described by a JSON *spec* — for every sliced tensor, the axis and the indices kept —
-plus an ordinary state dict. :func:`load_slim` rebuilds the slim architecture on a fresh instance of
-the original class (the same slicing and attribute updates as :func:`~prunekit.structured.slim`) and
-loads the weights, so no Python objects are unpickled (``torch.load(weights_only=True)``).
+A slim model is described by a JSON *spec* — for every sliced tensor, the axis and the indices kept,
+and the new values of counted attributes such as head counts — plus an ordinary state dict.
+:func:`load_slim` rebuilds the slim architecture on a fresh instance of the original class (the same
+slicing and attribute updates as :func:`~prunekit.structured.slim`) and loads the weights, so no
+Python objects are unpickled (``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -17,14 +18,19 @@ import torch
 from torch import nn
 
 from prunekit.structured.groups import Group
-from prunekit.structured.slim import apply_kept, kept_plan
+from prunekit.structured.slim import apply_kept, attribute_plan, kept_plan
 
 SPEC_FORMAT = "prunekit-slim"
 
 
 def slim_spec(model: nn.Module, groups: Sequence[Group]) -> dict[str, Any]:
     """The JSON-ready spec of the slim model :func:`~prunekit.structured.slim` would build."""
-    return {"format": SPEC_FORMAT, "version": 1, "kept": kept_plan(model, groups)}
+    return {
+        "format": SPEC_FORMAT,
+        "version": 1,
+        "kept": kept_plan(model, groups),
+        "attributes": attribute_plan(model, groups),
+    }
 
 
 def save_slim(slim_model: nn.Module, spec: dict[str, Any], directory: str | Path) -> None:
@@ -43,6 +49,6 @@ def load_slim(fresh_model: nn.Module, directory: str | Path) -> nn.Module:
     spec = json.loads((src / "spec.json").read_text())
     if spec.get("format") != SPEC_FORMAT:
         raise ValueError(f"{src / 'spec.json'} is not a {SPEC_FORMAT} spec")
-    model = apply_kept(fresh_model, spec["kept"])
+    model = apply_kept(fresh_model, spec["kept"], attributes=spec.get("attributes"))
     model.load_state_dict(torch.load(src / "weights.pt", map_location="cpu", weights_only=True))
     return model

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -47,6 +47,9 @@ class RuleContext:
     graph: ChannelGraph
     names: dict[int, str]  # id(tensor) -> canonical qualified name
     shared: set[str]  # canonical names of tensors used by several modules or calls
+    head_sites: list[Any] = field(default_factory=list)  # heads.HeadSite: splits and merges
+    coupled: list[int] = field(default_factory=list)  # one id per head joined by attention
+    head_attrs: dict[int, set[tuple[str, int]]] = field(default_factory=dict)
 
     def tensor_name(self, module_name: str, attr: str, module: nn.Module) -> str | None:
         t = getattr(module, attr, None)

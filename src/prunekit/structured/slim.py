@@ -85,6 +85,12 @@ def removal_plan(
     When removing every such group would leave a tensor with no channels along an axis (a layer
     PyTorch cannot run), one of those zero groups is kept: the output is the same either way.
     """
+    return _plan(groups, sizes)[0]
+
+
+def _plan(
+    groups: Sequence[Group], sizes: dict[tuple[str, int], int] | None
+) -> tuple[dict[tuple[str, int], list[int]], list[Group]]:
     removable = [g for g in groups if g.prunable and g.is_zero()]
     while True:
         plan: dict[tuple[str, int], set[int]] = defaultdict(set)
@@ -93,15 +99,32 @@ def removal_plan(
                 plan[key].update(idx)
         empty = [key for key, idx in plan.items() if sizes is not None and len(idx) >= sizes[key]]
         if not empty:
-            return {k: sorted(v) for k, v in plan.items()}
+            return {k: sorted(v) for k, v in plan.items()}, removable
         keep = next(g for g in removable if empty[0] in g.slices())
         removable.remove(keep)
 
 
+def _sizes(model: nn.Module, groups: Sequence[Group]) -> dict[tuple[str, int], int]:
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    return {key: tensors[key[0]].shape[key[1]] for g in groups for key in g.slices()}
+
+
+def attribute_plan(model: nn.Module, groups: Sequence[Group]) -> dict[str, int]:
+    """``module attribute path → new value`` for the counters of removed groups (head counts)."""
+    removed = _plan(groups, _sizes(model, groups))[1]
+    out: dict[str, int] = {}
+    for g in groups:
+        for attr, value in g.counters:
+            out.setdefault(attr, value)
+    for g in removed:
+        for attr, _ in g.counters:
+            out[attr] -= 1
+    return out
+
+
 def kept_plan(model: nn.Module, groups: Sequence[Group]) -> dict[str, list[dict[str, Any]]]:
     """``tensor name → [{"axis": a, "kept": [indices]}, ...]`` describing the slim model of ``model``."""
-    tensors = dict([*model.named_parameters(), *model.named_buffers()])
-    sizes = {key: tensors[key[0]].shape[key[1]] for g in groups for key in g.slices()}
+    sizes = _sizes(model, groups)
     kept: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for (name, axis), drop in sorted(removal_plan(groups, sizes).items()):
         dropped = set(drop)
@@ -113,11 +136,18 @@ def kept_plan(model: nn.Module, groups: Sequence[Group]) -> dict[str, list[dict[
 
 @torch.no_grad()
 def apply_kept(
-    model: nn.Module, kept: dict[str, list[dict[str, Any]]], copy_model: bool = False
+    model: nn.Module,
+    kept: dict[str, list[dict[str, Any]]],
+    copy_model: bool = False,
+    attributes: dict[str, int] | None = None,
 ) -> nn.Module:
-    """Slice ``model``'s tensors to the ``kept`` indices and fix module attributes (in place unless
-    ``copy_model``): what :func:`slim` and :func:`~prunekit.structured.io.load_slim` do."""
+    """Slice ``model``'s tensors to the ``kept`` indices, fix module attributes and set the counted
+    ``attributes`` (head counts; in place unless ``copy_model``): what :func:`slim` and
+    :func:`~prunekit.structured.io.load_slim` do."""
     new = copy.deepcopy(model) if copy_model else model
+    for path, value in (attributes or {}).items():
+        owner, _, attr = path.rpartition(".")
+        setattr(new.get_submodule(owner), attr, value)
     touched: set[str] = set()
     for name, axes in kept.items():
         module_name, _, attr = name.rpartition(".")
@@ -182,7 +212,9 @@ def slim(
     """
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     groups = find_groups(model, inputs) if groups is None else groups
-    new = apply_kept(model, kept_plan(model, groups), copy_model=True)
+    new = apply_kept(
+        model, kept_plan(model, groups), copy_model=True, attributes=attribute_plan(model, groups)
+    )
     if check:
         modes = {m: m.training for m in model.modules()}
         model.eval()
