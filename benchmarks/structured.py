@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import json
 import statistics
 import sys
 import tempfile
@@ -42,7 +43,7 @@ from prunekit.models import build_model
 from prunekit.schedules import cosine
 from prunekit.structured import HESSO, find_groups, slim
 
-from common import environment, write_results
+from common import RESULTS, environment, write_results
 
 MODELS = {
     "resnet20": {},
@@ -51,6 +52,7 @@ MODELS = {
     "mobilenet_v2": {"width": 0.5},
 }
 SHAPE = (1, 28, 28)
+SLIM_DIR = Path(__file__).resolve().parents[1] / "runs" / "structured"  # gitignored
 
 
 def load_oto(shim: Path) -> Any | None:
@@ -283,6 +285,44 @@ def latency_rows(models: dict[str, nn.Module], runs: int) -> list[dict[str, Any]
     return rows
 
 
+def md_tables(payload: dict[str, Any]) -> str:
+    md = ["# Structured pruning: prunekit vs only-train-once 3.0.1 vs Torch-Pruning 1.6.1", ""]
+    if "discovery" in payload:
+        md += ["## Group discovery and exactness (70% of groups zeroed at random, then slimmed)", "",
+               "| model | prunekit groups | prunekit find (s) | prunekit max diff | OTO find (s) | OTO max diff | TP graph (s) |",
+               "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in payload["discovery"]:
+            oto_diff = r.get("oto_error", f"{r.get('oto_max_diff', float('nan')):.1e}")
+            md.append(f"| {r['model']} | {r['prunekit_groups']} | {r['prunekit_find_s']:.3f} | {r['prunekit_max_diff']:.1e} | "
+                      f"{r.get('oto_find_s', float('nan')):.3f} | {oto_diff} | {r.get('tp_graph_s', float('nan')):.3f} |")  # fmt: skip
+        md.append("")
+    if "accuracy" in payload:
+        a = payload["accuracy_args"]
+        rows = payload["accuracy"]
+        md += [f"## MNIST accuracy ({a['epochs']} epochs on {a['train_subset']} images, target group sparsity {a['target']})", "",
+               "| model | library | accuracy | Δ vs dense (points) | params | MACs | FLOPs removed | train s |",
+               "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        base = {r["model"]: r for r in rows if r["library"] == "dense"}
+        for r in rows:
+            if "error" in r:
+                md.append(f"| {r['model']} | {r['library']} | error: {r['error']} | | | | | |")
+                continue
+            b = base[r["model"]]
+            removed = 1 - r["macs"] / b["macs"]
+            md.append(f"| {r['model']} | {r['library']} | {100 * r['accuracy']:.2f}% | {100 * (r['accuracy'] - b['accuracy']):+.2f} | "
+                      f"{r['params']:,} | {r['macs']:,} | {100 * removed:.1f}% | {r['seconds']:.0f} |")  # fmt: skip
+        md.append("")
+    for name, rows in payload.get("latency", {}).items():
+        md += [f"## CPU latency: {name} (median of {payload['latency_args']['runs']} runs, {payload['latency_args']['threads']} threads)", "",
+               "| model | params | MACs | FLOPs factor | ms b=1 | speed-up b=1 | ms b=64 | speed-up b=64 | speed-up / FLOPs factor (b=64) |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in rows:
+            md.append(f"| {r['model']} | {r['params']:,} | {r['macs']:,} | {r['flops_factor']:.2f}× | {r['ms_b1']:.2f} | "
+                      f"{r['speedup_b1']:.2f}× | {r['ms_b64']:.2f} | {r['speedup_b64']:.2f}× | {r['speedup_over_flops_b64']:.2f} |")  # fmt: skip
+        md.append("")
+    return "\n".join(md)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -296,53 +336,41 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=10000)
     parser.add_argument("--target", type=float, default=0.7, help="target group sparsity")
     parser.add_argument("--runs", type=int, default=50, help="latency repetitions")
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--oto-shim",
         type=Path,
         default=Path(__file__).resolve().parents[2] / "shared" / "peers" / "oto_shim.py",
     )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     oto_cls, tp = load_oto(args.oto_shim), load_tp()
-    payload: dict[str, Any] = {
-        "environment": environment(),
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
-    md = ["# Structured pruning: prunekit vs only-train-once 3.0.1 vs Torch-Pruning 1.6.1", ""]
+    path = RESULTS / "structured.json"
+    payload: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    payload["environment"] = environment()  # parts run earlier keep their rows
     if "discovery" in args.parts:
-        rows = discovery(oto_cls, tp)
-        payload["discovery"] = rows
-        md += ["## Group discovery and exactness (70% of groups zeroed at random, then slimmed)", "",
-               "| model | prunekit groups | prunekit find (s) | prunekit max diff | OTO find (s) | OTO max diff | TP graph (s) |",
-               "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for r in rows:
-            oto_diff = r.get("oto_error", f"{r.get('oto_max_diff', float('nan')):.1e}")
-            md.append(f"| {r['model']} | {r['prunekit_groups']} | {r['prunekit_find_s']:.3f} | {r['prunekit_max_diff']:.1e} | "
-                      f"{r.get('oto_find_s', float('nan')):.3f} | {oto_diff} | {r.get('tp_graph_s', float('nan')):.3f} |")  # fmt: skip
-        md.append("")
-    slim_models: dict[str, dict[str, nn.Module]] = {}
+        payload["discovery"] = discovery(oto_cls, tp)
     if "accuracy" in args.parts:
         rows = accuracy_runs(oto_cls, tp, args)
         for r in rows:
-            if "slim" in r:
-                slim_models.setdefault(r["model"], {})[r["library"]] = r.pop("slim")
-        payload["accuracy"] = rows
-        md += [f"## MNIST accuracy ({args.epochs} epochs on {args.train_subset} images, target group sparsity {args.target})", "",
-               "| model | library | accuracy | params | MACs | FLOPs removed |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
-        base = {r["model"]: r for r in rows if r["library"] == "dense"}
-        for r in rows:
-            if "error" in r:
-                md.append(f"| {r['model']} | {r['library']} | error: {r['error']} | | | |")
-                continue
-            removed = 1 - r["macs"] / base[r["model"]]["macs"]
-            md.append(
-                f"| {r['model']} | {r['library']} | {100 * r['accuracy']:.2f}% | {r['params']:,} | {r['macs']:,} | {100 * removed:.1f}% |"
-            )
-        md.append("")
+            if "slim" in r:  # kept for a latency run in a quiet window (no retraining)
+                out = SLIM_DIR / r["model"] / f"{r['library'].split(' ')[0]}.pt"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(r.pop("slim"), out)
+        done = {r["model"] for r in rows}
+        payload["accuracy"] = [
+            r for r in payload.get("accuracy", []) if r["model"] not in done
+        ] + rows
+        payload["accuracy_args"] = {"epochs": args.epochs, "train_subset": args.train_subset,
+                                    "target": args.target}  # fmt: skip
     if "latency" in args.parts:
-        payload["latency"] = {}
+        payload.setdefault("latency", {})
+        payload["latency_args"] = {"runs": args.runs, "threads": torch.get_num_threads()}
         for name in args.models:
             models: dict[str, nn.Module] = {"dense": build_model(name, SHAPE, 10, **MODELS[name])}
-            models.update(slim_models.get(name, {}))
+            for f in sorted((SLIM_DIR / name).glob("*.pt")):
+                models[f"{f.stem} slim"] = torch.load(f, weights_only=False)
             if len(models) == 1:  # no accuracy run: a 70% group-sparse model, slimmed
                 m = build_model(name, SHAPE, 10, **MODELS[name])
                 groups = find_groups(m, torch.randn(1, *SHAPE))
@@ -351,16 +379,8 @@ def main() -> None:
                     if g.prunable and torch.rand((), generator=gen) < 0.7:
                         g.zero_()
                 models["prunekit slim (70% groups)"] = slim(m, torch.randn(1, *SHAPE), groups)
-            rows = latency_rows(models, args.runs)
-            payload["latency"][name] = rows
-            md += [f"## CPU latency: {name} (median of {args.runs} runs, {torch.get_num_threads()} threads)", "",
-                   "| model | params | MACs | FLOPs factor | ms b=1 | speed-up b=1 | ms b=64 | speed-up b=64 | speed-up / FLOPs factor (b=64) |",
-                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-            for r in rows:
-                md.append(f"| {r['model']} | {r['params']:,} | {r['macs']:,} | {r['flops_factor']:.2f}× | {r['ms_b1']:.2f} | "
-                          f"{r['speedup_b1']:.2f}× | {r['ms_b64']:.2f} | {r['speedup_b64']:.2f}× | {r['speedup_over_flops_b64']:.2f} |")  # fmt: skip
-            md.append("")
-    write_results("structured", payload, "\n".join(md), echo=True)
+            payload["latency"][name] = latency_rows(models, args.runs)
+    write_results("structured", payload, md_tables(payload), echo=True)
 
 
 if __name__ == "__main__":
