@@ -5,7 +5,7 @@ from prunekit.models import build_model
 from prunekit.structured import find_groups, slim
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet56", "vgg_bn", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["resnet20", "resnet56", "vgg_bn", "mobilenet_v2", "densenet"])
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
 def test_reference_models_slim_exactly(name, shape):
     torch.manual_seed(0)

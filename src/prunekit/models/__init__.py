@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from prunekit.models.cifar import VGGBN, CifarResNet, MobileNetV2, resnet20, resnet56
+from prunekit.models.cifar import VGGBN, CifarResNet, DenseNet, MobileNetV2, resnet20, resnet56
 from prunekit.models.lenet import LeNet5Caffe, LeNet300100
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -17,6 +17,7 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet56": resnet56,
     "vgg_bn": VGGBN,
     "mobilenet_v2": MobileNetV2,
+    "densenet": DenseNet,
 }
 
 
@@ -41,6 +42,7 @@ def build_model(
 __all__ = [
     "VGGBN",
     "CifarResNet",
+    "DenseNet",
     "LeNet5Caffe",
     "LeNet300100",
     "MobileNetV2",

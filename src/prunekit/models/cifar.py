@@ -6,6 +6,7 @@
   and a linear classifier (``width`` scales the channels).
 * :class:`MobileNetV2` — Sandler et al. 2018 style inverted residuals (1×1 expand, 3×3 depthwise,
   1×1 project, residual when shapes match), sized for small images.
+* :class:`DenseNet` — Huang et al. 2017, DenseNet-BC style (concatenation followed by batch norm).
 """
 
 from __future__ import annotations
@@ -157,6 +158,54 @@ class MobileNetV2(nn.Module):
         layers += [nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6()]
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(last, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-conv1×1 (bottleneck) then BN-ReLU-conv3×3 producing ``growth`` new channels, which are
+    concatenated to the input."""
+
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, 4 * growth, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4 * growth)
+        self.conv2 = nn.Conv2d(4 * growth, growth, 3, 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(F.relu(self.bn1(x)))
+        y = self.conv2(F.relu(self.bn2(y)))
+        return torch.cat([x, y], 1)
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC style network (Huang et al. 2017): every layer's input is the concatenation of all
+    earlier feature maps of its block and is batch-normalised first — concatenation followed by batch
+    norm everywhere, the pattern whose channel offsets structured pruning must get right."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (3, 32, 32),
+        num_classes: int = 10,
+        growth: int = 12,
+        layers: Sequence[int] = (4, 4, 4),
+    ):
+        super().__init__()
+        c = 2 * growth
+        blocks: list[nn.Module] = [nn.Conv2d(input_shape[0], c, 3, 1, 1, bias=False)]
+        for i, n in enumerate(layers):
+            for _ in range(n):
+                blocks.append(DenseLayer(c, growth))
+                c += growth
+            if i < len(layers) - 1:  # transition: BN-ReLU-conv1×1 halving the channels, avg-pool
+                blocks += [nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False)]
+                blocks.append(nn.AvgPool2d(2))
+                c //= 2
+        blocks += [nn.BatchNorm2d(c), nn.ReLU()]
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(c, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
