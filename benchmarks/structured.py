@@ -178,12 +178,17 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
         torch.manual_seed(0)
         model = build_model(name, SHAPE, 10, **kwargs)
         groups = find_groups(model, x1)
-        opt = HESSO(model.parameters(), groups, target_group_sparsity=args.target, start_step=steps // 10,
+        target = args.target
+        if args.flops_removed is not None:
+            target = group_sparsity_for_flops(model, groups, x1, args.flops_removed)
+            print(f"{name}: group sparsity {target:.3f} for {args.flops_removed:.0%} FLOPs removed")
+        opt = HESSO(model.parameters(), groups, target_group_sparsity=target, start_step=steps // 10,
                     pruning_steps=steps // 2, periods=min(10, max(1, steps // 2)), **hp)  # fmt: skip
         t = time.perf_counter()
         train_loop(model, opt, data, args.epochs)
         small = slim(model, x1, groups)
         rows.append({"model": name, "library": "prunekit HESSO", "accuracy": accuracy(small, data),
+                     "target_group_sparsity": target,
                      "params": count_params(small), "macs": count_macs(small, x1),
                      "seconds": time.perf_counter() - t, "slim": small})  # fmt: skip
         print({k: v for k, v in rows[-1].items() if k != "slim"}, flush=True)
@@ -195,7 +200,7 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
             try:
                 oto = oto_cls(model=model, dummy_input=x1)
                 opt = oto.hesso(variant="sgd", lr=hp["lr"], weight_decay=hp["weight_decay"], first_momentum=0.9,
-                                target_group_sparsity=args.target, start_pruning_step=steps // 10,
+                                target_group_sparsity=target, start_pruning_step=steps // 10,
                                 pruning_steps=steps // 2, pruning_periods=min(10, max(1, steps // 2)))  # fmt: skip
                 t = time.perf_counter()
                 train_loop(model, opt, data, args.epochs)
@@ -236,6 +241,27 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
     return rows
 
 
+def group_sparsity_for_flops(
+    model: nn.Module, groups: list[Any], x: torch.Tensor, removed: float
+) -> float:
+    """Group sparsity whose smallest-norm groups, zeroed, remove ``removed`` of the MACs (bisection
+    on the initial weights: how many groups HESSO must zero for a FLOPs budget)."""
+    macs0 = count_macs(model, x)
+    prunable = sorted((g for g in groups if g.prunable), key=lambda g: g.norm())
+    lo, hi = 0.0, 1.0
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        m = copy.deepcopy(model)
+        sub = find_groups(m, x)
+        chosen = {id(g) for g in prunable[: int(mid * len(prunable))]}
+        for g_new, g_old in zip(sub, groups, strict=True):
+            if id(g_old) in chosen:
+                g_new.zero_()
+        frac = 1 - count_macs(slim(m, x, sub, check=False), x) / macs0
+        lo, hi = (mid, hi) if frac < removed else (lo, mid)
+    return hi
+
+
 def tp_prune(tp: Any, model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
     classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]  # TP needs it named
     pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
@@ -246,12 +272,15 @@ def tp_prune(tp: Any, model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Mod
 
 def tp_ratio_for_macs(tp: Any, model: nn.Module, x: torch.Tensor, target_macs: int) -> float:
     """Bisection on Torch-Pruning's channel ratio until its MACs match ``target_macs``."""
+
+    def macs(ratio: float) -> int:
+        return count_macs(tp_prune(tp, copy.deepcopy(model), x, ratio), x)
+
     lo, hi = 0.0, 0.95
     for _ in range(12):
         mid = (lo + hi) / 2
-        macs = count_macs(tp_prune(tp, copy.deepcopy(model), x, mid), x)
-        lo, hi = (mid, hi) if macs > target_macs else (lo, mid)
-    return hi
+        lo, hi = (mid, hi) if macs(mid) > target_macs else (lo, mid)
+    return min((lo, hi), key=lambda r: abs(macs(r) - target_macs))  # MACs move in channel steps
 
 
 # --------------------------------------------------------------------------------------- part 3
@@ -300,7 +329,9 @@ def md_tables(payload: dict[str, Any]) -> str:
     if "accuracy" in payload:
         a = payload["accuracy_args"]
         rows = payload["accuracy"]
-        md += [f"## MNIST accuracy ({a['epochs']} epochs on {a['train_subset']} images, target group sparsity {a['target']})", "",
+        goal = (f"group sparsity for {100 * a['flops_removed']:.0f}% FLOPs removed" if a.get("flops_removed")
+                else f"target group sparsity {a['target']}")  # fmt: skip
+        md += [f"## MNIST accuracy ({a['epochs']} epochs on {a['train_subset']} images, {goal}; Torch-Pruning matched to prunekit's MACs)", "",
                "| model | library | accuracy | Δ vs dense (points) | params | MACs | FLOPs removed | train s |",
                "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         base = {r["model"]: r for r in rows if r["library"] == "dense"}
@@ -336,6 +367,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-subset", type=int, default=10000)
     parser.add_argument("--target", type=float, default=0.7, help="target group sparsity")
+    parser.add_argument(
+        "--flops-removed",
+        type=float,
+        default=None,
+        help="instead of --target: the group sparsity that removes this fraction of the MACs",
+    )
     parser.add_argument("--runs", type=int, default=50, help="latency repetitions")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -364,7 +401,7 @@ def main() -> None:
             r for r in payload.get("accuracy", []) if r["model"] not in done
         ] + rows
         payload["accuracy_args"] = {"epochs": args.epochs, "train_subset": args.train_subset,
-                                    "target": args.target}  # fmt: skip
+                                    "target": args.target, "flops_removed": args.flops_removed}  # fmt: skip
     if "latency" in args.parts:
         payload.setdefault("latency", {})
         payload["latency_args"] = {"runs": args.runs, "threads": torch.get_num_threads()}
