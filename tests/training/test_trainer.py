@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from prunekit.config import ConfigError
 from prunekit.training import (
     CheckpointError,
     NonFiniteLossError,
@@ -179,3 +180,30 @@ def test_recipe_cannot_mix_sparse_and_structured():
     with pytest.raises(ConfigError, match="not both"):
         recipe_from_dict({"model": "resnet20", "pruning": {"method": "gmp", "sparsity": 0.5},
                           "structured": {"optimizer": "hesso"}})  # fmt: skip
+
+
+def test_clip_grad_norm_bounds_every_update(tmp_path, data):
+    """With plain SGD (no momentum) each step moves the weights by at most lr · clip."""
+    spec = {
+        "model": {"name": "lenet300_100"},
+        "data": {"name": "mnist", "batch_size": 64, "train_subset": 1024, "test_subset": 500},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.0, "clip_grad_norm": 1e-3},
+        "lr_schedule": {"name": "constant"},
+        "epochs": 1,
+        "seed": 3,
+    }
+    recipe = recipe_from_dict(spec)
+    torch.manual_seed(recipe.seed)
+    from prunekit.models import build_model
+
+    before = build_model("lenet300_100", data.input_shape, data.num_classes)
+    train(recipe, tmp_path, progress=False, data=data, device="cpu")
+    after = torch.load(tmp_path / "model.pt", weights_only=True)
+    moved = torch.sqrt(
+        sum(((after[k] - v) ** 2).sum() for k, v in before.state_dict().items() if k in after)
+    )
+    steps = 1024 // 64
+    assert 0 < float(moved) <= 0.05 * 1e-3 * steps * (1 + 1e-4)
+    with pytest.raises(ConfigError, match="clip_grad_norm"):
+        spec["optimizer"]["clip_grad_norm"] = -1.0
+        recipe_from_dict(spec)

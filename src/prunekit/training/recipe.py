@@ -70,6 +70,8 @@ class OptimizerSpec:
     momentum: float = 0.9
     weight_decay: float = 0.0
     nesterov: bool = False
+    #: clip the gradient's global 2-norm to this before each step (``None``: no clipping)
+    clip_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -78,6 +80,10 @@ class OptimizerSpec:
             )
         if self.lr <= 0:
             raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ConfigError(
+                f"optimizer.clip_grad_norm must be positive, got {self.clip_grad_norm}"
+            )
 
 
 @dataclass(kw_only=True)

@@ -182,6 +182,12 @@ def train(
         logger.info("resumed from %s at epoch %d (step %d)", ckpt_path, start_epoch, step)
 
     owns_lr = pruner is not None and pruner.owns_lr
+    clip = recipe.optimizer.clip_grad_norm
+
+    def clip_gradients() -> None:
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -215,12 +221,14 @@ def train(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            clip_gradients()
             if pruner is not None and pruner.needs_closure:
 
                 def closure(x: Tensor = x, y: Tensor = y) -> float:
                     optimizer.zero_grad(set_to_none=True)
                     loss = F.cross_entropy(model(x), y)
                     loss.backward()
+                    clip_gradients()
                     return float(loss.detach())
 
                 optimizer.step(closure)
