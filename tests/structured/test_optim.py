@@ -93,3 +93,49 @@ def test_no_prunable_groups_is_reported():
     groups = [g for g in find_groups(model, x) if not g.prunable]
     with pytest.raises(ValueError, match="no prunable groups"):
         HESSO(model.parameters(), groups, lr=0.1, pruning_steps=10)
+
+
+def test_group_macs_price_what_slimming_saves():
+    from prunekit.core import count_macs
+    from prunekit.structured import group_macs
+
+    torch.manual_seed(0)
+    model, x = ZOO["conv_bn_flatten"]()
+    groups = find_groups(model, x)
+    costs = group_macs(model, groups, x[:1])
+    total = count_macs(model, x[:1])
+    for g, c in zip(groups, costs, strict=True):
+        if not g.prunable:
+            continue
+        m, _ = ZOO["conv_bn_flatten"]()
+        m.load_state_dict(model.state_dict())
+        sub = find_groups(m, x)
+        sub[g.index].zero_()
+        saved = total - count_macs(slim(m, x, sub), x[:1])
+        assert c == pytest.approx(saved, rel=1e-6)  # one group alone: no shared slices
+
+
+def test_hesso_cost_target_removes_that_share_of_the_cost_expensive_first():
+    torch.manual_seed(0)
+    model, x = ZOO["residual"]()
+    groups = find_groups(model, x)
+    n = sum(g.prunable for g in groups)
+    costs = [1.0] * n
+    costs[3] = float(n)  # one group costs as much as all the others together
+    opt = HESSO(model.parameters(), groups, lr=0.05, start_step=TOTAL // 5,
+                pruning_steps=TOTAL // 2, periods=5, group_costs=costs, cost_target=0.45)  # fmt: skip
+    _train(model, x, opt, TOTAL)
+    zero = opt.index.sq_norms() == 0
+    removed = float(torch.tensor(costs)[zero].sum()) / sum(costs)
+    assert removed >= 0.45 and bool(zero[3])  # the expensive group went first
+    assert int(zero.sum()) < n // 2  # a few cheap ones besides: far fewer than 45% of the groups
+    slim(model, x, groups)  # raises if the output differs
+    with pytest.raises(ValueError, match="group_costs"):
+        HESSO(
+            model.parameters(),
+            groups,
+            lr=0.05,
+            pruning_steps=10,
+            group_costs=[1.0],
+            cost_target=0.5,
+        )

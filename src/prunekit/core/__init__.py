@@ -1,7 +1,7 @@
 """The sparsity engine shared by every method: targets, masks, allocation, patterns, reports."""
 
 from prunekit.core.allocation import ALLOCATIONS, compute_masks, erk_densities, random_masks
-from prunekit.core.cost import count_macs, count_params
+from prunekit.core.cost import count_macs, count_params, module_macs
 from prunekit.core.masks import Masker, MaskMode
 from prunekit.core.patterns import NMPattern, nm_mask, parse_pattern, topk_mask
 from prunekit.core.report import format_report, sparsity_report
@@ -20,6 +20,7 @@ __all__ = [
     "count_params",
     "erk_densities",
     "format_report",
+    "module_macs",
     "nm_mask",
     "parse_pattern",
     "random_masks",

@@ -29,18 +29,30 @@ def count_macs(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> int:
     """MACs of convolutions and linear layers in one forward pass on ``example_inputs`` (batch 1 is
     the usual convention; the count scales with the batch). The model runs in eval mode and is left in
     its original mode."""
+    return sum(macs for macs, _ in module_macs(model, example_inputs).values())
+
+
+@torch.no_grad()
+def module_macs(
+    model: nn.Module, example_inputs: Sequence[Any] | Tensor
+) -> dict[str, tuple[int, int]]:
+    """``module name → (MACs, weight elements)`` of every convolution and linear layer called in one
+    forward pass (a module called twice adds up). ``MACs / weight elements`` is what each weight
+    costs, which structured pruning uses to price a group of weight slices."""
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    total = 0
+    out: dict[str, tuple[int, int]] = {}
+    names = {m: n for n, m in model.named_modules()}
 
     def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-        nonlocal total
         weight = getattr(module, "weight", None)
         if weight is None or not isinstance(output, Tensor):
             return
         if isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
+            macs = output.numel() * module.in_features
         else:  # convolution: weight is (out, in/groups, *kernel)
-            total += output.numel() * math.prod(weight.shape[1:])
+            macs = output.numel() * math.prod(weight.shape[1:])
+        before = out.get(names[module], (0, 0))[0]
+        out[names[module]] = (before + macs, weight.numel())
 
     handles = [
         m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DEFAULT_TYPES)
@@ -54,4 +66,4 @@ def count_macs(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> int:
             h.remove()
         for m, mode in modes.items():
             m.training = mode
-    return total
+    return out

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from prunekit.core.cost import module_macs
 from prunekit.structured.channels import ChannelGraph, Flow, Member
 from prunekit.structured.heads import head_rule, resolve_sites, split_rule
 from prunekit.structured.rules import (
@@ -250,3 +251,28 @@ def _is_reshape(node: fx.Node) -> bool:
     return (node.op == "call_method" and node.target in ("view", "reshape")) or (
         node.target is torch.reshape
     )
+
+
+def group_macs(
+    model: nn.Module, groups: Sequence[Group], example_inputs: Sequence[Any] | Tensor
+) -> list[float]:
+    """MACs of one forward pass on ``example_inputs`` that removing each group saves (approximately:
+    a weight slice shared by a producing and a consuming group is counted for both).
+
+    Each convolution or linear weight slice costs ``slice elements × MACs / weight elements`` of its
+    layer; other members (biases, norms) cost nothing.
+    """
+    per_layer = module_macs(model, example_inputs)
+    tensors = dict(model.named_parameters())
+    rate: dict[str, float] = {}
+    for name, (macs, numel) in per_layer.items():
+        rate[f"{name}.weight" if name else "weight"] = macs / max(1, numel)
+    costs = []
+    for g in groups:
+        total = 0.0
+        for (name, axis), idx in g.slices().items():
+            if name in rate:
+                t = tensors[name]
+                total += rate[name] * len(idx) * t.numel() / t.shape[axis]
+        costs.append(total)
+    return costs

@@ -344,6 +344,12 @@ class HESSO(GroupSparseOptimizer):
         periods: number of periods; each selects ``N·s*/periods`` more groups and decays them
             linearly to exactly zero by its end.
         criteria: weights of the importance terms (see :data:`HESSO_CRITERIA`), equal by default.
+        group_costs: what each of ``groups`` costs (or each prunable one), e.g. its MACs from
+            :func:`~prunekit.structured.groups.group_macs`; with ``cost_target`` the target is a
+            fraction of the total cost instead of a group count.
+        cost_target: fraction of ``sum(group_costs)`` to remove (e.g. 0.7 for 70% of the FLOPs).
+            Each period then selects the groups of least importance *per unit cost* until its share
+            of the target is reached, so expensive, unimportant groups go first.
     """
 
     def __init__(
@@ -355,11 +361,30 @@ class HESSO(GroupSparseOptimizer):
         pruning_steps: int,
         periods: int = 10,
         criteria: dict[str, float] | None = None,
+        group_costs: Sequence[float] | None = None,
+        cost_target: float | None = None,
         **kwargs: Any,
     ):
         super().__init__(params, groups, **kwargs)
         if pruning_steps < periods or periods < 1:
             raise ValueError("need periods >= 1 and pruning_steps >= periods")
+        if (group_costs is None) != (cost_target is None):
+            raise ValueError("group_costs and cost_target go together")
+        self.costs: Tensor | None = None
+        self.cost_target = cost_target
+        if group_costs is not None and cost_target is not None:
+            if not 0.0 <= cost_target < 1.0:
+                raise ValueError(f"cost_target must be in [0, 1), got {cost_target}")
+            costs = list(group_costs)
+            if len(costs) == len(groups):  # one per group: keep the prunable ones
+                costs = [c for c, g in zip(costs, groups, strict=True) if g.prunable]
+            if len(costs) != self.index.num_groups:
+                raise ValueError(
+                    f"group_costs has {len(group_costs)} entries for {len(groups)} groups "
+                    f"({self.index.num_groups} prunable)"
+                )
+            self.costs = torch.tensor(costs, dtype=torch.float64)
+            self.costs = self.costs.to(self.zero.device)
         self.start_step, self.periods = start_step, periods
         self.period_len = pruning_steps // periods
         self.criteria = criteria or {c: 1.0 / len(HESSO_CRITERIA) for c in HESSO_CRITERIA}
@@ -397,11 +422,14 @@ class HESSO(GroupSparseOptimizer):
         in_pruning = 0 <= t < self.period_len * self.periods
         if in_pruning and t % self.period_len == 0:
             period = t // self.period_len
-            wanted = round(self.target_count * (period + 1) / self.periods)
-            new = wanted - int((self.zero | self.decaying).sum())
-            if new > 0:
-                score = self.importance().masked_fill(self.zero | self.decaying, float("inf"))
-                self.decaying[torch.topk(score, new, largest=False).indices] = True
+            if self.costs is not None:
+                self._select_by_cost((period + 1) / self.periods)
+            else:
+                wanted = round(self.target_count * (period + 1) / self.periods)
+                new = wanted - int((self.zero | self.decaying).sum())
+                if new > 0:
+                    score = self.importance().masked_fill(self.zero | self.decaying, float("inf"))
+                    self.decaying[torch.topk(score, new, largest=False).indices] = True
         self._update(self._directions(), self.zero | self.decaying)
         if in_pruning and bool(self.decaying.any()):
             k = t % self.period_len
@@ -414,6 +442,21 @@ class HESSO(GroupSparseOptimizer):
         self._set_zero(torch.zeros_like(self.zero))
         self.num_steps += 1
         return loss
+
+    def _select_by_cost(self, share: float) -> None:
+        """Add groups, least importance per unit cost first, until ``share`` of the cost target."""
+        assert self.costs is not None and self.cost_target is not None
+        taken = self.zero | self.decaying
+        wanted = self.cost_target * share * float(self.costs.sum()) - float(self.costs[taken].sum())
+        if wanted <= 0:
+            return
+        relative = (self.costs / self.costs.mean().clamp_min(1e-30)).clamp_min(1e-12)
+        score = (self.importance().double() / relative).masked_fill(taken, float("inf"))
+        order = torch.argsort(score)
+        order = order[~taken[order]]
+        reached = torch.cumsum(self.costs[order], 0) >= wanted
+        n = int(reached.nonzero()[0]) + 1 if bool(reached.any()) else len(order)
+        self.decaying[order[:n]] = True
 
     def _extra_state(self) -> dict[str, Any]:
         return {"decaying": self.decaying.cpu()}
