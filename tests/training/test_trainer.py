@@ -131,7 +131,7 @@ def test_acdc_run_writes_dense_pair(tmp_path, data):
     assert 0.0 < m["dense_pair_test_accuracy"] <= 1.0
 
 
-def _structured_recipe(optimizer="hesso", epochs=2):
+def _structured_recipe(optimizer="hesso", epochs=2, **extra):
     return recipe_from_dict(
         {
             "model": {"name": "resnet20"},
@@ -143,6 +143,7 @@ def _structured_recipe(optimizer="hesso", epochs=2):
                 "end": 0.6,
                 "periods": 2,
                 "lambda_": 5.0 if optimizer == "hspg" else None,
+                **extra,
             },
             "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
             "epochs": epochs,
@@ -163,6 +164,13 @@ def test_structured_run_writes_an_equivalent_slim_model(tmp_path, data, optimize
     slim_model = load_slim(build_model("resnet20", (1, 28, 28), 10), tmp_path / "slim")
     assert sum(p.numel() for p in slim_model.parameters()) == m["params_after"]
     assert "Structured pruning" in (tmp_path / "report.md").read_text()
+
+
+def test_structured_run_with_a_flops_target(tmp_path, data):
+    m = train(_structured_recipe("hesso", flops_removed=0.6), tmp_path, progress=False, data=data)
+    assert m["flops_removed"] >= 0.6  # priced by MACs: the target is met, not a group count
+    with pytest.raises(ConfigError, match="flops_removed"):
+        _structured_recipe("dhspg", flops_removed=0.6)
 
 
 def test_structured_resume_equals_uninterrupted(tmp_path, data):

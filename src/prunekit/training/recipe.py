@@ -108,7 +108,7 @@ class StructuredSpec:
     """Only-Train-Once structured pruning: which group-sparsity optimizer and its schedule.
 
     ``start``/``end`` are fractions of training: HESSO prunes over ``[start, end)`` in ``periods``
-    periods; DHSPG selects its redundant groups at ``start`` and has them all at zero by ``end``; HSPG
+    periods (towards ``flops_removed`` of the MACs when given, else ``target_group_sparsity``); DHSPG selects its redundant groups at ``start`` and has them all at zero by ``end``; HSPG
     runs subgradient steps until ``start`` and half-space steps afterwards (``lambda_`` drives it).
     The update rule (SGD/Adam/AdamW), learning rate, momentum and weight decay come from the
     recipe's ``optimizer`` section.
@@ -121,8 +121,17 @@ class StructuredSpec:
     periods: int = 10
     lambda_: float | None = None
     epsilon: float = 0.0
+    #: HESSO only: remove this fraction of the MACs instead of ``target_group_sparsity`` of the groups
+    flops_removed: float | None = None
 
     def __post_init__(self) -> None:
+        if self.flops_removed is not None and (
+            self.optimizer != "hesso" or not 0.0 < self.flops_removed < 1.0
+        ):
+            raise ConfigError(
+                "structured.flops_removed needs optimizer 'hesso' and a value in (0, 1), "
+                f"got {self.optimizer!r} and {self.flops_removed}"
+            )
         if self.optimizer not in STRUCTURED_OPTIMIZERS:
             raise ConfigError(
                 f"structured.optimizer {self.optimizer!r} unknown; available: {', '.join(STRUCTURED_OPTIMIZERS)}"

@@ -9,13 +9,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from prunekit.core.cost import count_macs, count_params
-from prunekit.structured import DHSPG, HESSO, HSPG, Group, GroupSparseOptimizer, slim
+from prunekit.structured import DHSPG, HESSO, HSPG, Group, GroupSparseOptimizer, group_macs, slim
 from prunekit.structured.io import save_slim, slim_spec
 from prunekit.training.recipe import Recipe
 
 
 def build_structured_optimizer(
-    recipe: Recipe, model: nn.Module, groups: list[Group], total_steps: int
+    recipe: Recipe, model: nn.Module, groups: list[Group], total_steps: int, example: Tensor
 ) -> GroupSparseOptimizer:
     """The recipe's HSPG / DHSPG / HESSO over ``groups``, with the recipe's update rule."""
     spec, o = recipe.structured, recipe.optimizer
@@ -43,12 +43,19 @@ def build_structured_optimizer(
         return DHSPG(model.parameters(), groups, start_step=start, project_end=end, lambda_=spec.lambda_,
                      epsilon=spec.epsilon, **common)  # fmt: skip
     periods = min(spec.periods, max(1, end - start))
+    cost: dict[str, Any] = {}
+    if spec.flops_removed is not None:
+        cost = {
+            "group_costs": group_macs(model, groups, example[:1]),
+            "cost_target": spec.flops_removed,
+        }
     return HESSO(
         model.parameters(),
         groups,
         start_step=start,
         pruning_steps=end - start,
         periods=periods,
+        **cost,
         **common,
     )
 
@@ -73,6 +80,7 @@ def finish_structured(
     return {
         "group_sparsity": optimizer.group_sparsity(),
         "target_group_sparsity": optimizer.target,
+        "flops_target": getattr(optimizer, "cost_target", None),
         "params_before": params,
         "params_after": slim_params,
         "macs_before": macs,

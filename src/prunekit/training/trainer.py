@@ -148,7 +148,7 @@ def train(
     example = data.x_train[:2].to(dev)
     groups = find_groups(model, example) if recipe.structured is not None else []
     optimizer: torch.optim.Optimizer = (
-        build_structured_optimizer(recipe, model, groups, total_steps)
+        build_structured_optimizer(recipe, model, groups, total_steps, example)
         if recipe.structured is not None
         else build_optimizer(recipe, model)
     )
