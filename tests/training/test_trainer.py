@@ -100,6 +100,13 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path, data, monkeyp
         train(recipe, tmp_path, progress=False, data=data, device="cpu")
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+    # what the message says to do: a lower learning rate resumes from that checkpoint
+    monkeypatch.setattr(trainer.F, "cross_entropy", real)
+    spec = recipe.to_dict()
+    spec["optimizer"]["lr"] = recipe.optimizer.lr / 2
+    lower = recipe_from_dict({k: v for k, v in spec.items() if v is not None})
+    m = train(lower, tmp_path, progress=False, data=data, device="cpu")
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
 
 
 def test_nan_loss_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path, data, monkeypatch):

@@ -49,6 +49,26 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+#: Recipe keys that may differ when resuming (to get past a NaN stop from the last good checkpoint).
+RESUMABLE_CHANGES = (
+    "optimizer.lr",
+    "optimizer.clip_grad_norm",
+    "lr_schedule.warmup_epochs",
+)
+
+
+def _recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe dicts."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _recipe_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left intact."""
 
@@ -164,10 +184,15 @@ def train(
     ckpt_path = out / CHECKPOINT_NAME
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt["recipe"] != recipe.to_dict():
+        changed = _recipe_changes(ckpt["recipe"], recipe.to_dict())
+        if any(key not in RESUMABLE_CHANGES for key in changed):
             raise CheckpointError(
-                f"{ckpt_path} was written by a different recipe; use another --out or --no-resume"
+                f"{ckpt_path} was written by a different recipe (changed: {', '.join(changed)}); "
+                f"only {', '.join(RESUMABLE_CHANGES)} may change on resume. Use another --out "
+                "or --no-resume"
             )
+        if changed:
+            logger.warning("resuming %s with changed %s", ckpt_path, ", ".join(changed))
         if pruner is not None:
             pruner.load_state_dict(ckpt["pruner"])
         model.load_state_dict(ckpt["model"])
