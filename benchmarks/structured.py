@@ -165,6 +165,7 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
     hp = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
     for name in args.models:
         kwargs = MODELS[name]
+        torch.manual_seed(0)
         dense = build_model(name, SHAPE, 10, **kwargs)
         macs0, params0 = count_macs(dense, x1), count_params(dense)
         torch.manual_seed(0)
