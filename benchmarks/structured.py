@@ -41,7 +41,7 @@ from prunekit.core import count_macs, count_params
 from prunekit.data import BatchIterator, load_mnist
 from prunekit.models import build_model
 from prunekit.schedules import cosine
-from prunekit.structured import HESSO, find_groups, group_macs, slim
+from prunekit.structured import HESSO, find_groups, group_macs, macs_rates, slim
 
 from common import RESULTS, environment, write_results
 
@@ -181,7 +181,8 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
         groups = find_groups(model, x1)
         cost: dict[str, Any] = {}
         if args.flops_removed is not None:  # HESSO's target in FLOPs: groups priced by their MACs
-            cost = {"group_costs": group_macs(model, groups, x1), "cost_target": args.flops_removed}
+            cost = {"group_costs": group_macs(model, groups, x1), "cost_target": args.flops_removed,
+                    "cost_rates": macs_rates(model, x1)}  # fmt: skip
         opt = HESSO(model.parameters(), groups, target_group_sparsity=args.target, start_step=steps // 10,
                     pruning_steps=steps // 2, periods=min(10, max(1, steps // 2)), **cost, **hp)  # fmt: skip
         t = time.perf_counter()

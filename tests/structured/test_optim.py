@@ -139,3 +139,19 @@ def test_hesso_cost_target_removes_that_share_of_the_cost_expensive_first():
             group_costs=[1.0],
             cost_target=0.5,
         )
+
+
+def test_hesso_exact_macs_target_meets_the_model_macs_fraction():
+    from prunekit.core import count_macs
+    from prunekit.structured import group_macs, macs_rates
+
+    torch.manual_seed(0)
+    model, x = ZOO["residual"]()
+    groups = find_groups(model, x)
+    before = count_macs(model, x[:1])
+    opt = HESSO(model.parameters(), groups, lr=0.05, start_step=TOTAL // 5, pruning_steps=TOTAL // 2,
+                periods=5, group_costs=group_macs(model, groups, x[:1]), cost_target=0.5,
+                cost_rates=macs_rates(model, x[:1]))  # fmt: skip
+    _train(model, x, opt, TOTAL)
+    removed = 1 - count_macs(slim(model, x, groups), x[:1]) / before
+    assert 0.5 <= removed < 0.65  # the target, overshot by at most a few groups' worth

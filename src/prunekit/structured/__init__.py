@@ -11,7 +11,14 @@ from torch import nn
 from prunekit.structured.attention import SlimMultiheadAttention, fix_mha, mha_rule
 from prunekit.structured.channels import Member
 from prunekit.structured.group_index import GroupIndex
-from prunekit.structured.groups import CaptureError, Group, capture, find_groups, group_macs
+from prunekit.structured.groups import (
+    CaptureError,
+    Group,
+    capture,
+    find_groups,
+    group_macs,
+    macs_rates,
+)
 from prunekit.structured.optim import DHSPG, HESSO, HSPG, GroupSparseOptimizer
 from prunekit.structured.rules import register_module_rule
 from prunekit.structured.slim import SlimError, register_fixup, removal_plan, slim
@@ -35,6 +42,7 @@ __all__ = [
     "capture",
     "find_groups",
     "group_macs",
+    "macs_rates",
     "register_fixup",
     "register_module_rule",
     "removal_plan",

@@ -262,11 +262,8 @@ def group_macs(
     Each convolution or linear weight slice costs ``slice elements × MACs / weight elements`` of its
     layer; other members (biases, norms) cost nothing.
     """
-    per_layer = module_macs(model, example_inputs)
+    rate = macs_rates(model, example_inputs)
     tensors = dict(model.named_parameters())
-    rate: dict[str, float] = {}
-    for name, (macs, numel) in per_layer.items():
-        rate[f"{name}.weight" if name else "weight"] = macs / max(1, numel)
     costs = []
     for g in groups:
         total = 0.0
@@ -276,3 +273,11 @@ def group_macs(
                 total += rate[name] * len(idx) * t.numel() / t.shape[axis]
         costs.append(total)
     return costs
+
+
+def macs_rates(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> dict[str, float]:
+    """``weight name → MACs per weight element`` for every convolution and linear layer."""
+    return {
+        f"{name}.weight" if name else "weight": macs / max(1, numel)
+        for name, (macs, numel) in module_macs(model, example_inputs).items()
+    }

@@ -20,6 +20,7 @@ gradient, momentum and Adam moments are zeroed too).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -350,6 +351,11 @@ class HESSO(GroupSparseOptimizer):
         cost_target: fraction of ``sum(group_costs)`` to remove (e.g. 0.7 for 70% of the FLOPs).
             Each period then selects the groups of least importance *per unit cost* until its share
             of the target is reached, so expensive, unimportant groups go first.
+        max_layer_fraction: with ``cost_target``, the most of any layer's channels that may go.
+        cost_rates: MACs per weight element by weight name
+            (:func:`~prunekit.structured.groups.macs_rates`); with them the MACs a set of groups
+            saves is computed exactly (a weight slice shared by two removed groups counts once),
+            so ``cost_target`` is a fraction of the model's MACs.
     """
 
     def __init__(
@@ -363,6 +369,8 @@ class HESSO(GroupSparseOptimizer):
         criteria: dict[str, float] | None = None,
         group_costs: Sequence[float] | None = None,
         cost_target: float | None = None,
+        max_layer_fraction: float = 0.8,
+        cost_rates: dict[str, float] | None = None,
         **kwargs: Any,
     ):
         super().__init__(params, groups, **kwargs)
@@ -384,6 +392,34 @@ class HESSO(GroupSparseOptimizer):
                     f"({self.index.num_groups} prunable)"
                 )
             self.costs = torch.tensor(costs, dtype=torch.float64)
+            if not 0.0 < max_layer_fraction <= 1.0:
+                raise ValueError(f"max_layer_fraction must be in (0, 1], got {max_layer_fraction}")
+            self.max_layer_fraction = max_layer_fraction
+            self._layer_slices = [
+                {key: len(idx) for key, idx in g.slices("out").items()} for g in self.index.groups
+            ]
+            self._layer_sizes = {
+                key: g.tensors()[key[0]].shape[key[1]]
+                for g in self.index.groups
+                for key in g.slices("out")
+            }
+            self._rates = dict(cost_rates or {})
+            self._shapes = {
+                name: tuple(t.shape)
+                for g in self.index.groups
+                for name, t in g.tensors().items()
+                if name in self._rates
+            }
+            self._rated_slices = [
+                {k: len(v) for k, v in g.slices().items() if k[0] in self._rates}
+                for g in self.index.groups
+            ]
+            if self._rates:  # the target is a fraction of the model's MACs
+                self._total_macs = sum(
+                    rate * math.prod(self._shapes.get(n, ()))
+                    for n, rate in self._rates.items()
+                    if n in self._shapes
+                )
             self.costs = self.costs.to(self.zero.device)
         self.start_step, self.periods = start_step, periods
         self.period_len = pruning_steps // periods
@@ -447,16 +483,83 @@ class HESSO(GroupSparseOptimizer):
         """Add groups, least importance per unit cost first, until ``share`` of the cost target."""
         assert self.costs is not None and self.cost_target is not None
         taken = self.zero | self.decaying
+        if self._rates:
+            self._select_exact(share, taken)
+            return
         wanted = self.cost_target * share * float(self.costs.sum()) - float(self.costs[taken].sum())
         if wanted <= 0:
             return
         relative = (self.costs / self.costs.mean().clamp_min(1e-30)).clamp_min(1e-12)
         score = (self.importance().double() / relative).masked_fill(taken, float("inf"))
-        order = torch.argsort(score)
-        order = order[~taken[order]]
-        reached = torch.cumsum(self.costs[order], 0) >= wanted
-        n = int(reached.nonzero()[0]) + 1 if bool(reached.any()) else len(order)
-        self.decaying[order[:n]] = True
+        order = [int(i) for i in torch.argsort(score) if not bool(taken[i])]
+        # no layer loses more than ``max_layer_fraction`` of its channels: cheapest-per-importance
+        # first would otherwise empty the expensive early layers and disconnect the network
+        removed: dict[tuple[str, int], int] = {}
+        for i in torch.nonzero(taken).flatten().tolist():
+            for key, n in self._layer_slices[i].items():
+                removed[key] = removed.get(key, 0) + n
+        costs = self.costs.tolist()
+        for i in order:
+            if wanted <= 0:
+                break
+            slices = self._layer_slices[i]
+            if any(
+                removed.get(k, 0) + n > self.max_layer_fraction * self._layer_sizes[k]
+                for k, n in slices.items()
+            ):
+                continue
+            for k, n in slices.items():
+                removed[k] = removed.get(k, 0) + n
+            self.decaying[i] = True
+            wanted -= costs[i]
+
+    def _select_exact(self, share: float, taken: Tensor) -> None:
+        """Greedy selection with the MACs the whole selected set saves computed exactly."""
+        assert self.costs is not None and self.cost_target is not None
+        wanted = self.cost_target * share * self._total_macs
+        removed: dict[tuple[str, int], int] = {}
+        layers: dict[tuple[str, int], int] = {}
+
+        def add(i: int) -> None:
+            for k, n in self._rated_slices[i].items():
+                removed[k] = removed.get(k, 0) + n
+            for k, n in self._layer_slices[i].items():
+                layers[k] = layers.get(k, 0) + n
+
+        def saved(names: set[str]) -> float:
+            total = 0.0
+            for name in names:
+                shape = self._shapes[name]
+                kept = float(math.prod(shape))
+                for axis in (0, 1):
+                    if len(shape) > axis:
+                        kept *= 1 - min(removed.get((name, axis), 0), shape[axis]) / shape[axis]
+                total += self._rates[name] * (math.prod(shape) - kept)
+            return total
+
+        for i in torch.nonzero(taken).flatten().tolist():
+            add(i)
+        per_name = {n: saved({n}) for n in self._shapes}
+        current = sum(per_name.values())
+        relative = (self.costs / self.costs.mean().clamp_min(1e-30)).clamp_min(1e-12)
+        score = (self.importance().double() / relative).masked_fill(taken, float("inf"))
+        for i in torch.argsort(score).tolist():
+            if current >= wanted:
+                break
+            if bool(taken[i]):
+                continue
+            if any(
+                layers.get(k, 0) + n > self.max_layer_fraction * self._layer_sizes[k]
+                for k, n in self._layer_slices[i].items()
+            ):
+                continue
+            add(i)
+            touched = {k[0] for k in self._rated_slices[i]}
+            for n in touched:
+                current -= per_name[n]
+                per_name[n] = saved({n})
+                current += per_name[n]
+            self.decaying[i] = True
 
     def _extra_state(self) -> dict[str, Any]:
         return {"decaying": self.decaying.cpu()}

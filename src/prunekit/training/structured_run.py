@@ -9,7 +9,16 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from prunekit.core.cost import count_macs, count_params
-from prunekit.structured import DHSPG, HESSO, HSPG, Group, GroupSparseOptimizer, group_macs, slim
+from prunekit.structured import (
+    DHSPG,
+    HESSO,
+    HSPG,
+    Group,
+    GroupSparseOptimizer,
+    group_macs,
+    macs_rates,
+    slim,
+)
 from prunekit.structured.io import save_slim, slim_spec
 from prunekit.training.recipe import Recipe
 
@@ -48,6 +57,7 @@ def build_structured_optimizer(
         cost = {
             "group_costs": group_macs(model, groups, example[:1]),
             "cost_target": spec.flops_removed,
+            "cost_rates": macs_rates(model, example[:1]),
         }
     return HESSO(
         model.parameters(),
