@@ -25,7 +25,7 @@ def test_valid_recipe():
         ),
         (
             {"optimizer": {"name": "sgd", "learning_rate": 0.1}},
-            "unknown key 'learning_rate' in optimizer; valid keys: lr",
+            "unknown key 'learning_rate' in optimizer; valid keys: .*lr, momentum",
         ),
         (
             {"pruning": {"method": "dpf", "sparsity": 0.9, "update_evry": 3}},
@@ -44,7 +44,7 @@ def test_valid_recipe():
         ),
         (
             {"model": {"name": "resnet1000"}},
-            "model.name 'resnet1000' unknown; available: lenet300_100",
+            "model.name 'resnet1000' unknown; available: .*lenet300_100",
         ),
         ({"data": {"name": "cifar"}}, "data.name 'cifar' unknown"),
         ({"optimizer": {"name": "lion"}}, "optimizer.name 'lion' unknown"),
