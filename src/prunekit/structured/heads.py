@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from prunekit.structured.channels import Flow
-from prunekit.structured.rules import RuleContext, Value, shape_of, unknown
+from prunekit.structured.rules import RuleContext, Value, permute_rule, shape_of, unknown
 
 #: Element-wise ops that keep a head flow (or the structural flow of the scores) as it is.
 _KEEP_METHODS = {"contiguous", "clone", "detach", "float", "to", "type_as"}
@@ -131,7 +131,7 @@ def head_rule(
             return _merge(ctx, node, x, start % n, end % n)
         return unknown(ctx, node, inputs)
     if method in ("transpose", "permute"):
-        return _permute(ctx, node, x, inputs)
+        return permute_rule(ctx, node, inputs, method)
     if target in (operator.matmul, torch.matmul):
         return _matmul(ctx, node, inputs)
     if target is F.scaled_dot_product_attention:
@@ -190,24 +190,6 @@ def _broadcast_ok(node: fx.Node, x: Flow) -> bool:
                 if d is not None and d - lead >= 0 and s[d - lead] != 1:
                     return False
     return True
-
-
-def _permute(ctx: RuleContext, node: fx.Node, x: Flow, inputs: list[Value]) -> Value:
-    n = len(shape_of(node.args[0]) or ())
-    raw: Any = node.args[1:]
-    if len(raw) == 1 and isinstance(raw[0], tuple | list):
-        raw = raw[0]
-    if n == 0 or not all(isinstance(d, int) for d in raw):
-        return unknown(ctx, node, inputs)
-    dims = [int(d) % n for d in raw]
-    if node.target == "permute":
-        order = dims
-    else:
-        order = list(range(n))
-        order[dims[0]], order[dims[1]] = order[dims[1]], order[dims[0]]
-    move = order.index
-    heads = None if x.heads is None else move(x.heads)
-    return Flow(move(x.dim), list(x.ids), heads=heads, structural=x.structural)
 
 
 def _join_heads(ctx: RuleContext, flow: Flow, size: int) -> None:

@@ -418,9 +418,12 @@ def permute_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value], kind: str
         return unknown(ctx, node, inputs)
     dims: list[int] = [int(d) % n for d in raw]
     if kind == "permute":
-        return Flow(dims.index(x.dim), list(x.ids))
-    a, b = dims
-    return Flow(b if x.dim == a else a if x.dim == b else x.dim, list(x.ids))
+        order = dims
+    else:
+        order = list(range(n))
+        order[dims[0]], order[dims[1]] = order[dims[1]], order[dims[0]]
+    heads = None if x.heads is None else order.index(x.heads)  # a head flow moves both its dims
+    return Flow(order.index(x.dim), list(x.ids), heads=heads, structural=x.structural)
 
 
 ZERO_PRESERVING_FUNCTIONS: tuple[Any, ...] = (
