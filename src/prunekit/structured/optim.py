@@ -480,86 +480,59 @@ class HESSO(GroupSparseOptimizer):
         return loss
 
     def _select_by_cost(self, share: float) -> None:
-        """Add groups, least importance per unit cost first, until ``share`` of the cost target."""
+        """Add groups, least importance per unit cost first, until ``share`` of the cost target.
+
+        No layer loses more than ``max_layer_fraction`` of its channels: cheapest-per-importance
+        first would otherwise empty the expensive early layers and disconnect the network. With
+        ``cost_rates`` the MACs the whole selected set saves are computed exactly; otherwise the
+        group costs are summed.
+        """
         assert self.costs is not None and self.cost_target is not None
         taken = self.zero | self.decaying
-        if self._rates:
-            self._select_exact(share, taken)
-            return
-        wanted = self.cost_target * share * float(self.costs.sum()) - float(self.costs[taken].sum())
-        if wanted <= 0:
-            return
-        relative = (self.costs / self.costs.mean().clamp_min(1e-30)).clamp_min(1e-12)
-        score = (self.importance().double() / relative).masked_fill(taken, float("inf"))
-        order = [int(i) for i in torch.argsort(score) if not bool(taken[i])]
-        # no layer loses more than ``max_layer_fraction`` of its channels: cheapest-per-importance
-        # first would otherwise empty the expensive early layers and disconnect the network
-        removed: dict[tuple[str, int], int] = {}
-        for i in torch.nonzero(taken).flatten().tolist():
-            for key, n in self._layer_slices[i].items():
-                removed[key] = removed.get(key, 0) + n
-        costs = self.costs.tolist()
-        for i in order:
-            if wanted <= 0:
-                break
-            slices = self._layer_slices[i]
-            if any(
-                removed.get(k, 0) + n > self.max_layer_fraction * self._layer_sizes[k]
-                for k, n in slices.items()
-            ):
-                continue
-            for k, n in slices.items():
-                removed[k] = removed.get(k, 0) + n
-            self.decaying[i] = True
-            wanted -= costs[i]
-
-    def _select_exact(self, share: float, taken: Tensor) -> None:
-        """Greedy selection with the MACs the whole selected set saves computed exactly."""
-        assert self.costs is not None and self.cost_target is not None
-        wanted = self.cost_target * share * self._total_macs
-        removed: dict[tuple[str, int], int] = {}
-        layers: dict[tuple[str, int], int] = {}
+        layers: dict[tuple[str, int], int] = {}  # channels removed per (tensor, axis) of producers
+        removed: dict[tuple[str, int], int] = {}  # slices removed per (weight, axis), for MACs
 
         def add(i: int) -> None:
-            for k, n in self._rated_slices[i].items():
-                removed[k] = removed.get(k, 0) + n
             for k, n in self._layer_slices[i].items():
                 layers[k] = layers.get(k, 0) + n
+            for k, n in self._rated_slices[i].items():
+                removed[k] = removed.get(k, 0) + n
 
-        def saved(names: set[str]) -> float:
-            total = 0.0
-            for name in names:
-                shape = self._shapes[name]
-                kept = float(math.prod(shape))
-                for axis in (0, 1):
-                    if len(shape) > axis:
-                        kept *= 1 - min(removed.get((name, axis), 0), shape[axis]) / shape[axis]
-                total += self._rates[name] * (math.prod(shape) - kept)
-            return total
+        def saved(name: str) -> float:
+            shape = self._shapes[name]
+            kept = float(math.prod(shape))
+            for axis in (0, 1):
+                if len(shape) > axis:
+                    kept *= 1 - min(removed.get((name, axis), 0), shape[axis]) / shape[axis]
+            return self._rates[name] * (math.prod(shape) - kept)
 
         for i in torch.nonzero(taken).flatten().tolist():
             add(i)
-        per_name = {n: saved({n}) for n in self._shapes}
-        current = sum(per_name.values())
+        per_name = {n: saved(n) for n in self._shapes}
+        if self._rates:
+            wanted, reached = self.cost_target * share * self._total_macs, sum(per_name.values())
+        else:
+            wanted = self.cost_target * share * float(self.costs.sum())
+            reached = float(self.costs[taken].sum())
+        costs = self.costs.tolist()
         relative = (self.costs / self.costs.mean().clamp_min(1e-30)).clamp_min(1e-12)
         score = (self.importance().double() / relative).masked_fill(taken, float("inf"))
         for i in torch.argsort(score).tolist():
-            if current >= wanted:
+            if reached >= wanted:
                 break
-            if bool(taken[i]):
-                continue
-            if any(
+            if bool(taken[i]) or any(
                 layers.get(k, 0) + n > self.max_layer_fraction * self._layer_sizes[k]
                 for k, n in self._layer_slices[i].items()
             ):
                 continue
             add(i)
-            touched = {k[0] for k in self._rated_slices[i]}
-            for n in touched:
-                current -= per_name[n]
-                per_name[n] = saved({n})
-                current += per_name[n]
             self.decaying[i] = True
+            if not self._rates:
+                reached += costs[i]
+            for name in {k[0] for k in self._rated_slices[i]}:
+                now = saved(name)
+                reached += now - per_name[name]
+                per_name[name] = now
 
     def _extra_state(self) -> dict[str, Any]:
         return {"decaying": self.decaying.cpu()}
