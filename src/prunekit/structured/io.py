@@ -18,19 +18,15 @@ import torch
 from torch import nn
 
 from prunekit.structured.groups import Group
-from prunekit.structured.slim import apply_kept, attribute_plan, kept_plan
+from prunekit.structured.slim import apply_kept, slim_plan
 
 SPEC_FORMAT = "prunekit-slim"
 
 
 def slim_spec(model: nn.Module, groups: Sequence[Group]) -> dict[str, Any]:
     """The JSON-ready spec of the slim model :func:`~prunekit.structured.slim` would build."""
-    return {
-        "format": SPEC_FORMAT,
-        "version": 1,
-        "kept": kept_plan(model, groups),
-        "attributes": attribute_plan(model, groups),
-    }
+    kept, attributes = slim_plan(model, groups)
+    return {"format": SPEC_FORMAT, "version": 1, "kept": kept, "attributes": attributes}
 
 
 def save_slim(slim_model: nn.Module, spec: dict[str, Any], directory: str | Path) -> None:

@@ -109,29 +109,35 @@ def _sizes(model: nn.Module, groups: Sequence[Group]) -> dict[tuple[str, int], i
     return {key: tensors[key[0]].shape[key[1]] for g in groups for key in g.slices()}
 
 
-def attribute_plan(model: nn.Module, groups: Sequence[Group]) -> dict[str, int]:
-    """``module attribute path → new value`` for the counters of removed groups (head counts)."""
-    removed = _plan(groups, _sizes(model, groups))[1]
-    out: dict[str, int] = {}
-    for g in groups:
-        for attr, value in g.counters:
-            out.setdefault(attr, value)
-    for g in removed:
-        for attr, _ in g.counters:
-            out[attr] -= 1
-    return out
+def slim_plan(
+    model: nn.Module, groups: Sequence[Group]
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
+    """What :func:`slim` does to ``model``, from one removal plan:
 
-
-def kept_plan(model: nn.Module, groups: Sequence[Group]) -> dict[str, list[dict[str, Any]]]:
-    """``tensor name → [{"axis": a, "kept": [indices]}, ...]`` describing the slim model of ``model``."""
+    * ``tensor name → [{"axis": a, "kept": [indices]}, ...]``;
+    * ``module attribute path → new value`` for the counters of removed groups (head counts).
+    """
     sizes = _sizes(model, groups)
+    plan, removed = _plan(groups, sizes)
     kept: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for (name, axis), drop in sorted(removal_plan(groups, sizes).items()):
+    for (name, axis), drop in sorted(plan.items()):
         dropped = set(drop)
         kept[name].append(
             {"axis": axis, "kept": [i for i in range(sizes[(name, axis)]) if i not in dropped]}
         )
-    return dict(kept)
+    attributes: dict[str, int] = {}
+    for g in groups:
+        for attr, value in g.counters:
+            attributes.setdefault(attr, value)
+    for g in removed:
+        for attr, _ in g.counters:
+            attributes[attr] -= 1
+    return dict(kept), attributes
+
+
+def kept_plan(model: nn.Module, groups: Sequence[Group]) -> dict[str, list[dict[str, Any]]]:
+    """``tensor name → [{"axis": a, "kept": [indices]}, ...]`` describing the slim model of ``model``."""
+    return slim_plan(model, groups)[0]
 
 
 @torch.no_grad()
@@ -212,9 +218,8 @@ def slim(
     """
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     groups = find_groups(model, inputs) if groups is None else groups
-    new = apply_kept(
-        model, kept_plan(model, groups), copy_model=True, attributes=attribute_plan(model, groups)
-    )
+    kept, attributes = slim_plan(model, groups)
+    new = apply_kept(model, kept, copy_model=True, attributes=attributes)
     if check:
         modes = {m: m.training for m in model.modules()}
         model.eval()
