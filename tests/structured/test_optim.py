@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,3 +157,25 @@ def test_hesso_exact_macs_target_meets_the_model_macs_fraction():
     _train(model, x, opt, TOTAL)
     removed = 1 - count_macs(slim(model, x, groups), x[:1]) / before
     assert 0.5 <= removed < 0.65  # the target, overshot by at most a few groups' worth
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_hesso_cost_power_sets_how_much_cost_discounts_importance(power, monkeypatch):
+    model, x = ZOO["residual"]()
+    groups = find_groups(model, x)
+    n = sum(g.prunable for g in groups)
+    costs = [1.0] * n
+    costs[3] = float(n)  # half of all the cost in one group, the most important one
+    importance = torch.ones(n)
+    importance[3] = 3.0
+    opt = HESSO(model.parameters(), groups, lr=0.05, pruning_steps=10, group_costs=costs,
+                cost_target=0.1, max_layer_fraction=1.0, cost_power=power)  # fmt: skip
+    monkeypatch.setattr(opt, "importance", lambda: importance)
+    opt._select_by_cost(1.0)
+    # score of group 3 relative to a cheap one: 3 / n**power (costs relative to their mean)
+    expensive_first = 3.0 / n**power < 1.0
+    assert bool(opt.decaying[3]) == expensive_first
+    assert int(opt.decaying.sum()) == (1 if expensive_first else math.ceil(0.1 * (2 * n - 1)))
+    with pytest.raises(ValueError, match="cost_power"):
+        HESSO(model.parameters(), groups, lr=0.05, pruning_steps=10, group_costs=costs,
+              cost_target=0.1, cost_power=2.0)  # fmt: skip

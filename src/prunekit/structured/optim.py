@@ -349,9 +349,17 @@ class HESSO(GroupSparseOptimizer):
             :func:`~prunekit.structured.groups.group_macs`; with ``cost_target`` the target is a
             fraction of the total cost instead of a group count.
         cost_target: fraction of ``sum(group_costs)`` to remove (e.g. 0.7 for 70% of the FLOPs).
-            Each period then selects the groups of least importance *per unit cost* until its share
-            of the target is reached, so expensive, unimportant groups go first.
+            Each period then selects the groups of least ``importance / (cost / mean cost) **
+            cost_power`` until its share of the target is reached, so expensive, unimportant groups
+            go first.
         max_layer_fraction: with ``cost_target``, the most of any layer's channels that may go.
+        cost_power: how strongly cost discounts importance in that ranking. ``1`` is the greedy
+            knapsack rule (importance per unit cost), right if importance were a loss change; the
+            HESSO importance is a mixture of normalised terms, and ranked per full MAC it took the
+            expensive early layers down to their cap first (ResNet-20 on MNIST at 72% of the MACs:
+            4 of 16 stage-1 channels left, 0.2–0.3 points below ``0.5`` with ``0.7`` as the cap, on
+            two seeds and on VGG as well). ``0`` ignores cost in the ranking (cost still sets when
+            to stop); it leaves the early layers wide, which costs CPU latency.
         cost_rates: MACs per weight element by weight name
             (:func:`~prunekit.structured.groups.macs_rates`); with them the MACs a set of groups
             saves is computed exactly (a weight slice shared by two removed groups counts once),
@@ -369,8 +377,9 @@ class HESSO(GroupSparseOptimizer):
         criteria: dict[str, float] | None = None,
         group_costs: Sequence[float] | None = None,
         cost_target: float | None = None,
-        max_layer_fraction: float = 0.8,
+        max_layer_fraction: float = 0.7,
         cost_rates: dict[str, float] | None = None,
+        cost_power: float = 0.5,
         **kwargs: Any,
     ):
         super().__init__(params, groups, **kwargs)
@@ -395,6 +404,8 @@ class HESSO(GroupSparseOptimizer):
             if not 0.0 < max_layer_fraction <= 1.0:
                 raise ValueError(f"max_layer_fraction must be in (0, 1], got {max_layer_fraction}")
             self.max_layer_fraction = max_layer_fraction
+            if not 0.0 <= cost_power <= 1.0:
+                raise ValueError(f"cost_power must be in [0, 1], got {cost_power}")
             self._layer_slices = [
                 {key: len(idx) for key, idx in g.slices("out").items()} for g in self.index.groups
             ]
@@ -421,6 +432,7 @@ class HESSO(GroupSparseOptimizer):
                     if n in self._shapes
                 )
             self.costs = self.costs.to(self.zero.device)
+        self.cost_power = cost_power
         self.start_step, self.periods = start_step, periods
         self.period_len = pruning_steps // periods
         self.criteria = criteria or {c: 1.0 / len(HESSO_CRITERIA) for c in HESSO_CRITERIA}
@@ -516,7 +528,9 @@ class HESSO(GroupSparseOptimizer):
             reached = float(self.costs[taken].sum())
         costs = self.costs.tolist()
         relative = (self.costs / self.costs.mean().clamp_min(1e-30)).clamp_min(1e-12)
-        score = (self.importance().double() / relative).masked_fill(taken, float("inf"))
+        score = (self.importance().double() / relative**self.cost_power).masked_fill(
+            taken, float("inf")
+        )
         for i in torch.argsort(score).tolist():
             if reached >= wanted:
                 break
