@@ -135,8 +135,8 @@ def discovery(oto_cls: Any, tp: Any, repeats: int = 3) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------------------- part 2
 def train_loop(model: nn.Module, opt: torch.optim.Optimizer, data: Any, epochs: int, start_epoch: int = 0,
-               total_epochs: int | None = None, batch_size: int = 128) -> None:  # fmt: skip
-    batches = BatchIterator(data.x_train, data.y_train, batch_size, seed=0)
+               total_epochs: int | None = None, batch_size: int = 128, seed: int = 0) -> None:  # fmt: skip
+    batches = BatchIterator(data.x_train, data.y_train, batch_size, seed=seed)
     total = (total_epochs or epochs) * len(batches)
     base = [g["lr"] for g in opt.param_groups]
     step = start_epoch * len(batches)
@@ -168,18 +168,20 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
     hp = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
     for name in args.models:
         kwargs = MODELS[name]
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         dense = build_model(name, SHAPE, 10, **kwargs)
         macs0, params0 = count_macs(dense, x1), count_params(dense)
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         t = time.perf_counter()
-        train_loop(dense, torch.optim.SGD(dense.parameters(), **hp), data, args.epochs)
+        train_loop(
+            dense, torch.optim.SGD(dense.parameters(), **hp), data, args.epochs, seed=args.seed
+        )
         acc0 = accuracy(dense, data)
-        rows.append({"model": name, "library": "dense", "accuracy": acc0, "params": params0, "macs": macs0,
+        rows.append({"model": name, "seed": args.seed, "library": "dense", "accuracy": acc0, "params": params0, "macs": macs0,
                      "seconds": time.perf_counter() - t})  # fmt: skip
         print(rows[-1], flush=True)
 
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         model = build_model(name, SHAPE, 10, **kwargs)
         groups = find_groups(model, x1)
         cost: dict[str, Any] = {}
@@ -190,11 +192,11 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
         opt = HESSO(model.parameters(), groups, target_group_sparsity=args.target, start_step=start,
                     pruning_steps=pruning, periods=min(10, max(1, pruning)), **cost, **hp)  # fmt: skip
         t = time.perf_counter()
-        train_loop(model, opt, data, args.epochs)
+        train_loop(model, opt, data, args.epochs, seed=args.seed)
         small = slim(model, x1, groups)
         # only-train-once has no FLOPs target: it gets the group sparsity prunekit reached
         target = opt.group_sparsity() if args.flops_removed is not None else args.target
-        rows.append({"model": name, "library": "prunekit HESSO", "accuracy": accuracy(small, data),
+        rows.append({"model": name, "seed": args.seed, "library": "prunekit HESSO", "accuracy": accuracy(small, data),
                      "group_sparsity": target,
                      "params": count_params(small), "macs": count_macs(small, x1),
                      "seconds": time.perf_counter() - t, "slim": small})  # fmt: skip
@@ -202,7 +204,7 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
         target_macs = rows[-1]["macs"]
 
         if oto_cls is not None:
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             model = build_model(name, SHAPE, 10, **kwargs)
             try:
                 oto = oto_cls(model=model, dummy_input=x1)
@@ -210,17 +212,18 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
                                 target_group_sparsity=target, start_pruning_step=start,
                                 pruning_steps=pruning, pruning_periods=min(10, max(1, pruning)))  # fmt: skip
                 t = time.perf_counter()
-                train_loop(model, opt, data, args.epochs)
+                train_loop(model, opt, data, args.epochs, seed=args.seed)
                 with tempfile.TemporaryDirectory() as d:
                     oto.construct_subnet(out_dir=d)
                     cm = torch.load(oto.compressed_model_path, weights_only=False)
-                rows.append({"model": name, "library": "only-train-once HESSO", "accuracy": accuracy(cm, data),
+                rows.append({"model": name, "seed": args.seed, "library": "only-train-once HESSO", "accuracy": accuracy(cm, data),
                              "params": count_params(cm), "macs": count_macs(cm, x1),
                              "seconds": time.perf_counter() - t, "slim": cm})  # fmt: skip
             except Exception as exc:
                 rows.append(
                     {
                         "model": name,
+                        "seed": args.seed,
                         "library": "only-train-once HESSO",
                         "error": f"{type(exc).__name__}: {exc}"[:200],
                     }
@@ -228,19 +231,25 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
             print({k: v for k, v in rows[-1].items() if k != "slim"}, flush=True)
 
         if tp is not None:
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             model = build_model(name, SHAPE, 10, **kwargs)
             t = time.perf_counter()
             half = max(1, args.epochs // 2)
             opt = torch.optim.SGD(model.parameters(), **hp)
-            train_loop(model, opt, data, half, total_epochs=args.epochs)
+            train_loop(model, opt, data, half, total_epochs=args.epochs, seed=args.seed)
             ratio = tp_ratio_for_macs(tp, model, x1, target_macs)
             pruned = tp_prune(tp, copy.deepcopy(model), x1, ratio)
             opt = torch.optim.SGD(pruned.parameters(), **hp)
             train_loop(
-                pruned, opt, data, args.epochs - half, start_epoch=half, total_epochs=args.epochs
+                pruned,
+                opt,
+                data,
+                args.epochs - half,
+                start_epoch=half,
+                total_epochs=args.epochs,
+                seed=args.seed,
             )
-            rows.append({"model": name, "library": "torch-pruning (magnitude, prune + fine-tune)",
+            rows.append({"model": name, "seed": args.seed, "library": "torch-pruning (magnitude, prune + fine-tune)",
                          "accuracy": accuracy(pruned, data), "params": count_params(pruned),
                          "macs": count_macs(pruned, x1), "seconds": time.perf_counter() - t,
                          "pruning_ratio": ratio, "slim": pruned})  # fmt: skip
@@ -332,16 +341,18 @@ def md_tables(payload: dict[str, Any]) -> str:
         goal = (f"prunekit HESSO targets {100 * a['flops_removed']:.0f}% of the MACs, only-train-once the group sparsity it reached" if a.get("flops_removed")
                 else f"target group sparsity {a['target']}")  # fmt: skip
         md += [f"## MNIST accuracy ({a['epochs']} epochs on {a['train_subset']} images, {goal}; Torch-Pruning matched to prunekit's MACs)", "",
-               "| model | library | accuracy | Δ vs dense (points) | params | MACs | FLOPs removed | train s |",
-               "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        base = {r["model"]: r for r in rows if r["library"] == "dense"}
-        for r in rows:
+               "| model | seed | library | accuracy | Δ vs dense (points) | params | MACs | FLOPs removed | train s |",
+               "|---|---:|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        base = {(r["model"], r.get("seed", 0)): r for r in rows if r["library"] == "dense"}
+        for r in sorted(rows, key=lambda r: (r["model"], r.get("seed", 0))):
             if "error" in r:
-                md.append(f"| {r['model']} | {r['library']} | error: {r['error']} | | | | | |")
+                md.append(
+                    f"| {r['model']} | {r.get('seed', 0)} | {r['library']} | error: {r['error']} | | | | | |"
+                )
                 continue
-            b = base[r["model"]]
+            b = base[r["model"], r.get("seed", 0)]
             removed = 1 - r["macs"] / b["macs"]
-            md.append(f"| {r['model']} | {r['library']} | {100 * r['accuracy']:.2f}% | {100 * (r['accuracy'] - b['accuracy']):+.2f} | "
+            md.append(f"| {r['model']} | {r.get('seed', 0)} | {r['library']} | {100 * r['accuracy']:.2f}% | {100 * (r['accuracy'] - b['accuracy']):+.2f} | "
                       f"{r['params']:,} | {r['macs']:,} | {100 * removed:.1f}% | {r['seconds']:.0f} |")  # fmt: skip
         md.append("")
     for name, rows in payload.get("latency", {}).items():
@@ -366,6 +377,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet20", "vgg_bn"], choices=list(MODELS))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-subset", type=int, default=10000)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     parser.add_argument("--target", type=float, default=0.7, help="target group sparsity")
     parser.add_argument(
         "--flops-removed",
@@ -388,21 +400,28 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     oto_cls, tp = load_oto(args.oto_shim), load_tp()
     path = RESULTS / "structured.json"
-    payload: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    payload["environment"] = environment()  # parts run earlier keep their rows
+    new: dict[str, Any] = {}
     if "discovery" in args.parts:
-        payload["discovery"] = discovery(oto_cls, tp)
+        new["discovery"] = discovery(oto_cls, tp)
     if "accuracy" in args.parts:
         rows = accuracy_runs(oto_cls, tp, args)
         for r in rows:
             if "slim" in r:  # kept for a latency run in a quiet window (no retraining)
-                out = SLIM_DIR / r["model"] / f"{r['library'].split(' ')[0]}.pt"
+                seed_dir = SLIM_DIR / r["model"] / ("" if args.seed == 0 else f"seed{args.seed}")
+                out = seed_dir / f"{r['library'].split(' ')[0]}.pt"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(r.pop("slim"), out)
-        done = {r["model"] for r in rows}
+        new["accuracy"] = rows
+    # read only now: another seed's accuracy run may have written its rows meanwhile
+    payload: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    payload["environment"] = environment()  # parts run earlier keep their rows
+    if "discovery" in new:
+        payload["discovery"] = new["discovery"]
+    if "accuracy" in new:
+        done = {(r["model"], r["seed"]) for r in new["accuracy"]}
         payload["accuracy"] = [
-            r for r in payload.get("accuracy", []) if r["model"] not in done
-        ] + rows
+            r for r in payload.get("accuracy", []) if (r["model"], r.get("seed", 0)) not in done
+        ] + new["accuracy"]
         payload["accuracy_args"] = {"epochs": args.epochs, "train_subset": args.train_subset,
                                     "target": args.target, "flops_removed": args.flops_removed}  # fmt: skip
     if "latency" in args.parts:

@@ -57,6 +57,7 @@ def test_zero_random_groups_then_slim_is_exact(name):
         "inverted_residual",
         "conv1d",
         "grouped_unknown",
+        "groupnorm",
         "head_attribute_attention",
         "sdpa_attention",
     ],
@@ -220,7 +221,14 @@ def test_capture_leaves_model_state_alone():
 
 @pytest.mark.parametrize(
     "name",
-    ["residual", "concat_bn", "inverted_residual", "embed_layernorm", "head_attribute_attention"],
+    [
+        "residual",
+        "concat_bn",
+        "inverted_residual",
+        "embed_layernorm",
+        "groupnorm",
+        "head_attribute_attention",
+    ],
 )
 def test_save_and_load_slim_without_pickled_code(tmp_path, name):
     from prunekit.structured.io import load_slim, save_slim, slim_spec
@@ -336,3 +344,22 @@ def test_split_into_heads_outside_attention_is_pinned():
     groups = find_groups(Shuffle(), x)
     gs = [g for g in groups if ("a.weight", 0) in g.slices("out")]
     assert gs and all("outside attention" in g.reason for g in gs)
+
+
+def test_groupnorm_removes_whole_norm_groups():
+    torch.manual_seed(0)
+    model, x = ZOO["groupnorm"]()
+    groups = find_groups(model, x)
+    n1 = [g for g in groups if ("n1.weight", 0) in g.slices("out")]
+    n2 = [g for g in groups if ("n2.weight", 0) in g.slices("out")]
+    assert [g.slices("out")[("n1.weight", 0)] for g in n1] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [g.slices("in")[("c2.weight", 1)] for g in n1] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert len(n2) == 4 and all(g.prunable for g in n1 + n2)
+    n3 = [g for g in groups if ("c3.weight", 0) in g.slices("out")]
+    assert n3 and all("affine" in str(g.reason) for g in n3)
+    n1[0].zero_()
+    n2[2].zero_()
+    small = slim(model, x, groups)  # raises if the output differs
+    assert (small.n1.num_groups, small.n1.num_channels) == (1, 4)
+    assert (small.n2.num_groups, small.n2.num_channels) == (3, 9)
+    assert small.c2.weight.shape == (9, 4, 3, 3)

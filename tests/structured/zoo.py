@@ -183,6 +183,21 @@ class GroupedAndUnknown(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+class GroupNormNet(nn.Module):
+    """GroupNorm: a whole norm group (4 or 3 channels) is one group; a non-affine one is pinned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.c2, self.n2 = nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.GroupNorm(4, 12)
+        self.c3, self.n3 = nn.Conv2d(12, 6, 1), nn.GroupNorm(3, 6, affine=False)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.n2(self.c2(F.relu(self.n1(self.c1(x))))))
+        return self.fc(F.relu(self.n3(self.c3(x))).mean((2, 3)))
+
+
 def _img(c: int = 3, s: int = 8) -> Tensor:
     return torch.randn(4, c, s, s, generator=torch.Generator().manual_seed(1))
 
@@ -204,6 +219,7 @@ ZOO: dict[str, Callable[[], tuple[nn.Module, Tensor]]] = {
     ),
     "tied": lambda: (Tied(), torch.randn(4, 10, generator=torch.Generator().manual_seed(1))),
     "grouped_unknown": lambda: (GroupedAndUnknown(), _img()),
+    "groupnorm": lambda: (GroupNormNet(), _img()),
 }
 
 

@@ -36,7 +36,7 @@ BATCH_NORMS: tuple[type[nn.Module], ...] = (
     nn.SyncBatchNorm,
 )
 CHANNEL_MIXING_NORMS: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
 )  # fmt: skip
 
 
@@ -211,8 +211,30 @@ def batchnorm_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[V
     return Flow(1, list(x.ids))
 
 
+def groupnorm_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
+    """GroupNorm: the mean and variance of a norm group mix its ``C / G`` channels, so only a whole
+    norm group can go. Its channels are joined; when they and its ``γ``/``β`` are zero the norm
+    group outputs ``0·γ + β = 0`` and the other norm groups' statistics do not involve it, so it is
+    removed exactly (the slim GroupNorm has fewer ``num_groups``). Without affine parameters the
+    slim width could not be read from the weights: pinned."""
+    assert isinstance(m, nn.GroupNorm)
+    x = inputs[0]
+    name = str(node.target)
+    if not isinstance(x, Flow) or x.dim != 1:
+        return unknown(ctx, node, inputs)
+    if not m.affine:
+        ctx.graph.pin(x.ids, f"{name}: GroupNorm without affine parameters")
+        return Flow(1, list(x.ids))
+    size = m.num_channels // m.num_groups
+    for j in range(0, len(x.ids), size):
+        ctx.graph.union_all(x.ids[j : j + size - 1], x.ids[j + 1 : j + size])
+    ctx.attach(x.ids, ctx.tensor_name(name, "weight", m), 0, "out")
+    ctx.attach(x.ids, ctx.tensor_name(name, "bias", m), 0, "out")
+    return Flow(1, list(x.ids))
+
+
 def normalize_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
-    """LayerNorm / GroupNorm / InstanceNorm mix channels (mean and variance across them): pinned."""
+    """LayerNorm / InstanceNorm mix channels (mean and variance across them): pinned."""
     x = inputs[0]
     pin_all(ctx, [x], f"{node.target}: {type(m).__name__} normalises across channels")
     return (
@@ -272,6 +294,7 @@ _MODULE_RULES: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], ModuleR
     (CONVS + TRANSPOSED_CONVS, conv_rule),
     (nn.Linear, linear_rule),
     (BATCH_NORMS, batchnorm_rule),
+    (nn.GroupNorm, groupnorm_rule),
     (CHANNEL_MIXING_NORMS, normalize_rule),
     (nn.PReLU, prelu_rule),
     (nn.Flatten, flatten_module_rule),

@@ -53,6 +53,13 @@ def _fix_bn(m: nn.Module) -> None:
     m.num_features = ref.shape[0]
 
 
+def _fix_groupnorm(m: nn.Module) -> None:
+    assert isinstance(m, nn.GroupNorm)  # whole norm groups were removed (see rules)
+    channels = m.weight.shape[0]
+    m.num_groups = channels // (m.num_channels // m.num_groups)
+    m.num_channels = channels
+
+
 def _fix_embedding(m: nn.Module) -> None:
     assert isinstance(m, nn.Embedding)
     m.embedding_dim = m.weight.shape[1]
@@ -67,6 +74,7 @@ _FIXUPS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], Fixup]] = [
     (CONVS, _fix_conv),
     (nn.Linear, _fix_linear),
     (BATCH_NORMS, _fix_bn),
+    (nn.GroupNorm, _fix_groupnorm),
     (nn.Embedding, _fix_embedding),
     (nn.PReLU, _fix_prelu),
 ]
