@@ -176,6 +176,7 @@ def test_structured_run_writes_an_equivalent_slim_model(tmp_path, data, optimize
 def test_structured_run_with_a_flops_target(tmp_path, data):
     m = train(_structured_recipe("hesso", flops_removed=0.6), tmp_path, progress=False, data=data)
     assert m["flops_removed"] >= 0.6  # priced by MACs: the target is met, not a group count
+    assert "(target 60.0%)" in (tmp_path / "report.md").read_text()  # the target that drove it
     with pytest.raises(ConfigError, match="flops_removed"):
         _structured_recipe("dhspg", flops_removed=0.6)
 

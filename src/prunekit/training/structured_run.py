@@ -101,6 +101,20 @@ def finish_structured(
     }
 
 
+def _targets(metrics: dict[str, Any]) -> str:
+    """Reached figures next to the target that drove the optimizer (group count or MACs)."""
+    groups, flops = 100 * metrics["group_sparsity"], 100 * metrics["flops_removed"]
+    if metrics.get("flops_target") is not None:
+        return (
+            f"FLOPs removed {flops:.1f}% (target {100 * metrics['flops_target']:.1f}%), "
+            f"group sparsity {groups:.1f}%."
+        )
+    return (
+        f"Group sparsity {groups:.1f}% (target {100 * metrics['target_group_sparsity']:.1f}%), "
+        f"FLOPs removed {flops:.1f}%."
+    )
+
+
 def structured_report(metrics: dict[str, Any]) -> str:
     """Markdown lines for report.md."""
     return (
@@ -110,8 +124,7 @@ def structured_report(metrics: dict[str, Any]) -> str:
         f"| MACs (batch 1) | {metrics['macs_before']:,} | {metrics['macs_after']:,} |\n"
         f"| test accuracy | {100 * metrics['test_accuracy_group_sparse']:.2f}% (group-sparse) | "
         f"{100 * metrics['test_accuracy_slim']:.2f}% |\n\n"
-        f"Group sparsity {100 * metrics['group_sparsity']:.1f}% (target "
-        f"{100 * metrics['target_group_sparsity']:.1f}%), FLOPs removed {100 * metrics['flops_removed']:.1f}%. "
+        f"{_targets(metrics)} "
         "The slim model is in `slim/` (spec.json + weights.pt; load with "
         "`prunekit.structured.io.load_slim(fresh_model, 'slim')`).\n"
     )
