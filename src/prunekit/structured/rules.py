@@ -195,41 +195,29 @@ def linear_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Valu
     return out
 
 
-def batchnorm_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
-    assert isinstance(m, BATCH_NORMS)
-    m = cast(nn.BatchNorm2d, m)
+def channel_norm_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
+    """BatchNorm (statistics per channel) and GroupNorm (statistics per norm group of ``C / G``).
+
+    A GroupNorm's norm group can only go whole: its channels are joined. When they and their
+    ``γ``/``β`` are zero the norm group outputs ``0·γ + β = 0`` and no other statistics involve it,
+    so it is removed exactly (the slim GroupNorm has fewer ``num_groups``). Without affine
+    parameters batch norm maps a zero channel to ``−μ/σ`` and the slim width of a GroupNorm could
+    not be read from its weights: pinned.
+    """
+    assert isinstance(m, (*BATCH_NORMS, nn.GroupNorm))
     x = inputs[0]
     name = str(node.target)
     if not isinstance(x, Flow) or x.dim != 1:
         return unknown(ctx, node, inputs)
     if not m.affine:
-        ctx.graph.pin(x.ids, f"{name}: batch norm without affine parameters is not zero-invariant")
-    ctx.attach(x.ids, ctx.tensor_name(name, "weight", m), 0, "out")
-    ctx.attach(x.ids, ctx.tensor_name(name, "bias", m), 0, "out")
-    ctx.attach(x.ids, ctx.tensor_name(name, "running_mean", m), 0, "aux")
-    ctx.attach(x.ids, ctx.tensor_name(name, "running_var", m), 0, "aux")
-    return Flow(1, list(x.ids))
-
-
-def groupnorm_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
-    """GroupNorm: the mean and variance of a norm group mix its ``C / G`` channels, so only a whole
-    norm group can go. Its channels are joined; when they and its ``γ``/``β`` are zero the norm
-    group outputs ``0·γ + β = 0`` and the other norm groups' statistics do not involve it, so it is
-    removed exactly (the slim GroupNorm has fewer ``num_groups``). Without affine parameters the
-    slim width could not be read from the weights: pinned."""
-    assert isinstance(m, nn.GroupNorm)
-    x = inputs[0]
-    name = str(node.target)
-    if not isinstance(x, Flow) or x.dim != 1:
-        return unknown(ctx, node, inputs)
-    if not m.affine:
-        ctx.graph.pin(x.ids, f"{name}: GroupNorm without affine parameters")
-        return Flow(1, list(x.ids))
-    size = m.num_channels // m.num_groups
+        ctx.graph.pin(x.ids, f"{name}: {type(m).__name__} without affine parameters")
+    size = m.num_channels // m.num_groups if isinstance(m, nn.GroupNorm) else 1
     for j in range(0, len(x.ids), size):
         ctx.graph.union_all(x.ids[j : j + size - 1], x.ids[j + 1 : j + size])
     ctx.attach(x.ids, ctx.tensor_name(name, "weight", m), 0, "out")
     ctx.attach(x.ids, ctx.tensor_name(name, "bias", m), 0, "out")
+    ctx.attach(x.ids, ctx.tensor_name(name, "running_mean", m), 0, "aux")
+    ctx.attach(x.ids, ctx.tensor_name(name, "running_var", m), 0, "aux")
     return Flow(1, list(x.ids))
 
 
@@ -293,8 +281,7 @@ ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
 _MODULE_RULES: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], ModuleRule]] = [
     (CONVS + TRANSPOSED_CONVS, conv_rule),
     (nn.Linear, linear_rule),
-    (BATCH_NORMS, batchnorm_rule),
-    (nn.GroupNorm, groupnorm_rule),
+    ((*BATCH_NORMS, nn.GroupNorm), channel_norm_rule),
     (CHANNEL_MIXING_NORMS, normalize_rule),
     (nn.PReLU, prelu_rule),
     (nn.Flatten, flatten_module_rule),
