@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import io
 import json
 import os
 import statistics
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -281,21 +283,55 @@ def tp_ratio_for_macs(tp: Any, model: nn.Module, x: torch.Tensor, target_macs: i
 
 
 # --------------------------------------------------------------------------------------- part 3
-@torch.no_grad()
-def latency(model: nn.Module, x: torch.Tensor, runs: int) -> float:
-    """Median wall time of ``runs`` forward passes, after five warm-up passes."""
+Runner = Callable[[torch.Tensor], Any]
+
+
+def torch_runner(model: nn.Module, batch: int) -> Runner:
+    """Eager PyTorch, no autograd."""
     model.eval()
+
+    def run(x: torch.Tensor) -> Any:
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+def onnxruntime_runner(model: nn.Module, batch: int) -> Runner:
+    """The model exported to ONNX (fixed batch) and run by onnxruntime's CPU provider, which fuses
+    conv + batch norm and keeps its own memory arena; threads as torch's."""
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model.eval(), (torch.randn(batch, *SHAPE),), buf, input_names=["x"], dynamo=False
+    )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
+    session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"x": x.numpy()})
+
+
+RUNNERS: dict[str, Callable[[nn.Module, int], Runner]] = {
+    "torch": torch_runner,
+    "onnxruntime": onnxruntime_runner,
+}
+
+
+def latency(run: Runner, x: torch.Tensor, runs: int) -> float:
+    """Median wall time of ``runs`` forward passes, after five warm-up passes."""
     for _ in range(5):
-        model(x)
+        run(x)
     times = []
     for _ in range(runs):
         t = time.perf_counter()
-        model(x)
+        run(x)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def latency_rows(models: dict[str, nn.Module], runs: int, rounds: int = 5) -> list[dict[str, Any]]:
+def latency_rows(models: dict[str, nn.Module], runs: int, rounds: int = 5,
+                 runner: Callable[[nn.Module, int], Runner] = torch_runner) -> list[dict[str, Any]]:  # fmt: skip
     """Latency of every model in ``rounds`` rounds, the order rotated each round.
 
     Each round times every model in a block of ``runs // rounds`` passes; a speed-up is the median
@@ -308,9 +344,10 @@ def latency_rows(models: dict[str, nn.Module], runs: int, rounds: int = 5) -> li
     ms: dict[tuple[str, int], list[float]] = {(k, b): [] for k in labels for b in (1, 64)}
     for b in (1, 64):
         x = torch.randn(b, *SHAPE)
+        runs_of = {label: runner(models[label], b) for label in labels}
         for r in range(rounds):
             for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
-                ms[label, b].append(1000 * latency(models[label], x, max(1, runs // rounds)))
+                ms[label, b].append(1000 * latency(runs_of[label], x, max(1, runs // rounds)))
     rows = []
     for label, m in models.items():
         row: dict[str, Any] = {"model": label, "params": count_params(m), "macs": count_macs(m, x1)}
@@ -331,13 +368,15 @@ def latency_rows(models: dict[str, nn.Module], runs: int, rounds: int = 5) -> li
 # whether a process stays in that state varies from process to process (dense ResNet-20: 14 ms vs
 # 24–32 ms). So latency runs in fresh processes, with glibc's defaults and with its mmap threshold
 # pinned high (memory reused, no page faults: what jemalloc/tcmalloc-style allocators give).
-ALLOCATORS: dict[str, dict[str, str]] = {
-    "default allocator": {},
-    "allocator without page faults": {
+# onnxruntime (its own arena, conv + batch norm fused) is the third: what a deployment would use.
+REGIMES: dict[str, tuple[str, dict[str, str]]] = {
+    "PyTorch eager, default allocator": ("torch", {}),
+    "PyTorch eager, allocator without page faults": ("torch", {
         "MALLOC_MMAP_THRESHOLD_": "4294967295",
         "MALLOC_TRIM_THRESHOLD_": "4294967295",
-    },
-}
+    }),
+    "onnxruntime 1.32 (exported slim models)": ("onnxruntime", {}),
+}  # fmt: skip
 
 
 def latency_models(name: str) -> dict[str, nn.Module]:
@@ -358,13 +397,13 @@ def latency_models(name: str) -> dict[str, nn.Module]:
 
 
 def latency_over_processes(
-    name: str, args: argparse.Namespace, env: dict[str, str]
+    name: str, args: argparse.Namespace, runtime: str, env: dict[str, str]
 ) -> list[dict[str, Any]]:
     """:func:`latency_rows` in ``args.processes`` fresh processes; medians over them, and the range
     of the speed-up / FLOPs ratio."""
     runs: list[list[dict[str, Any]]] = []
     for _ in range(args.processes):
-        cmd = [sys.executable, __file__, "--latency-worker", name, "--runs", str(args.runs),
+        cmd = [sys.executable, __file__, "--latency-worker", name, "--runtime", runtime, "--runs", str(args.runs),
                "--rounds", str(args.rounds)]  # fmt: skip
         if args.threads is not None:
             cmd += ["--threads", str(args.threads)]
@@ -453,6 +492,7 @@ def main() -> None:
     )
     parser.add_argument("--processes", type=int, default=5, help="fresh processes for latency")
     parser.add_argument("--latency-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--runtime", default="torch", choices=list(RUNNERS), help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds (order rotated)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -464,7 +504,8 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.latency_worker is not None:  # one process of latency_over_processes: JSON rows out
-        rows = latency_rows(latency_models(args.latency_worker), args.runs, args.rounds)
+        rows = latency_rows(latency_models(args.latency_worker), args.runs, args.rounds,
+                            RUNNERS[args.runtime])  # fmt: skip
         print(json.dumps(rows))
         return
     oto_cls, tp = load_oto(args.oto_shim), load_tp()
@@ -499,8 +540,8 @@ def main() -> None:
                                    "processes": args.processes, "threads": torch.get_num_threads()}  # fmt: skip
         for name in args.models:
             payload["latency"][name] = {
-                regime: latency_over_processes(name, args, env)
-                for regime, env in ALLOCATORS.items()
+                regime: latency_over_processes(name, args, runtime, env)
+                for regime, (runtime, env) in REGIMES.items()
             }
     write_results("structured", payload, md_tables(payload), echo=True)
 
