@@ -8,13 +8,15 @@ Three parts, every library run in this same process on the same models and data:
    dense; prunekit HESSO; OTO's HESSO (shimmed to run on CPU); Torch-Pruning magnitude pruning to the
    same MACs after half the budget, then fine-tuning for the other half. Reports accuracy, parameters
    and MACs of the slim models.
-3. ``latency`` — CPU latency of the dense and slim models at batch 1 and 64 (median of many runs),
-   and the speed-up relative to the FLOPs-reduction factor.
+3. ``latency`` — CPU latency of the dense and slim models at batch 1 and 64 and the speed-up
+   relative to the FLOPs-reduction factor, in fresh processes (medians and range over them), in three
+   regimes: PyTorch eager with glibc's default allocator, with its mmap threshold pinned (no page
+   faults), and onnxruntime on the exported models.
 
 Usage::
 
     python benchmarks/structured.py --parts discovery latency           # minutes
-    python benchmarks/structured.py --parts accuracy --epochs 3 --train-subset 10000   # ~1 h on 2 cores
+    python benchmarks/structured.py --parts accuracy --epochs 4 --train-subset 20000 --flops-removed 0.72 --threads 1 [--seed 1]   # ~15 min
 
 Peers are benchmark extras: ``pip install torch-pruning==1.6.1 only-train-once==3.0.1 packaging``;
 only-train-once needs ``../shared/peers/oto_shim.py`` on torch 2.13 (found via ``--oto-shim``).
