@@ -143,7 +143,8 @@ def test_hesso_cost_target_removes_that_share_of_the_cost_expensive_first():
         )
 
 
-def test_hesso_exact_macs_target_meets_the_model_macs_fraction():
+@pytest.mark.parametrize("multiple", [1, 4])
+def test_hesso_exact_macs_target_meets_the_model_macs_fraction(multiple):
     from prunekit.core import count_macs
     from prunekit.structured import group_macs, macs_rates
 
@@ -153,10 +154,14 @@ def test_hesso_exact_macs_target_meets_the_model_macs_fraction():
     before = count_macs(model, x[:1])
     opt = HESSO(model.parameters(), groups, lr=0.05, start_step=TOTAL // 5, pruning_steps=TOTAL // 2,
                 periods=5, group_costs=group_macs(model, groups, x[:1]), cost_target=0.5,
-                cost_rates=macs_rates(model, x[:1]))  # fmt: skip
+                cost_rates=macs_rates(model, x[:1]), channel_multiple=multiple)  # fmt: skip
     _train(model, x, opt, TOTAL)
-    removed = 1 - count_macs(slim(model, x, groups), x[:1]) / before
+    small = slim(model, x, groups)
+    removed = 1 - count_macs(small, x[:1]) / before
     assert 0.5 <= removed < 0.65  # the target, overshot by at most a few groups' worth
+    widths = [m.out_channels for m in small.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths != [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % multiple == 0 for w in widths), widths  # in units that keep multiples
 
 
 @pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
@@ -179,3 +184,11 @@ def test_hesso_cost_power_sets_how_much_cost_discounts_importance(power, monkeyp
     with pytest.raises(ValueError, match="cost_power"):
         HESSO(model.parameters(), groups, lr=0.05, pruning_steps=10, group_costs=costs,
               cost_target=0.1, cost_power=2.0)  # fmt: skip
+
+
+def test_hesso_channel_multiple_is_validated():
+    model, x = ZOO["residual"]()
+    groups = find_groups(model, x)
+    with pytest.raises(ValueError, match="channel_multiple"):
+        HESSO(model.parameters(), groups, lr=0.05, pruning_steps=10, group_costs=[1.0] * 40,
+              cost_target=0.1, channel_multiple=0)  # fmt: skip

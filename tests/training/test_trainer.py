@@ -179,6 +179,8 @@ def test_structured_run_with_a_flops_target(tmp_path, data):
     assert "(target 60.0%)" in (tmp_path / "report.md").read_text()  # the target that drove it
     with pytest.raises(ConfigError, match="flops_removed"):
         _structured_recipe("dhspg", flops_removed=0.6)
+    with pytest.raises(ConfigError, match="channel_multiple"):
+        _structured_recipe("hesso", channel_multiple=8)  # without a FLOPs target
 
 
 def test_structured_resume_equals_uninterrupted(tmp_path, data):

@@ -20,7 +20,9 @@ gradient, momentum and Adam moments are zeroed too).
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -360,6 +362,10 @@ class HESSO(GroupSparseOptimizer):
             4 of 16 stage-1 channels left, 0.2–0.3 points below ``0.5`` with ``0.7`` as the cap, on
             two seeds and on VGG as well). ``0`` ignores cost in the ranking (cost still sets when
             to stop); it leaves the early layers wide, which costs CPU latency.
+        channel_multiple: with ``cost_target``, groups that remove channels of the same layers
+            are taken in units that keep the layer's width a multiple of this (runtimes with
+            blocked layouts, such as onnxruntime's 8-channel blocks, run odd widths slowly); a
+            unit ranks by the mean score of its groups.
         cost_rates: MACs per weight element by weight name
             (:func:`~prunekit.structured.groups.macs_rates`); with them the MACs a set of groups
             saves is computed exactly (a weight slice shared by two removed groups counts once),
@@ -380,6 +386,7 @@ class HESSO(GroupSparseOptimizer):
         max_layer_fraction: float = 0.7,
         cost_rates: dict[str, float] | None = None,
         cost_power: float = 0.5,
+        channel_multiple: int = 1,
         **kwargs: Any,
     ):
         super().__init__(params, groups, **kwargs)
@@ -433,6 +440,9 @@ class HESSO(GroupSparseOptimizer):
                 )
             self.costs = self.costs.to(self.zero.device)
         self.cost_power = cost_power
+        if channel_multiple < 1:
+            raise ValueError(f"channel_multiple must be >= 1, got {channel_multiple}")
+        self.channel_multiple = channel_multiple
         self.start_step, self.periods = start_step, periods
         self.period_len = pruning_steps // periods
         self.criteria = criteria or {c: 1.0 / len(HESSO_CRITERIA) for c in HESSO_CRITERIA}
@@ -531,22 +541,49 @@ class HESSO(GroupSparseOptimizer):
         score = (self.importance().double() / relative**self.cost_power).masked_fill(
             taken, float("inf")
         )
+        # families: groups removing channels of the same layers; each family's candidates in
+        # ascending score; a unit takes as many as make the family's kept width a multiple
+        family_of = [tuple(sorted(sl)) for sl in self._layer_slices]
+        pending: dict[tuple[tuple[str, int], ...], list[int]] = defaultdict(list)
         for i in torch.argsort(score).tolist():
-            if reached >= wanted:
-                break
-            if bool(taken[i]) or any(
-                layers.get(k, 0) + n > self.max_layer_fraction * self._layer_sizes[k]
-                for k, n in self._layer_slices[i].items()
-            ):
-                continue
-            add(i)
-            self.decaying[i] = True
-            if not self._rates:
-                reached += costs[i]
-            for name in {k[0] for k in self._rated_slices[i]}:
-                now = saved(name)
-                reached += now - per_name[name]
-                per_name[name] = now
+            if not bool(taken[i]):
+                pending[family_of[i]].append(i)
+        heap: list[tuple[float, int, list[int]]] = []
+
+        def push(family: tuple[tuple[str, int], ...]) -> None:
+            members = pending[family]
+            if not members:
+                return
+            key, per_group = family[0], self._layer_slices[members[0]][family[0]]
+            kept = (self._layer_sizes[key] - layers.get(key, 0)) // per_group
+            need = kept % self.channel_multiple or self.channel_multiple
+            if len(members) >= need:
+                unit = members[:need]
+                heapq.heappush(heap, (sum(float(score[i]) for i in unit) / need, unit[0], unit))
+
+        for family in pending:
+            push(family)
+        while heap and reached < wanted:
+            _, _, unit = heapq.heappop(heap)
+            family = family_of[unit[0]]
+            total: dict[tuple[str, int], int] = defaultdict(int)
+            for i in unit:
+                for k, n in self._layer_slices[i].items():
+                    total[k] += n
+            if any(layers.get(k, 0) + n > self.max_layer_fraction * self._layer_sizes[k]
+                   for k, n in total.items()):  # fmt: skip
+                continue  # this family is as thin as the cap allows
+            for i in unit:
+                add(i)
+                self.decaying[i] = True
+                if not self._rates:
+                    reached += costs[i]
+                for name in {k[0] for k in self._rated_slices[i]}:
+                    now = saved(name)
+                    reached += now - per_name[name]
+                    per_name[name] = now
+            pending[family] = pending[family][len(unit) :]
+            push(family)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"decaying": self.decaying.cpu()}

@@ -123,8 +123,15 @@ class StructuredSpec:
     epsilon: float = 0.0
     #: HESSO only: remove this fraction of the MACs instead of ``target_group_sparsity`` of the groups
     flops_removed: float | None = None
+    #: with ``flops_removed``: keep every layer's width a multiple of this (8 for onnxruntime)
+    channel_multiple: int = 1
 
     def __post_init__(self) -> None:
+        if self.channel_multiple < 1 or (self.channel_multiple > 1 and self.flops_removed is None):
+            raise ConfigError(
+                "structured.channel_multiple must be >= 1 and needs structured.flops_removed, "
+                f"got {self.channel_multiple}"
+            )
         if self.flops_removed is not None and (
             self.optimizer != "hesso" or not 0.0 < self.flops_removed < 1.0
         ):

@@ -58,6 +58,7 @@ def build_structured_optimizer(
             "group_costs": group_macs(model, groups, example[:1]),
             "cost_target": spec.flops_removed,
             "cost_rates": macs_rates(model, example[:1]),
+            "channel_multiple": spec.channel_multiple,
         }
     return HESSO(
         model.parameters(),
