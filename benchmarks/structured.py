@@ -174,18 +174,20 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
     hp = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
     for name in args.models:
         kwargs = MODELS[name]
-        torch.manual_seed(args.seed)
-        dense = build_model(name, SHAPE, 10, **kwargs)
-        macs0, params0 = count_macs(dense, x1), count_params(dense)
-        torch.manual_seed(args.seed)
-        t = time.perf_counter()
-        train_loop(
-            dense, torch.optim.SGD(dense.parameters(), **hp), data, args.epochs, seed=args.seed
-        )
-        acc0 = accuracy(dense, data)
-        rows.append({"model": name, "seed": args.seed, "library": "dense", "accuracy": acc0, "params": params0, "macs": macs0,
-                     "seconds": time.perf_counter() - t})  # fmt: skip
-        print(rows[-1], flush=True)
+        if "dense" in args.libraries:
+            torch.manual_seed(args.seed)
+            dense = build_model(name, SHAPE, 10, **kwargs)
+            macs0, params0 = count_macs(dense, x1), count_params(dense)
+            torch.manual_seed(args.seed)
+            t = time.perf_counter()
+            train_loop(
+                dense, torch.optim.SGD(dense.parameters(), **hp), data, args.epochs, seed=args.seed
+            )
+            rows.append({"model": name, "seed": args.seed, "library": "dense", "accuracy": accuracy(dense, data),
+                         "params": params0, "macs": macs0, "seconds": time.perf_counter() - t})  # fmt: skip
+            print(rows[-1], flush=True)
+        if "prunekit" not in args.libraries:
+            continue  # the peers are matched to prunekit's result
 
         torch.manual_seed(args.seed)
         model = build_model(name, SHAPE, 10, **kwargs)
@@ -193,7 +195,7 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
         cost: dict[str, Any] = {}
         if args.flops_removed is not None:  # HESSO's target in FLOPs: groups priced by their MACs
             cost = {"group_costs": group_macs(model, groups, x1), "cost_target": args.flops_removed,
-                    "cost_rates": macs_rates(model, x1)}  # fmt: skip
+                    "cost_rates": macs_rates(model, x1), "channel_multiple": args.channel_multiple}  # fmt: skip
         start, pruning = round(PRUNE_START * steps), round((PRUNE_END - PRUNE_START) * steps)
         opt = HESSO(model.parameters(), groups, target_group_sparsity=args.target, start_step=start,
                     pruning_steps=pruning, periods=min(10, max(1, pruning)), **cost, **hp)  # fmt: skip
@@ -202,14 +204,20 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
         small = slim(model, x1, groups)
         # only-train-once has no FLOPs target: it gets the group sparsity prunekit reached
         target = opt.group_sparsity() if args.flops_removed is not None else args.target
-        rows.append({"model": name, "seed": args.seed, "library": "prunekit HESSO", "accuracy": accuracy(small, data),
+        label, stem = "prunekit HESSO", "prunekit"
+        if args.channel_multiple > 1:
+            label, stem = (
+                f"{label}, widths in multiples of {args.channel_multiple}",
+                f"{stem}-x{args.channel_multiple}",
+            )
+        rows.append({"model": name, "seed": args.seed, "library": label, "slim_name": stem, "accuracy": accuracy(small, data),
                      "group_sparsity": target,
                      "params": count_params(small), "macs": count_macs(small, x1),
                      "seconds": time.perf_counter() - t, "slim": small})  # fmt: skip
         print({k: v for k, v in rows[-1].items() if k != "slim"}, flush=True)
         target_macs = rows[-1]["macs"]
 
-        if oto_cls is not None:
+        if oto_cls is not None and "oto" in args.libraries:
             torch.manual_seed(args.seed)
             model = build_model(name, SHAPE, 10, **kwargs)
             try:
@@ -236,7 +244,7 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
                 )
             print({k: v for k, v in rows[-1].items() if k != "slim"}, flush=True)
 
-        if tp is not None:
+        if tp is not None and "tp" in args.libraries:
             torch.manual_seed(args.seed)
             model = build_model(name, SHAPE, 10, **kwargs)
             t = time.perf_counter()
@@ -481,6 +489,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet20", "vgg_bn"], choices=list(MODELS))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-subset", type=int, default=10000)
+    parser.add_argument("--libraries", nargs="+", default=["dense", "prunekit", "oto", "tp"],
+                        choices=["dense", "prunekit", "oto", "tp"], help="accuracy: which to train")  # fmt: skip
+    parser.add_argument("--channel-multiple", type=int, default=1,
+                        help="HESSO keeps layer widths multiples of this (a separate prunekit row)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     parser.add_argument("--target", type=float, default=0.7, help="target group sparsity")
     parser.add_argument(
@@ -520,7 +532,7 @@ def main() -> None:
         for r in rows:
             if "slim" in r:  # kept for a latency run in a quiet window (no retraining)
                 seed_dir = SLIM_DIR / r["model"] / ("" if args.seed == 0 else f"seed{args.seed}")
-                out = seed_dir / f"{r['library'].split(' ')[0]}.pt"
+                out = seed_dir / f"{r.get('slim_name', r['library'].split(' ')[0])}.pt"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(r.pop("slim"), out)
         new["accuracy"] = rows
@@ -530,9 +542,11 @@ def main() -> None:
     if "discovery" in new:
         payload["discovery"] = new["discovery"]
     if "accuracy" in new:
-        done = {(r["model"], r["seed"]) for r in new["accuracy"]}
+        done = {(r["model"], r["seed"], r["library"]) for r in new["accuracy"]}
         payload["accuracy"] = [
-            r for r in payload.get("accuracy", []) if (r["model"], r.get("seed", 0)) not in done
+            r
+            for r in payload.get("accuracy", [])
+            if (r["model"], r.get("seed", 0), r["library"]) not in done
         ] + new["accuracy"]
         payload["accuracy_args"] = {"epochs": args.epochs, "train_subset": args.train_subset,
                                     "target": args.target, "flops_removed": args.flops_removed}  # fmt: skip
