@@ -88,6 +88,16 @@ def load_tp() -> Any | None:
         return None
 
 
+def zero_random_groups(groups: list[Any], fraction: float) -> int:
+    """Zero each prunable group with probability ``fraction`` (seeded); returns how many are prunable."""
+    prunable = [g for g in groups if g.prunable]
+    gen = torch.Generator().manual_seed(0)
+    for g in prunable:
+        if torch.rand((), generator=gen) < fraction:
+            g.zero_()
+    return len(prunable)
+
+
 # --------------------------------------------------------------------------------------- part 1
 def discovery(oto_cls: Any, tp: Any, repeats: int = 3) -> list[dict[str, Any]]:
     rows = []
@@ -101,12 +111,7 @@ def discovery(oto_cls: Any, tp: Any, repeats: int = 3) -> list[dict[str, Any]]:
             groups = find_groups(model, x)
             times.append(time.perf_counter() - t)
         row["prunekit_find_s"] = min(times)
-        prunable = [g for g in groups if g.prunable]
-        row["prunekit_groups"] = len(prunable)
-        gen = torch.Generator().manual_seed(0)
-        for g in prunable:
-            if torch.rand((), generator=gen) < 0.7:
-                g.zero_()
+        row["prunekit_groups"] = zero_random_groups(groups, 0.7)
         with torch.no_grad():
             ref = model(x)
             small = slim(model, x, groups, check=False).eval()
@@ -194,8 +199,9 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
         groups = find_groups(model, x1)
         cost: dict[str, Any] = {}
         if args.flops_removed is not None:  # HESSO's target in FLOPs: groups priced by their MACs
-            cost = {"group_costs": group_macs(model, groups, x1), "cost_target": args.flops_removed,
-                    "cost_rates": macs_rates(model, x1), "channel_multiple": args.channel_multiple}  # fmt: skip
+            rates = macs_rates(model, x1)
+            cost = {"group_costs": group_macs(model, groups, x1, rates), "cost_target": args.flops_removed,
+                    "cost_rates": rates, "channel_multiple": args.channel_multiple}  # fmt: skip
         start, pruning = round(PRUNE_START * steps), round((PRUNE_END - PRUNE_START) * steps)
         opt = HESSO(model.parameters(), groups, target_group_sparsity=args.target, start_step=start,
                     pruning_steps=pruning, periods=min(10, max(1, pruning)), **cost, **hp)  # fmt: skip
@@ -398,10 +404,7 @@ def latency_models(name: str) -> dict[str, nn.Module]:
     if len(models) == 1:  # no accuracy run: a 70% group-sparse model, slimmed
         m = build_model(name, SHAPE, 10, **MODELS[name])
         groups = find_groups(m, torch.randn(1, *SHAPE))
-        gen = torch.Generator().manual_seed(0)
-        for g in groups:
-            if g.prunable and torch.rand((), generator=gen) < 0.7:
-                g.zero_()
+        zero_random_groups(groups, 0.7)
         models["prunekit slim (70% groups)"] = slim(m, torch.randn(1, *SHAPE), groups)
     return models
 

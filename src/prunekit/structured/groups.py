@@ -254,15 +254,19 @@ def _is_reshape(node: fx.Node) -> bool:
 
 
 def group_macs(
-    model: nn.Module, groups: Sequence[Group], example_inputs: Sequence[Any] | Tensor
+    model: nn.Module,
+    groups: Sequence[Group],
+    example_inputs: Sequence[Any] | Tensor,
+    rates: dict[str, float] | None = None,
 ) -> list[float]:
     """MACs of one forward pass on ``example_inputs`` that removing each group saves (approximately:
     a weight slice shared by a producing and a consuming group is counted for both).
 
     Each convolution or linear weight slice costs ``slice elements × MACs / weight elements`` of its
-    layer; other members (biases, norms) cost nothing.
+    layer; other members (biases, norms) cost nothing. ``rates`` from :func:`macs_rates` (one
+    forward pass on ``example_inputs``) are reused when given.
     """
-    rate = macs_rates(model, example_inputs)
+    rate = macs_rates(model, example_inputs) if rates is None else rates
     tensors = dict(model.named_parameters())
     costs = []
     for g in groups:

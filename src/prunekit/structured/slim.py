@@ -143,11 +143,6 @@ def slim_plan(
     return dict(kept), attributes
 
 
-def kept_plan(model: nn.Module, groups: Sequence[Group]) -> dict[str, list[dict[str, Any]]]:
-    """``tensor name → [{"axis": a, "kept": [indices]}, ...]`` describing the slim model of ``model``."""
-    return slim_plan(model, groups)[0]
-
-
 @torch.no_grad()
 def apply_kept(
     model: nn.Module,

@@ -54,10 +54,11 @@ def build_structured_optimizer(
     periods = min(spec.periods, max(1, end - start))
     cost: dict[str, Any] = {}
     if spec.flops_removed is not None:
+        rates = macs_rates(model, example[:1])
         cost = {
-            "group_costs": group_macs(model, groups, example[:1]),
+            "group_costs": group_macs(model, groups, example[:1], rates),
             "cost_target": spec.flops_removed,
-            "cost_rates": macs_rates(model, example[:1]),
+            "cost_rates": rates,
             "channel_multiple": spec.channel_multiple,
         }
     return HESSO(
