@@ -47,7 +47,7 @@ from prunekit.core import count_macs, count_params
 from prunekit.data import BatchIterator, load_mnist
 from prunekit.models import build_model
 from prunekit.schedules import cosine
-from prunekit.structured import HESSO, find_groups, group_macs, macs_rates, slim
+from prunekit.structured import HESSO, emptiable, find_groups, group_macs, macs_rates, slim
 
 from common import RESULTS, environment, write_results
 
@@ -202,6 +202,8 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
             rates = macs_rates(model, x1)
             cost = {"group_costs": group_macs(model, groups, x1, rates), "cost_target": args.flops_removed,
                     "cost_rates": rates, "channel_multiple": args.channel_multiple}  # fmt: skip
+            if args.empty_branches:
+                cost["may_empty"] = emptiable(model, groups, x1)
         start, pruning = round(PRUNE_START * steps), round((PRUNE_END - PRUNE_START) * steps)
         opt = HESSO(model.parameters(), groups, target_group_sparsity=args.target, start_step=start,
                     pruning_steps=pruning, periods=min(10, max(1, pruning)), **cost, **hp)  # fmt: skip
@@ -216,6 +218,8 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
                 f"{label}, widths in multiples of {args.channel_multiple}",
                 f"{stem}-x{args.channel_multiple}",
             )
+        if args.empty_branches:  # whole residual branches may go (folded by slim)
+            label, stem = f"{label}, whole branches may go", f"{stem}-depth"
         rows.append({"model": name, "seed": args.seed, "library": label, "slim_name": stem, "accuracy": accuracy(small, data),
                      "group_sparsity": target,
                      "params": count_params(small), "macs": count_macs(small, x1),
@@ -496,6 +500,8 @@ def main() -> None:
                         choices=["dense", "prunekit", "oto", "tp"], help="accuracy: which to train")  # fmt: skip
     parser.add_argument("--channel-multiple", type=int, default=1,
                         help="HESSO keeps layer widths multiples of this (a separate prunekit row)")  # fmt: skip
+    parser.add_argument("--empty-branches", action="store_true",
+                        help="HESSO may remove whole residual branches (structured.emptiable)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     parser.add_argument("--target", type=float, default=0.7, help="target group sparsity")
     parser.add_argument(

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.structured import CaptureError, find_groups, removal_plan, slim
+from prunekit.structured import CaptureError, FoldedConv, find_groups, removal_plan, slim
+from prunekit.structured.slim import apply_kept, slim_plan
 from tests.structured.zoo import ZOO
 
 
@@ -117,13 +118,18 @@ def test_depthwise_joins_its_input_group():
     assert g.prunable
     assert g.slices("out")[("dw.0.weight", 0)] == [3]
     small_model, x = ZOO["inverted_residual"]()
-    for gg in find_groups(small_model, x):
+    small_groups = find_groups(small_model, x)
+    for gg in small_groups:
         if gg.prunable and gg.slices("out").get(("dw.0.weight", 0)):
             gg.zero_()
-    small = slim(
-        small_model, x
-    )  # all 24 expanded channels are zero: one is kept so layers stay valid
-    assert small.dw[0].groups == small.dw[0].in_channels == small.dw[0].out_channels == 1
+    # all 24 expanded channels are zero: the branch folds (slim checks the output)
+    small = slim(small_model, x, small_groups)
+    assert isinstance(small.dw[0], FoldedConv) and small.dw[0].out_channels == 0
+    assert isinstance(small.expand[0], FoldedConv) and isinstance(small.expand[1], nn.Identity)
+    assert isinstance(small.project[0], FoldedConv) and small.project[0].bias is None
+    # without folding, one zero channel is kept so that the layers stay valid
+    kept = apply_kept(small_model, slim_plan(small_model, small_groups).kept, copy_model=True)
+    assert kept.dw[0].groups == kept.dw[0].in_channels == kept.dw[0].out_channels == 1
 
 
 def test_grouped_conv_groups_keep_conv_groups_balanced():
@@ -239,7 +245,7 @@ def test_save_and_load_slim_without_pickled_code(tmp_path, name):
     for g in [g for g in groups if g.prunable][::2]:
         g.zero_()
     small = slim(model, x, groups).eval()
-    save_slim(small, slim_spec(model, groups), tmp_path)
+    save_slim(small, slim_spec(model, groups, x), tmp_path)
     assert (tmp_path / "spec.json").read_text().startswith("{")
     fresh, _ = ZOO[name]()  # a new instance of the original class
     loaded = load_slim(fresh, tmp_path).eval()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prunekit.structured import find_groups, slim
+from prunekit.structured import emptiable, find_groups, slim
 from prunekit.structured.optim import DHSPG, HESSO, HSPG
 from tests.structured.zoo import ZOO
 
@@ -192,3 +192,52 @@ def test_hesso_channel_multiple_is_validated():
     with pytest.raises(ValueError, match="channel_multiple"):
         HESSO(model.parameters(), groups, lr=0.05, pruning_steps=10, group_costs=[1.0] * 40,
               cost_target=0.1, channel_multiple=0)  # fmt: skip
+
+
+def test_emptiable_allows_residual_branches_and_refuses_every_path():
+    from prunekit.models import build_model
+
+    torch.manual_seed(0)
+    for name, kwargs in (("resnet20", {}), ("vgg_bn", {"width": 0.25})):
+        model, x = build_model(name, (1, 28, 28), 10, **kwargs), torch.randn(2, 1, 28, 28)
+        groups = find_groups(model, x)
+        flags = emptiable(model, groups, x)
+        by_layer = {}
+        for g, f in zip(groups, flags, strict=True):
+            if g.prunable:
+                by_layer.setdefault(min(n for n, _ in g.slices("out")), set()).add(f)
+        assert all(len(v) == 1 for v in by_layer.values())  # a whole family or nothing
+        may = {k for k, v in by_layer.items() if v == {True}}
+        if name == "vgg_bn":  # a chain: every layer is on every path
+            assert not may
+        else:  # the 9 branches' inner channels; not the stem/stage streams
+            assert may == {f"layers.{b}.bn1.bias" for b in range(9)}
+        assert not any(f for g, f in zip(groups, flags, strict=True) if not g.prunable)
+
+
+@pytest.mark.parametrize("may", [False, True])
+def test_hesso_may_empty_lifts_the_layer_cap_for_a_branch_that_slim_folds(may, monkeypatch):
+    from prunekit.models import build_model
+    from prunekit.structured import FoldedConv, emptiable, group_macs, macs_rates
+
+    torch.manual_seed(0)
+    model, x = build_model("resnet20", (1, 28, 28), 10).eval(), torch.randn(2, 1, 28, 28)
+    groups = [g for g in find_groups(model, x) if g.prunable]
+    branch = [i for i, g in enumerate(groups) if ("layers.1.conv1.weight", 0) in g.slices("out")]
+    assert len(branch) == 16
+    importance = torch.ones(len(groups))
+    importance[branch] = 0.01  # the least important: taken first
+    opt = HESSO(model.parameters(), groups, lr=0.05, pruning_steps=10, group_costs=group_macs(model, groups, x[:1]),
+                cost_target=0.15, cost_rates=macs_rates(model, x[:1]), max_layer_fraction=0.5, cost_power=0.0,
+                may_empty=emptiable(model, groups, x) if may else None)  # fmt: skip
+    monkeypatch.setattr(opt, "importance", lambda: importance)
+    opt._select_by_cost(1.0)
+    taken = int(opt.decaying[branch].sum())
+    assert taken == (16 if may else 8)  # the cap: half of the branch's 16 channels
+    for i in torch.nonzero(opt.decaying).flatten().tolist():
+        groups[i].zero_()
+    small = slim(model, x, groups)
+    assert isinstance(small.layers[1].conv2, FoldedConv) == may
+    with pytest.raises(ValueError, match="may_empty"):
+        HESSO(model.parameters(), groups, lr=0.05, pruning_steps=10, group_costs=[1.0] * len(groups),
+              cost_target=0.1, may_empty=[True])  # fmt: skip

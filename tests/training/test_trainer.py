@@ -181,6 +181,26 @@ def test_structured_run_with_a_flops_target(tmp_path, data):
         _structured_recipe("dhspg", flops_removed=0.6)
     with pytest.raises(ConfigError, match="channel_multiple"):
         _structured_recipe("hesso", channel_multiple=8)  # without a FLOPs target
+    with pytest.raises(ConfigError, match="remove_branches"):
+        _structured_recipe("hesso", remove_branches=True)  # without a FLOPs target
+
+
+def test_structured_run_removing_whole_branches(tmp_path, data):
+    from prunekit.models import build_model
+    from prunekit.structured import FoldedConv
+    from prunekit.structured.io import load_slim
+
+    recipe = _structured_recipe(
+        "hesso", flops_removed=0.6, channel_multiple=16, remove_branches=True
+    )
+    m = train(recipe, tmp_path, progress=False, data=data, device="cpu")
+    assert m["flops_removed"] >= 0.6
+    assert m["test_accuracy_slim"] == m["test_accuracy_group_sparse"]
+    slim_model = load_slim(build_model("resnet20", (1, 28, 28), 10), tmp_path / "slim")
+    folded = sum(isinstance(x, FoldedConv) for x in slim_model.modules())
+    assert folded == m["folded_layers"] > 0  # a removed branch folds its two convolutions
+    widths = [c.out_channels for c in slim_model.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert all(w % 16 == 0 for w in widths), widths
 
 
 def test_structured_resume_equals_uninterrupted(tmp_path, data):

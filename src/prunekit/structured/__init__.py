@@ -10,6 +10,7 @@ from torch import nn
 
 from prunekit.structured.attention import SlimMultiheadAttention, fix_mha, mha_rule
 from prunekit.structured.channels import Member
+from prunekit.structured.folded import FoldedConv
 from prunekit.structured.group_index import GroupIndex
 from prunekit.structured.groups import (
     CaptureError,
@@ -21,7 +22,15 @@ from prunekit.structured.groups import (
 )
 from prunekit.structured.optim import DHSPG, HESSO, HSPG, GroupSparseOptimizer
 from prunekit.structured.rules import register_module_rule
-from prunekit.structured.slim import SlimError, register_fixup, removal_plan, slim
+from prunekit.structured.slim import (
+    SlimError,
+    SlimPlan,
+    emptiable,
+    register_fixup,
+    removal_plan,
+    slim,
+    slim_with_plan,
+)
 
 register_module_rule(nn.MultiheadAttention, mha_rule)
 register_module_rule(SlimMultiheadAttention, mha_rule)
@@ -33,13 +42,16 @@ __all__ = [
     "HESSO",
     "HSPG",
     "CaptureError",
+    "FoldedConv",
     "Group",
     "GroupIndex",
     "GroupSparseOptimizer",
     "Member",
     "SlimError",
     "SlimMultiheadAttention",
+    "SlimPlan",
     "capture",
+    "emptiable",
     "find_groups",
     "group_macs",
     "macs_rates",
@@ -47,4 +59,5 @@ __all__ = [
     "register_module_rule",
     "removal_plan",
     "slim",
+    "slim_with_plan",
 ]

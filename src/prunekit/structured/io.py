@@ -18,15 +18,18 @@ import torch
 from torch import nn
 
 from prunekit.structured.groups import Group
-from prunekit.structured.slim import apply_kept, slim_plan
+from prunekit.structured.slim import SPEC_FORMAT, apply_kept, slim_with_plan
 
-SPEC_FORMAT = "prunekit-slim"
+__all__ = ["SPEC_FORMAT", "load_slim", "save_slim", "slim_spec"]
 
 
-def slim_spec(model: nn.Module, groups: Sequence[Group]) -> dict[str, Any]:
-    """The JSON-ready spec of the slim model :func:`~prunekit.structured.slim` would build."""
-    kept, attributes = slim_plan(model, groups)
-    return {"format": SPEC_FORMAT, "version": 1, "kept": kept, "attributes": attributes}
+def slim_spec(
+    model: nn.Module, groups: Sequence[Group], example_inputs: Sequence[Any] | torch.Tensor
+) -> dict[str, Any]:
+    """The JSON-ready spec of the slim model :func:`~prunekit.structured.slim` builds (the inputs
+    decide whether emptied layers can be folded); ``slim_with_plan(...)[1].spec()`` gives the same
+    without slimming twice."""
+    return slim_with_plan(model, example_inputs, groups, check=False)[1].spec()
 
 
 def save_slim(slim_model: nn.Module, spec: dict[str, Any], directory: str | Path) -> None:
@@ -45,6 +48,7 @@ def load_slim(fresh_model: nn.Module, directory: str | Path) -> nn.Module:
     spec = json.loads((src / "spec.json").read_text())
     if spec.get("format") != SPEC_FORMAT:
         raise ValueError(f"{src / 'spec.json'} is not a {SPEC_FORMAT} spec")
-    model = apply_kept(fresh_model, spec["kept"], attributes=spec.get("attributes"))
+    model = apply_kept(fresh_model, spec["kept"], attributes=spec.get("attributes"),
+                       broadcast_folds=spec.get("broadcast_folds", True))  # fmt: skip
     model.load_state_dict(torch.load(src / "weights.pt", map_location="cpu", weights_only=True))
     return model

@@ -355,6 +355,12 @@ class HESSO(GroupSparseOptimizer):
             cost_power`` until its share of the target is reached, so expensive, unimportant groups
             go first.
         max_layer_fraction: with ``cost_target``, the most of any layer's channels that may go.
+        may_empty: with ``cost_target``, per group (or per prunable group) whether its layers may
+            lose all their channels despite ``max_layer_fraction`` — from
+            :func:`~prunekit.structured.slim.emptiable`, true for a residual branch's inner
+            channels. An emptied branch is folded by :func:`~prunekit.structured.slim.slim`, which
+            removes whole blocks (depth) as well as channels; the units of ``channel_multiple``
+            still apply, so a 16-channel branch with ``channel_multiple=16`` stays or goes whole.
         cost_power: how strongly cost discounts importance in that ranking. ``1`` is the greedy
             knapsack rule (importance per unit cost), right if importance were a loss change; the
             HESSO importance is a mixture of normalised terms, and ranked per full MAC it took the
@@ -387,6 +393,7 @@ class HESSO(GroupSparseOptimizer):
         cost_rates: dict[str, float] | None = None,
         cost_power: float = 0.5,
         channel_multiple: int = 1,
+        may_empty: Sequence[bool] | None = None,
         **kwargs: Any,
     ):
         super().__init__(params, groups, **kwargs)
@@ -439,6 +446,15 @@ class HESSO(GroupSparseOptimizer):
                     if n in self._shapes
                 )
             self.costs = self.costs.to(self.zero.device)
+            flags = list(may_empty) if may_empty is not None else [False] * len(costs)
+            if len(flags) == len(groups):
+                flags = [f for f, g in zip(flags, groups, strict=True) if g.prunable]
+            if len(flags) != self.index.num_groups:
+                raise ValueError(
+                    f"may_empty has {len(flags)} entries for {len(groups)} groups "
+                    f"({self.index.num_groups} prunable)"
+                )
+            self._may_empty = flags
         self.cost_power = cost_power
         if channel_multiple < 1:
             raise ValueError(f"channel_multiple must be >= 1, got {channel_multiple}")
@@ -570,8 +586,8 @@ class HESSO(GroupSparseOptimizer):
             for i in unit:
                 for k, n in self._layer_slices[i].items():
                     total[k] += n
-            if any(layers.get(k, 0) + n > self.max_layer_fraction * self._layer_sizes[k]
-                   for k, n in total.items()):  # fmt: skip
+            cap = 1.0 if all(self._may_empty[i] for i in unit) else self.max_layer_fraction
+            if any(layers.get(k, 0) + n > cap * self._layer_sizes[k] for k, n in total.items()):
                 continue  # this family is as thin as the cap allows
             for i in unit:
                 add(i)

@@ -6,20 +6,35 @@ of the model, and module attributes (``in_features``, ``out_channels``, ``num_fe
 ``groups`` …) are updated. The original model is untouched. The result is verified on the example
 inputs: if its output differs from the original's, :class:`SlimError` is raised rather than a wrong
 model returned.
+
+A layer may lose *all* its channels — a residual branch whose inner channels are all zero, for
+instance. The emptied convolutions become :class:`~prunekit.structured.folded.FoldedConv` (the
+constant or empty tensor they still compute, by default at spatial size 1 and broadcast) and emptied
+norms ``nn.Identity``, so the branch costs no convolution at all. Where the model's own code needs
+the constant at full size, :func:`slim` expands it; where it cannot run with an empty tensor at all,
+one zero channel is kept in each such layer. The output is the same in every case, and checked.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from prunekit.structured.folded import FoldedConv
 from prunekit.structured.groups import Group, find_groups
 from prunekit.structured.rules import BATCH_NORMS, CONVS
+
+log = logging.getLogger(__name__)
+
+#: ``format`` of the JSON spec that describes a slim model (see :mod:`prunekit.structured.io`).
+SPEC_FORMAT = "prunekit-slim"
 
 #: Updates a module's attributes after its tensors were sliced; may return a replacement module.
 Fixup = Callable[[nn.Module], nn.Module | None]
@@ -29,7 +44,7 @@ class SlimError(RuntimeError):
     """The slim model does not reproduce the original's output."""
 
 
-def _fix_conv(m: nn.Module) -> None:
+def _fix_conv(m: nn.Module) -> nn.Module | None:
     assert isinstance(m, CONVS)
     m = cast(nn.Conv2d, m)  # the attributes all convolutions share
     out_c, per_group_in = m.weight.shape[0], m.weight.shape[1]
@@ -38,6 +53,9 @@ def _fix_conv(m: nn.Module) -> None:
     else:  # every conv group narrowed alike (groups == 1 included)
         m.in_channels = per_group_in * m.groups
     m.out_channels = out_c
+    if out_c == 0 or per_group_in == 0:
+        return FoldedConv.from_conv(m)
+    return None
 
 
 def _fix_linear(m: nn.Module) -> None:
@@ -45,19 +63,21 @@ def _fix_linear(m: nn.Module) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
-def _fix_bn(m: nn.Module) -> None:
+def _fix_bn(m: nn.Module) -> nn.Module | None:
     assert isinstance(m, BATCH_NORMS)
     m = cast(nn.BatchNorm2d, m)
     ref = m.weight if m.weight is not None else m.running_mean
     assert ref is not None
     m.num_features = ref.shape[0]
+    return nn.Identity() if m.num_features == 0 else None
 
 
-def _fix_groupnorm(m: nn.Module) -> None:
+def _fix_groupnorm(m: nn.Module) -> nn.Module | None:
     assert isinstance(m, nn.GroupNorm)  # whole norm groups were removed (see rules)
     channels = m.weight.shape[0]
     m.num_groups = channels // (m.num_channels // m.num_groups)
     m.num_channels = channels
+    return nn.Identity() if channels == 0 else None
 
 
 def _fix_embedding(m: nn.Module) -> None:
@@ -65,9 +85,10 @@ def _fix_embedding(m: nn.Module) -> None:
     m.embedding_dim = m.weight.shape[1]
 
 
-def _fix_prelu(m: nn.Module) -> None:
+def _fix_prelu(m: nn.Module) -> nn.Module | None:
     assert isinstance(m, nn.PReLU)
     m.num_parameters = m.weight.numel()
+    return nn.Identity() if m.num_parameters == 0 else None
 
 
 _FIXUPS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], Fixup]] = [
@@ -86,18 +107,21 @@ def register_fixup(module_type: type[nn.Module], fixup: Fixup) -> None:
 
 
 def removal_plan(
-    groups: Sequence[Group], sizes: dict[tuple[str, int], int] | None = None
+    groups: Sequence[Group],
+    sizes: dict[tuple[str, int], int] | None = None,
+    *,
+    fold_empty: bool = False,
 ) -> dict[tuple[str, int], list[int]]:
     """``(tensor, axis) → indices`` removed for the prunable, all-zero groups.
 
-    When removing every such group would leave a tensor with no channels along an axis (a layer
-    PyTorch cannot run), one of those zero groups is kept: the output is the same either way.
+    Unless ``fold_empty``, when removing every such group would leave a tensor with no channels
+    along an axis, one of those zero groups is kept (the output is the same either way).
     """
-    return _plan(groups, sizes)[0]
+    return _plan(groups, sizes, fold_empty)[0]
 
 
 def _plan(
-    groups: Sequence[Group], sizes: dict[tuple[str, int], int] | None
+    groups: Sequence[Group], sizes: dict[tuple[str, int], int] | None, fold_empty: bool
 ) -> tuple[dict[tuple[str, int], list[int]], list[Group]]:
     removable = [g for g in groups if g.prunable and g.is_zero()]
     while True:
@@ -106,7 +130,7 @@ def _plan(
             for key, idx in g.slices().items():
                 plan[key].update(idx)
         empty = [key for key, idx in plan.items() if sizes is not None and len(idx) >= sizes[key]]
-        if not empty:
+        if fold_empty or not empty:
             return {k: sorted(v) for k, v in plan.items()}, removable
         keep = next(g for g in removable if empty[0] in g.slices())
         removable.remove(keep)
@@ -117,16 +141,40 @@ def _sizes(model: nn.Module, groups: Sequence[Group]) -> dict[tuple[str, int], i
     return {key: tensors[key[0]].shape[key[1]] for g in groups for key in g.slices()}
 
 
-def slim_plan(
-    model: nn.Module, groups: Sequence[Group]
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
-    """What :func:`slim` does to ``model``, from one removal plan:
+@dataclass
+class SlimPlan:
+    """What :func:`slim` does to a model: the indices kept and the counted attributes set.
 
-    * ``tensor name → [{"axis": a, "kept": [indices]}, ...]``;
-    * ``module attribute path → new value`` for the counters of removed groups (head counts).
+    * ``kept``: ``tensor name → [{"axis": a, "kept": [indices]}, ...]`` (an empty list of indices
+      empties the layer, which is then folded);
+    * ``attributes``: ``module attribute path → new value`` for the counters of removed groups
+      (head counts).
     """
+
+    kept: dict[str, list[dict[str, Any]]]
+    attributes: dict[str, int]
+    #: folded constants of shape ``(N, C, 1, …)`` (see :class:`~prunekit.structured.folded.FoldedConv`)
+    broadcast_folds: bool = True
+
+    @property
+    def folds(self) -> bool:
+        """Whether some layer loses all its channels."""
+        return any(not e["kept"] for axes in self.kept.values() for e in axes)
+
+    def spec(self) -> dict[str, Any]:
+        """The JSON-ready spec that :func:`~prunekit.structured.io.load_slim` rebuilds from."""
+        return {
+            "format": SPEC_FORMAT,
+            "version": 1,
+            "kept": self.kept,
+            "attributes": self.attributes,
+        }
+
+
+def slim_plan(model: nn.Module, groups: Sequence[Group], *, fold_empty: bool = False) -> SlimPlan:
+    """The :class:`SlimPlan` of ``model`` for ``groups``, from one removal plan."""
     sizes = _sizes(model, groups)
-    plan, removed = _plan(groups, sizes)
+    plan, removed = _plan(groups, sizes, fold_empty)
     kept: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for (name, axis), drop in sorted(plan.items()):
         dropped = set(drop)
@@ -140,7 +188,7 @@ def slim_plan(
     for g in removed:
         for attr, _ in g.counters:
             attributes[attr] -= 1
-    return dict(kept), attributes
+    return SlimPlan(dict(kept), attributes)
 
 
 @torch.no_grad()
@@ -149,6 +197,7 @@ def apply_kept(
     kept: dict[str, list[dict[str, Any]]],
     copy_model: bool = False,
     attributes: dict[str, int] | None = None,
+    broadcast_folds: bool = True,
 ) -> nn.Module:
     """Slice ``model``'s tensors to the ``kept`` indices, fix module attributes and set the counted
     ``attributes`` (head counts; in place unless ``copy_model``): what :func:`slim` and
@@ -180,6 +229,9 @@ def apply_kept(
                     parent_name, _, child = module_name.rpartition(".")
                     setattr(new.get_submodule(parent_name), child, replacement)
                 break
+    for module in new.modules():
+        if isinstance(module, FoldedConv):
+            module.broadcast = broadcast_folds
     return new
 
 
@@ -201,7 +253,100 @@ def _outputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor]:
     return flat
 
 
+def _mismatch(
+    model: nn.Module, new: nn.Module, inputs: tuple[Any, ...], rtol: float, atol: float
+) -> str | None:
+    """Why ``new``'s outputs differ from ``model``'s on ``inputs`` (eval mode), or ``None``."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    new.eval()
+    try:
+        ref = _outputs(model, inputs)
+        try:
+            got = _outputs(new, inputs)
+        except Exception as e:  # any failure of the slim forward is reported
+            return f"slim forward failed: {type(e).__name__}: {e}"
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    new.train(model.training)
+    if len(ref) != len(got):
+        return f"{len(got)} outputs instead of {len(ref)}"
+    for a, b in zip(ref, got, strict=True):
+        if a.shape != b.shape:
+            return f"output shape {tuple(b.shape)} instead of {tuple(a.shape)}"
+        if not torch.allclose(a, b, rtol=rtol, atol=atol):
+            return f"max |diff| {(a - b).abs().max().item()}"
+    return None
+
+
 @torch.no_grad()
+def slim_with_plan(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | Tensor,
+    groups: Sequence[Group] | None = None,
+    *,
+    check: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> tuple[nn.Module, SlimPlan]:
+    """:func:`slim`, and the :class:`SlimPlan` it applied (whose ``spec()`` :func:`save_slim`
+    writes)."""
+    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    groups = find_groups(model, inputs) if groups is None else groups
+    plan = slim_plan(model, groups, fold_empty=True)
+    if plan.folds:  # always verified: the model's own code may not run with an empty tensor
+        for broadcast in (True, False):
+            plan.broadcast_folds = broadcast
+            new = apply_kept(model, plan.kept, copy_model=True, attributes=plan.attributes,
+                             broadcast_folds=broadcast)  # fmt: skip
+            problem = _mismatch(model, new, inputs, rtol, atol)
+            if problem is None:
+                return new, plan
+            log.info("folding emptied layers (broadcast=%s) failed: %s", broadcast, problem)
+        plan = slim_plan(model, groups)  # one zero channel kept in each emptied layer
+    new = apply_kept(model, plan.kept, copy_model=True, attributes=plan.attributes)
+    if check:
+        problem = _mismatch(model, new, inputs, rtol, atol)
+        if problem is not None:
+            raise SlimError(f"slim model output differs from the original ({problem})")
+    return new, plan
+
+
+@torch.no_grad()
+def emptiable(
+    model: nn.Module, groups: Sequence[Group], example_inputs: Sequence[Any] | Tensor
+) -> list[bool]:
+    """Per group: whether the layers it belongs to may lose *all* their channels.
+
+    A *family* is the set of groups that remove channels of the same layers (a residual branch's
+    inner channels, a stage's residual stream). Emptying a family is allowed when the output still
+    depends on the input afterwards — a residual branch, whose skip path remains — and refused when
+    every path goes through it (a plain chain, a stage's residual stream). Tested directly: the
+    family is zeroed in a copy of the model (eval mode) and the outputs for the example inputs and
+    for a perturbation of them must still differ.
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    perturbed = tuple(x + torch.randn_like(x) if x.is_floating_point() else x for x in inputs)
+    families: dict[tuple[tuple[str, int], ...], list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        if g.prunable:
+            families[tuple(sorted(g.slices("out")))].append(i)
+    result = [False] * len(groups)
+    for members in families.values():
+        trial = copy.deepcopy(model).eval()
+        tensors = dict([*trial.named_parameters(), *trial.named_buffers()])
+        for i in members:
+            for (name, axis), idx in groups[i].slices("out").items():
+                t = tensors[name]
+                t.index_fill_(axis, torch.tensor(idx, device=t.device), 0.0)
+        a, b = _outputs(trial, inputs), _outputs(trial, perturbed)
+        alive = any(not torch.equal(x, y) for x, y in zip(a, b, strict=True))
+        for i in members:
+            result[i] = alive
+    return result
+
+
 def slim(
     model: nn.Module,
     example_inputs: Sequence[Any] | Tensor,
@@ -213,30 +358,14 @@ def slim(
 ) -> nn.Module:
     """A new, smaller module without the zero groups of ``model``; ``model`` is not modified.
 
+    Layers left with no channels are folded (see the module docstring), after checking that the
+    folded model runs and matches on ``example_inputs``.
+
     Args:
         model: the group-sparse model.
         example_inputs: inputs for capture and for the output check.
         groups: groups from :func:`find_groups` (found again if ``None``).
-        check: compare the slim and the original outputs on ``example_inputs`` (eval mode).
+        check: compare the slim and the original outputs on ``example_inputs`` (eval mode) and raise
+            :class:`SlimError` if they differ.
     """
-    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    groups = find_groups(model, inputs) if groups is None else groups
-    kept, attributes = slim_plan(model, groups)
-    new = apply_kept(model, kept, copy_model=True, attributes=attributes)
-    if check:
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        new.eval()
-        try:
-            ref, got = _outputs(model, inputs), _outputs(new, inputs)
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
-        new.train(model.training)
-        for a, b in zip(ref, got, strict=True):
-            if a.shape != b.shape or not torch.allclose(a, b, rtol=rtol, atol=atol):
-                diff = (
-                    (a - b).abs().max().item() if a.shape == b.shape else f"shape {tuple(b.shape)}"
-                )
-                raise SlimError(f"slim model output differs from the original (max |diff| {diff})")
-    return new
+    return slim_with_plan(model, example_inputs, groups, check=check, rtol=rtol, atol=atol)[0]

@@ -125,8 +125,13 @@ class StructuredSpec:
     flops_removed: float | None = None
     #: with ``flops_removed``: keep every layer's width a multiple of this (8 for onnxruntime)
     channel_multiple: int = 1
+    #: with ``flops_removed``: whole residual branches may go (``prunekit.structured.emptiable``);
+    #: the slim model folds them (depth as well as width)
+    remove_branches: bool = False
 
     def __post_init__(self) -> None:
+        if self.remove_branches and self.flops_removed is None:
+            raise ConfigError("structured.remove_branches needs structured.flops_removed")
         if self.channel_multiple < 1 or (self.channel_multiple > 1 and self.flops_removed is None):
             raise ConfigError(
                 "structured.channel_multiple must be >= 1 and needs structured.flops_removed, "

@@ -13,13 +13,15 @@ from prunekit.structured import (
     DHSPG,
     HESSO,
     HSPG,
+    FoldedConv,
     Group,
     GroupSparseOptimizer,
+    emptiable,
     group_macs,
     macs_rates,
-    slim,
+    slim_with_plan,
 )
-from prunekit.structured.io import save_slim, slim_spec
+from prunekit.structured.io import save_slim
 from prunekit.training.recipe import Recipe
 
 
@@ -61,6 +63,8 @@ def build_structured_optimizer(
             "cost_rates": rates,
             "channel_multiple": spec.channel_multiple,
         }
+        if spec.remove_branches:
+            cost["may_empty"] = emptiable(model, groups, example[:1])
     return HESSO(
         model.parameters(),
         groups,
@@ -83,8 +87,8 @@ def finish_structured(
     """Build, check and save the slim model; return its metrics (before/after parameters, MACs and
     accuracy of the group-sparse and the slim model, which must agree)."""
     one = example[:1]
-    small = slim(model, one, groups)  # raises SlimError if the outputs differ
-    save_slim(small, slim_spec(model, groups), out / "slim")
+    small, plan = slim_with_plan(model, one, groups)  # raises SlimError if the outputs differ
+    save_slim(small, plan.spec(), out / "slim")
     acc_sparse, acc_slim = evaluate(model), evaluate(small)
     params, macs = count_params(model), count_macs(model, one)
     slim_params, slim_macs = count_params(small), count_macs(small, one)
@@ -98,6 +102,7 @@ def finish_structured(
         "macs_before": macs,
         "macs_after": slim_macs,
         "flops_removed": 1.0 - slim_macs / macs,
+        "folded_layers": sum(isinstance(m, FoldedConv) for m in small.modules()),
         "test_accuracy_group_sparse": acc_sparse,
         "test_accuracy_slim": acc_slim,
     }
