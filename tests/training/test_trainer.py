@@ -199,6 +199,7 @@ def test_structured_run_removing_whole_branches(tmp_path, data):
     slim_model = load_slim(build_model("resnet20", (1, 28, 28), 10), tmp_path / "slim")
     folded = sum(isinstance(x, FoldedConv) for x in slim_model.modules())
     assert folded == m["folded_layers"] > 0  # a removed branch folds its two convolutions
+    assert f"{folded} convolutions folded" in (tmp_path / "report.md").read_text()
     widths = [c.out_channels for c in slim_model.modules() if isinstance(c, torch.nn.Conv2d)]
     assert all(w % 16 == 0 for w in widths), widths
 

@@ -132,6 +132,11 @@ def structured_report(metrics: dict[str, Any]) -> str:
         f"| test accuracy | {100 * metrics['test_accuracy_group_sparse']:.2f}% (group-sparse) | "
         f"{100 * metrics['test_accuracy_slim']:.2f}% |\n\n"
         f"{_targets(metrics)} "
-        "The slim model is in `slim/` (spec.json + weights.pt; load with "
+        + (
+            f"{metrics['folded_layers']} convolutions folded (whole branches removed). "
+            if metrics.get("folded_layers")
+            else ""
+        )
+        + "The slim model is in `slim/` (spec.json + weights.pt; load with "
         "`prunekit.structured.io.load_slim(fresh_model, 'slim')`).\n"
     )
