@@ -204,6 +204,10 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
                     "cost_rates": rates, "channel_multiple": args.channel_multiple}  # fmt: skip
             if args.empty_branches:
                 cost["may_empty"] = emptiable(model, groups, x1)
+            if args.max_layer_fraction is not None:
+                cost["max_layer_fraction"] = args.max_layer_fraction
+            if args.cost_power is not None:
+                cost["cost_power"] = args.cost_power
         start, pruning = round(PRUNE_START * steps), round((PRUNE_END - PRUNE_START) * steps)
         opt = HESSO(model.parameters(), groups, target_group_sparsity=args.target, start_step=start,
                     pruning_steps=pruning, periods=min(10, max(1, pruning)), **cost, **hp)  # fmt: skip
@@ -220,6 +224,11 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
             )
         if args.empty_branches:  # whole residual branches may go (folded by slim)
             label, stem = f"{label}, whole branches may go", f"{stem}-depth"
+        if args.max_layer_fraction is not None:
+            label += f", at most {args.max_layer_fraction:.0%} of a layer"
+            stem += f"-m{round(100 * args.max_layer_fraction)}"
+        if args.cost_power is not None:
+            label, stem = f"{label}, cost power {args.cost_power:g}", f"{stem}-p{args.cost_power:g}"
         rows.append({"model": name, "seed": args.seed, "library": label, "slim_name": stem, "accuracy": accuracy(small, data),
                      "group_sparsity": target,
                      "params": count_params(small), "macs": count_macs(small, x1),
@@ -502,6 +511,10 @@ def main() -> None:
                         help="HESSO keeps layer widths multiples of this (a separate prunekit row)")  # fmt: skip
     parser.add_argument("--empty-branches", action="store_true",
                         help="HESSO may remove whole residual branches (structured.emptiable)")  # fmt: skip
+    parser.add_argument("--max-layer-fraction", type=float, default=None,
+                        help="HESSO's cap on the share of a layer's channels removed (default 0.7)")  # fmt: skip
+    parser.add_argument("--cost-power", type=float, default=None,
+                        help="HESSO ranks by importance / cost**power (default 0.5)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     parser.add_argument("--target", type=float, default=0.7, help="target group sparsity")
     parser.add_argument(
