@@ -324,7 +324,8 @@ def emptiable(
     depends on the input afterwards — a residual branch, whose skip path remains — and refused when
     every path goes through it (a plain chain, a stage's residual stream). Tested directly: the
     family is zeroed in a copy of the model (eval mode) and the outputs for the example inputs and
-    for a perturbation of them must still differ.
+    for a perturbation of them must still differ. Only floating-point inputs are perturbed: a model
+    that takes only integer inputs (token ids) gets ``False`` everywhere, the safe answer.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     perturbed = tuple(x + torch.randn_like(x) if x.is_floating_point() else x for x in inputs)
