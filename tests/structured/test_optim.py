@@ -215,6 +215,25 @@ def test_emptiable_allows_residual_branches_and_refuses_every_path():
         assert not any(f for g, f in zip(groups, flags, strict=True) if not g.prunable)
 
 
+def test_emptiable_with_token_inputs_and_the_emptied_mlp_branch_is_exact():
+    torch.manual_seed(0)
+    model, idx = ZOO["embed_layernorm"]()  # h + fc2(gelu(fc1(h))): the MLP is a branch
+    model.eval()
+    groups = find_groups(model, idx)
+    flags = emptiable(model, groups, idx)
+    hidden = [i for i, g in enumerate(groups) if ("fc1.weight", 0) in g.slices("out")]
+    assert len(hidden) == 16 and all(flags[i] for i in hidden)
+    assert not any(f for i, f in enumerate(flags) if i not in hidden)
+    for i in hidden:
+        groups[i].zero_()
+    with torch.no_grad():
+        ref = model(idx)
+    small = slim(model, idx, groups)
+    assert small.fc1.out_features == 0 and small.fc2.in_features == 0  # nothing left to compute
+    with torch.no_grad():
+        torch.testing.assert_close(small(idx), ref)
+
+
 @pytest.mark.parametrize("may", [False, True])
 def test_hesso_may_empty_lifts_the_layer_cap_for_a_branch_that_slim_folds(may, monkeypatch):
     from prunekit.models import build_model

@@ -313,6 +313,15 @@ def slim_with_plan(
     return new, plan
 
 
+def _perturb(x: Any, gen: torch.Generator) -> Any:
+    if not isinstance(x, Tensor) or x.numel() == 0 or x.dtype == torch.bool:
+        return x
+    if x.is_floating_point():
+        return x + torch.randn(x.shape, generator=gen).to(x)
+    low, high = int(x.min()), int(x.max())
+    return torch.randint(low, high + 1, x.shape, generator=gen).to(x)
+
+
 @torch.no_grad()
 def emptiable(
     model: nn.Module, groups: Sequence[Group], example_inputs: Sequence[Any] | Tensor
@@ -324,11 +333,12 @@ def emptiable(
     depends on the input afterwards — a residual branch, whose skip path remains — and refused when
     every path goes through it (a plain chain, a stage's residual stream). Tested directly: the
     family is zeroed in a copy of the model (eval mode) and the outputs for the example inputs and
-    for a perturbation of them must still differ. Only floating-point inputs are perturbed: a model
-    that takes only integer inputs (token ids) gets ``False`` everywhere, the safe answer.
+    for a perturbation of them must still differ (floating-point inputs get Gaussian noise, integer
+    inputs such as token ids are redrawn within their observed range).
     """
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    perturbed = tuple(x + torch.randn_like(x) if x.is_floating_point() else x for x in inputs)
+    gen = torch.Generator().manual_seed(0)
+    perturbed = tuple(_perturb(x, gen) for x in inputs)
     families: dict[tuple[tuple[str, int], ...], list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         if g.prunable:
