@@ -12,6 +12,9 @@ Three parts, every library run in this same process on the same models and data:
    relative to the FLOPs-reduction factor, in fresh processes (medians and range over them), in three
    regimes: PyTorch eager with glibc's default allocator, with its mmap threshold pinned (no page
    faults), and onnxruntime on the exported models.
+4. ``ceiling`` — the same latency measurement for hand-picked slim architectures (random weights,
+   made with ``find_groups`` + ``zero_`` + ``slim``): which widths and depths can reach a speed-up of
+   0.8 × the FLOPs factor on this CPU at all, whatever the pruning method.
 
 Usage::
 
@@ -424,15 +427,78 @@ def latency_models(name: str) -> dict[str, nn.Module]:
     return models
 
 
+# Hand-picked architectures for the ``ceiling`` part: kept width per family (named by its first
+# producing tensor); families not named keep every channel, 0 removes a residual branch (folded).
+_R20_DEPTH = {f"layers.{b}.bn1.bias": 0 for b in (1, 2, 4, 5, 7, 8)}
+_VGG = [f"features.{i}.weight" for i in (0, 3, 7, 10, 14, 17, 21, 24)]
+_VGG_WIDTHS = [
+    (5, 5, 10, 10, 26, 34, 126, 124),  # what HESSO learned (seed 0)
+    (8, 8, 16, 16, 32, 32, 64, 64),
+    (4, 4, 16, 16, 32, 32, 96, 128),
+    (2, 2, 16, 16, 32, 32, 128, 128),
+    (1, 1, 16, 16, 32, 32, 128, 128),
+]
+CEILING: dict[str, dict[str, dict[str, int]]] = {
+    "resnet20": {
+        "uniform widths 8/17/34": {"bn1.bias": 8, "layers.3.bn2.bias": 17, "layers.6.bn2.bias": 34}
+        | {f"layers.{b}.bn1.bias": (8, 17, 34)[b // 3] for b in range(9)},
+        "as HESSO depth ×16 learned (seed 0)": {"layers.3.bn2.bias": 16, "layers.7.bn1.bias": 48}
+        | {"layers.8.bn1.bias": 16}
+        | {f"layers.{b}.bn1.bias": 0 for b in (0, 1, 2, 4, 5)},
+        "branches 2-3 of each stage removed, full width": _R20_DEPTH,
+        "branches 2-3 removed, branch 1 of stage 3 at 48": _R20_DEPTH | {"layers.6.bn1.bias": 48},
+    },
+    "vgg_bn": {
+        f"widths {'/'.join(map(str, w))}": dict(zip(_VGG, w, strict=True)) for w in _VGG_WIDTHS
+    },
+}
+
+
+def hand_slim(name: str, widths: dict[str, int]) -> nn.Module:
+    """The dense ``name`` (seed 0, batch-norm statistics settled) with each family cut to
+    ``widths`` by zeroing its last groups, then slimmed."""
+    torch.manual_seed(0)
+    model = build_model(name, SHAPE, 10, **MODELS[name])
+    x = torch.randn(8, *SHAPE)
+    with torch.no_grad():
+        model.train()(x)
+    model.eval()
+    groups = find_groups(model, x)
+    families: dict[str, list[Any]] = {}
+    for g in groups:
+        if g.prunable:
+            families.setdefault(min(n for n, _ in g.slices("out")), []).append(g)
+    for family, width in widths.items():
+        for g in families[family][width:]:
+            g.zero_()
+    return slim(model, x, groups)
+
+
+def ceiling_models(name: str) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    models = {"dense": build_model(name, SHAPE, 10, **MODELS[name])}
+    return models | {label: hand_slim(name, w) for label, w in CEILING[name].items()}
+
+
+MODEL_SETS: dict[str, Callable[[str], dict[str, nn.Module]]] = {
+    "trained": latency_models,
+    "ceiling": ceiling_models,
+}
+
+
 def latency_over_processes(
-    name: str, args: argparse.Namespace, runtime: str, env: dict[str, str]
+    name: str,
+    args: argparse.Namespace,
+    runtime: str,
+    env: dict[str, str],
+    model_set: str = "trained",
 ) -> list[dict[str, Any]]:
     """:func:`latency_rows` in ``args.processes`` fresh processes; medians over them, and the range
     of the speed-up / FLOPs ratio."""
     runs: list[list[dict[str, Any]]] = []
     for _ in range(args.processes):
         cmd = [sys.executable, __file__, "--latency-worker", name, "--runtime", runtime, "--runs", str(args.runs),
-               "--rounds", str(args.rounds)]  # fmt: skip
+               "--rounds", str(args.rounds), "--model-set", model_set]  # fmt: skip
         if args.threads is not None:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(
@@ -493,6 +559,16 @@ def md_tables(payload: dict[str, Any]) -> str:
                           f"{r['speedup_b1']:.2f}× | {r['ms_b64']:.2f} | {r['speedup_b64']:.2f}× | {r['speedup_over_flops_b64']:.2f} | "
                           f"{r['ratio_min']:.2f}–{r['ratio_max']:.2f} |")  # fmt: skip
             md.append("")
+    ca = payload.get("ceiling_args", {})
+    for name, regimes in payload.get("ceiling", {}).items():
+        labels = list(regimes)
+        md += [f"## Latency ceiling: {name}, hand-picked slim architectures (random weights; speed-up / FLOPs factor at b=64, median and range over {ca['processes']} fresh processes)", "",
+               "| architecture | MACs removed | " + " | ".join(labels) + " |",
+               "|---|---:|" + "---:|" * len(labels)]  # fmt: skip
+        for i, r in enumerate(regimes[labels[0]]):
+            cells = [f"{regimes[k][i]['speedup_over_flops_b64']:.2f} ({regimes[k][i]['ratio_min']:.2f}–{regimes[k][i]['ratio_max']:.2f})" for k in labels]  # fmt: skip
+            md.append(f"| {r['model']} | {100 * (1 - 1 / r['flops_factor']):.1f}% | " + " | ".join(cells) + " |")  # fmt: skip
+        md.append("")
     return "\n".join(md)
 
 
@@ -502,7 +578,7 @@ def main() -> None:
         "--parts",
         nargs="+",
         default=["discovery", "latency"],
-        choices=["discovery", "accuracy", "latency"],
+        choices=["discovery", "accuracy", "latency", "ceiling"],
     )
     parser.add_argument("--models", nargs="+", default=["resnet20", "vgg_bn"], choices=list(MODELS))
     parser.add_argument("--epochs", type=int, default=3)
@@ -531,6 +607,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=5, help="fresh processes for latency")
     parser.add_argument("--latency-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--runtime", default="torch", choices=list(RUNNERS), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--model-set", default="trained", choices=list(MODEL_SETS), help=argparse.SUPPRESS
+    )
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds (order rotated)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -542,7 +621,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.latency_worker is not None:  # one process of latency_over_processes: JSON rows out
-        rows = latency_rows(latency_models(args.latency_worker), args.runs, args.rounds,
+        rows = latency_rows(MODEL_SETS[args.model_set](args.latency_worker), args.runs, args.rounds,
                             RUNNERS[args.runtime])  # fmt: skip
         print(json.dumps(rows))
         return
@@ -581,6 +660,15 @@ def main() -> None:
         for name in args.models:
             payload["latency"][name] = {
                 regime: latency_over_processes(name, args, runtime, env)
+                for regime, (runtime, env) in REGIMES.items()
+            }
+    if "ceiling" in args.parts:
+        payload["ceiling"] = {}
+        payload["ceiling_args"] = {"runs": args.runs, "rounds": args.rounds,
+                                   "processes": args.processes, "threads": torch.get_num_threads()}  # fmt: skip
+        for name in args.models:
+            payload["ceiling"][name] = {
+                regime: latency_over_processes(name, args, runtime, env, "ceiling")
                 for regime, (runtime, env) in REGIMES.items()
             }
     write_results("structured", payload, md_tables(payload), echo=True)
