@@ -164,3 +164,22 @@ def test_broadcast_constant_where_it_broadcasts_full_size_where_the_code_needs_i
     assert small.conv2(torch.zeros(2, 0, 6, 6)).shape == (2, 2, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(small(x), ref)
+
+
+def test_a_folded_model_can_be_captured_and_pruned_again():
+    model, x = _settled_resnet20()
+    first = slim(model, x, _empty_branches(model, x, [1, 2])).eval()
+    groups = find_groups(first, x)
+    stream = [g for g in groups if ("conv1.weight", 0) in g.slices("out")]  # the stage-1 stream
+    assert len(stream) == 16 and all(g.prunable for g in stream)
+    # the folded constants of the emptied branches belong to the stream's groups
+    assert ("layers.1.conv2.bias", 0) in stream[0].slices("out")
+    for g in stream[::2]:
+        g.zero_()
+    with torch.no_grad():
+        ref = first(x)
+    second = slim(first, x, groups)
+    assert second.conv1.out_channels == 8
+    assert second.layers[1].conv2.out_channels == 8 and second.layers[1].conv2.bias.shape == (8,)
+    with torch.no_grad():
+        torch.testing.assert_close(second(x), ref, rtol=1e-4, atol=1e-5)

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.fx
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
+
+from prunekit.structured.rules import RuleContext, Value, fresh_flow
 
 
 def _conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -73,7 +76,7 @@ class FoldedConv(nn.Module):
     The constant is a buffer (``bias``) so state dicts round-trip.
     """
 
-    bias: Tensor | None
+    bias: Tensor
 
     def __init__(
         self,
@@ -95,7 +98,10 @@ class FoldedConv(nn.Module):
         self.padding: tuple[int, ...] | str = (
             padding if isinstance(padding, str) else tuple(padding)
         )
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        constant = torch.zeros(out_channels) if bias is None else bias.detach().clone()
+        self.register_buffer(
+            "bias", constant
+        )  # zeros for a conv without bias: one state-dict layout
 
     @classmethod
     def from_conv(cls, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> FoldedConv:
@@ -107,7 +113,7 @@ class FoldedConv(nn.Module):
             conv.stride,
             conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
             conv.dilation,
-            conv.bias if out_channels else None,
+            conv.bias if conv.bias is not None else conv.weight.new_zeros(out_channels),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -119,6 +125,23 @@ class FoldedConv(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"out_channels={self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+            f"stride={self.stride}, padding={self.padding}, "
             f"broadcast={self.broadcast}"
         )
+
+
+def folded_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
+    """Group discovery through a :class:`FoldedConv`: its output channels are new channels whose
+    producer is the constant (``bias``); its input channels reach nothing (the output does not
+    depend on them), so a slim model can be captured and pruned again."""
+    out = fresh_flow(ctx, node, None, dim=1)
+    if out is not None:
+        name = node.target if isinstance(node.target, str) else ""
+        ctx.attach(out.ids, ctx.tensor_name(name, "bias", m), 0, "out")
+    return out
+
+
+def fix_folded(m: nn.Module) -> None:
+    """:func:`~prunekit.structured.slim.slim` fixup: channels of the constant were removed."""
+    assert isinstance(m, FoldedConv)
+    m.out_channels = m.bias.shape[0]

@@ -10,8 +10,8 @@ Attention heads — of ``nn.MultiheadAttention`` and of attention written out by
 (tied) tensors or pass through an op that mixes channels (layer norm, an unknown op) are reported
 unprunable with the reason.
 
-Capture uses ``torch.fx.symbolic_trace`` and ``ShapeProp`` (public APIs); modules are recognised by
-type, never by class-name strings.
+Capture uses ``torch.fx`` tracing (a ``Tracer`` that keeps modules with a rule as leaves) and
+``ShapeProp`` (public APIs); modules are recognised by type, never by class-name strings.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from prunekit.structured.rules import (
     function_rule,
     module_rule,
     pin_all,
+    trace,
     unknown,
 )
 
@@ -140,7 +141,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     flag) is left as it was.
     """
     try:
-        gm = fx.symbolic_trace(model)
+        gm = trace(model)
     except Exception as exc:
         raise CaptureError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "

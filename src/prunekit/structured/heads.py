@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from prunekit.structured.channels import Flow
-from prunekit.structured.rules import RuleContext, Value, permute_rule, shape_of, unknown
+from prunekit.structured.rules import RuleContext, Value, permute_rule, shape_of, trace, unknown
 
 #: Element-wise ops that keep a head flow (or the structural flow of the scores) as it is.
 _KEEP_METHODS = {"contiguous", "clone", "detach", "float", "to", "type_as"}
@@ -353,7 +353,7 @@ def _driving_attributes(model: nn.Module, owner: str, sites: list[HeadSite]) -> 
             continue
         setattr(module, attr, heads + 1)
         try:
-            graph = fx.symbolic_trace(model).graph
+            graph = trace(model).graph
         except Exception:  # any failure: the attribute does not drive the literal
             continue
         finally:

@@ -299,6 +299,21 @@ def register_module_rule(module_type: type[nn.Module], rule: ModuleRule) -> None
     _MODULE_RULES.insert(0, (module_type, rule))
 
 
+class RuleTracer(fx.Tracer):
+    """``torch.fx`` tracer that keeps every module with a rule as one node (a leaf), so a rule
+    registered for a module defined outside ``torch.nn`` is applied instead of traced through."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_rule(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` as a ``GraphModule`` traced by :class:`RuleTracer` (public ``torch.fx`` API)."""
+    tracer = RuleTracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 def module_rule(module: nn.Module) -> ModuleRule | None:
     for types, rule in _MODULE_RULES:
         if isinstance(module, types):
