@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import importlib
 import io
 import json
@@ -677,9 +678,36 @@ def main() -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(r.pop("slim"), out)
         new["accuracy"] = rows
-    # read only now: another seed's accuracy run may have written its rows meanwhile
-    payload: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    payload["environment"] = environment()  # parts run earlier keep their rows
+    if "latency" in args.parts:
+        new["latency"] = {
+            name: {regime: latency_over_processes(name, args, runtime, env)
+                   for regime, (runtime, env) in REGIMES.items()}
+            for name in args.models
+        }  # fmt: skip
+    if "ceiling" in args.parts:
+        new["ceiling"] = {
+            name: {regime: latency_over_processes(name, args, runtime, env, "ceiling")
+                   for regime, (runtime, env) in REGIMES.items()}
+            for name in args.models
+        }  # fmt: skip
+    if "ceiling-accuracy" in args.parts:
+        new["ceiling_accuracy"] = ceiling_accuracy(args)
+    runs = {"runs": args.runs, "rounds": args.rounds, "processes": args.processes,
+            "threads": torch.get_num_threads()}  # fmt: skip
+    # every part has run: read, merge and write under a lock, so that runs of other seeds or
+    # models side by side keep each other's rows
+    with open(RESULTS / ".structured.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        payload: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        merge(payload, new, args, runs)
+        write_results("structured", payload, md_tables(payload), echo=True)
+
+
+def merge(
+    payload: dict[str, Any], new: dict[str, Any], args: argparse.Namespace, runs: dict[str, int]
+) -> None:
+    """Put this run's parts into ``payload``; rows of other seeds, models and libraries stay."""
+    payload["environment"] = environment()
     if "discovery" in new:
         payload["discovery"] = new["discovery"]
     if "accuracy" in new:
@@ -691,33 +719,18 @@ def main() -> None:
         ] + new["accuracy"]
         payload["accuracy_args"] = {"epochs": args.epochs, "train_subset": args.train_subset,
                                     "target": args.target, "flops_removed": args.flops_removed}  # fmt: skip
-    if "latency" in args.parts:
-        payload["latency"] = {}
-        payload["latency_args"] = {"runs": args.runs, "rounds": args.rounds,
-                                   "processes": args.processes, "threads": torch.get_num_threads()}  # fmt: skip
-        for name in args.models:
-            payload["latency"][name] = {
-                regime: latency_over_processes(name, args, runtime, env)
-                for regime, (runtime, env) in REGIMES.items()
-            }
-    if "ceiling" in args.parts:  # per model: a run for one model keeps the other's rows
-        payload.setdefault("ceiling", {})
-        payload["ceiling_args"] = {"runs": args.runs, "rounds": args.rounds,
-                                   "processes": args.processes, "threads": torch.get_num_threads()}  # fmt: skip
-        for name in args.models:
-            payload["ceiling"][name] = {
-                regime: latency_over_processes(name, args, runtime, env, "ceiling")
-                for regime, (runtime, env) in REGIMES.items()
-            }
-    if "ceiling-accuracy" in args.parts:
-        rows = ceiling_accuracy(args)
-        done = {(r["model"], r["seed"], r["architecture"]) for r in rows}
+    if "latency" in new:
+        payload["latency"], payload["latency_args"] = new["latency"], runs
+    if "ceiling" in new:  # per model: a run for one model keeps the other's rows
+        payload["ceiling"] = payload.get("ceiling", {}) | new["ceiling"]
+        payload["ceiling_args"] = runs
+    if "ceiling_accuracy" in new:
+        done = {(r["model"], r["seed"], r["architecture"]) for r in new["ceiling_accuracy"]}
         payload["ceiling_accuracy"] = [
             r
             for r in payload.get("ceiling_accuracy", [])
             if (r["model"], r["seed"], r["architecture"]) not in done
-        ] + rows
-    write_results("structured", payload, md_tables(payload), echo=True)
+        ] + new["ceiling_accuracy"]
 
 
 if __name__ == "__main__":
