@@ -3,7 +3,9 @@
 ``groups = find_groups(model, example_inputs)`` finds every zero-invariant group automatically;
 :class:`HSPG`, :class:`DHSPG` and :class:`HESSO` train while driving whole groups to exactly zero;
 ``slim(model, example_inputs)`` builds the physically smaller network whose output equals the
-group-sparse model's.
+group-sparse model's; layers left with no channels are folded (:class:`FoldedConv`), so a residual
+branch whose inner channels are all zero disappears — with ``HESSO(may_empty=emptiable(...))`` the
+optimizer prunes depth as well as width.
 """
 
 from torch import nn
