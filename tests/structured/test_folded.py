@@ -183,3 +183,19 @@ def test_a_folded_model_can_be_captured_and_pruned_again():
     assert second.layers[1].conv2.out_channels == 8 and second.layers[1].conv2.bias.shape == (8,)
     with torch.no_grad():
         torch.testing.assert_close(second(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_fixup_that_refuses_an_empty_layer_falls_back(monkeypatch):
+    model, x = _settled_resnet20()
+    groups = _empty_branches(model, x, [4])
+    with torch.no_grad():
+        ref = model(x)
+
+    def refuse(conv):
+        raise ValueError("no empty layers here")
+
+    monkeypatch.setattr(FoldedConv, "from_conv", staticmethod(refuse))
+    small, plan = slim_with_plan(model, x, groups)
+    assert not plan.folds and small.layers[4].conv1.out_channels == 1
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref, rtol=1e-4, atol=1e-5)
