@@ -678,18 +678,13 @@ def main() -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(r.pop("slim"), out)
         new["accuracy"] = rows
-    if "latency" in args.parts:
-        new["latency"] = {
-            name: {regime: latency_over_processes(name, args, runtime, env)
-                   for regime, (runtime, env) in REGIMES.items()}
-            for name in args.models
-        }  # fmt: skip
-    if "ceiling" in args.parts:
-        new["ceiling"] = {
-            name: {regime: latency_over_processes(name, args, runtime, env, "ceiling")
-                   for regime, (runtime, env) in REGIMES.items()}
-            for name in args.models
-        }  # fmt: skip
+    for part, model_set in (("latency", "trained"), ("ceiling", "ceiling")):
+        if part in args.parts:
+            new[part] = {
+                name: {regime: latency_over_processes(name, args, runtime, env, model_set)
+                       for regime, (runtime, env) in REGIMES.items()}
+                for name in args.models
+            }  # fmt: skip
     if "ceiling-accuracy" in args.parts:
         new["ceiling_accuracy"] = ceiling_accuracy(args)
     runs = {"runs": args.runs, "rounds": args.rounds, "processes": args.processes,
@@ -711,12 +706,7 @@ def merge(
     if "discovery" in new:
         payload["discovery"] = new["discovery"]
     if "accuracy" in new:
-        done = {(r["model"], r["seed"], r["library"]) for r in new["accuracy"]}
-        payload["accuracy"] = [
-            r
-            for r in payload.get("accuracy", [])
-            if (r["model"], r.get("seed", 0), r["library"]) not in done
-        ] + new["accuracy"]
+        payload["accuracy"] = _replace_rows(payload.get("accuracy", []), new["accuracy"], "library")
         payload["accuracy_args"] = {"epochs": args.epochs, "train_subset": args.train_subset,
                                     "target": args.target, "flops_removed": args.flops_removed}  # fmt: skip
     if "latency" in new:
@@ -725,12 +715,21 @@ def merge(
         payload["ceiling"] = payload.get("ceiling", {}) | new["ceiling"]
         payload["ceiling_args"] = runs
     if "ceiling_accuracy" in new:
-        done = {(r["model"], r["seed"], r["architecture"]) for r in new["ceiling_accuracy"]}
-        payload["ceiling_accuracy"] = [
-            r
-            for r in payload.get("ceiling_accuracy", [])
-            if (r["model"], r["seed"], r["architecture"]) not in done
-        ] + new["ceiling_accuracy"]
+        payload["ceiling_accuracy"] = _replace_rows(
+            payload.get("ceiling_accuracy", []), new["ceiling_accuracy"], "architecture"
+        )
+
+
+def _replace_rows(
+    old: list[dict[str, Any]], new: list[dict[str, Any]], what: str
+) -> list[dict[str, Any]]:
+    """``old`` rows without those ``new`` replaces (same model, seed and ``what``), then ``new``."""
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["model"], r.get("seed", 0), r[what]
+
+    done = {key(r) for r in new}
+    return [r for r in old if key(r) not in done] + new
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from torch import nn
 
 from prunekit.structured.attention import SlimMultiheadAttention, fix_mha, mha_rule
 from prunekit.structured.channels import Member
-from prunekit.structured.folded import FoldedConv, fix_folded, folded_rule
+from prunekit.structured.folded import FoldedConv, folded_rule
 from prunekit.structured.group_index import GroupIndex
 from prunekit.structured.groups import (
     CaptureError,
@@ -39,7 +39,6 @@ register_module_rule(SlimMultiheadAttention, mha_rule)
 register_fixup(nn.MultiheadAttention, fix_mha)
 register_fixup(SlimMultiheadAttention, fix_mha)
 register_module_rule(FoldedConv, folded_rule)
-register_fixup(FoldedConv, fix_folded)
 
 __all__ = [
     "DHSPG",

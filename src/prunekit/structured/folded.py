@@ -35,15 +35,15 @@ def _conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: 
 
 def folded_conv(
     x: Tensor,
-    bias: Tensor | None,
-    out_channels: int,
+    bias: Tensor,
     kernel_size: tuple[int, ...],
     stride: tuple[int, ...],
     padding: tuple[int, ...] | str,
     dilation: tuple[int, ...],
     broadcast: bool = False,
 ) -> Tensor:
-    """What a convolution with no input or no output channels computes (see :class:`FoldedConv`).
+    """What a convolution with no input or no output channels computes: ``bias`` (one entry per
+    output channel, zeros for a conv without bias) at every position (see :class:`FoldedConv`).
 
     A leaf for ``torch.fx.symbolic_trace`` (``torch.fx.wrap``): it reads ``x``'s shape.
     """
@@ -58,10 +58,8 @@ def folded_conv(
             _conv_out_size(n, k, s, p, d)
             for n, k, s, p, d in zip(spatial, kernel_size, stride, pads, dilation, strict=True)
         ]
-    shape = [x.shape[0], out_channels, *out]
-    if bias is None:
-        return x.new_zeros(shape)
-    return bias.view([1, out_channels] + [1] * len(out)).expand(shape)
+    channels = bias.shape[0]
+    return bias.view([1, channels] + [1] * len(out)).expand([x.shape[0], channels, *out])
 
 
 torch.fx.wrap("folded_conv")
@@ -70,26 +68,26 @@ torch.fx.wrap("folded_conv")
 class FoldedConv(nn.Module):
     """A convolution with no input or no output channels left.
 
-    Output: ``bias`` (or zeros) of shape ``(N, out_channels, 1, …)`` with ``broadcast``, else
-    expanded to ``(N, out_channels, *spatial)``, where ``spatial`` follows the convolution's own size
-    formula ``⌊(L + 2p − d(k − 1) − 1)/s⌋ + 1``; with ``out_channels == 0`` it is an empty tensor.
-    The constant is a buffer (``bias``) so state dicts round-trip.
+    Output: ``bias`` (zeros for a conv without bias) of shape ``(N, out_channels, 1, …)`` with
+    ``broadcast``, else expanded to ``(N, out_channels, *spatial)``, where ``spatial`` follows the
+    convolution's own size formula ``⌊(L + 2p − d(k − 1) − 1)/s⌋ + 1``; with ``out_channels == 0``
+    it is an empty tensor. The constant is a buffer (``bias``) so state dicts round-trip, and
+    ``out_channels`` is its length.
     """
 
     bias: Tensor
 
     def __init__(
         self,
-        out_channels: int,
+        bias: Tensor,
         kernel_size: Sequence[int],
         stride: Sequence[int],
         padding: Sequence[int] | str,
         dilation: Sequence[int],
-        bias: Tensor | None,
         broadcast: bool = True,
     ):
         super().__init__()
-        self.out_channels, self.broadcast = out_channels, broadcast
+        self.broadcast = broadcast
         self.kernel_size, self.stride, self.dilation = (
             tuple(kernel_size),
             tuple(stride),
@@ -98,35 +96,33 @@ class FoldedConv(nn.Module):
         self.padding: tuple[int, ...] | str = (
             padding if isinstance(padding, str) else tuple(padding)
         )
-        constant = torch.zeros(out_channels) if bias is None else bias.detach().clone()
-        self.register_buffer(
-            "bias", constant
-        )  # zeros for a conv without bias: one state-dict layout
+        self.register_buffer("bias", bias.detach().clone())
+
+    @property
+    def out_channels(self) -> int:
+        return self.bias.shape[0]
 
     @classmethod
     def from_conv(cls, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> FoldedConv:
         """The folded form of ``conv`` (whose weight has a zero-sized axis)."""
-        out_channels = conv.weight.shape[0]
         return cls(
-            out_channels,
+            conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0]),
             conv.kernel_size,
             conv.stride,
             conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
             conv.dilation,
-            conv.bias if conv.bias is not None else conv.weight.new_zeros(out_channels),
         )
 
     def forward(self, x: Tensor) -> Tensor:
         return folded_conv(
-            x, self.bias, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.broadcast,
+            x, self.bias, self.kernel_size, self.stride, self.padding, self.dilation,
+            self.broadcast,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
             f"out_channels={self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, "
-            f"broadcast={self.broadcast}"
+            f"stride={self.stride}, padding={self.padding}, broadcast={self.broadcast}"
         )
 
 
@@ -139,9 +135,3 @@ def folded_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Valu
         name = node.target if isinstance(node.target, str) else ""
         ctx.attach(out.ids, ctx.tensor_name(name, "bias", m), 0, "out")
     return out
-
-
-def fix_folded(m: nn.Module) -> None:
-    """:func:`~prunekit.structured.slim.slim` fixup: channels of the constant were removed."""
-    assert isinstance(m, FoldedConv)
-    m.out_channels = m.bias.shape[0]

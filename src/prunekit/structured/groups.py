@@ -102,11 +102,18 @@ class Group:
         """Whether every producing slice is exactly zero."""
         return all(not bool(t.any()) for t in self.out_tensors())
 
+    @property
+    def family(self) -> tuple[tuple[str, int], ...]:
+        """The ``(tensor, axis)`` pairs whose channels this group produces: groups with the same
+        family remove channels of the same layers."""
+        return tuple(sorted(self._out))
+
     @torch.no_grad()
-    def zero_(self) -> None:
-        """Set every producing slice to zero (the channel then contributes nothing)."""
+    def zero_(self, tensors: dict[str, Tensor] | None = None) -> None:
+        """Set every producing slice to zero (the channel then contributes nothing); in
+        ``tensors`` (same names, e.g. a copy of the model's) instead of the model's own if given."""
         for (name, axis), idx in self._out.items():
-            t = self._tensors[name]
+            t = (self._tensors if tensors is None else tensors)[name]
             t.index_fill_(axis, idx.to(t.device), 0.0)
 
     def details(self) -> str:

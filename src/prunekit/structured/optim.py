@@ -406,14 +406,7 @@ class HESSO(GroupSparseOptimizer):
         if group_costs is not None and cost_target is not None:
             if not 0.0 <= cost_target < 1.0:
                 raise ValueError(f"cost_target must be in [0, 1), got {cost_target}")
-            costs = list(group_costs)
-            if len(costs) == len(groups):  # one per group: keep the prunable ones
-                costs = [c for c, g in zip(costs, groups, strict=True) if g.prunable]
-            if len(costs) != self.index.num_groups:
-                raise ValueError(
-                    f"group_costs has {len(group_costs)} entries for {len(groups)} groups "
-                    f"({self.index.num_groups} prunable)"
-                )
+            costs = self._per_prunable("group_costs", group_costs, groups)
             self.costs = torch.tensor(costs, dtype=torch.float64)
             if not 0.0 < max_layer_fraction <= 1.0:
                 raise ValueError(f"max_layer_fraction must be in (0, 1], got {max_layer_fraction}")
@@ -446,15 +439,11 @@ class HESSO(GroupSparseOptimizer):
                     if n in self._shapes
                 )
             self.costs = self.costs.to(self.zero.device)
-            flags = list(may_empty) if may_empty is not None else [False] * len(costs)
-            if len(flags) == len(groups):
-                flags = [f for f, g in zip(flags, groups, strict=True) if g.prunable]
-            if len(flags) != self.index.num_groups:
-                raise ValueError(
-                    f"may_empty has {len(flags)} entries for {len(groups)} groups "
-                    f"({self.index.num_groups} prunable)"
-                )
-            self._may_empty = flags
+            self._may_empty = (
+                self._per_prunable("may_empty", may_empty, groups)
+                if may_empty is not None
+                else [False] * len(costs)
+            )
         self.cost_power = cost_power
         if channel_multiple < 1:
             raise ValueError(f"channel_multiple must be >= 1, got {channel_multiple}")
@@ -466,6 +455,18 @@ class HESSO(GroupSparseOptimizer):
         if unknown:
             raise ValueError(f"unknown criteria {sorted(unknown)}; valid: {list(HESSO_CRITERIA)}")
         self.decaying = torch.zeros_like(self.zero)
+
+    def _per_prunable(self, what: str, values: Sequence[Any], groups: Sequence[Group]) -> list[Any]:
+        """``values`` given per group (the prunable ones kept) or per prunable group."""
+        out = list(values)
+        if len(out) == len(groups):
+            out = [v for v, g in zip(out, groups, strict=True) if g.prunable]
+        if len(out) != self.index.num_groups:
+            raise ValueError(
+                f"{what} has {len(values)} entries for {len(groups)} groups "
+                f"({self.index.num_groups} prunable)"
+            )
+        return out
 
     def importance(self) -> Tensor:
         """Importance per group (higher = keep), each term normalised by its largest magnitude."""
@@ -559,7 +560,7 @@ class HESSO(GroupSparseOptimizer):
         )
         # families: groups removing channels of the same layers; each family's candidates in
         # ascending score; a unit takes as many as make the family's kept width a multiple
-        family_of = [tuple(sorted(sl)) for sl in self._layer_slices]
+        family_of = [g.family for g in self.index.groups]
         pending: dict[tuple[tuple[str, int], ...], list[int]] = defaultdict(list)
         for i in torch.argsort(score).tolist():
             if not bool(taken[i]):

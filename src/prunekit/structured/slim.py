@@ -346,15 +346,13 @@ def emptiable(
     families: dict[tuple[tuple[str, int], ...], list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         if g.prunable:
-            families[tuple(sorted(g.slices("out")))].append(i)
+            families[g.family].append(i)
     result = [False] * len(groups)
     for members in families.values():
         trial = copy.deepcopy(model).eval()
         tensors = dict([*trial.named_parameters(), *trial.named_buffers()])
         for i in members:
-            for (name, axis), idx in groups[i].slices("out").items():
-                t = tensors[name]
-                t.index_fill_(axis, torch.tensor(idx, device=t.device), 0.0)
+            groups[i].zero_(tensors)
         a, b = _outputs(trial, inputs), _outputs(trial, perturbed)
         alive = any(not torch.equal(x, y) for x, y in zip(a, b, strict=True))
         for i in members:
