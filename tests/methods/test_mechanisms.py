@@ -1,5 +1,6 @@
 """Tests that each method does what its paper says (would fail if the mechanism were wrong)."""
 
+import math
 from itertools import pairwise
 
 import pytest
@@ -67,21 +68,27 @@ def test_rigl_constant_nonzeros_and_zero_initialised_growth():
         model, opt, "rigl", sparsity=0.9, total_steps=200, update_every=10, allocation="erk"
     )
     counts = [int(m.sum()) for m in pruner.masker.masks]
-    changed = 0
+    previous = [m.clone() for m in pruner.masker.masks]
+    changed_at = []
 
     def check():
-        nonlocal changed
         masks = pruner.masker.masks
         assert [int(m.sum()) for m in masks] == counts  # per-layer counts never change
         for t, m in zip(pruner.targets, masks, strict=True):
             assert torch.count_nonzero(t.param[~m]) == 0
-        if pruner.step_count % 10 == 0 and pruner.step_count < 150:
-            changed += 1
+        if any(not torch.equal(m, p) for m, p in zip(masks, previous, strict=True)):
+            changed_at.append(pruner.step_count)
+        previous[:] = [m.clone() for m in masks]
 
-    before = [m.clone() for m in pruner.masker.masks]
     run(model, opt, pruner, 200, callback=check)
-    moved = sum(int((m != b).sum()) for m, b in zip(pruner.masker.masks, before, strict=True))
-    assert moved > 0 and changed == 14
+    # the masks move at every update (every 10 steps until 75% of training) that drops at least one
+    # weight, α_t = 0.3/2 · (1 + cos(π t / 150)) of a layer's active weights, and only then
+    expected = [
+        t
+        for t in range(10, 150, 10)
+        if any(int(0.15 * (1 + math.cos(math.pi * t / 150)) * n) > 0 for n in counts)
+    ]
+    assert len(expected) >= 10 and changed_at == expected
 
 
 def test_rigl_grows_largest_gradient_and_drops_smallest_magnitude():
@@ -136,15 +143,9 @@ def test_acdc_switches_phases_at_configured_steps_and_yields_pair():
         sparsities.append(pruner.current_sparsity())
 
     run(model, opt, pruner, total, callback=record)
-    expected = [pruner.is_compressed(t) for t in range(total + 1)]
-    assert phases == expected
     # dense [0,10), C [10,20), D [20,30), C [30,40), D [40,80), C [80,100]
-    assert (
-        phases[:10] == [False] * 10
-        and phases[10:20] == [True] * 10
-        and phases[20:30] == [False] * 10
-    )
-    assert phases[40:80] == [False] * 40 and all(phases[80:])
+    expected = [False] * 10 + [True] * 10 + [False] * 10 + [True] * 10 + [False] * 40 + [True] * 21
+    assert phases == expected
     assert sparsities[15] == pytest.approx(0.9, abs=0.002)
     assert sparsities[25] < 0.5  # decompressed: pruned weights were revived
     dense = pruner.dense_state_dict()
@@ -167,14 +168,19 @@ def test_gap_grows_one_partition_at_a_time():
     pruner = prunekit.sparsify(
         model, opt, "gap", sparsity=0.9, total_steps=120, partitions=3, cycles=2, grow_end=0.6
     )
-    assert pruner.phase_steps == 12
+    # 3 layers, one per partition; 0.6 · 120 steps / (3 partitions · 2 cycles) = 12 steps a phase
     for step in range(72):
-        part = pruner.phase(pruner.step_count)
+        part = (step // 12) % 3
         dens = [float(m.float().mean()) for m in pruner.masker.masks]
         assert dens[part] == 1.0  # the grown partition is dense
         assert all(d == pytest.approx(0.1, abs=0.01) for i, d in enumerate(dens) if i != part)
         run(model, opt, pruner, 1, seed=step)
     assert pruner.phase(pruner.step_count) is None
+    for _ in range(10):  # the cycles are over: everything stays sparse
+        run(model, opt, pruner, 1)
+        assert all(
+            float(m.float().mean()) == pytest.approx(0.1, abs=0.01) for m in pruner.masker.masks
+        )
     assert all(float(m.float().mean()) == pytest.approx(0.1, abs=0.01) for m in pruner.masker.masks)
 
 
@@ -244,8 +250,15 @@ def test_cram_requires_closure_and_combines_gradients():
     model = small_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     pruner = prunekit.sparsify(
-        model, opt, "cram", sparsity=0.9, total_steps=10, rho=0.05, sparsities=[0.7]
-    )
+        model,
+        opt,
+        "cram",
+        sparsity=0.9,
+        total_steps=10,
+        rho=0.05,
+        sparsities=[0.7],
+        include_target=False,
+    )  # fmt: skip  (one level: the compression of the perturbed pass is known)
     x, y = toy_data(image=True)
     loss = F.cross_entropy(model(x), y)
     opt.zero_grad()
@@ -317,3 +330,36 @@ def test_acdc_pruned_weights_stay_zero_in_every_compressed_phase():
                 assert torch.count_nonzero(t.param[~m]) == 0, pruner.step_count
 
     run(model, opt, pruner, 100, callback=check)
+
+
+def test_acdc_every_compressed_phase_keeps_the_largest_weights_unchanged():
+    # Entering a compressed phase must keep the global top-k of the current weights *as they are*.
+    # Regression: the stale masks of the previous compressed phase were applied first, zeroing
+    # weights that regrew in the dense phase and were selected again (every re-entry but the first).
+    model = mlp()
+    opt = sgd(model, lr=0.1)
+    pruner = prunekit.sparsify(
+        model, opt, "acdc", sparsity=0.9, total_steps=120, warmup=0.1, period=0.1,
+        alternate_end=0.7, final_start=0.8,
+    )  # fmt: skip
+    x, y = toy_data()
+    g = torch.Generator().manual_seed(0)
+    entries = 0
+    for _ in range(120):
+        was_compressed = pruner.compressed
+        i = torch.randint(0, len(x), (32,), generator=g)
+        loss = F.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        before = [t.param.detach().clone() for t in pruner.targets]
+        pruner.step()
+        if pruner.compressed and not was_compressed:
+            entries += 1
+            flat = torch.cat([w.abs().reshape(-1) for w in before])
+            keep = round(0.1 * flat.numel())
+            threshold = flat.topk(keep).values.min()
+            for t, w in zip(pruner.targets, before, strict=True):
+                expected = torch.where(w.abs() >= threshold, w, torch.zeros_like(w))
+                assert torch.equal(t.param.detach(), expected), (entries, t.name)
+    assert entries == 4  # C [12,24), [36,48), [60,72), then the final phase from 96

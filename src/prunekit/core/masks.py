@@ -100,6 +100,7 @@ class Masker:
         # exact type: a subclass may override step()
         self.remask_after_step = optimizer is not None and type(optimizer) not in ZERO_PRESERVING
         self._swapped: list[Tensor] = []
+        self._observed = False  # the grad observer saw this step's gradients (mask_gradients_)
         self.set_mode_(mode)
         self._register_hooks()
 
@@ -221,6 +222,24 @@ class Masker:
             self._hooks.remove()
             self._hooks = None
 
+    @torch.no_grad()
+    def mask_gradients_(self) -> None:
+        """Zero the gradients of pruned coordinates in hard mode (idempotent; no-op otherwise).
+
+        The pre-step hook does this anyway; call it earlier when something between ``backward()`` and
+        ``optimizer.step()`` reads the gradients (gradient clipping: pruned coordinates must not count
+        in the clipping norm).
+        """
+        if self._mode is not MaskMode.HARD:
+            return
+        if self.grad_observer is not None and not self._observed:
+            # it must see the raw gradients (RigL's growth), once per step
+            self.grad_observer([p.grad for p in self.params])
+            self._observed = True
+        for p, m in zip(self.params, self.mask_buffers, strict=True):
+            if p.grad is not None:
+                p.grad.mul_(m)
+
     # ------------------------------------------------------------------ hooks
     def _register_hooks(self) -> None:
         if self.optimizer is None:
@@ -231,13 +250,12 @@ class Masker:
     def _pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self._mode is MaskMode.OFF:
             return
-        if self.grad_observer is not None:
-            self.grad_observer([p.grad for p in self.params])
         if self._mode is MaskMode.HARD:
-            for p, m in zip(self.params, self.mask_buffers, strict=True):
-                if p.grad is not None:
-                    p.grad.mul_(m)
+            self.mask_gradients_()
+            self._observed = False
         else:
+            if self.grad_observer is not None:
+                self.grad_observer([p.grad for p in self.params])
             # point each parameter at its dense storage: the optimizer updates the dense weights
             self._swapped = [t.param.data for t in self.targets]
             for t, dense in zip(self.targets, self._dense_buffers(), strict=True):

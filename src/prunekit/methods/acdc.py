@@ -76,9 +76,11 @@ class ACDC(Pruner):
     def _enter(self, compressed: bool) -> None:
         assert self.masker is not None
         if compressed:
-            masks = self.magnitude_masks(self.config.sparsity)
+            # install the new masks *before* switching to hard mode: switching applies the stored
+            # masks, and the stale ones of the previous compressed phase would zero weights that
+            # regrew in the dense phase and are selected again
+            self.masker.set_masks_(self.magnitude_masks(self.config.sparsity))
             self.masker.set_mode_(MaskMode.HARD)
-            self.masker.set_masks_(masks)
         else:
             self.masker.set_mode_(MaskMode.OFF)
             self.masker.reset_optimizer_state_()

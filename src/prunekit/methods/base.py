@@ -151,6 +151,18 @@ class Pruner:
         self.finalized = True
         return self.model
 
+    def mask_gradients_(self) -> None:
+        """Zero the gradients of hard-pruned weights now (idempotent).
+
+        The optimizer hook masks them before every step anyway; call this right after ``backward()``
+        when something reads the gradients first, e.g. ``clip_grad_norm_`` (pruned coordinates must
+        not count in the clipping norm)::
+
+            loss.backward(); pruner.mask_gradients_(); clip_grad_norm_(model.parameters(), 1.0)
+        """
+        if self.masker is not None:
+            self.masker.mask_gradients_()
+
     def current_sparsity(self) -> float:
         """Measured sparsity of the targets now (from the weight values)."""
         total = sum(t.param.numel() for t in self.targets)
