@@ -54,3 +54,15 @@ def test_batch_order_depends_only_on_seed_and_epoch():
     c = [b[1].tolist() for b in BatchIterator(x, y, 16, seed=1).epoch(4)]
     assert a == b and a != c
     assert sorted(i for batch in a for i in batch) == list(range(100))
+
+
+@pytest.mark.parametrize("counts", [{"train": -5}, {"test": 0}, {"train": 0}])
+def test_subset_refuses_counts_below_one(counts):
+    """A negative count would slice "all but the last few"; zero would leave an empty split."""
+    x, y = torch.zeros(10, 1), torch.zeros(10, dtype=torch.int64)
+    from prunekit.data import ArrayDataset
+
+    ds = ArrayDataset("toy", x, y, x, y, 2)
+    with pytest.raises(ValueError, match="subset must be >= 1"):
+        ds.subset(**counts)
+    assert len(ds.subset(3, None).x_train) == 3 and len(ds.subset(3, None).x_test) == 10

@@ -65,3 +65,48 @@ def test_sparse_export_stores_only_nonzeros_and_round_trips(tmp_path):
     assert (tmp_path / "s.pt").stat().st_size < (tmp_path / "d.pt").stat().st_size / 10
     with pytest.raises(CheckpointError, match="not a prunekit-sparse file"):
         load_sparse(tmp_path / "d.pt")
+
+
+def _craft(path, tensors):
+    torch.save({"format": "prunekit-sparse", "version": 1, "tensors": tensors}, path)
+
+
+def _entry(**changes):
+    entry = {
+        "shape": [2, 3],
+        "indices": torch.tensor([0, 4], dtype=torch.int32),
+        "values": torch.tensor([1.0, 2.0]),
+    }
+    entry.update(changes)
+    return {k: v for k, v in entry.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"w": _entry(indices=torch.tensor([-1, 4], dtype=torch.int32))}, "outside \\[0, 6\\)"),
+        ({"w": _entry(indices=torch.tensor([0, 6], dtype=torch.int32))}, "outside \\[0, 6\\)"),
+        ({"w": _entry(indices=None)}, "has keys \\['shape', 'values'\\]"),
+        ({"w": _entry(values=torch.tensor([1.0]))}, "2 indices but 1 values"),
+        ({"w": _entry(shape=[2, -3])}, "expected a list of non-negative ints"),
+        ({"w": _entry(shape="2x3")}, "expected a list of non-negative ints"),
+        ({"w": _entry(indices=torch.tensor([0.0, 4.0]))}, "'indices' that is not a 1-D int"),
+        ({"w": _entry(values=torch.tensor([1, 2]))}, "'values' that is not a 1-D floating"),
+        ({"w": _entry(indices=torch.tensor([4, 4], dtype=torch.int32))}, "repeated indices"),
+        ({"w": [1, 2]}, "is a list, not an entry dict"),
+        ({"w": {"dense": [1.0]}}, "not a tensor"),
+        ([1, 2], "'tensors' must be a dict"),
+    ],
+)
+def test_crafted_sparse_files_raise_checkpoint_error(tmp_path, tensors, message):
+    """Negative or out-of-range positions, missing keys and wrong types name the tensor."""
+    _craft(tmp_path / "s.pt", tensors)
+    with pytest.raises(CheckpointError, match=message):
+        load_sparse(tmp_path / "s.pt")
+
+
+def test_crafted_sparse_entry_that_is_valid_loads(tmp_path):
+    _craft(tmp_path / "s.pt", {"w": _entry(), "b": {"dense": torch.ones(2)}})
+    back = load_sparse(tmp_path / "s.pt")
+    assert torch.equal(back["w"], torch.tensor([[1.0, 0, 0], [0, 2.0, 0]]))
+    assert torch.equal(back["b"], torch.ones(2))

@@ -75,3 +75,91 @@ def test_shipped_recipes_are_valid():
     assert len(files) >= 8
     for f in files:
         load_recipe(f)
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"data": {"test_subset": 0}}, "data.test_subset must be >= 1"),
+        ({"data": {"train_subset": -5}}, "data.train_subset must be >= 1"),
+        ({"data": {"split": "val"}}, "data.split 'val' unknown; available: train\\+val, train"),
+        ({"data": {"num_samples": 0}}, "data.num_samples must be >= 1"),
+        ({"optimizer": {"momentum": -0.5}}, "optimizer.momentum must be in \\[0, 1\\)"),
+        ({"optimizer": {"weight_decay": -1e-4}}, "optimizer.weight_decay must be >= 0"),
+        ({"optimizer": {"momentum": 0.0, "nesterov": True}}, "nesterov needs"),
+        ({"optimizer": {"lr": float("inf")}}, "optimizer.lr must be positive and finite"),
+        (
+            {"model": {"name": "lenet300_100", "kwargs": {"num_classes": 3}}},
+            "model.kwargs may not set num_classes",
+        ),
+    ],
+)
+def test_out_of_range_values_are_config_errors(patch, message):
+    """Values torch would reject mid-run (or silently misuse, like a negative slice) fail up front."""
+    with pytest.raises(ConfigError, match=message):
+        recipe_from_dict({**BASE, **patch})
+
+
+def test_yaml_scalars_follow_yaml_1_2(tmp_path):
+    """``2:4`` is a string (YAML 1.1: sexagesimal 124), ``1.0e6`` / ``1e-3`` are floats (1.1: strings)."""
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "model: {name: lenet300_100}\n"
+        "pruning: {method: gmp, sparsity: 0.5, pattern: 2:4}\n"
+        "optimizer: {lr: 1e-3, weight_decay: 5.0e-4}\n"
+        "name: 2024-01-01\n"
+    )
+    r = load_recipe(path)
+    assert r.pruning["pattern"] == "2:4"
+    assert r.optimizer.lr == 0.001 and r.optimizer.weight_decay == 0.0005
+    assert r.name == "2024-01-01"  # not a datetime.date
+    r = load_recipe(path, ["pruning.pattern=1:4", "pruning.sparsity=0.75", "optimizer.lr=1.0e6"])
+    assert r.pruning["pattern"] == "1:4" and r.optimizer.lr == 1e6
+
+
+def test_yaml12_scalar_table():
+    from prunekit.training.yaml12 import load_yaml
+
+    cases = {
+        "2:4": "2:4",
+        "1.0e6": 1e6,
+        "1e-3": 1e-3,
+        "-2.5E+2": -250.0,
+        ".5": 0.5,
+        "010": 10,
+        "0o17": 15,
+        "0x1F": 31,
+        "-7": -7,
+        "yes": "yes",
+        "off": "off",
+        "1_000": "1_000",
+        "True": True,
+        "false": False,
+        "~": None,
+        "null": None,
+        "'2:4'": "2:4",
+        "!!float 1": 1.0,
+    }
+    for text, expected in cases.items():
+        value = load_yaml(text)
+        assert value == expected and type(value) is type(expected), (text, value)
+    assert load_yaml(".inf") == float("inf") and load_yaml("-.Inf") == float("-inf")
+    assert load_yaml("a: &x {k: 1}\nb:\n  <<: *x\n  j: 2") == {"a": {"k": 1}, "b": {"k": 1, "j": 2}}
+
+
+def test_unreadable_recipes_and_overrides_are_config_errors(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(
+        ConfigError, match=r"override 'pruning.targets=\[a,': the value is not valid"
+    ):
+        load_recipe(path, ["pruning.targets=[a,"])
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_recipe(tmp_path)
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_recipe(binary)
+    binary.write_bytes(b"\x00\x01\x02 model: x")  # valid UTF-8, but control characters
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(binary)

@@ -12,7 +12,7 @@ from prunekit.config import ConfigError
 from prunekit.methods import available, get_method
 from prunekit.training.checkpoint import CheckpointError
 from prunekit.training.recipe import load_recipe
-from prunekit.training.trainer import NonFiniteLossError, train
+from prunekit.training.trainer import DivergenceError, train
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as exc:
+    # OSError: a missing data file, a full disk ...: one line too, not a traceback
+    except (ConfigError, CheckpointError, DivergenceError, OSError) as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -47,7 +47,17 @@ class ArrayDataset:
         return tuple(self.x_train.shape[1:])
 
     def subset(self, train: int | None = None, test: int | None = None) -> ArrayDataset:
-        """The first ``train`` / ``test`` examples (for quick runs and tests)."""
+        """The first ``train`` / ``test`` examples (for quick runs and tests); ``None`` keeps all.
+
+        Raises:
+            ValueError: a count below 1 (an empty split, or a negative count that slicing would
+                read as "all but the last few").
+        """
+        for what, count in (("train", train), ("test", test)):
+            if count is not None and count < 1:
+                raise ValueError(
+                    f"{what} subset must be >= 1 examples or None for all, got {count}"
+                )
         return ArrayDataset(
             self.name,
             self.x_train[:train],

@@ -10,6 +10,7 @@ from prunekit.training.checkpoint import (
 )
 from prunekit.training.recipe import Recipe, load_recipe, recipe_from_dict
 from prunekit.training.trainer import (
+    DivergenceError,
     NonFiniteLossError,
     evaluate,
     lr_factor,
@@ -19,6 +20,7 @@ from prunekit.training.trainer import (
 
 __all__ = [
     "CheckpointError",
+    "DivergenceError",
     "NonFiniteLossError",
     "Recipe",
     "evaluate",

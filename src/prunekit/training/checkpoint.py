@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -109,15 +110,60 @@ def save_sparse(
 
 
 def load_sparse(path: str | Path) -> dict[str, Tensor]:
-    """Read a file written by :func:`save_sparse` back into a dense state dict."""
+    """Read a file written by :func:`save_sparse` back into a dense state dict.
+
+    Every entry is checked before use (shape, index range, lengths, dtypes), so a damaged or crafted
+    file raises :class:`CheckpointError` naming the tensor, never a raw ``IndexError``/``KeyError``.
+    """
     obj = _load(path, SPARSE_FORMAT)
-    out: dict[str, Tensor] = {}
-    for name, entry in obj["tensors"].items():
-        if "dense" in entry:
-            out[name] = entry["dense"]
-        else:
-            values = entry["values"]
-            flat = torch.zeros(int(torch.tensor(entry["shape"]).prod()), dtype=values.dtype)
-            flat[entry["indices"].long()] = values
-            out[name] = flat.view(entry["shape"])
-    return out
+    tensors = obj.get("tensors")
+    if not isinstance(tensors, dict):
+        raise CheckpointError(
+            f"{path}: 'tensors' must be a dict of entries, got {type(tensors).__name__}"
+        )
+    return {str(name): _sparse_entry(path, str(name), entry) for name, entry in tensors.items()}
+
+
+def _sparse_entry(path: str | Path, name: str, entry: Any) -> Tensor:
+    """One validated tensor of a sparse file."""
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path}: tensor {name!r} {why}; the file is damaged or not written by save_sparse"
+        )
+
+    if not isinstance(entry, dict):
+        raise bad(f"is a {type(entry).__name__}, not an entry dict")
+    if set(entry) == {"dense"}:
+        if not isinstance(entry["dense"], Tensor):
+            raise bad("has a 'dense' value that is not a tensor")
+        return entry["dense"]
+    if set(entry) != {"shape", "indices", "values"}:
+        raise bad(f"has keys {sorted(entry)}, expected ['dense'] or ['indices', 'shape', 'values']")
+    shape, indices, values = entry["shape"], entry["indices"], entry["values"]
+    if not (
+        isinstance(shape, list | tuple)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise bad(f"has shape {shape!r}, expected a list of non-negative ints")
+    if not isinstance(values, Tensor) or values.dim() != 1 or not values.is_floating_point():
+        raise bad("has 'values' that is not a 1-D floating tensor")
+    if (
+        not isinstance(indices, Tensor)
+        or indices.dim() != 1
+        or indices.dtype not in (torch.int32, torch.int64)
+    ):
+        raise bad("has 'indices' that is not a 1-D int32/int64 tensor")
+    if indices.numel() != values.numel():
+        raise bad(f"has {indices.numel()} indices but {values.numel()} values")
+    numel = math.prod(shape)
+    idx = indices.long()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+        raise bad(
+            f"has indices in [{int(idx.min())}, {int(idx.max())}], outside [0, {numel}) for shape {list(shape)}"
+        )
+    if torch.unique(idx).numel() != idx.numel():
+        raise bad("has repeated indices")
+    flat = torch.zeros(numel, dtype=values.dtype)
+    flat[idx] = values
+    return flat.view(list(shape))

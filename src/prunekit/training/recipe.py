@@ -13,12 +13,17 @@ Example::
 Every section is a dataclass; an unknown key anywhere is an error naming it and the valid keys. The
 ``pruning`` section is checked against the method's own config class (``total_steps`` is filled in
 from ``epochs`` and the data).
+
+Files and ``--set`` values are read with YAML 1.2 scalar rules (:mod:`prunekit.training.yaml12`), so
+``pattern: 2:4`` is the string ``"2:4"`` and ``lr: 1e-3`` is a float (YAML 1.1 made them the integer
+124 and a string).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +34,11 @@ from prunekit.config import ConfigError, check_keys, from_dict, to_dict
 from prunekit.data import DATASETS
 from prunekit.methods.registry import get_method
 from prunekit.models import available_models
+from prunekit.training.yaml12 import load_yaml
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+#: ``train+val``: all 60k MNIST training images; ``train``: the first 50k (MNIST only)
+DATA_SPLITS = ("train+val", "train")
 LR_SCHEDULES = ("constant", "cosine", "linear", "step")
 
 
@@ -43,6 +51,11 @@ class ModelSpec:
         if self.name not in available_models():
             raise ConfigError(
                 f"model.name {self.name!r} unknown; available: {', '.join(available_models())}"
+            )
+        fixed = sorted({"input_shape", "num_classes"} & set(self.kwargs))
+        if fixed:
+            raise ConfigError(
+                f"model.kwargs may not set {', '.join(fixed)}: it comes from the data set"
             )
 
 
@@ -61,6 +74,19 @@ class DataSpec:
             raise ConfigError(f"data.name {self.name!r} unknown; available: {', '.join(DATASETS)}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        for key in ("train_subset", "test_subset"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(
+                    f"data.{key} must be >= 1 (the number of examples to keep) or null for all, "
+                    f"got {value}"
+                )
+        if self.split not in DATA_SPLITS:
+            raise ConfigError(
+                f"data.split {self.split!r} unknown; available: {', '.join(DATA_SPLITS)}"
+            )
+        if self.num_samples < 1:
+            raise ConfigError(f"data.num_samples must be >= 1, got {self.num_samples}")
 
 
 @dataclass(kw_only=True)
@@ -78,8 +104,16 @@ class OptimizerSpec:
             raise ConfigError(
                 f"optimizer.name {self.name!r} unknown; available: {', '.join(OPTIMIZERS)}"
             )
-        if self.lr <= 0:
-            raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"optimizer.lr must be positive and finite, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"optimizer.momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0.0:
+            raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0.0):
+            raise ConfigError(
+                "optimizer.nesterov needs optimizer.name sgd and a positive optimizer.momentum"
+            )
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ConfigError(
                 f"optimizer.clip_grad_norm must be positive, got {self.clip_grad_norm}"
@@ -243,7 +277,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    """Apply ``section.key=value`` overrides (values parsed as YAML 1.2, like the recipe file)."""
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
@@ -255,17 +289,35 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k!r} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw)
+        try:
+            node[keys[-1]] = load_yaml(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({_one_line(exc)}); quote it, "
+                "e.g. --set 'name=\"a: b\"'"
+            ) from None
     return data
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a YAML recipe file, applying ``overrides``."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"recipe {path} not found")
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} is not a file; pass a YAML recipe file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"recipe {path} not found") from None
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"recipe {path} is not a text file (not UTF-8); pass a YAML recipe"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"recipe {path} cannot be read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
     try:

@@ -3,8 +3,16 @@
 Deterministic and resumable: the batch order of an epoch depends only on ``(seed, epoch)``, the
 learning rate is a pure function of the step, and each epoch ends with an atomic checkpoint holding
 model (with masks), optimizer, pruner and RNG state. A run interrupted at any point and started again
-with the same ``out_dir`` ends exactly where an uninterrupted run does (CPU, same seed). A non-finite
-loss stops the run with :class:`NonFiniteLossError` and leaves the last good checkpoint untouched.
+with the same ``out_dir`` ends exactly where an uninterrupted run does (CPU, same seed).
+
+Divergence: a batch loss that is not finite (:class:`NonFiniteLossError`) or exceeds
+``DIVERGENCE_FACTOR × max(1, L0)``, with ``L0`` the loss of the run's first batch (:class:`DivergenceError`),
+stops the run before the epoch is checkpointed, so the last good checkpoint stays untouched. A
+cross-entropy of 1000 × ln(10) ≈ 2300 on a 10-class task needs logits thousands apart: the run has
+exploded, even if no value overflowed yet.
+
+Everything the user controls (recipe values, ``out_dir``, ``device``) is checked before the first
+step; a problem raises :class:`~prunekit.config.ConfigError` with what to change.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from prunekit.api import sparsify
+from prunekit.config import ConfigError
 from prunekit.core.report import format_report, sparsity_report
 from prunekit.data import ArrayDataset, BatchIterator, load_dataset
 from prunekit.methods.acdc import ACDC
@@ -69,7 +79,16 @@ def _recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
     return out
 
 
-class NonFiniteLossError(RuntimeError):
+#: a batch loss above ``DIVERGENCE_FACTOR × max(1, first batch loss)`` counts as divergence
+DIVERGENCE_FACTOR = 1000.0
+
+
+class DivergenceError(RuntimeError):
+    """The loss exploded (above ``DIVERGENCE_FACTOR`` × the initial loss); the last good checkpoint
+    is left intact."""
+
+
+class NonFiniteLossError(DivergenceError):
     """The loss became NaN or infinite; the last good checkpoint is left intact."""
 
 
@@ -130,6 +149,61 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a :class:`torch.device` that works here (``None``: CUDA when available, else CPU).
+
+    Raises:
+        ConfigError: an unknown device string, or a device this machine does not have.
+    """
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"device {device!r} is not a device name ({exc}); use cpu, cuda or cuda:N"
+        ) from None
+    try:
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError without CUDA
+        raise ConfigError(
+            f"device {str(dev)!r} is not available on this machine ({' '.join(str(exc).split())}); "
+            "use --device cpu or another device"
+        ) from None
+    return dev
+
+
+def check_out_dir(out: Path) -> None:
+    """Create ``out`` and make sure files can be written in it, before any training.
+
+    Raises:
+        ConfigError: ``out`` names a file, or cannot be created or written to.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory {out} is a file; choose a directory for --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".prunekit-write-test."):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"output directory {out} is not writable ({exc.strerror or exc}); choose another --out"
+        ) from None
+
+
+def _build_model(recipe: Recipe, data: ArrayDataset) -> nn.Module:
+    """The recipe's model for ``data``; keyword arguments the model refuses are a ConfigError."""
+    kwargs = recipe.model.kwargs
+    try:
+        return build_model(recipe.model.name, data.input_shape, data.num_classes, **kwargs)
+    except (TypeError, ValueError) as exc:
+        if not kwargs:
+            raise
+        raise ConfigError(
+            f"model {recipe.model.name!r} refuses model.kwargs {kwargs} ({exc}); fix or remove them"
+        ) from None
+
+
 def train(
     recipe: Recipe,
     out_dir: str | Path,
@@ -155,13 +229,11 @@ def train(
         The metrics written to ``metrics.json`` (or, when stopped early, the partial history).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device) if device is not None else default_device()
+    check_out_dir(out)
+    dev = resolve_device(device)
     torch.manual_seed(recipe.seed)
     data = data if data is not None else load_data(recipe)
-    model = build_model(
-        recipe.model.name, data.input_shape, data.num_classes, **recipe.model.kwargs
-    ).to(dev)
+    model = _build_model(recipe, data).to(dev)
     batches = BatchIterator(data.x_train, data.y_train, recipe.data.batch_size, seed=recipe.seed)
     steps_per_epoch = len(batches)
     total_steps = recipe.epochs * steps_per_epoch
@@ -181,6 +253,7 @@ def train(
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     start_epoch, step, history, wall = 0, 0, [], 0.0
+    reference_loss: float | None = None  # the first batch's loss: the divergence scale
     ckpt_path = out / CHECKPOINT_NAME
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
@@ -204,6 +277,7 @@ def train(
             ckpt["history"],
             ckpt["wall_seconds"],
         )
+        reference_loss = ckpt.get("reference_loss")
         logger.info("resumed from %s at epoch %d (step %d)", ckpt_path, start_epoch, step)
 
     owns_lr = pruner is not None and pruner.owns_lr
@@ -211,6 +285,8 @@ def train(
 
     def clip_gradients() -> None:
         if clip is not None:
+            if pruner is not None:
+                pruner.mask_gradients_()  # pruned coordinates must not count in the norm
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
 
     bar = tqdm(
@@ -232,7 +308,10 @@ def train(
                     group["lr"] = lr0 * factor
             loss = F.cross_entropy(model(x), y)
             loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
+            if reference_loss is None:
+                reference_loss = loss_value
+            diverged = _divergence(loss_value, reference_loss)
+            if diverged is not None:
                 bar.close()
                 kept = (
                     f"The last good checkpoint ({ckpt_path}, epoch "
@@ -240,8 +319,9 @@ def train(
                     if ckpt_path.exists()
                     else "No epoch had completed, so there is no checkpoint"
                 )
-                raise NonFiniteLossError(
-                    f"loss is {loss_value} at epoch {epoch + 1}, step {step}; stopped. {kept}: "
+                error = NonFiniteLossError if not math.isfinite(loss_value) else DivergenceError
+                raise error(
+                    f"{diverged} at epoch {epoch + 1}, step {step}; stopped. {kept}: "
                     "lower the learning rate (or add lr_schedule.warmup_epochs) and resume."
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -299,6 +379,7 @@ def train(
                 "rng": torch.get_rng_state(),
                 "history": history,
                 "wall_seconds": wall,
+                "reference_loss": reference_loss,
             },
             ckpt_path,
         )
@@ -320,6 +401,19 @@ def train(
     return _finish(recipe, model, pruner, data, history, wall, out, dev, structured)
 
 
+def _divergence(loss: float, reference: float) -> str | None:
+    """Why ``loss`` means the run diverged (``None`` if it did not); see the module docstring."""
+    if not math.isfinite(loss):
+        return f"loss is {loss}"
+    limit = DIVERGENCE_FACTOR * max(1.0, reference)
+    if loss > limit:
+        return (
+            f"loss is {loss:.4g}, above {DIVERGENCE_FACTOR:g} x the first batch's {reference:.4g} "
+            f"(limit {limit:.4g}): the run diverged"
+        )
+    return None
+
+
 def _finish(
     recipe: Recipe,
     model: nn.Module,
@@ -334,9 +428,7 @@ def _finish(
     extra: dict[str, Any] = dict(structured)
     if isinstance(pruner, ACDC):
         dense_state = pruner.dense_state_dict()
-        dense_model = build_model(
-            recipe.model.name, data.input_shape, data.num_classes, **recipe.model.kwargs
-        )
+        dense_model = _build_model(recipe, data)
         dense_model.load_state_dict(dense_state)
         extra["dense_pair_test_accuracy"] = evaluate(
             dense_model.to(device), data.x_test, data.y_test
