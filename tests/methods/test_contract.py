@@ -1,6 +1,7 @@
 """Contract tests run for every registered method (a new method is covered when registered)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -17,16 +18,56 @@ def test_all_mission_methods_are_registered():
     assert {"gmp", "dpf", "acdc", "rigl", "gap", "imp", "cram"} <= set(METHODS)
 
 
+def scheduled(method: str, sparsity: float, step: int, total: int) -> float | None:
+    """The sparsity each method's paper schedule gives at ``step`` with its default settings (written
+    out here, independently of the code under test); ``None`` where the value depends on the data."""
+    if method in ("gmp", "dpf"):  # cubic ramp over [0, 0.75·total], updated every 5 / 4 steps
+        end, every = round(0.75 * total), QUICK[method]["update_every"]
+        last = min(step - step % every, end) if step < end else end
+        return sparsity * (1 - (1 - last / end) ** 3)
+    if method == "rigl":  # the parameter count is fixed from the start
+        return sparsity
+    if method == "imp":  # dense for 40%, then 3 rounds, each pruning the same share of survivors
+        t0 = round(0.4 * total)
+        rounds = [r for r in range(3) if step >= t0 + r * ((total - t0) // 3)]
+        return 1 - (1 - sparsity) ** (len(rounds) / 3)
+    if method == "acdc":  # dense to 10%, then phases of 5% starting compressed; final from 85%
+        warmup, period = round(0.1 * total), round(0.05 * total)
+        if step >= round(0.85 * total):
+            return sparsity
+        if step < warmup or step >= round(0.75 * total):
+            return None  # dense phase: zeros only where pruned weights have not moved yet
+        return sparsity if ((step - warmup) // period) % 2 == 0 else None
+    if method == "cram":  # trains a dense model; pruned one-shot at finalize
+        return 0.0
+    return None  # gap: one partition dense at a time (tested in test_mechanisms)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.97])
-def test_reaches_target_sparsity(method, sparsity):
+def test_follows_the_schedule_and_reaches_target_sparsity(method, sparsity, caplog):
     model = mlp()
     opt = sgd(model)
     pruner = prunekit.sparsify(
         model, opt, method, sparsity=sparsity, total_steps=STEPS, **QUICK[method]
     )
-    run(model, opt, pruner, STEPS)
-    pruner.finalize()
+    checked = []
+
+    def check():
+        expected = scheduled(method, sparsity, pruner.step_count, STEPS)
+        if expected is not None and pruner.step_count % 10 == 5:  # not on RigL's update steps
+            checked.append(pruner.step_count)
+            assert pruner.current_sparsity() == pytest.approx(expected, abs=0.005), checked[-1]
+
+    run(model, opt, pruner, STEPS, callback=check)
+    assert len(checked) >= 2 or method == "gap"
+    if method == "cram":
+        assert pruner.current_sparsity() < 0.01  # dense until the one-shot compression
+    else:  # the schedule itself reached the target: finalize has nothing left to prune
+        assert pruner.current_sparsity() == pytest.approx(sparsity, abs=0.005)
+    with caplog.at_level("WARNING"):
+        pruner.finalize()
+    assert "before the schedule reached" not in caplog.text
     report = prunekit.sparsity_report(model)
     assert abs(report["global_sparsity"] - sparsity) <= 0.005
     assert not [n for n, _ in model.named_buffers()]  # finalize removes the buffers
@@ -38,6 +79,8 @@ def test_works_on_conv_with_batchnorm(method):
     opt = sgd(model)
     pruner = prunekit.sparsify(model, opt, method, sparsity=0.8, total_steps=60, **QUICK[method])
     run(model, opt, pruner, 60, data=toy_data(image=True))
+    if method != "cram":  # reached by training, not by finalize
+        assert pruner.current_sparsity() == pytest.approx(0.8, abs=0.005)
     pruner.finalize()
     assert abs(prunekit.sparsity_report(model)["global_sparsity"] - 0.8) <= 0.005
 
@@ -85,7 +128,8 @@ def test_config_validation(method):
         prunekit.sparsify(model, sgd(model), method, sparsity=0.5, total_steps=10, spasity=0.5)
     cls = prunekit.methods.get_method(method)
     cfg = cls.config_class.from_dict({"sparsity": 0.5, "total_steps": 100})
-    assert cls.config_class.from_dict(cfg.to_dict()) == cfg  # JSON round trip
+    text = json.dumps(cfg.to_dict())
+    assert cls.config_class.from_dict(json.loads(text)) == cfg  # JSON round trip
 
 
 def test_unknown_method_lists_available():
