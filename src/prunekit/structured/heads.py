@@ -372,3 +372,38 @@ def _follows(node: fx.Node | None, site: HeadSite) -> bool:
         return False
     want = site.heads + 1 if site.kind == "split" else (site.heads + 1) * site.head_size
     return args[site.position] == want
+
+
+def drives_reshape_literal(model: nn.Module, path: str) -> bool:
+    """Whether the integer attribute ``path`` (``"owner.attr"``) of ``model`` is a head count that
+    :func:`resolve_sites` could record: an instance attribute whose value a view/reshape of the
+    traced forward follows (tracing again with the attribute raised by one changes a shape
+    literal). Used to refuse saved specs that name any other attribute."""
+    owner, _, attr = path.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return False
+    value = vars(module).get(attr)
+    if attr.startswith("_") or type(value) is not int:
+        return False
+
+    def literals() -> list[tuple[str, tuple[Any, ...]]]:
+        graph = trace(model).graph
+        return [
+            (n.name, tuple(a for a in _shape_args(n) if isinstance(a, int)))
+            for n in graph.nodes
+            if (n.op == "call_method" and n.target in ("view", "reshape"))
+            or n.target is torch.reshape
+        ]
+
+    try:
+        before = literals()
+        setattr(module, attr, value + 1)
+        try:
+            after = literals()
+        finally:
+            setattr(module, attr, value)
+    except Exception:  # any failure: the attribute does not drive a literal
+        return False
+    return before != after

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: ``format`` of the JSON spec that describes a slim model (see :mod:`prunekit.structured.io`).
 SPEC_FORMAT = "prunekit-slim"
+#: ``version`` of that spec: 2 names its weights file and records ``broadcast_folds``.
+SPEC_VERSION = 2
 
 #: Updates a module's attributes after its tensors were sliced; may return a replacement module.
 Fixup = Callable[[nn.Module], nn.Module | None]
@@ -165,9 +167,10 @@ class SlimPlan:
         """The JSON-ready spec that :func:`~prunekit.structured.io.load_slim` rebuilds from."""
         return {
             "format": SPEC_FORMAT,
-            "version": 1,
+            "version": SPEC_VERSION,
             "kept": self.kept,
             "attributes": self.attributes,
+            "broadcast_folds": self.broadcast_folds,
         }
 
 
