@@ -8,6 +8,7 @@ unprunable, never a wrong slim model. Users extend coverage with :func:`register
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 from prunekit.structured.channels import ChannelGraph, Flow, Member
 
@@ -242,8 +243,32 @@ def passthrough_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list
 def pinning_passthrough_rule(
     ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]
 ) -> Value:
-    """Elementwise but f(0) != 0 (sigmoid, softplus): channels stay, but cannot be removed."""
+    """Keeps the channels but pins them (softmax: its output at a zero channel is not zero)."""
     pin_all(ctx, inputs, f"{node.target}: {type(m).__name__}(0) != 0")
+    return passthrough_rule(ctx, node, m, inputs)
+
+
+def value_at_zero(f: Callable[[Tensor], Any]) -> float | None:
+    """``f(0)`` for an element-wise ``f``, evaluated (``None`` if ``f`` does not run on a 0-d
+    float tensor or gives no single number)."""
+    try:
+        with torch.no_grad():
+            out = f(torch.zeros(()))
+    except Exception:  # any failure: f(0) is unknown
+        return None
+    return float(out) if isinstance(out, Tensor) and out.numel() == 1 else None
+
+
+def elementwise_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
+    """An element-wise activation keeps a zero channel zero only if ``f(0) = 0``, which depends on
+    its arguments (``Hardtanh(0.5, 1.0)(0) = 0.5``, ``Threshold(0.1, 2.0)(0) = 2``): ``f(0)`` is
+    evaluated on the module itself (a copy in eval mode, so a random activation draws nothing) and
+    the channels are pinned with the value unless it is exactly zero."""
+    probe = copy.deepcopy(m).eval()
+    f0 = value_at_zero(probe)
+    if f0 != 0.0:
+        shown = "could not be evaluated" if f0 is None else f"= {f0:g}"
+        pin_all(ctx, inputs, f"{node.target}: {m!r}(0) {shown}, not 0 (a zero channel is not zero)")
     return passthrough_rule(ctx, node, m, inputs)
 
 
@@ -270,9 +295,15 @@ def embedding_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[V
     return out
 
 
+#: Element-wise activations: prunable through them only where f(0) = 0 (see :func:`elementwise_rule`).
+ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.RReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.CELU, nn.SELU,
+    nn.Hardswish, nn.Hardtanh, nn.Mish, nn.Threshold, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink,
+    nn.Softsign, nn.Softplus, nn.Sigmoid, nn.Hardsigmoid, nn.LogSigmoid,
+)  # fmt: skip
+#: Modules that map a zero channel to a zero channel whatever their arguments.
 ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.Hardswish, nn.Hardtanh,
-    nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
@@ -286,11 +317,9 @@ _MODULE_RULES: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], ModuleR
     (nn.PReLU, prelu_rule),
     (nn.Flatten, flatten_module_rule),
     (nn.Embedding, embedding_rule),
+    (ELEMENTWISE_MODULES, elementwise_rule),
     (ZERO_PRESERVING_MODULES, passthrough_rule),
-    (
-        (nn.Sigmoid, nn.Softplus, nn.Hardsigmoid, nn.Softmax, nn.LogSoftmax),
-        pinning_passthrough_rule,
-    ),
+    ((nn.Softmax, nn.LogSoftmax), pinning_passthrough_rule),
 ]
 
 
@@ -451,9 +480,14 @@ def permute_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value], kind: str
     return Flow(order.index(x.dim), list(x.ids), heads=heads, structural=x.structural)
 
 
-ZERO_PRESERVING_FUNCTIONS: tuple[Any, ...] = (
+#: Element-wise functions: prunable through them only where f(0) = 0 for the call's own arguments.
+ELEMENTWISE_FUNCTIONS: tuple[Any, ...] = (
     F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.tanh, F.tanh, F.leaky_relu, F.hardswish, F.elu,
-    F.mish, F.hardtanh, F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
+    F.celu, F.selu, F.mish, F.hardtanh, F.threshold, F.softshrink, F.hardshrink, F.tanhshrink,
+    F.softsign, F.softplus, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.logsigmoid,
+)  # fmt: skip
+ZERO_PRESERVING_FUNCTIONS: tuple[Any, ...] = (
+    F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
     F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate, torch.Tensor.contiguous,
 )  # fmt: skip
@@ -486,6 +520,8 @@ def function_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value
         if target in ("mul", "div", "mul_"):
             return join_rule(ctx, node, inputs, zero_absorbing=True)
         return unknown(ctx, node, inputs)
+    if target in ELEMENTWISE_FUNCTIONS:
+        return elementwise_function(ctx, node, inputs)
     if target in ZERO_PRESERVING_FUNCTIONS:
         x = inputs[0]
         return (
@@ -512,6 +548,22 @@ def function_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value
     if target is getattr:
         return None
     return unknown(ctx, node, inputs)
+
+
+def elementwise_function(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
+    """:func:`elementwise_rule` for a call: ``f(0)`` with the call's constant arguments
+    (``F.hardtanh(x, 0.5, 1.0)``); pinned if it is not zero or an argument is a tensor."""
+    x = inputs[0] if inputs else None
+    if not isinstance(x, Flow):
+        return fresh_flow(ctx, node, "untracked input")
+    rest = [*node.args[1:], *node.kwargs.values()]
+    constant = not any(isinstance(a, fx.Node) for a in rest)
+    target = cast(Callable[..., Any], node.target)
+    f0 = value_at_zero(lambda z: target(z, *node.args[1:], **node.kwargs)) if constant else None
+    if f0 != 0.0:
+        shown = "could not be evaluated" if f0 is None else f"= {f0:g}"
+        ctx.graph.pin(x.ids, f"{describe(node)}(0) {shown}, not 0 (a zero channel is not zero)")
+    return Flow(x.dim, list(x.ids))
 
 
 def _arg(node: fx.Node, pos: int, name: str, default: int) -> int:
