@@ -133,9 +133,27 @@ def test_resume_with_other_recipe_is_refused(tmp_path, data):
 
 
 def test_acdc_run_writes_dense_pair(tmp_path, data):
+    """The pair's dense model is the one the final compressed phase was pruned from (AC/DC, Peste
+    et al. 2021): dense, its top-10% magnitudes are exactly the sparse model's support, and the
+    reported accuracy is that file's accuracy."""
+    from prunekit.models import build_model
+
     m = train(_recipe("acdc", epochs=2), tmp_path, progress=False, data=data, device="cpu")
-    assert (tmp_path / "model_dense_pair.pt").exists()
-    assert 0.0 < m["dense_pair_test_accuracy"] <= 1.0
+    dense = torch.load(tmp_path / "model_dense_pair.pt", weights_only=True)
+    final = torch.load(tmp_path / "model.pt", weights_only=True)
+    weights = [k for k in final if final[k].dim() > 1]
+    d = torch.cat([dense[k].abs().flatten() for k in weights])
+    f = torch.cat([final[k].flatten() != 0 for k in weights])
+    assert float((d != 0).float().mean()) > 0.99  # dense, not the sparse model saved twice
+    assert int(f.sum()) == round(0.1 * f.numel())  # 90% sparse
+    top = torch.zeros_like(f)
+    top[d.topk(int(f.sum())).indices] = True
+    assert torch.equal(top, f)  # global magnitude mask of the dense pair = the final support
+    model = build_model("lenet300_100", data.input_shape, data.num_classes)
+    model.load_state_dict(dense)
+    with torch.no_grad():
+        acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
+    assert m["dense_pair_test_accuracy"] == pytest.approx(acc, abs=1e-6)
 
 
 def _structured_recipe(optimizer="hesso", epochs=2, **extra):
@@ -246,3 +264,80 @@ def test_clip_grad_norm_bounds_every_update(tmp_path, data):
     with pytest.raises(ConfigError, match="clip_grad_norm"):
         spec["optimizer"]["clip_grad_norm"] = -1.0
         recipe_from_dict(spec)
+
+
+def test_exploded_finite_loss_stops_with_last_good_checkpoint_intact(tmp_path, data, monkeypatch):
+    """A loss of ~1e15 that never turns NaN must not be checkpointed as a good epoch."""
+    from prunekit.training import DivergenceError
+
+    recipe = _recipe("gmp", epochs=3, update_every=5)
+    train(recipe, tmp_path, progress=False, data=data, device="cpu", stop_after_epoch=1)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    import prunekit.training.trainer as trainer
+
+    real = trainer.F.cross_entropy
+    calls = {"n": 0}
+
+    def exploded(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        # the value is 1e15 x the loss, the gradient is the true one: the weights stay finite
+        return out + (1e15 - 1) * out.detach() if calls["n"] > 5 else out
+
+    monkeypatch.setattr(trainer.F, "cross_entropy", exploded)
+    with pytest.raises(
+        DivergenceError, match=r"diverged.*last good checkpoint.*epoch 1\) is intact"
+    ):
+        train(recipe, tmp_path, progress=False, data=data, device="cpu")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_a_large_but_bounded_loss_is_not_divergence(tmp_path, data, monkeypatch):
+    """The criterion is DIVERGENCE_FACTOR x the first batch's loss: 100x that still trains on."""
+    import prunekit.training.trainer as trainer
+
+    real = trainer.F.cross_entropy
+    calls = {"n": 0}
+
+    def spiky(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out + 99 * out.detach() if calls["n"] == 3 else out
+
+    monkeypatch.setattr(trainer.F, "cross_entropy", spiky)
+    m = train(_recipe("gmp", epochs=1, update_every=5), tmp_path, progress=False, data=data)
+    assert [h["epoch"] for h in m["history"]] == [1]
+
+
+@pytest.mark.parametrize("closure", [False, True])
+def test_clip_norm_excludes_pruned_coordinates(tmp_path, data, monkeypatch, closure):
+    """Pruned (zero, hard-masked) weights must carry zero gradient when the clipping norm is taken."""
+    from prunekit.methods.gmp import GMP
+
+    if closure:  # the optimizer.step(closure) path of the trainer (CrAM's), with a hard mask
+        monkeypatch.setattr(GMP, "needs_closure", True)
+    real_clip = torch.nn.utils.clip_grad_norm_
+    pruned, pruned_grad_sq = [], []
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        params = list(parameters)
+        weights = [p for p in params if p.dim() > 1 and p.grad is not None]  # what gmp prunes
+        pruned.append(sum(int((p.detach() == 0).sum()) for p in weights))
+        pruned_grad_sq.append(sum(float((p.grad[p.detach() == 0] ** 2).sum()) for p in weights))
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    spec = {
+        "model": {"name": "lenet300_100"},
+        "data": {"name": "mnist", "batch_size": 256, "train_subset": 1024, "test_subset": 100},
+        "pruning": {"method": "gmp", "sparsity": 0.95, "initial_sparsity": 0.95, "end": 0.0},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.0, "clip_grad_norm": 1e-3},
+        "epochs": 2,
+        "seed": 3,
+    }
+    train(recipe_from_dict(spec), tmp_path, progress=False, data=data, device="cpu")
+    total = 784 * 300 + 300 * 100 + 100 * 10
+    calls = 8 * (2 if closure else 1)  # the closure path clips before the step and inside it
+    assert len(pruned) == calls and all(n >= 0.94 * total for n in pruned), pruned  # 95% pruned
+    assert pruned_grad_sq == [0.0] * calls
