@@ -93,11 +93,9 @@ def test_rigl_constant_nonzeros_and_zero_initialised_growth():
 
 def test_rigl_grows_largest_gradient_and_drops_smallest_magnitude():
     model = mlp()
-    opt = torch.optim.SGD(
-        model.parameters(), lr=0.0
-    )  # weights do not move: selection is observable
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights do not move: selection observable
     pruner = prunekit.sparsify(
-        model, opt, "rigl", sparsity=0.9, total_steps=100, update_every=1, allocation="uniform"
+        model, opt, "rigl", sparsity=0.9, total_steps=100, update_every=1, allocation="erk"
     )
     x, y = toy_data()
     old = [m.clone() for m in pruner.masker.masks]
@@ -108,17 +106,40 @@ def test_rigl_grows_largest_gradient_and_drops_smallest_magnitude():
     grads = [t.param.grad.detach().clone() for t in pruner.targets]  # captured before masking
     opt.step()
     pruner.step()
+    fraction = 0.15 * (1 + math.cos(math.pi * 1 / 75))  # α_1 with α = 0.3, T_end = 75
     for t, m_old, m_new, w, g in zip(
         pruner.targets, old, pruner.masker.masks, weights, grads, strict=True
     ):
-        # a weight may be dropped and regrown in the same update; regrown weights restart at zero
-        regrown = m_old & m_new & (t.param.detach() == 0)
-        survivors = m_old & m_new & ~regrown
-        dropped = (m_old & ~m_new) | regrown
-        grown = (m_new & ~m_old) | regrown
-        assert int(dropped.sum()) > 0 and int(grown.sum()) == int(dropped.sum())
-        assert w[dropped].abs().max() <= w[survivors].abs().min()  # smallest magnitudes dropped
-        assert g[grown].abs().min() >= g[~m_new].abs().max()  # largest gradients grown
+        # expected, written out: drop the k active weights of smallest |w|, then grow the k
+        # inactive ones (just-dropped included) of largest |grad|
+        k = int(fraction * int(m_old.sum()))
+        assert k > 0
+        active = m_old.reshape(-1)
+        drop_score = torch.where(active, w.abs().reshape(-1), torch.inf)
+        after_drop = active.clone()
+        after_drop[drop_score.argsort()[:k]] = False
+        grow_score = torch.where(after_drop, -1.0, g.abs().reshape(-1))
+        expected = after_drop.clone()
+        expected[grow_score.argsort(descending=True)[:k]] = True
+        assert torch.equal(m_new.reshape(-1), expected)
+        new = m_new & ~m_old
+        assert int(new.sum()) > 0
+        # new connections start at zero; surviving ones (dropped and regrown ones too) keep |w|
+        assert torch.count_nonzero(t.param[new]) == 0
+        assert torch.equal(t.param.detach()[m_new & m_old], w[m_new & m_old])
+
+
+def test_rigl_uniform_keeps_the_first_layer_dense():
+    model = mlp()
+    pruner = prunekit.sparsify(
+        model, sgd(model), "rigl", sparsity=0.8, total_steps=100, allocation="uniform"
+    )
+    density = [float(m.float().mean()) for m in pruner.masker.masks]
+    assert density[0] == 1.0
+    assert density[1:] == [pytest.approx(0.2, abs=0.005)] * 2
+    run(model, pruner.optimizer, pruner, 100)
+    pruner.finalize()  # keeps the paper's distribution: no magnitude pruning of the first layer
+    assert int(torch.count_nonzero(model[0].weight)) > 0.95 * model[0].weight.numel()
 
 
 def _acdc_setup():

@@ -201,12 +201,19 @@ class Pruner:
             scores = [w.abs() for w in weights]
         return compute_masks(scores, sparsity, self.config.allocation, self.pattern)
 
+    def target_nonzeros(self) -> int:
+        """How many weights the final model keeps at most (the method's masks at the target)."""
+        if self.pattern is None and self.config.allocation == "global":
+            # masks keep round((1 - s) * n) weights globally (per layer: allow that rounding)
+            total = sum(t.param.numel() for t in self.targets)
+            return round((1.0 - self.config.sparsity) * total) + len(self.targets)
+        # per-layer counts, N:M groups and layers left dense: what the masks at the target keep
+        return sum(int(m.sum()) for m in self.magnitude_masks(self.config.sparsity))
+
     @torch.no_grad()
     def _ensure_target_(self, warn: bool = True) -> None:
-        total = sum(t.param.numel() for t in self.targets)
         nnz = sum(int(torch.count_nonzero(t.param.detach())) for t in self.targets)
-        # masks keep round((1 - s) * n) weights per layer (or globally): allow that rounding
-        if nnz <= round((1.0 - self.config.sparsity) * total) + len(self.targets):
+        if nnz <= self.target_nonzeros():
             return
         if warn:
             logger.warning(

@@ -6,13 +6,20 @@ The number of nonzeros is fixed for the whole run. Masks start random with per-l
 * drop the ``k = α_t · n_active`` active weights of smallest magnitude;
 * grow the ``k`` inactive weights with the largest dense-gradient magnitude ``|∇_w L|`` (the gradient
   with respect to the masked weights on the current batch);
-* grown weights start at zero with zero momentum.
+* grown weights start at zero with zero momentum (a weight dropped and regrown in the same update
+  is not new: it keeps its value and momentum, as in the reference implementation).
 
 ``α_t = α/2 · (1 + cos(π t / T_end))`` with ``α = 0.3``.
+
+Layer densities: ``erk`` (default) or ``uniform``; as in the paper, ``uniform`` keeps the first
+layer dense and every other layer at ``sparsity``, so the total sparsity ends *below* ``sparsity``
+(logged at the start; :meth:`finalize` keeps that distribution).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +32,8 @@ from prunekit.core.masks import Masker, MaskMode
 from prunekit.methods.base import Pruner, SparsityConfig, check_fraction
 from prunekit.methods.registry import register_method
 from prunekit.schedules import cosine
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -51,6 +60,15 @@ class RigLConfig(SparsityConfig):
         check_fraction("end", self.end)
 
 
+def uniform_first_dense_masks(
+    shapes: list[tuple[int, ...]], sparsity: float, device: torch.device
+) -> list[Tensor]:
+    """Random masks of RigL's ``uniform`` distribution: the first layer dense, the others at
+    ``sparsity`` (so the total sparsity is below ``sparsity``)."""
+    masks = random_masks(shapes[1:], sparsity, "uniform", device=device)
+    return [torch.ones(shapes[0], dtype=torch.bool, device=device), *masks]
+
+
 @register_method("rigl")
 class RigL(Pruner):
     """Dynamic sparse training with magnitude drop and gradient growth."""
@@ -64,9 +82,22 @@ class RigL(Pruner):
         self.masker = Masker(self.targets, optimizer, MaskMode.HARD, grad_observer=self._observe)
         device = self.targets[0].param.device
         shapes = [tuple(t.param.shape) for t in self.targets]
-        self.masker.set_masks_(
-            random_masks(shapes, config.sparsity, config.allocation, device=device)
-        )
+        if config.allocation == "uniform" and len(shapes) > 1:
+            masks = uniform_first_dense_masks(shapes, config.sparsity, device)
+        else:
+            masks = random_masks(shapes, config.sparsity, config.allocation, device=device)
+        self.masker.set_masks_(masks)
+        self._budget = sum(int(m.sum()) for m in masks)
+        if config.allocation == "uniform":
+            logger.info(
+                "RigL uniform: %s stays dense (as in the paper); total sparsity %.4f",
+                self.targets[0].name,
+                1 - self._budget / sum(math.prod(s) for s in shapes),
+            )
+
+    def target_nonzeros(self) -> int:
+        """RigL keeps the parameter count it starts with."""
+        return self._budget
 
     def _update_due(self, step: int) -> bool:
         return step % self.config.update_every == 0 and step < self.config.fraction_step(
@@ -107,7 +138,9 @@ class RigL(Pruner):
                 grow[torch.topk(grow_scores, k).indices] = True
                 new |= grow
             new_masks.append(new.view_as(mask))
-            grown.append(grow.view_as(mask))
+            # a weight dropped and regrown in the same update keeps its value (as the reference
+            # implementation does); only connections that were inactive start at zero
+            grown.append((grow & ~mask.reshape(-1)).view_as(mask))
         self.masker.set_masks_(new_masks)
         for t, g in zip(self.targets, grown, strict=True):
             t.param.masked_fill_(g, 0.0)
