@@ -82,3 +82,60 @@ def test_activation_is_prunable_exactly_when_it_maps_zero_to_zero(make, reason):
     assert small.fc1.out_features == (6 if reason else 4)
     with torch.no_grad():
         torch.testing.assert_close(small(x), ref)
+
+
+class _ItemAssignment(nn.Module):
+    """``h[:, 3] = 1.0`` and ``h[:, 0] = g[:, 1]`` in the forward; ``fc3``'s channels are untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.aux = nn.Linear(4, 6), nn.Linear(4, 2)
+        self.fc2, self.fc3, self.out = nn.Linear(6, 5), nn.Linear(4, 7), nn.Linear(12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        h[:, 3] = 1.0
+        g = F.relu(self.aux(x))
+        h[:, 0] = g[:, 1]
+        return self.out(torch.cat([self.fc2(F.relu(h)), F.relu(self.fc3(x))], 1))
+
+
+def test_item_assignment_pins_its_channels_with_the_real_reason():
+    torch.manual_seed(0)
+    model = _ItemAssignment().eval()
+    x = torch.randn(5, 4)
+    groups = find_groups(model, x)  # captured: not refused as control flow
+
+    def of(tensor: str) -> list:
+        return [g for g in groups if (tensor, 0) in g.slices("out")]
+
+    assigned = of("fc1.weight")
+    assert len(assigned) == 6 and not any(g.prunable for g in assigned)
+    assert all("in-place item assignment" in str(g.reason) for g in assigned), assigned[0].reason
+    assert len(of("aux.weight")) == 2 and not any(g.prunable for g in of("aux.weight"))
+    assert len(of("fc3.weight")) == 7 and all(g.prunable for g in of("fc3.weight"))
+    with torch.no_grad():  # channel 3 of h is 1.0 whatever fc1 computes: removing it would be wrong
+        for name in ("fc1", "fc3", "aux"):
+            getattr(model, name).weight[:4] = 0.0
+            getattr(model, name).bias[:4] = 0.0
+        ref = model(x)
+    small = slim(model, x)  # checks the output
+    assert (small.fc1.out_features, small.aux.out_features, small.fc3.out_features) == (6, 2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref)
+
+
+def test_an_untraceable_forward_is_not_blamed_on_control_flow():
+    from prunekit.structured import CaptureError
+
+    class Length(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(x) / len(x)
+
+    with pytest.raises(CaptureError, match="'len' is not supported") as info:
+        find_groups(Length(), torch.randn(2, 4))
+    assert "control flow" not in str(info.value)

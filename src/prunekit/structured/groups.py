@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.proxy import TraceError
 
 from prunekit.core.cost import module_macs
 from prunekit.structured.channels import ChannelGraph, Flow, Member
@@ -150,9 +151,13 @@ def capture(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     try:
         gm = trace(model)
     except Exception as exc:
+        hint = (
+            "Structured pruning needs a forward without data-dependent Python control flow."
+            if isinstance(exc, TraceError)
+            else "Structured pruning needs a forward that torch.fx can trace symbolically."
+        )
         raise CaptureError(
-            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
-            "Structured pruning needs a traceable forward (no data-dependent Python control flow)."
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. {hint}"
         ) from exc
     modes = {m: m.training for m in model.modules()}
     model.eval()

@@ -328,12 +328,24 @@ def register_module_rule(module_type: type[nn.Module], rule: ModuleRule) -> None
     _MODULE_RULES.insert(0, (module_type, rule))
 
 
+class _AssignableProxy(fx.Proxy):
+    """A proxy that records item assignment (``h[:, 3] = 1.0``) as an ``operator.setitem`` node,
+    which :func:`function_rule` pins, instead of failing the whole trace."""
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
 class RuleTracer(fx.Tracer):
     """``torch.fx`` tracer that keeps every module with a rule as one node (a leaf), so a rule
-    registered for a module defined outside ``torch.nn`` is applied instead of traced through."""
+    registered for a module defined outside ``torch.nn`` is applied instead of traced through, and
+    records item assignment (see :func:`setitem_rule`)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_rule(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AssignableProxy(node, self)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -443,6 +455,15 @@ def getitem_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
     return unknown(ctx, node, [src])
 
 
+def setitem_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
+    """In-place item assignment ``h[idx] = v``: the assigned positions no longer follow ``h``'s
+    producers (a removed channel could be written to, a kept one overwritten), so the channels of
+    ``h`` — and of ``v`` — are pinned with that reason."""
+    pin_all(ctx, inputs, f"{node.name}: in-place item assignment (tensor[...] = value) is not "
+            "supported for pruning; its channels are kept")  # fmt: skip
+    return None
+
+
 def reduce_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
     """mean/sum/amax over dims other than the channel dim keep the channels (the channel dim moves
     down by the number of reduced dims before it unless ``keepdim``)."""
@@ -537,6 +558,8 @@ def function_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value
         return cat_rule(ctx, node, inputs)
     if target is operator.getitem:
         return getitem_rule(ctx, node, inputs)
+    if target is operator.setitem:
+        return setitem_rule(ctx, node, inputs)
     if target is torch.flatten:
         return flatten(
             ctx, node, inputs[0], _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
