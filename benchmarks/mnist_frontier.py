@@ -32,7 +32,7 @@ import torch
 
 from prunekit.methods import available
 from prunekit.training import Recipe, load_recipe, train
-from prunekit.training.trainer import NonFiniteLossError, load_data
+from prunekit.training.trainer import DivergenceError, load_data
 
 from common import RESULTS, environment, write_results
 
@@ -137,7 +137,7 @@ def run_one(
     else:
         try:
             m = train(recipe, out, progress=False, data=data)
-        except NonFiniteLossError as exc:
+        except DivergenceError as exc:  # NaN/inf or an exploded loss
             print(f"{model} {method} {sparsity:g}: diverged ({exc})", flush=True)
             return {
                 "model": model, "method": method, "sparsity": sparsity, "epochs": recipe.epochs,

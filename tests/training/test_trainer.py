@@ -341,3 +341,13 @@ def test_clip_norm_excludes_pruned_coordinates(tmp_path, data, monkeypatch, clos
     calls = 8 * (2 if closure else 1)  # the closure path clips before the step and inside it
     assert len(pruned) == calls and all(n >= 0.94 * total for n in pruned), pruned  # 95% pruned
     assert pruned_grad_sq == [0.0] * calls
+
+
+def test_divergence_criterion():
+    """Diverged: not finite, or above 1000 x max(1, first batch loss) (the floor keeps a tiny
+    first loss from making every later loss look exploded)."""
+    from prunekit.training.guards import divergence
+
+    assert divergence(2300.0, 2.3) is None and divergence(2301.0, 2.3) is not None
+    assert divergence(999.0, 0.01) is None and divergence(1001.0, 0.01) is not None
+    assert "loss is nan" in divergence(math.nan, 2.3) and "loss is inf" in divergence(math.inf, 2.3)

@@ -5,14 +5,11 @@ learning rate is a pure function of the step, and each epoch ends with an atomic
 model (with masks), optimizer, pruner and RNG state. A run interrupted at any point and started again
 with the same ``out_dir`` ends exactly where an uninterrupted run does (CPU, same seed).
 
-Divergence: a batch loss that is not finite (:class:`NonFiniteLossError`) or exceeds
-``DIVERGENCE_FACTOR × max(1, L0)``, with ``L0`` the loss of the run's first batch (:class:`DivergenceError`),
-stops the run before the epoch is checkpointed, so the last good checkpoint stays untouched. A
-cross-entropy of 1000 × ln(10) ≈ 2300 on a 10-class task needs logits thousands apart: the run has
-exploded, even if no value overflowed yet.
-
-Everything the user controls (recipe values, ``out_dir``, ``device``) is checked before the first
-step; a problem raises :class:`~prunekit.config.ConfigError` with what to change.
+A diverged loss (not finite, or above ``DIVERGENCE_FACTOR`` × the first batch's loss; see
+:mod:`prunekit.training.guards`) stops the run with :class:`DivergenceError` /
+:class:`NonFiniteLossError` before the epoch is checkpointed, so the last good checkpoint stays
+untouched. Everything the user controls (recipe values, ``out_dir``, ``device``) is checked before
+the first step; a problem raises :class:`~prunekit.config.ConfigError` with what to change.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,12 +27,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from prunekit.api import sparsify
-from prunekit.config import ConfigError
 from prunekit.core.report import format_report, sparsity_report
 from prunekit.data import ArrayDataset, BatchIterator, load_dataset
 from prunekit.methods.acdc import ACDC
 from prunekit.methods.base import Pruner
-from prunekit.models import build_model
 from prunekit.schedules import cosine, linear
 from prunekit.structured import GroupSparseOptimizer, find_groups
 from prunekit.training.checkpoint import (
@@ -46,6 +40,16 @@ from prunekit.training.checkpoint import (
     save_checkpoint,
     save_sparse,
 )
+from prunekit.training.guards import (
+    DIVERGENCE_FACTOR,
+    DivergenceError,
+    NonFiniteLossError,
+    build_recipe_model,
+    check_out_dir,
+    default_device,
+    divergence,
+    resolve_device,
+)
 from prunekit.training.plots import plot_accuracy, plot_layer_sparsity
 from prunekit.training.recipe import Recipe, ScheduleSpec, recipe_from_dict
 from prunekit.training.structured_run import (
@@ -53,6 +57,20 @@ from prunekit.training.structured_run import (
     finish_structured,
     structured_report,
 )
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "DIVERGENCE_FACTOR",
+    "DivergenceError",
+    "NonFiniteLossError",
+    "build_optimizer",
+    "default_device",
+    "evaluate",
+    "load_data",
+    "lr_factor",
+    "train",
+    "train_from_dict",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,19 +95,6 @@ def _recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
         elif a != b:
             out.append(f"{prefix}{key}")
     return out
-
-
-#: a batch loss above ``DIVERGENCE_FACTOR × max(1, first batch loss)`` counts as divergence
-DIVERGENCE_FACTOR = 1000.0
-
-
-class DivergenceError(RuntimeError):
-    """The loss exploded (above ``DIVERGENCE_FACTOR`` × the initial loss); the last good checkpoint
-    is left intact."""
-
-
-class NonFiniteLossError(DivergenceError):
-    """The loss became NaN or infinite; the last good checkpoint is left intact."""
 
 
 def lr_factor(spec: ScheduleSpec, step: int, total: int, steps_per_epoch: int) -> float:
@@ -145,65 +150,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     return correct / max(1, len(x))
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a :class:`torch.device` that works here (``None``: CUDA when available, else CPU).
-
-    Raises:
-        ConfigError: an unknown device string, or a device this machine does not have.
-    """
-    if device is None:
-        return default_device()
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(
-            f"device {device!r} is not a device name ({exc}); use cpu, cuda or cuda:N"
-        ) from None
-    try:
-        torch.empty(1, device=dev)
-    except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError without CUDA
-        raise ConfigError(
-            f"device {str(dev)!r} is not available on this machine ({' '.join(str(exc).split())}); "
-            "use --device cpu or another device"
-        ) from None
-    return dev
-
-
-def check_out_dir(out: Path) -> None:
-    """Create ``out`` and make sure files can be written in it, before any training.
-
-    Raises:
-        ConfigError: ``out`` names a file, or cannot be created or written to.
-    """
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output directory {out} is a file; choose a directory for --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out, prefix=".prunekit-write-test."):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"output directory {out} is not writable ({exc.strerror or exc}); choose another --out"
-        ) from None
-
-
-def _build_model(recipe: Recipe, data: ArrayDataset) -> nn.Module:
-    """The recipe's model for ``data``; keyword arguments the model refuses are a ConfigError."""
-    kwargs = recipe.model.kwargs
-    try:
-        return build_model(recipe.model.name, data.input_shape, data.num_classes, **kwargs)
-    except (TypeError, ValueError) as exc:
-        if not kwargs:
-            raise
-        raise ConfigError(
-            f"model {recipe.model.name!r} refuses model.kwargs {kwargs} ({exc}); fix or remove them"
-        ) from None
-
-
 def train(
     recipe: Recipe,
     out_dir: str | Path,
@@ -233,7 +179,7 @@ def train(
     dev = resolve_device(device)
     torch.manual_seed(recipe.seed)
     data = data if data is not None else load_data(recipe)
-    model = _build_model(recipe, data).to(dev)
+    model = build_recipe_model(recipe, data).to(dev)
     batches = BatchIterator(data.x_train, data.y_train, recipe.data.batch_size, seed=recipe.seed)
     steps_per_epoch = len(batches)
     total_steps = recipe.epochs * steps_per_epoch
@@ -310,7 +256,7 @@ def train(
             loss_value = float(loss.detach())
             if reference_loss is None:
                 reference_loss = loss_value
-            diverged = _divergence(loss_value, reference_loss)
+            diverged = divergence(loss_value, reference_loss)
             if diverged is not None:
                 bar.close()
                 kept = (
@@ -401,19 +347,6 @@ def train(
     return _finish(recipe, model, pruner, data, history, wall, out, dev, structured)
 
 
-def _divergence(loss: float, reference: float) -> str | None:
-    """Why ``loss`` means the run diverged (``None`` if it did not); see the module docstring."""
-    if not math.isfinite(loss):
-        return f"loss is {loss}"
-    limit = DIVERGENCE_FACTOR * max(1.0, reference)
-    if loss > limit:
-        return (
-            f"loss is {loss:.4g}, above {DIVERGENCE_FACTOR:g} x the first batch's {reference:.4g} "
-            f"(limit {limit:.4g}): the run diverged"
-        )
-    return None
-
-
 def _finish(
     recipe: Recipe,
     model: nn.Module,
@@ -428,7 +361,7 @@ def _finish(
     extra: dict[str, Any] = dict(structured)
     if isinstance(pruner, ACDC):
         dense_state = pruner.dense_state_dict()
-        dense_model = _build_model(recipe, data)
+        dense_model = build_recipe_model(recipe, data)
         dense_model.load_state_dict(dense_state)
         extra["dense_pair_test_accuracy"] = evaluate(
             dense_model.to(device), data.x_test, data.y_test
