@@ -67,3 +67,17 @@ def test_sparsity_out_of_range_is_refused():
 def test_random_masks_counts():
     masks = random_masks([(50, 40), (10, 50)], 0.75, "uniform")
     assert [int(m.sum()) for m in masks] == [500, 125]
+
+
+def test_global_allocation_never_empties_a_layer(caplog):
+    scores = _scores()
+    scores[2] = scores[2] * 1e-6  # all of the last layer falls under the global threshold
+    plain = torch.cat([s.reshape(-1) for s in scores])
+    keep = round(0.1 * plain.numel())
+    threshold = plain.topk(keep).values.min()
+    assert not bool((scores[2] >= threshold).any())  # one threshold alone would empty it
+    with caplog.at_level("WARNING"):
+        masks = compute_masks(scores, 0.9, "global")
+    assert "would empty 1 layer" in caplog.text
+    assert int(masks[2].sum()) == 1 and bool(masks[2].reshape(-1)[scores[2].argmax()])
+    assert sum(int(m.sum()) for m in masks) == keep  # the budget is unchanged

@@ -22,9 +22,51 @@ def test_nm_mask_keeps_n_per_group():
     assert (kept_min >= dropped_max).all()
 
 
-def test_nm_mask_on_conv_weight_uses_flattened_input():
-    mask = nm_mask(torch.rand(4, 2, 2, 2), 1, 4)
-    assert mask.shape == (4, 2, 2, 2) and int(mask.sum()) == 4 * 2
+def test_nm_mask_on_conv_groups_input_channels_at_each_kernel_position():
+    torch.manual_seed(0)
+    scores = torch.rand(3, 8, 3, 3)
+    mask = nm_mask(scores, 2, 4)
+    assert mask.shape == scores.shape
+    for o in range(3):
+        for i in range(3):
+            for j in range(3):
+                for g in range(2):  # input channels 4g..4g+3 at kernel position (i, j)
+                    s = scores[o, 4 * g : 4 * g + 4, i, j]
+                    kept = mask[o, 4 * g : 4 * g + 4, i, j]
+                    assert int(kept.sum()) == 2
+                    assert set(kept.nonzero().flatten().tolist()) == set(s.topk(2).indices.tolist())
+
+
+def test_nm_mask_refuses_input_channels_not_divisible_by_m():
+    with pytest.raises(ValueError, match="divisible by M=4"):
+        nm_mask(torch.rand(16, 3, 3, 3), 2, 4)  # a 3-channel stem: 27 = 3·3·3 is no excuse
+
+
+def test_nm_layers_with_incompatible_inputs_stay_dense_and_are_reported(caplog):
+    import prunekit
+    from tests.helpers import sgd
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.Flatten(),
+        torch.nn.Linear(8 * 4 * 4, 4),
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        pruner = prunekit.sparsify(
+            model, sgd(model), "gmp", sparsity=0.5, pattern="2:4", total_steps=10, update_every=1
+        )
+    assert pruner.dense_targets == ["0.weight"] and "0.weight" in caplog.text
+    x = torch.randn(4, 3, 8, 8)
+    for _ in range(10):
+        pruner.optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        pruner.optimizer.step()
+        pruner.step()
+    pruner.finalize()
+    assert int(torch.count_nonzero(model[0].weight)) == model[0].weight.numel()
+    for layer in (model[2], model[4]):
+        w = layer.weight.detach()
+        groups = (w.movedim(1, -1) if w.dim() > 2 else w).reshape(-1, 4)
+        assert ((groups != 0).sum(1) <= 2).all()
 
 
 def test_parse_pattern():

@@ -10,13 +10,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from prunekit.core.patterns import NMPattern, nm_mask, topk_mask
+from prunekit.core.patterns import NMPattern, nm_compatible, nm_mask, topk_mask
+
+logger = logging.getLogger(__name__)
 
 ALLOCATIONS = ("uniform", "global", "erk")
 
@@ -72,26 +75,57 @@ def compute_masks(
         sparsity: fraction of weights to remove, in ``[0, 1)``.
         allocation: ``uniform``, ``global`` or ``erk``.
         pattern: an N:M pattern; then each group of ``M`` keeps ``M - round(sparsity·M)`` weights
-            (so a ramp towards 2:4 passes through 3:4), and ``allocation`` is not used.
+            (so a ramp towards 2:4 passes through 3:4), and ``allocation`` is not used. Groups run
+            along the input channels (at each kernel position for convolutions); a layer whose
+            input channels are not a multiple of ``M`` stays dense (the pruners report them).
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if pattern is not None:
         keep_n = pattern.m - round(sparsity * pattern.m)
-        if keep_n >= pattern.m:
-            return [torch.ones_like(s, dtype=torch.bool) for s in scores]
-        return [nm_mask(s, keep_n, pattern.m) for s in scores]
+        return [
+            nm_mask(s, keep_n, pattern.m)
+            if keep_n < pattern.m and nm_compatible(tuple(s.shape), pattern.m)
+            else torch.ones_like(s, dtype=torch.bool)
+            for s in scores
+        ]
     if allocation == "global":
-        flat = torch.cat([s.reshape(-1).float() for s in scores])
-        keep = round((1.0 - sparsity) * flat.numel())
-        mask = topk_mask(flat, keep)
-        out, start = [], 0
-        for s in scores:
-            out.append(mask[start : start + s.numel()].view_as(s))
-            start += s.numel()
-        return out
+        return global_masks(scores, sparsity)
     counts = layer_keep_counts([tuple(s.shape) for s in scores], sparsity, allocation)
     return [topk_mask(s, k) for s, k in zip(scores, counts, strict=True)]
+
+
+def global_masks(scores: Sequence[Tensor], sparsity: float) -> list[Tensor]:
+    """One magnitude threshold across layers, except that no layer is ever emptied.
+
+    A layer whose every score falls under the global threshold would turn the network into a
+    constant function of its input; it keeps its single largest score instead (taken from the
+    budget: the globally smallest kept score is dropped), and a warning names it.
+    """
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    keep = round((1.0 - sparsity) * flat.numel())
+    mask = topk_mask(flat, keep)
+    bounds = [0]
+    for s in scores:
+        bounds.append(bounds[-1] + s.numel())
+    emptied = [
+        i for i in range(len(scores)) if keep and not bool(mask[bounds[i] : bounds[i + 1]].any())
+    ]
+    if emptied and keep >= len(scores):
+        rescued = [bounds[i] + int(flat[bounds[i] : bounds[i + 1]].argmax()) for i in emptied]
+        # give back as many kept entries as were rescued: the smallest kept ones of other layers
+        kept_scores = torch.where(mask, flat, torch.inf)
+        donors = kept_scores.argsort()[: len(rescued)]
+        mask[donors] = False
+        mask[torch.tensor(rescued, device=mask.device)] = True
+        logger.warning(
+            "global allocation at sparsity %.4f would empty %d layer(s) (indices %s); each keeps its "
+            "largest weight. Use allocation 'erk' or 'uniform' to give every layer a real budget",
+            sparsity,
+            len(emptied),
+            emptied,
+        )
+    return [mask[bounds[i] : bounds[i + 1]].view_as(s) for i, s in enumerate(scores)]
 
 
 def random_masks(

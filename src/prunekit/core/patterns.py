@@ -55,17 +55,29 @@ def topk_mask(scores: Tensor, keep: int) -> Tensor:
     return mask.view_as(scores)
 
 
-def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
-    """Keep the ``n`` largest of every ``m`` consecutive scores along the flattened input dim.
+def nm_compatible(weight_shape: tuple[int, ...], m: int) -> bool:
+    """Whether a weight of this shape can hold an N:M pattern: its input channels divide by ``m``."""
+    return len(weight_shape) >= 2 and weight_shape[1] % m == 0
 
-    The weight is viewed as ``(out_features, -1)``; its second dimension must be divisible by ``m``.
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep the ``n`` largest of every ``m`` consecutive scores along the input channels.
+
+    A linear weight ``(out, in)`` is grouped along ``in``. A convolution weight
+    ``(out, in, *kernel)`` is grouped along ``in`` *at each kernel position* — the layout of sparse
+    tensor cores and their pruning tools — so a group never straddles two kernel positions.
+
+    Raises:
+        ValueError: the number of input channels is not a multiple of ``m``.
     """
-    rows = scores.reshape(scores.shape[0], -1)
-    if rows.shape[1] % m != 0:
+    if scores.dim() < 2 or scores.shape[1] % m != 0:
         raise ValueError(
-            f"N:M pattern needs the input dimension ({rows.shape[1]}) divisible by M={m}"
+            f"N:M pattern needs the input channels ({tuple(scores.shape)}[1]) divisible by M={m}"
         )
-    groups = rows.reshape(-1, m)
+    # (out, in, *k) -> (out, *k, in): the input channels last, then groups of m
+    moved = scores.movedim(1, -1) if scores.dim() > 2 else scores
+    groups = moved.reshape(-1, m)
     idx = torch.topk(groups, n, dim=1, sorted=False).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True)
-    return mask.view_as(scores)
+    mask = mask.view(moved.shape)
+    return mask.movedim(-1, 1) if scores.dim() > 2 else mask

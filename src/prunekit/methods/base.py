@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 from prunekit.config import ConfigError, from_dict, to_dict
 from prunekit.core.allocation import ALLOCATIONS, compute_masks
 from prunekit.core.masks import Masker
-from prunekit.core.patterns import NMPattern, parse_pattern
+from prunekit.core.patterns import NMPattern, nm_compatible, parse_pattern
 from prunekit.core.targets import Target, select_targets
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,26 @@ class Pruner:
         self.config = config
         self.targets: list[Target] = select_targets(model, config.targets, config.ignore)
         self.pattern: NMPattern | None = parse_pattern(config.pattern)
+        #: targets left dense because their input channels are not a multiple of the pattern's M
+        self.dense_targets: list[str] = (
+            []
+            if self.pattern is None
+            else [
+                t.name
+                for t in self.targets
+                if not nm_compatible(tuple(t.param.shape), self.pattern.m)
+            ]
+        )
+        if self.dense_targets:
+            logger.warning(
+                "%s: pattern %s groups %d input channels; %s have a number of input channels that "
+                "is not a multiple of %d and stay dense",
+                self.name or type(self).__name__,
+                config.pattern,
+                self.pattern.m if self.pattern else 0,
+                ", ".join(self.dense_targets),
+                self.pattern.m if self.pattern else 0,
+            )
         self.step_count = 0
         self.finalized = False
         self.masker: Masker | None = None

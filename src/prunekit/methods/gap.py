@@ -64,7 +64,13 @@ class GaP(Pruner):
         )  # before the masker: a refusal leaves no trace
         # Each partition keeps its share of the budget when it is pruned back.
         self._budgets = [sum(int(masks[i].sum()) for i in part) for part in self.partitions]
-        empty = [self.targets[i].name for i, m in enumerate(masks) if not bool(m.any())]
+        # collapse: a layer keeps under 1% of what uniform allocation would give it (global
+        # allocation never empties a layer completely, but may leave it a single weight)
+        empty = [
+            self.targets[i].name
+            for i, m in enumerate(masks)
+            if int(m.sum()) < 0.01 * (1 - config.sparsity) * m.numel()
+        ]
         if empty:
             raise ConfigError(
                 f"GaP with allocation {config.allocation!r} at sparsity {config.sparsity} keeps no "
