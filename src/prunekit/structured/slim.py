@@ -4,8 +4,9 @@ Every prunable group whose producing slices are all exactly zero is removed: its
 the matching input channels of every consumer (and per-channel buffers) are sliced out of a deep copy
 of the model, and module attributes (``in_features``, ``out_channels``, ``num_features``, depthwise
 ``groups`` …) are updated. The original model is untouched. The result is verified on the example
-inputs: if its output differs from the original's, :class:`SlimError` is raised rather than a wrong
-model returned.
+inputs, both models run in float64 (so the float32 rounding of a deep network, which differs once
+layers are narrower, does not count): if the outputs differ by more than ``tol · max(1, max |out|)``
+(``1e-6``), :class:`SlimError` is raised rather than a wrong model returned.
 
 A layer may lose *all* its channels — a residual branch whose inner channels are all zero, for
 instance. The emptied convolutions become :class:`~prunekit.structured.folded.FoldedConv` (the
@@ -256,10 +257,47 @@ def _outputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor]:
     return flat
 
 
-def _mismatch(
-    model: nn.Module, new: nn.Module, inputs: tuple[Any, ...], rtol: float, atol: float
-) -> str | None:
-    """Why ``new``'s outputs differ from ``model``'s on ``inputs`` (eval mode), or ``None``."""
+#: Default exactness tolerance of the check: a fraction of the output's scale, compared in float64.
+TOLERANCE = 1e-6
+#: ``torch.allclose`` tolerances where the model cannot run in float64 (the check before float64).
+_NATIVE_RTOL, _NATIVE_ATOL = 1e-4, 1e-5
+
+
+def _to_double(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.double() if x.is_floating_point() else x
+    if isinstance(x, list | tuple):
+        return type(x)(_to_double(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_double(v) for k, v in x.items()}
+    return x
+
+
+def _differ(ref: list[Tensor], got: list[Tensor], tol: float | None) -> str | None:
+    """Why ``got`` differs from ``ref``: ``max |got − ref| ≤ tol · max(1, max |ref|)`` per output
+    (``tol=None``: the native ``allclose`` tolerances)."""
+    if len(ref) != len(got):
+        return f"{len(got)} outputs instead of {len(ref)}"
+    for a, b in zip(ref, got, strict=True):
+        if a.shape != b.shape:
+            return f"output shape {tuple(b.shape)} instead of {tuple(a.shape)}"
+        if not a.is_floating_point() or a.numel() == 0:
+            if not torch.equal(a, b):
+                return "non-floating-point output differs"
+            continue
+        diff = float((a - b).abs().max())
+        if tol is None:
+            if not torch.allclose(a, b, rtol=_NATIVE_RTOL, atol=_NATIVE_ATOL):
+                return f"max |diff| {diff:.3g} (compared in {a.dtype})"
+            continue
+        scale = max(1.0, float(a.abs().max()))
+        if not diff <= tol * scale:  # also refuses NaN
+            return f"max |diff| {diff:.3g} > {tol:g} × {scale:.3g} (compared in float64)"
+    return None
+
+
+def _native_mismatch(model: nn.Module, new: nn.Module, inputs: tuple[Any, ...]) -> str | None:
+    """The check in the models' own dtype (eval mode; the training flags are restored)."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     new.eval()
@@ -273,14 +311,32 @@ def _mismatch(
         for m, mode in modes.items():
             m.training = mode
     new.train(model.training)
-    if len(ref) != len(got):
-        return f"{len(got)} outputs instead of {len(ref)}"
-    for a, b in zip(ref, got, strict=True):
-        if a.shape != b.shape:
-            return f"output shape {tuple(b.shape)} instead of {tuple(a.shape)}"
-        if not torch.allclose(a, b, rtol=rtol, atol=atol):
-            return f"max |diff| {(a - b).abs().max().item()}"
-    return None
+    return _differ(ref, got, None)
+
+
+@torch.no_grad()
+def _mismatch(
+    model: nn.Module, new: nn.Module, inputs: tuple[Any, ...], tol: float = TOLERANCE
+) -> str | None:
+    """Why ``new``'s outputs differ from ``model``'s on ``inputs`` (eval mode), or ``None``.
+
+    Both run in float64 (copies cast with ``.double()``, floating-point inputs too), so the float32
+    rounding of a deep network — which differs between the original and the narrower slim layers —
+    does not count, while a wrong model (a removed channel that was not zero) differs by far more
+    than ``tol · max(1, max |output|)``. A model whose forward cannot run in float64 (a dtype fixed
+    in its code, a device without float64) is compared in its own dtype, as ``torch.allclose``
+    with ``rtol=1e-4, atol=1e-5``.
+    """
+    try:
+        wide = copy.deepcopy(model).double().eval()
+        wide_inputs = _to_double(inputs)
+        ref = _outputs(wide, wide_inputs)
+        got = _outputs(copy.deepcopy(new).double().eval(), wide_inputs)
+    except Exception as e:  # the forward fixes a dtype, or the device lacks float64
+        log.info("slim check in float64 failed (%s: %s); comparing in the model's dtype",
+                 type(e).__name__, e)  # fmt: skip
+        return _native_mismatch(model, new, inputs)
+    return _differ(ref, got, tol)
 
 
 @torch.no_grad()
@@ -290,8 +346,7 @@ def slim_with_plan(
     groups: Sequence[Group] | None = None,
     *,
     check: bool = True,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
+    tol: float = TOLERANCE,
 ) -> tuple[nn.Module, SlimPlan]:
     """:func:`slim`, and the :class:`SlimPlan` it applied (whose ``spec()`` :func:`save_slim`
     writes)."""
@@ -307,14 +362,14 @@ def slim_with_plan(
             except Exception as e:  # reported, then the plan that keeps one channel is used
                 problem: str | None = f"folding failed: {type(e).__name__}: {e}"
             else:
-                problem = _mismatch(model, new, inputs, rtol, atol)
+                problem = _mismatch(model, new, inputs, tol)
             if problem is None:
                 return new, plan
             log.info("folding emptied layers (broadcast=%s) failed: %s", broadcast, problem)
         plan = slim_plan(model, groups)  # one zero channel kept in each emptied layer
     new = apply_kept(model, plan.kept, copy_model=True, attributes=plan.attributes)
     if check:
-        problem = _mismatch(model, new, inputs, rtol, atol)
+        problem = _mismatch(model, new, inputs, tol)
         if problem is not None:
             raise SlimError(f"slim model output differs from the original ({problem})")
     return new, plan
@@ -369,8 +424,7 @@ def slim(
     groups: Sequence[Group] | None = None,
     *,
     check: bool = True,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
+    tol: float = TOLERANCE,
 ) -> nn.Module:
     """A new, smaller module without the zero groups of ``model``; ``model`` is not modified.
 
@@ -381,7 +435,10 @@ def slim(
         model: the group-sparse model.
         example_inputs: inputs for capture and for the output check.
         groups: groups from :func:`find_groups` (found again if ``None``).
-        check: compare the slim and the original outputs on ``example_inputs`` (eval mode) and raise
-            :class:`SlimError` if they differ.
+        check: compare the slim and the original outputs on ``example_inputs`` (eval mode, in
+            float64) and raise :class:`SlimError` if they differ by more than ``tol`` times the
+            output's scale ``max(1, max |output|)``.
+        tol: relative tolerance of that check (float64 rounding is ~1e-16; a wrong model is off by
+            the contribution of a whole channel).
     """
-    return slim_with_plan(model, example_inputs, groups, check=check, rtol=rtol, atol=atol)[0]
+    return slim_with_plan(model, example_inputs, groups, check=check, tol=tol)[0]
