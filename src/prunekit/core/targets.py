@@ -70,12 +70,18 @@ def select_targets(
 
     Raises:
         NoPrunableLayersError: nothing matched; the message lists what the model contains.
-        ValueError: a pattern in ``targets`` matched nothing (likely a typo).
+        ValueError: a pattern in ``targets`` or ``ignore`` matched nothing (likely a typo).
+
+    A parameter shared by several modules (tied weights) is one target, under its first name.
     """
     type_tuple = tuple(types)
     found: list[Target] = []
     used: set[str] = set()
-    for module_name, module in model.named_modules():
+    ignored: set[str] = set()
+    seen: set[int] = set()
+    # remove_duplicate=False: a module registered twice, or a weight tied between two modules, is
+    # still visited, so that patterns naming its other place count as used
+    for module_name, module in model.named_modules(remove_duplicate=False):
         param = getattr(module, param_name, None)
         if not isinstance(param, nn.Parameter) or param.dim() < 2:
             continue
@@ -87,13 +93,32 @@ def select_targets(
             if not hits:
                 continue
             used.update(hits)
-        if any(_matches(p, module_name, param_name) for p in ignore):
+        skip = [p for p in ignore if _matches(p, module_name, param_name)]
+        if skip:
+            ignored.update(skip)
             continue
+        if id(param) in seen:  # tied weights: one parameter, one target, one mask
+            continue
+        seen.add(id(param))
         found.append(Target(module_name, param_name, module))
     if targets is not None:
         unused = [p for p in targets if p not in used]
         if unused:
             raise ValueError(f"target patterns matched no {param_name!r} parameter: {unused}")
+    unused_ignore = [p for p in ignore if p not in ignored]
+    if unused_ignore:
+        raise ValueError(
+            f"ignore patterns matched no {param_name!r} parameter that would be pruned: "
+            f"{unused_ignore} (a typo would prune the layer you meant to keep)"
+        )
+    # a tied weight ignored under one name is ignored under every name
+    ignored_ids = {
+        id(getattr(m, param_name))
+        for n, m in model.named_modules(remove_duplicate=False)
+        if isinstance(getattr(m, param_name, None), nn.Parameter)
+        and any(_matches(p, n, param_name) for p in ignore)
+    }
+    found = [t for t in found if id(t.param) not in ignored_ids]
     if not found:
         kinds = sorted({type(m).__name__ for m in model.modules()})
         raise NoPrunableLayersError(
