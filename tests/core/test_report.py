@@ -39,3 +39,24 @@ def test_count_macs_and_params():
     with torch.no_grad():
         model.fc1.weight.zero_()
     assert count_params(model, nonzero=True) == 30000 + 1000 + 410
+
+
+def test_meta_device_is_a_clear_error_not_a_traceback():
+    import pytest
+    import torch
+    from torch import nn
+
+    import prunekit
+
+    model = nn.Sequential(nn.Linear(4, 4)).to("meta")
+    with pytest.raises(ValueError, match="meta device; materialise"):
+        prunekit.sparsity_report(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="meta device"):
+        prunekit.sparsify(model, opt, "gmp", sparsity=0.5, total_steps=10)
+    real = nn.Sequential(nn.Linear(4, 4))
+    pruner = prunekit.sparsify(real, torch.optim.SGD(real.parameters(), lr=0.1), "gmp",
+                               sparsity=0.5, total_steps=10)  # fmt: skip
+    real.to_empty(device="meta")
+    with pytest.raises(ValueError, match=r"finalize.*meta device"):
+        pruner.finalize()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.core.targets import DEFAULT_TYPES, Target, select_targets
+from prunekit.core.targets import DEFAULT_TYPES, Target, require_values, select_targets
 
 
 def sparsity_report(
@@ -26,6 +26,7 @@ def sparsity_report(
         "nonzeros", "global_sparsity", "compression", "total_parameters", "nonzero_parameters"}``.
     """
     chosen = list(targets) if targets is not None else select_targets(model, types=types)
+    require_values(chosen, "sparsity_report")
     layers = []
     total = nnz = 0
     for t in chosen:

@@ -23,6 +23,17 @@ class NoPrunableLayersError(ValueError):
     """Raised when target selection finds nothing to prune."""
 
 
+def require_values(targets: Sequence[Target], what: str) -> None:
+    """Raise a clear error when weights have no values (the ``meta`` device): ``what`` needs them."""
+    meta = [t.name for t in targets if t.param.is_meta]
+    if meta:
+        raise ValueError(
+            f"{what} needs weight values, but {', '.join(meta[:3])}"
+            f"{' …' if len(meta) > 3 else ''} are on the meta device; materialise the model first "
+            "(model.to_empty(device=...) and load its weights)"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class Target:
     """One prunable parameter: ``getattr(module, param_name)``."""

@@ -30,7 +30,7 @@ from prunekit.config import ConfigError, from_dict, to_dict
 from prunekit.core.allocation import ALLOCATIONS, compute_masks
 from prunekit.core.masks import Masker
 from prunekit.core.patterns import NMPattern, nm_compatible, parse_pattern
-from prunekit.core.targets import Target, select_targets
+from prunekit.core.targets import Target, require_values, select_targets
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class Pruner:
         self.optimizer = optimizer
         self.config = config
         self.targets: list[Target] = select_targets(model, config.targets, config.ignore)
+        require_values(self.targets, f"{self.name or type(self).__name__} (magnitudes, masks)")
         self.pattern: NMPattern | None = parse_pattern(config.pattern)
         #: targets left dense because their input channels are not a multiple of the pattern's M
         self.dense_targets: list[str] = (
@@ -165,6 +166,7 @@ class Pruner:
         """
         if self.finalized:
             return self.model
+        require_values(self.targets, f"{self.name}.finalize()")
         if self.masker is not None:
             self.masker.remove()
         self._ensure_target_()
