@@ -27,8 +27,10 @@ class _Block(nn.Module):
 
 
 class _DeepResidual(nn.Module):
-    """60 residual blocks: outputs of order 100s, whose float32 rounding changes when the hidden
-    layers narrow (a matrix product of 256 instead of 512 terms is summed in another order)."""
+    """60 residual blocks: outputs of order 1e5, whose float32 rounding changes when the hidden
+    layers narrow (a matrix product of 256 instead of 512 terms is summed in another order).
+    Measured: float32 max |diff| 0.22 (2e-6 of the output), float64 4e-10; dropping one live
+    channel of block 30 changes the output by 6e3 (6e-2 of it)."""
 
     def __init__(self, depth: int = 60, width: int = 64, hidden: int = 512) -> None:
         super().__init__()
@@ -59,7 +61,7 @@ def test_a_correct_deep_slim_model_is_accepted_despite_float32_rounding(deep):
     assert all(b.fc1.out_features == 256 for b in small.blocks)
     with torch.no_grad():
         ref, got = model(x), small(x)
-        assert ref.abs().max() > 100  # outputs of order 100s ...
+        assert ref.abs().max() > 100  # large outputs ...
         assert not torch.allclose(got, ref, rtol=1e-4, atol=1e-5)  # ... beyond the old check
         exact = model.double()(x.double()) - small.double()(x.double())
         model.float()
