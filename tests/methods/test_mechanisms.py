@@ -384,3 +384,53 @@ def test_acdc_every_compressed_phase_keeps_the_largest_weights_unchanged():
                 expected = torch.where(w.abs() >= threshold, w, torch.zeros_like(w))
                 assert torch.equal(t.param.detach(), expected), (entries, t.name)
     assert entries == 4  # C [12,24), [36,48), [60,72), then the final phase from 96
+
+
+def _imp_run_to_first_round(**config):
+    """IMP over 100 steps, dense for 70; returns the weights just before and after round 1."""
+    model = mlp()
+    opt = sgd(model, lr=0.2)
+    pruner = prunekit.sparsify(
+        model, opt, "imp", sparsity=0.875, total_steps=100, rounds=3, pretrain=0.7, **config
+    )
+    x, y = toy_data()
+    g = torch.Generator().manual_seed(0)
+    snapshots = {}
+    for step in range(1, 71):
+        i = torch.randint(0, len(x), (32,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+        before = [t.param.detach().clone() for t in pruner.targets]
+        pruner.step()
+        snapshots[step] = before
+    return model, opt, pruner, snapshots
+
+
+def _global_topk(weights, keep_fraction):
+    flat = torch.cat([w.abs().reshape(-1) for w in weights])
+    threshold = flat.topk(round(keep_fraction * flat.numel())).values.min()
+    return [w.abs() >= threshold for w in weights]
+
+
+def test_imp_allr_restarts_at_the_relative_norm_drop_over_sqrt_sparsity():
+    model, opt, pruner, snapshots = _imp_run_to_first_round(retrain_schedule="allr")
+    w = snapshots[70]  # the weights the first round prunes (to 50%: 0.875 = 1 - 0.5³)
+    masks = _global_topk(w, 0.5)
+    removed = sum(float(wi[~m].pow(2).sum()) for wi, m in zip(w, masks, strict=True))
+    total = sum(float(wi.pow(2).sum()) for wi in w)
+    peak = math.sqrt(removed / total) / math.sqrt(0.5)
+    assert 1 / 7 < peak < 1  # not clipped: the floor is R/T0 = 10/70
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * peak)  # j = 0 of the restart
+    run(model, opt, pruner, 5, seed=5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * peak * (1 - 5 / 10))  # linear decay
+
+
+def test_imp_weight_rewinding_restarts_survivors_from_their_early_values():
+    _, opt, pruner, snapshots = _imp_run_to_first_round(rewind_to=0.1)
+    after_round = [t.param.detach() for t in pruner.targets]
+    masks = _global_topk(snapshots[70], 0.5)  # chosen by the trained weights' magnitudes
+    for now, w10, m in zip(after_round, snapshots[10], masks, strict=True):
+        assert torch.equal(now, w10 * m)  # the survivors' values after 10 of 100 steps
+    for t in pruner.targets:  # momentum restarts with the weights
+        assert torch.count_nonzero(opt.state[t.param]["momentum_buffer"]) == 0
