@@ -434,3 +434,21 @@ def test_imp_weight_rewinding_restarts_survivors_from_their_early_values():
         assert torch.equal(now, w10 * m)  # the survivors' values after 10 of 100 steps
     for t in pruner.targets:  # momentum restarts with the weights
         assert torch.count_nonzero(opt.state[t.param]["momentum_buffer"]) == 0
+
+
+def test_cram_finalize_re_estimates_batchnorm_on_the_pruned_model():
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = prunekit.sparsify(model, opt, "cram", sparsity=0.9, total_steps=20)
+    x, y = toy_data(image=True)
+    run(model, opt, pruner, 20, data=(x, y))
+    batches = [x[i : i + 64] for i in range(0, 256, 64)]
+    stale = model[1].running_mean.clone()
+    pruner.finalize(calibration=iter(batches))
+    # expected, by hand: the mean over the batches of the pruned conv's per-batch channel means
+    with torch.no_grad():
+        means = [model[0](b).mean(dim=(0, 2, 3)) for b in batches]
+    expected = torch.stack(means).mean(0)
+    torch.testing.assert_close(model[1].running_mean, expected)
+    assert not torch.allclose(stale, expected, atol=1e-3)  # the dense run's statistics were stale
+    assert model.training and model[1].momentum == 0.1  # mode and momentum restored

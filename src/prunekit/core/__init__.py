@@ -1,6 +1,7 @@
 """The sparsity engine shared by every method: targets, masks, allocation, patterns, reports."""
 
 from prunekit.core.allocation import ALLOCATIONS, compute_masks, erk_densities, random_masks
+from prunekit.core.batchnorm import recalibrate_batchnorm_
 from prunekit.core.cost import count_macs, count_params, module_macs
 from prunekit.core.masks import Masker, MaskMode
 from prunekit.core.patterns import NMPattern, nm_mask, parse_pattern, topk_mask
@@ -24,6 +25,7 @@ __all__ = [
     "nm_mask",
     "parse_pattern",
     "random_masks",
+    "recalibrate_batchnorm_",
     "select_targets",
     "sparsity_report",
     "topk_mask",

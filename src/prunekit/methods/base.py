@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -158,12 +159,17 @@ class Pruner:
         self.step_count += 1
         self._on_step()
 
-    def finalize(self) -> nn.Module:
+    def finalize(self, calibration: Iterable[Any] | None = None) -> nn.Module:
         """Bake the final masks into the weights, remove buffers and hooks; return the model.
 
         If called before the schedule reached the target, the weights are pruned to the target
         sparsity by magnitude first (and a warning is logged).
+
+        Args:
+            calibration: model inputs for methods that compress one-shot at the end and re-estimate
+                batch-norm statistics (:meth:`calibration_batches` > 0, e.g. CrAM); unused otherwise.
         """
+        del calibration
         if self.finalized:
             return self.model
         require_values(self.targets, f"{self.name}.finalize()")
@@ -172,6 +178,10 @@ class Pruner:
         self._ensure_target_()
         self.finalized = True
         return self.model
+
+    def calibration_batches(self) -> int:
+        """How many training batches :meth:`finalize` wants as ``calibration`` (0: none)."""
+        return 0
 
     def mask_gradients_(self) -> None:
         """Zero the gradients of hard-pruned weights now (idempotent).

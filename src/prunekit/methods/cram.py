@@ -17,12 +17,15 @@ zeroes the gradients, recomputes the loss and calls ``backward()``::
     optimizer.step(closure); pruner.step()
 
 The closure is consumed by CrAM's step pre-hook; the wrapped optimizer then steps with the combined
-gradient. :meth:`finalize` prunes one-shot by magnitude to ``sparsity``.
+gradient. :meth:`finalize` prunes one-shot by magnitude to ``sparsity`` and, given calibration
+inputs, re-estimates the batch-norm statistics of the pruned model (the paper's one-shot numbers are
+"after batch-norm re-tuning"); ``prunekit train`` passes ``bn_recalibration_batches`` training
+batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,6 +35,7 @@ from torch.optim import Optimizer
 
 from prunekit.config import ConfigError
 from prunekit.core.allocation import compute_masks
+from prunekit.core.batchnorm import recalibrate_batchnorm_
 from prunekit.core.hooks import OptimizerHooks
 from prunekit.methods.base import Pruner, SparsityConfig
 from prunekit.methods.registry import register_method
@@ -46,6 +50,7 @@ class CrAMConfig(SparsityConfig):
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
     plus: bool = True
     include_target: bool = True
+    bn_recalibration_batches: int = 100
 
     def levels(self) -> list[float]:
         """The compression levels drawn per step (``sparsities``, plus the target by default)."""
@@ -56,6 +61,10 @@ class CrAMConfig(SparsityConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.bn_recalibration_batches < 0:
+            raise ConfigError(
+                f"bn_recalibration_batches must be >= 0, got {self.bn_recalibration_batches}"
+            )
         if self.rho < 0:
             raise ConfigError(f"rho must be >= 0, got {self.rho}")
         if not self.sparsities or any(not 0.0 <= s < 1.0 for s in self.sparsities):
@@ -124,10 +133,21 @@ class CrAM(Pruner):
     def _on_step(self) -> None:
         pass
 
-    def finalize(self) -> nn.Module:
+    def calibration_batches(self) -> int:
+        return self.config.bn_recalibration_batches
+
+    def finalize(self, calibration: Iterable[Any] | None = None) -> nn.Module:
+        """Prune one-shot by magnitude to ``sparsity``; then, given ``calibration`` (model inputs,
+        e.g. training batches), re-estimate the batch-norm statistics of the compressed model on up
+        to ``bn_recalibration_batches`` of them, as the paper does before reporting one-shot
+        accuracy."""
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
-        if not self.finalized:
-            self._ensure_target_(warn=False)  # CrAM's one-shot pruning
-        return super().finalize()
+        if self.finalized:
+            return self.model
+        self._ensure_target_(warn=False)  # CrAM's one-shot pruning
+        model = super().finalize()
+        if calibration is not None and self.config.bn_recalibration_batches > 0:
+            recalibrate_batchnorm_(model, calibration, self.config.bn_recalibration_batches)
+        return model

@@ -368,7 +368,13 @@ def _finish(
         )
         save_atomic(dense_state, out / "model_dense_pair.pt")
     if pruner is not None:
-        pruner.finalize()
+        calibration = None
+        if pruner.calibration_batches() > 0:  # one-shot at the end: re-estimate batch norm
+            loader = BatchIterator(
+                data.x_train, data.y_train, recipe.data.batch_size, seed=recipe.seed
+            )
+            calibration = (x.to(device) for x, _ in loader.epoch(recipe.epochs))
+        pruner.finalize(calibration=calibration)
     report = sparsity_report(model)
     acc = evaluate(model, data.x_test, data.y_test)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
