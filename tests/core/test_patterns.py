@@ -75,3 +75,16 @@ def test_parse_pattern():
     for bad in ("4:4", "0:4", "2-4", "dense"):
         with pytest.raises(ValueError):
             parse_pattern(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_topk_mask_selects_the_k_largest_and_breaks_ties_by_index(dtype):
+    torch.manual_seed(0)
+    scores = torch.rand(50, 40).to(dtype)
+    for keep in (0, 1, 7, 1000, 1999, 2000):
+        mask = topk_mask(scores, keep)
+        assert int(mask.sum()) == keep
+        if 0 < keep < 2000:
+            assert scores[mask].min() >= scores[~mask].max()
+    ties = torch.tensor([1.0, 3.0, 2.0, 2.0, 2.0, 0.5], dtype=dtype)
+    assert topk_mask(ties, 3).tolist() == [False, True, True, True, False, False]
