@@ -281,6 +281,11 @@ def main() -> None:
     )
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="train the selected points again (after a fix); the new results replace the recorded ones",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (1 when running two at once)"
     )
     args = parser.parse_args()
@@ -290,6 +295,8 @@ def main() -> None:
 
     runs = {run_key(r): r for r in load_results()}
     start = time.time()
+    rerun: set[tuple[Any, ...]] = set()
+    started = time.strftime("%Y%m%d-%H%M%S")  # --rerun trains in a fresh directory
     for model in [] if args.table_only else args.models:
         data = load_data(load_recipe(ROOT / "recipes" / model / "dense.yaml"))
         for method in args.methods:
@@ -303,8 +310,12 @@ def main() -> None:
                     point = 0.0 if method == "dense" else sparsity
                     key = (model, method, round(point, 6), recipe.epochs, " ".join(extra))
                     r = runs.get(key)  # recorded in the committed results: not trained again
-                    if r is None:
-                        r = run_one(model, method, sparsity, recipe, args.runs_dir, data, extra)
+                    if r is None or (args.rerun and key not in rerun):
+                        rerun.add(key)
+                        runs_dir = (
+                            args.runs_dir / "rerun" / started if args.rerun else args.runs_dir
+                        )
+                        r = run_one(model, method, sparsity, recipe, runs_dir, data, extra)
                         runs[run_key(r)] = r
                         save_merged({run_key(r): r})
                         if not r.get("diverged"):
