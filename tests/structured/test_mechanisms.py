@@ -229,3 +229,18 @@ def test_hesso_importance_terms_by_hand(criterion):
     else:
         expected = terms[criterion]
     torch.testing.assert_close(opt.importance(), torch.tensor(expected))
+
+
+def test_hesso_decaying_group_takes_the_gradient_step_then_is_scaled():
+    terms = _hesso_terms_by_hand()
+    mixture = [sum(0.2 * t[g] for t in terms.values()) for g in range(4)]
+    least = min(range(4), key=lambda g: mixture[g])
+    model, groups, params = _tiny(HX, HG)
+    opt = HESSO(params, groups, lr=LR, momentum=0.0, start_step=0, pruning_steps=4, periods=1,
+                target_group_sparsity=0.25)  # fmt: skip
+    opt.step()
+    assert {i for i in range(4) if bool(opt.decaying[i])} == {least}
+    # OTOv3: x − lr ∇f for every group, then the decaying one times (T − k − 1)/(T − k) = 3/4
+    expected = torch.tensor(HX) - LR * torch.tensor(HG)
+    expected[least] *= 3 / 4
+    torch.testing.assert_close(_rows(model), expected)
