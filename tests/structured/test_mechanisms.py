@@ -244,3 +244,26 @@ def test_hesso_decaying_group_takes_the_gradient_step_then_is_scaled():
     expected = torch.tensor(HX) - LR * torch.tensor(HG)
     expected[least] *= 3 / 4
     torch.testing.assert_close(_rows(model), expected)
+
+
+def test_dhspg_penalty_and_projection_stop_once_the_target_is_reached():
+    _, lams, norm = _dhspg_by_hand()
+    model, groups, params = _tiny(DX, DG)
+    # s* = 0.25 (one group) with a margin of 0.5: K = ⌊4 · 0.75⌋ = 3 redundant groups
+    opt = DHSPG(params, groups, lr=LR, momentum=0.0, start_step=0, project_end=100,
+                lambda_=DLAM, epsilon=0.99, margin=0.5, amplify=AMPLIFY, hat_coeff=HAT,
+                target_group_sparsity=0.25)  # fmt: skip
+    opt.step()
+    x, d = torch.tensor(DX), torch.tensor(DG)
+    lam = torch.tensor([0.0, lams[1], lams[2], lams[3]])
+    x1 = x - LR * d - LR * lam[:, None] * x / torch.tensor(norm)[:, None]
+    # groups 1 and 2 leave the half-space at ε = 0.99; the target takes one, the smaller (1)
+    x1[1] = 0.0
+    torch.testing.assert_close(_rows(model), x1)
+    opt.step()
+    # target reached: no λ, no projection (group 2's plain step would leave the half-space too)
+    x2 = x1 - LR * d
+    x2[1] = 0.0
+    assert float((x2[2] * x1[2]).sum() / (x1[2] ** 2).sum()) < 0.99
+    torch.testing.assert_close(_rows(model), x2)
+    assert {i for i in range(4) if bool(opt.zero[i])} == {1}
