@@ -27,7 +27,7 @@ class GroupSparseOptimizer(Optimizer):
         variant: ``"sgd"``, ``"adam"`` or ``"adamw"``.
         betas, eps: Adam's.
         target_group_sparsity: fraction of the managed groups to bring to zero; ``None`` for none
-            (only HSPG, which is driven by ``λ``, accepts that).
+            (HSPG's default: it is driven by ``λ``, and the target is only an optional cap).
     """
 
     def __init__(
