@@ -163,3 +163,26 @@ def test_unreadable_recipes_and_overrides_are_config_errors(tmp_path):
     binary.write_bytes(b"\x00\x01\x02 model: x")  # valid UTF-8, but control characters
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_recipe(binary)
+
+
+def test_hspg_recipe_is_lambda_driven_unless_a_cap_is_given():
+    import torch
+
+    from prunekit.models import build_model
+    from prunekit.structured import find_groups
+    from prunekit.training.recipe import recipe_from_dict
+    from prunekit.training.structured_run import build_structured_optimizer
+
+    def optimizer(structured):
+        recipe = recipe_from_dict(
+            {"model": {"name": "lenet300_100"}, "data": {"name": "mnist"},
+             "structured": structured, "optimizer": {"name": "sgd", "lr": 0.1}}
+        )  # fmt: skip
+        model = build_model("lenet300_100", (1, 28, 28), 10)
+        x = torch.randn(2, 1, 28, 28)
+        return build_structured_optimizer(recipe, model, find_groups(model, x), 100, x)
+
+    assert optimizer({"optimizer": "hspg"}).capped is False
+    capped = optimizer({"optimizer": "hspg", "target_group_sparsity": 0.3})
+    assert capped.capped and capped.target == 0.3
+    assert optimizer({"optimizer": "hesso"}).target == 0.5  # DHSPG/HESSO still default to 0.5

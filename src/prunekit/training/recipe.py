@@ -149,7 +149,9 @@ class StructuredSpec:
     """
 
     optimizer: str = "hesso"
-    target_group_sparsity: float = 0.5
+    #: DHSPG/HESSO: the group sparsity reached (default 0.5); HSPG: an optional cap (default none:
+    #: HSPG is driven by ``lambda_`` alone, as in the paper)
+    target_group_sparsity: float | None = None
     start: float = 0.1
     end: float = 0.6
     periods: int = 10
@@ -182,7 +184,7 @@ class StructuredSpec:
             raise ConfigError(
                 f"structured.optimizer {self.optimizer!r} unknown; available: {', '.join(STRUCTURED_OPTIMIZERS)}"
             )
-        if not 0.0 <= self.target_group_sparsity < 1.0:
+        if self.target_group_sparsity is not None and not 0.0 <= self.target_group_sparsity < 1.0:
             raise ConfigError(
                 f"structured.target_group_sparsity must be in [0, 1), got {self.target_group_sparsity}"
             )

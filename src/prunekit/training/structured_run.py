@@ -37,8 +37,12 @@ def build_structured_optimizer(
         weight_decay=o.weight_decay,
         nesterov=o.nesterov,
         variant=o.name,
-        target_group_sparsity=spec.target_group_sparsity,
     )
+    target = spec.target_group_sparsity
+    if spec.optimizer != "hspg":  # HSPG: None = no cap, driven by lambda_ (OTOv1)
+        common["target_group_sparsity"] = 0.5 if target is None else target
+    else:
+        common["target_group_sparsity"] = target
     start, end = round(spec.start * total_steps), round(spec.end * total_steps)
     if spec.optimizer == "hspg":
         lam = 1e-3 if spec.lambda_ is None else spec.lambda_
@@ -95,7 +99,9 @@ def finish_structured(
     assert isinstance(optimizer, GroupSparseOptimizer)
     return {
         "group_sparsity": optimizer.group_sparsity(),
-        "target_group_sparsity": optimizer.target,
+        "target_group_sparsity": None
+        if getattr(optimizer, "capped", True) is False
+        else optimizer.target,
         "flops_target": getattr(optimizer, "cost_target", None),
         "params_before": params,
         "params_after": slim_params,
@@ -116,10 +122,9 @@ def _targets(metrics: dict[str, Any]) -> str:
             f"FLOPs removed {flops:.1f}% (target {100 * metrics['flops_target']:.1f}%), "
             f"group sparsity {groups:.1f}%."
         )
-    return (
-        f"Group sparsity {groups:.1f}% (target {100 * metrics['target_group_sparsity']:.1f}%), "
-        f"FLOPs removed {flops:.1f}%."
-    )
+    target = metrics.get("target_group_sparsity")
+    driven = f"target {100 * target:.1f}%" if target is not None else "driven by lambda, no cap"
+    return f"Group sparsity {groups:.1f}% ({driven}), FLOPs removed {flops:.1f}%."
 
 
 def structured_report(metrics: dict[str, Any]) -> str:
