@@ -11,7 +11,7 @@ per round; the table reports the median over rounds. Variants:
   ``weight_orig * weight_mask`` at every forward).
 * ``mask after step`` — multiplying the weights by the mask after each optimizer step (manual baseline).
 
-Usage: ``python benchmarks/overhead.py [--steps 100] [--rounds 9]``
+Usage: ``python benchmarks/overhead.py [--steps 100] [--rounds 9] [--threads N]``
 """
 
 from __future__ import annotations
@@ -95,7 +95,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     data = load_mnist()
     gen = torch.Generator().manual_seed(0)

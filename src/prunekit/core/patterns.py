@@ -63,10 +63,10 @@ def topk_mask(scores: Tensor, keep: int) -> Tensor:
         threshold = torch.topk(flat, keep, sorted=False).values.min()
     if bool(threshold.isnan()):
         raise ValueError("pruning scores contain NaN (diverged weights?); no mask can be chosen")
-    mask = flat > threshold
-    missing = keep - int(mask.sum())
-    if missing > 0:  # ties at the threshold: the lowest indices (deterministic on every device)
-        mask[(flat == threshold).nonzero().flatten()[:missing]] = True
+    mask = flat >= threshold
+    extra = int(torch.count_nonzero(mask)) - keep
+    if extra > 0:  # ties at the threshold: keep the lowest indices (deterministic on every device)
+        mask[(flat == threshold).nonzero().flatten()[-extra:]] = False
     return mask.view_as(scores)
 
 
