@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import prunekit.atomic
 from prunekit.structured import FoldedConv, find_groups, slim_with_plan
 from prunekit.structured import io as slim_io
 from prunekit.structured.io import SlimSpecError, load_slim, save_slim
@@ -49,14 +51,14 @@ def test_a_failed_save_leaves_the_previous_export_loadable(tmp_path, monkeypatch
     if fail == "weights":
         monkeypatch.setattr(slim_io.torch, "save", _disk_full)
     else:  # the weights are written, the spec's rename (the commit point) fails
-        real = slim_io.os.replace
+        real = os.replace
 
         def replace(src: str, dst: str | Path) -> None:
             if Path(dst).name == "spec.json":
                 raise OSError(errno.ENOSPC, "No space left on device")
             real(src, dst)
 
-        monkeypatch.setattr(slim_io.os, "replace", replace)
+        monkeypatch.setattr(prunekit.atomic.os, "replace", replace)
     with pytest.raises(OSError, match="No space left"):
         _export("residual", 3, tmp_path)  # a different slim model
     monkeypatch.undo()

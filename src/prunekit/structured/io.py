@@ -20,17 +20,16 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import re
-import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, TypeGuard
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
 
+from prunekit.atomic import fsync_dir, write_atomic
 from prunekit.structured.groups import Group
 from prunekit.structured.heads import drives_reshape_literal
 from prunekit.structured.slim import SPEC_FORMAT, SPEC_VERSION, apply_kept, slim_with_plan
@@ -59,34 +58,6 @@ def slim_spec(
     return slim_with_plan(model, example_inputs, groups, check=False)[1].spec()
 
 
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write ``path`` through a temporary file in its directory, flushed to disk, then renamed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on this platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_slim(slim_model: nn.Module, spec: dict[str, Any], directory: str | Path) -> None:
     """Write ``spec.json`` and the weights (tensors only) into ``directory``, atomically.
 
@@ -100,12 +71,12 @@ def save_slim(slim_model: nn.Module, spec: dict[str, Any], directory: str | Path
     state = {k: v.detach().cpu() for k, v in slim_model.state_dict().items()}
     text = json.dumps({**spec, "weights": weights}, indent=1).encode()
     try:
-        _write_atomic(out / weights, lambda f: torch.save(state, f))
-        _write_atomic(out / _SPEC, lambda f: f.write(text))
+        write_atomic(out / weights, lambda f: torch.save(state, f))
+        write_atomic(out / _SPEC, lambda f: f.write(text))
     except BaseException:
         (out / weights).unlink(missing_ok=True)
         raise
-    _fsync_dir(out)
+    fsync_dir(out)
     for old in out.iterdir():
         if old.name != weights and _WEIGHTS.fullmatch(old.name):
             old.unlink(missing_ok=True)

@@ -11,14 +11,14 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from prunekit.atomic import write_atomic
 
 CHECKPOINT_FORMAT = "prunekit-checkpoint"
 SPARSE_FORMAT = "prunekit-sparse"
@@ -31,19 +31,7 @@ class CheckpointError(RuntimeError):
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _load(path: str | Path, expected: str) -> dict[str, Any]:

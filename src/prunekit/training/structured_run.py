@@ -142,6 +142,6 @@ def structured_report(metrics: dict[str, Any]) -> str:
             if metrics.get("folded_layers")
             else ""
         )
-        + "The slim model is in `slim/` (spec.json + weights.pt; load with "
+        + "The slim model is in `slim/` (spec.json + the weights file it names; load with "
         "`prunekit.structured.io.load_slim(fresh_model, 'slim')`).\n"
     )
