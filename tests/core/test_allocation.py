@@ -81,3 +81,14 @@ def test_global_allocation_never_empties_a_layer(caplog):
     assert "would empty 1 layer" in caplog.text
     assert int(masks[2].sum()) == 1 and bool(masks[2].reshape(-1)[scores[2].argmax()])
     assert sum(int(m.sum()) for m in masks) == keep  # the budget is unchanged
+
+
+def test_global_rescue_never_empties_another_layer():
+    scores = [
+        torch.tensor([10.0, 10, 10, 10]),
+        torch.tensor([0.1, 0.2]),
+        torch.tensor([0.01, 0.01]),
+    ]
+    masks = compute_masks(scores, 1 - 5 / 8, "global")
+    assert all(bool(m.any()) for m in masks)
+    assert sum(int(m.sum()) for m in masks) == 5

@@ -88,3 +88,9 @@ def test_topk_mask_selects_the_k_largest_and_breaks_ties_by_index(dtype):
             assert scores[mask].min() >= scores[~mask].max()
     ties = torch.tensor([1.0, 3.0, 2.0, 2.0, 2.0, 0.5], dtype=dtype)
     assert topk_mask(ties, 3).tolist() == [False, True, True, True, False, False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_topk_mask_refuses_nan_scores_on_every_path(dtype):
+    with pytest.raises(ValueError, match="NaN"):
+        topk_mask(torch.tensor([float("nan"), 1.0, 2.0, 3.0], dtype=dtype), 2)

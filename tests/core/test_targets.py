@@ -36,6 +36,9 @@ def test_model_without_prunable_layers_is_reported():
 def test_unmatched_ignore_pattern_is_an_error():
     with pytest.raises(ValueError, match=r"ignore patterns matched no.*'fc4'"):
         select_targets(mlp(), ignore=["fc4"])  # a typo for "4": the classifier would be pruned
+    # naming a layer that exists but would not be pruned anyway is not a typo
+    model = nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 4))
+    assert [t.name for t in select_targets(model, ignore=["0"])] == ["1.weight"]
 
 
 class TiedAutoencoder(nn.Module):

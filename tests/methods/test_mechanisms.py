@@ -402,6 +402,8 @@ def _imp_run_to_first_round(**config):
         F.cross_entropy(model(x[i]), y[i]).backward()
         opt.step()
         before = [t.param.detach().clone() for t in pruner.targets]
+        if step == 10:
+            snapshots["state_10"] = {k: v.clone() for k, v in model.state_dict().items()}
         pruner.step()
         snapshots[step] = before
     return model, opt, pruner, snapshots
@@ -432,8 +434,10 @@ def test_imp_weight_rewinding_restarts_survivors_from_their_early_values():
     masks = _global_topk(snapshots[70], 0.5)  # chosen by the trained weights' magnitudes
     for now, w10, m in zip(after_round, snapshots[10], masks, strict=True):
         assert torch.equal(now, w10 * m)  # the survivors' values after 10 of 100 steps
-    for t in pruner.targets:  # momentum restarts with the weights
-        assert torch.count_nonzero(opt.state[t.param]["momentum_buffer"]) == 0
+    model = pruner.model
+    for name in ("0.bias", "2.bias", "4.bias"):  # the whole network rewinds, not only the targets
+        assert torch.equal(model.state_dict()[name], snapshots["state_10"][name])
+    assert not opt.state  # momentum restarts with the weights
 
 
 def test_cram_finalize_re_estimates_batchnorm_on_the_pruned_model():
@@ -452,3 +456,25 @@ def test_cram_finalize_re_estimates_batchnorm_on_the_pruned_model():
     torch.testing.assert_close(model[1].running_mean, expected)
     assert not torch.allclose(stale, expected, atol=1e-3)  # the dense run's statistics were stale
     assert model.training and model[1].momentum == 0.1  # mode and momentum restored
+
+
+def test_gap_keeps_the_nm_pattern_when_a_partition_holds_a_dense_layer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, 4),
+    )  # fmt: skip  (6 inputs: not a multiple of 4, left dense)
+    opt = sgd(model)
+    pruner = prunekit.sparsify(
+        model, opt, "gap", sparsity=0.5, pattern="2:4", total_steps=40, partitions=1, cycles=1,
+        grow_end=0.5,
+    )  # fmt: skip
+    x, y = torch.randn(256, 6), torch.randint(0, 4, (256,))
+    run(model, opt, pruner, 40, data=(x, y))
+    assert pruner.phase(pruner.step_count) is None  # grown and pruned back
+    for layer in (model[2], model[4]):
+        groups = (layer.weight.detach() != 0).reshape(-1, 4)
+        assert (groups.sum(1) <= 2).all()

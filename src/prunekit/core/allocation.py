@@ -113,9 +113,14 @@ def global_masks(scores: Sequence[Tensor], sparsity: float) -> list[Tensor]:
     ]
     if emptied and keep >= len(scores):
         rescued = [bounds[i] + int(flat[bounds[i] : bounds[i + 1]].argmax()) for i in emptied]
-        # give back as many kept entries as were rescued: the smallest kept ones of other layers
+        # give back as many kept entries as were rescued: the smallest kept ones of other layers,
+        # never a layer's last kept weight (that would empty it in turn)
         kept_scores = torch.where(mask, flat, torch.inf)
-        donors = kept_scores.argsort()[: len(rescued)]
+        for i in range(len(scores)):
+            layer = kept_scores[bounds[i] : bounds[i + 1]]
+            if int(mask[bounds[i] : bounds[i + 1]].sum()) == 1:
+                layer.fill_(torch.inf)
+        donors = torch.topk(kept_scores, len(rescued), largest=False).indices
         mask[donors] = False
         mask[torch.tensor(rescued, device=mask.device)] = True
         logger.warning(

@@ -240,6 +240,11 @@ class Masker:
             if p.grad is not None:
                 p.grad.mul_(m)
 
+    def end_step_(self) -> None:
+        """Forget that this step's gradients were observed (a skipped optimizer step, e.g. by a
+        gradient scaler, must not hide the next step's gradients from the observer)."""
+        self._observed = False
+
     # ------------------------------------------------------------------ hooks
     def _register_hooks(self) -> None:
         if self.optimizer is None:

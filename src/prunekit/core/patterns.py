@@ -57,12 +57,12 @@ def topk_mask(scores: Tensor, keep: int) -> Tensor:
     flat = scores.detach().reshape(-1)
     if keep in (0, numel):
         return torch.full_like(flat, keep == numel, dtype=torch.bool).view_as(scores)
+    if bool(flat.isnan().any()):
+        raise ValueError("pruning scores contain NaN (diverged weights?); no mask can be chosen")
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
         threshold = torch.as_tensor(np.partition(flat.numpy(), numel - keep)[numel - keep])
     else:
         threshold = torch.topk(flat, keep, sorted=False).values.min()
-    if bool(threshold.isnan()):
-        raise ValueError("pruning scores contain NaN (diverged weights?); no mask can be chosen")
     mask = flat >= threshold
     extra = int(torch.count_nonzero(mask)) - keep
     if extra > 0:  # ties at the threshold: keep the lowest indices (deterministic on every device)

@@ -116,11 +116,20 @@ def select_targets(
         unused = [p for p in targets if p not in used]
         if unused:
             raise ValueError(f"target patterns matched no {param_name!r} parameter: {unused}")
-    unused_ignore = [p for p in ignore if p not in ignored]
+    unused_ignore = [
+        p
+        for p in ignore
+        if p not in ignored
+        and not any(
+            _matches(p, n, pn)
+            for n, m in model.named_modules(remove_duplicate=False)
+            for pn in [param_name, *(name for name, _ in m.named_parameters(recurse=False))]
+        )
+    ]  # a pattern naming a layer that would not be pruned anyway (an Embedding) is fine
     if unused_ignore:
         raise ValueError(
-            f"ignore patterns matched no {param_name!r} parameter that would be pruned: "
-            f"{unused_ignore} (a typo would prune the layer you meant to keep)"
+            f"ignore patterns matched no module or parameter: {unused_ignore} (a typo would prune "
+            "the layer you meant to keep)"
         )
     # a tied weight ignored under one name is ignored under every name
     ignored_ids = {

@@ -157,6 +157,8 @@ class Pruner:
         if self.finalized:
             raise RuntimeError(f"{self.name}: step() after finalize()")
         self.step_count += 1
+        if self.masker is not None:
+            self.masker.end_step_()
         self._on_step()
 
     def finalize(self, calibration: Iterable[Any] | None = None) -> nn.Module:

@@ -97,7 +97,11 @@ class GaP(Pruner):
         layers = self.partitions[part]
         scores = [self.targets[i].param.detach().abs() for i in layers]
         total = sum(s.numel() for s in scores)
-        sparsity = 1.0 - self._budgets[part] / total
+        # with an N:M pattern every compatible layer is at the pattern's sparsity (layers left dense
+        # would otherwise inflate the budget and loosen the pattern)
+        sparsity = (
+            self.pattern.sparsity if self.pattern is not None else 1.0 - self._budgets[part] / total
+        )
         allocation = "global" if self.config.allocation == "global" else self.config.allocation
         part_masks = compute_masks(scores, sparsity, allocation, self.pattern)
         masks = list(self.masker.masks)

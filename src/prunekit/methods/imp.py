@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from prunekit.config import ConfigError
-from prunekit.core.masks import Masker, MaskMode
+from prunekit.core.masks import MASK_SUFFIX, Masker, MaskMode
 from prunekit.methods.base import Pruner, SparsityConfig, check_fraction
 from prunekit.methods.registry import register_method
 from prunekit.schedules import constant, cosine, linear
@@ -135,7 +135,7 @@ class IMP(Pruner):
         self._base_lrs = [g["lr"] for g in optimizer.param_groups] if optimizer is not None else []
         #: ALLR's measured restart peak of each round so far (fractions of the initial lr)
         self.allr_peaks: list[float] = []
-        self._rewind: list[Tensor] | None = None
+        self._rewind: dict[str, Tensor] | None = None
         self._maybe_snapshot(0)
         self._set_lr(0)
 
@@ -159,7 +159,12 @@ class IMP(Pruner):
     def _maybe_snapshot(self, step: int) -> None:
         c = self.config
         if c.rewind_to is not None and step == c.fraction_step(c.rewind_to):
-            self._rewind = [t.param.detach().clone() for t in self.targets]
+            # the whole network rewinds (biases, norms, layers left dense), not only the targets
+            self._rewind = {
+                k: v.detach().clone()
+                for k, v in self.model.state_dict().items()
+                if not k.endswith(MASK_SUFFIX)
+            }
 
     @torch.no_grad()
     def _prune_round(self, r: int) -> None:
@@ -167,17 +172,22 @@ class IMP(Pruner):
         masks = self.magnitude_masks(self.round_sparsity(r))
         if self.config.retrain_schedule == "allr":
             weights = [t.param.detach() for t in self.targets]
-            total = sum(float(w.pow(2).sum()) for w in weights)
-            removed = sum(float(w[~m].pow(2).sum()) for w, m in zip(weights, masks, strict=True))
+            total = sum(float(w.float().pow(2).sum()) for w in weights)  # fp16 would overflow
+            removed = sum(
+                float(w[~m].float().pow(2).sum()) for w, m in zip(weights, masks, strict=True)
+            )
             before = self.round_sparsity(r - 1) if r > 0 else 0.0
             pruned_share = 1.0 - (1.0 - self.round_sparsity(r)) / (1.0 - before)
             drop = math.sqrt(removed / total) if total > 0 else 0.0
             self.allr_peaks.append(allr_peak(drop, pruned_share, self.config))
         self.masker.set_masks_(masks)
         if self._rewind is not None:
-            for t, w0, m in zip(self.targets, self._rewind, masks, strict=True):
-                t.param.copy_(w0 * m)
-            self.masker.reset_optimizer_state_()
+            current = self.model.state_dict()
+            for k, v in self._rewind.items():
+                current[k].copy_(v)
+            self.masker.apply_()  # survivors restart from their early values, pruned ones at 0
+            if self.optimizer is not None:  # the whole run restarts: momentum and moments too
+                self.optimizer.state.clear()
 
     def _on_step(self) -> None:
         self._maybe_snapshot(self.step_count)
@@ -192,8 +202,7 @@ class IMP(Pruner):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.allr_peaks = [float(p) for p in state.get("allr_peaks", [])]
         rewind = state.get("rewind")
+        current = self.model.state_dict()
         self._rewind = (
-            None
-            if rewind is None
-            else [w.to(t.param.device) for w, t in zip(rewind, self.targets, strict=True)]
+            None if rewind is None else {k: v.to(current[k].device) for k, v in rewind.items()}
         )

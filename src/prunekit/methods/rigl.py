@@ -88,7 +88,7 @@ class RigL(Pruner):
             masks = random_masks(shapes, config.sparsity, config.allocation, device=device)
         self.masker.set_masks_(masks)
         self._budget = sum(int(m.sum()) for m in masks)
-        if config.allocation == "uniform":
+        if config.allocation == "uniform" and len(shapes) > 1:
             logger.info(
                 "RigL uniform: %s stays dense (as in the paper); total sparsity %.4f",
                 self.targets[0].name,
