@@ -8,14 +8,26 @@ Add three lines to a training loop and get a sparse model out of one run::
     prunekit.sparsity_report(model)["global_sparsity"]
 """
 
+from typing import Any
+
 from prunekit import methods
 from prunekit.api import sparsify
 from prunekit.config import ConfigError
 from prunekit.core import MaskMode, NoPrunableLayersError, select_targets, sparsity_report
 from prunekit.methods import Pruner, available
-from prunekit.training.checkpoint import load_sparse, save_sparse
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it
+
+
+def __getattr__(name: str) -> Any:
+    # the sparse export lives with the training stack; importing prunekit must not load it
+    # (matplotlib, tqdm) unless asked for
+    if name in ("load_sparse", "save_sparse"):
+        from prunekit.training import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+
 
 __all__ = [
     "ConfigError",

@@ -5,16 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure  # no pyplot: the user's backend is never changed
 
 
 def plot_accuracy(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Test accuracy (and measured sparsity) per epoch."""
     epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
     ax.plot(epochs, [100 * h["test_accuracy"] for h in history], marker="o", label="test accuracy")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
@@ -26,13 +24,13 @@ def plot_accuracy(history: list[dict[str, Any]], path: str | Path, title: str = 
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_layer_sparsity(report: dict[str, Any], path: str | Path, title: str = "") -> None:
     """Bar chart of the final sparsity of every pruned layer."""
     layers = report["layers"]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(layers) + 2), 3.6))
+    fig = Figure(figsize=(max(4.0, 0.7 * len(layers) + 2), 3.6))
+    ax = fig.subplots()
     ax.bar(range(len(layers)), [100 * layer["sparsity"] for layer in layers])
     ax.set_xticks(range(len(layers)), [layer["name"] for layer in layers], rotation=45, ha="right")
     ax.set_ylabel("sparsity (%)")
@@ -40,4 +38,3 @@ def plot_layer_sparsity(report: dict[str, Any], path: str | Path, title: str = "
     ax.set_title(title or f"global sparsity {100 * report['global_sparsity']:.2f}%")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
