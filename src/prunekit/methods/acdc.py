@@ -10,13 +10,16 @@ dense 75–84, compressed 85–99) is the default, as fractions of training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from prunekit.atomic import write_atomic
 from prunekit.config import ConfigError
 from prunekit.core.masks import MASK_SUFFIX, Masker, MaskMode
 from prunekit.methods.base import Pruner, SparsityConfig, check_fraction
@@ -107,6 +110,20 @@ class ACDC(Pruner):
             for k, v in self.model.state_dict().items()
             if not k.endswith(MASK_SUFFIX)
         }
+
+    def extra_artifacts(
+        self,
+        out_dir: Path,
+        evaluate: Callable[[nn.Module], float],
+        fresh_model: Callable[[], nn.Module],
+    ) -> dict[str, Any]:
+        """Write the dense model of the pair (``model_dense_pair.pt``) and return its accuracy."""
+        dense_state = self.dense_state_dict()
+        dense_model = fresh_model()
+        dense_model.load_state_dict(dense_state)
+        accuracy = evaluate(dense_model)
+        write_atomic(out_dir / "model_dense_pair.pt", lambda f: torch.save(dense_state, f))
+        return {"dense_pair_test_accuracy": accuracy}
 
     def _extra_state(self) -> dict[str, Any]:
         return {"dense_snapshot": self._dense_snapshot}

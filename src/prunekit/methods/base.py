@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -180,6 +181,23 @@ class Pruner:
         self._ensure_target_()
         self.finalized = True
         return self.model
+
+    def extra_artifacts(
+        self,
+        out_dir: Path,
+        evaluate: Callable[[nn.Module], float],
+        fresh_model: Callable[[], nn.Module],
+    ) -> dict[str, Any]:
+        """Files and metrics a method adds to a ``prunekit train`` run, called before
+        :meth:`finalize` (AC/DC writes the dense model of its pair). Returns metrics to record.
+
+        Args:
+            out_dir: the run's output directory.
+            evaluate: test accuracy of a model.
+            fresh_model: a new instance of the run's architecture.
+        """
+        del out_dir, evaluate, fresh_model
+        return {}
 
     def calibration_batches(self) -> int:
         """How many training batches :meth:`finalize` wants as ``calibration`` (0: none)."""

@@ -29,7 +29,6 @@ from tqdm import tqdm
 from prunekit.api import sparsify
 from prunekit.core.report import format_report, sparsity_report
 from prunekit.data import ArrayDataset, BatchIterator, load_dataset
-from prunekit.methods.acdc import ACDC
 from prunekit.methods.base import Pruner
 from prunekit.schedules import cosine, linear
 from prunekit.structured import GroupSparseOptimizer, find_groups
@@ -359,14 +358,14 @@ def _finish(
     structured: dict[str, Any],
 ) -> dict[str, Any]:
     extra: dict[str, Any] = dict(structured)
-    if isinstance(pruner, ACDC):
-        dense_state = pruner.dense_state_dict()
-        dense_model = build_recipe_model(recipe, data)
-        dense_model.load_state_dict(dense_state)
-        extra["dense_pair_test_accuracy"] = evaluate(
-            dense_model.to(device), data.x_test, data.y_test
+    if pruner is not None:  # before finalize: e.g. AC/DC's dense model of the pair
+        extra.update(
+            pruner.extra_artifacts(
+                out,
+                lambda m: evaluate(m.to(device), data.x_test, data.y_test),
+                lambda: build_recipe_model(recipe, data),
+            )
         )
-        save_atomic(dense_state, out / "model_dense_pair.pt")
     if pruner is not None:
         calibration = None
         if pruner.calibration_batches() > 0:  # one-shot at the end: re-estimate batch norm
