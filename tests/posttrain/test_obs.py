@@ -1,0 +1,158 @@
+import logging
+
+import pytest
+import torch
+
+from prunekit.posttrain import (
+    HessianAccumulator,
+    HessianError,
+    layer_hessian,
+    magnitude_prune,
+    obs_remove_one,
+    prepare_hessian,
+    sparsegpt_prune,
+    wanda_prune,
+)
+
+
+def _correlated(n, d, seed=0, dtype=torch.float64):
+    """Inputs X = Z Aᵀ with a random mixing A: strongly correlated features."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g, dtype=dtype)
+    a = torch.randn(d, d, generator=g, dtype=dtype) + 2.0 * torch.eye(d, dtype=dtype)
+    return z @ a.T
+
+
+def _low_rank(n, d, rank, seed):
+    """Inputs on a rank-``rank`` subspace plus 10% noise: a few latent factors drive all inputs."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, rank, generator=g) @ torch.randn(rank, d, generator=g)
+    return z + 0.1 * torch.randn(n, d, generator=g)
+
+
+def _rel_err(W, W_hat, X):
+    return float((X @ (W - W_hat).T).square().sum() / (X @ W.T).square().sum())
+
+
+def test_hessian_convention_and_accumulator():
+    X = _correlated(50, 6)
+    H = layer_hessian(X)
+    expected = 2.0 * sum(torch.outer(x, x) for x in X) / X.shape[0]
+    torch.testing.assert_close(H, expected)
+    acc = HessianAccumulator(6, dtype=torch.float64)
+    acc.add(X[:7])
+    acc.add(X[7:].reshape(43, 1, 6))
+    assert acc.n_samples == 50
+    torch.testing.assert_close(acc.hessian, expected)
+
+
+@pytest.mark.parametrize("p", [0, 2, 4])
+def test_obs_remove_one_is_the_least_squares_optimum(p):
+    n, d = 40, 5
+    X = _correlated(n, d, seed=1)
+    w = torch.randn(d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    H = layer_hessian(X)
+    w_hat, loss = obs_remove_one(w, torch.linalg.inv(H), p)
+
+    # Independent optimum: min over ŵ with ŵ_p = 0 of ||X w - X ŵ||².
+    keep = [j for j in range(d) if j != p]
+    sol = torch.linalg.lstsq(X[:, keep], (X @ w).unsqueeze(1)).solution.squeeze(1)
+    expected = torch.zeros(d, dtype=torch.float64)
+    expected[keep] = sol
+
+    assert w_hat[p] == 0.0
+    torch.testing.assert_close(w_hat, expected, rtol=1e-9, atol=1e-9)
+    measured = float((X @ (w - w_hat)).square().sum()) / n  # mean squared error per sample
+    assert loss == pytest.approx(measured, rel=1e-9)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_sparsegpt_beats_magnitude_on_correlated_inputs(sparsity):
+    d_out, d_in, n = 16, 64, 512
+    X = _low_rank(n, d_in, rank=16, seed=3)
+    W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(4))
+    H = layer_hessian(X)
+    W_sg = sparsegpt_prune(W, H, sparsity, block_size=16)
+    W_mag = magnitude_prune(W, sparsity)
+    W_wanda = wanda_prune(W, X.norm(dim=0), sparsity)
+    err_sg, err_mag, err_wanda = (_rel_err(W, w, X) for w in (W_sg, W_mag, W_wanda))
+    # Same number of zeros per row for all three, so the comparison is fair.
+    k = round(sparsity * d_in)
+    for Wp in (W_sg, W_mag, W_wanda):
+        assert ((Wp == 0).sum(dim=1) == k).all()
+    # Measured: 50% -> sparsegpt 0.034, magnitude 0.094, wanda 0.084; 70% -> 0.14, 0.25, 0.23.
+    # Wanda <= magnitude is not guaranteed by the maths, so it is not asserted.
+    assert err_sg < 0.8 * err_mag, (err_sg, err_mag, err_wanda)
+    assert torch.equal(W, torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(4)))
+
+
+def test_nm_pattern_exact_and_unstructured_rows_exact():
+    d_out, d_in = 8, 48
+    X = _correlated(200, d_in, seed=5, dtype=torch.float32)
+    W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(6))
+    H = layer_hessian(X)
+    for Wp in (
+        sparsegpt_prune(W, H, 0.0, block_size=16, nm=(2, 4)),
+        magnitude_prune(W, 0.0, nm=(2, 4)),
+        wanda_prune(W, X.norm(dim=0), 0.0, nm=(2, 4)),
+    ):
+        nonzeros = (Wp != 0).reshape(d_out, d_in // 4, 4).sum(dim=2)
+        assert (nonzeros <= 2).all()
+    # Unstructured: every row exactly round(s·d_in) zeros, across several blocks.
+    for s in (0.3, 0.55, 0.9):
+        Wp = sparsegpt_prune(W, H, s, block_size=16)
+        assert ((Wp == 0).sum(dim=1) == round(s * d_in)).all()
+
+
+def test_sparsegpt_nm_beats_magnitude_nm():
+    X = _low_rank(400, 32, rank=8, seed=7)
+    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(8))
+    H = layer_hessian(X)
+    err_sg = _rel_err(W, sparsegpt_prune(W, H, 0.0, block_size=8, nm=(2, 4)), X)
+    err_mag = _rel_err(W, magnitude_prune(W, 0.0, nm=(2, 4)), X)
+    assert err_sg < err_mag
+
+
+def test_damping_escalates_on_rank_deficient_hessian(caplog):
+    X = _correlated(3, 8, seed=9)  # 3 samples, 8 inputs: rank 3
+    H = layer_hessian(X)
+    with caplog.at_level(logging.WARNING, logger="prunekit.posttrain.obs"):
+        H_d, info = prepare_hessian(H, damp=0.0)
+    assert info.tries >= 2
+    assert info.damp_history[0] == 0.0
+    assert info.damp > 0.0
+    assert "retrying" in caplog.text
+    torch.linalg.cholesky(H_d)  # accepted factor exists
+    # Duplicated column: also rank deficient.
+    Xd = _correlated(40, 6, seed=10)
+    Xd[:, 3] = Xd[:, 1]
+    _, info2 = prepare_hessian(layer_hessian(Xd), damp=0.0)
+    assert info2.tries >= 2 and info2.damp > 0.0
+    # Default damping needs no escalation on a full-rank Hessian.
+    _, info3 = prepare_hessian(layer_hessian(_correlated(40, 6)), damp=0.01)
+    assert info3.tries == 1 and info3.damp == 0.01
+
+
+def test_non_psd_hessian_raises_after_the_cap():
+    H = -torch.eye(5, dtype=torch.float64)
+    with pytest.raises(HessianError, match="not positive definite"):
+        prepare_hessian(H, damp=0.01, max_tries=3)
+    with pytest.raises(HessianError):
+        sparsegpt_prune(torch.randn(3, 5, dtype=torch.float64), H, 0.5)
+
+
+def test_dead_inputs_reported_zeroed_and_not_free_sparsity():
+    d_out, d_in = 6, 20
+    X = _correlated(100, d_in, seed=11)
+    dead_cols = [3, 11]
+    X[:, dead_cols] = 0.0
+    H = layer_hessian(X)
+    _, info = prepare_hessian(H)
+    assert info.dead.tolist() == dead_cols
+    W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    s = 0.5
+    Wp = sparsegpt_prune(W, H, s, block_size=8)
+    assert (Wp[:, dead_cols] == 0).all()
+    live = [j for j in range(d_in) if j not in dead_cols]
+    # The requested sparsity applies to the 18 live inputs: 9 pruned among them per row.
+    assert ((Wp[:, live] == 0).sum(dim=1) == round(s * len(live))).all()
