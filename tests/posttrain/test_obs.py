@@ -66,13 +66,14 @@ def test_obs_remove_one_is_the_least_squares_optimum(p):
     assert loss == pytest.approx(measured, rel=1e-9)
 
 
+@pytest.mark.parametrize("block_size", [16, 128])
 @pytest.mark.parametrize("sparsity", [0.5, 0.7])
-def test_sparsegpt_beats_magnitude_on_correlated_inputs(sparsity):
+def test_sparsegpt_beats_magnitude_on_correlated_inputs(sparsity, block_size):
     d_out, d_in, n = 16, 64, 512
     X = _low_rank(n, d_in, rank=16, seed=3)
     W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(4))
     H = layer_hessian(X)
-    W_sg = sparsegpt_prune(W, H, sparsity, block_size=16)
+    W_sg = sparsegpt_prune(W, H, sparsity, block_size=block_size)
     W_mag = magnitude_prune(W, sparsity)
     W_wanda = wanda_prune(W, X.norm(dim=0), sparsity)
     err_sg, err_mag, err_wanda = (_rel_err(W, w, X) for w in (W_sg, W_mag, W_wanda))
@@ -80,7 +81,8 @@ def test_sparsegpt_beats_magnitude_on_correlated_inputs(sparsity):
     k = round(sparsity * d_in)
     for Wp in (W_sg, W_mag, W_wanda):
         assert ((Wp == 0).sum(dim=1) == k).all()
-    # Measured: 50% -> sparsegpt 0.034, magnitude 0.094, wanda 0.084; 70% -> 0.14, 0.25, 0.23.
+    # Measured (block 16 / block 128): 50% -> sparsegpt 0.029 / 0.005, magnitude 0.076,
+    # wanda 0.067; 70% -> sparsegpt 0.094 / 0.118, magnitude 0.241, wanda 0.214.
     # Wanda <= magnitude is not guaranteed by the maths, so it is not asserted.
     assert err_sg < 0.8 * err_mag, (err_sg, err_mag, err_wanda)
     assert torch.equal(W, torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(4)))
