@@ -198,3 +198,18 @@ def test_sparsegpt_equals_sequential_obs_with_explicit_inverses(block_size):
     assert not torch.equal(expected == 0, magnitude_prune(W, 0.0, nm=(2, 4)) == 0)
     got = sparsegpt_prune(W, H, 0.0, block_size=block_size, nm=(2, 4), damp=0.01)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_block_mask_scope_keeps_the_layer_total_but_not_per_row():
+    d_out, d_in = 8, 48
+    X = _low_rank(300, d_in, rank=12, seed=15) * torch.logspace(-1, 1, d_in)
+    W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(16))
+    W[:4] *= 3.0  # rows of different scale: a shared threshold prunes them unevenly
+    H = layer_hessian(X)
+    s = 0.5
+    Wp = sparsegpt_prune(W, H, s, block_size=16, mask_scope="block")
+    per_row = (Wp == 0).sum(dim=1)
+    assert int(per_row.sum()) == d_out * round(s * d_in)
+    assert len(set(per_row.tolist())) > 1
+    # Per block too: each 16-column block holds exactly d_out * 8 zeros.
+    assert ((Wp == 0).reshape(d_out, 3, 16).sum(dim=(0, 2)) == d_out * 8).all()

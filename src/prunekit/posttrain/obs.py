@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -334,6 +335,7 @@ def sparsegpt_prune(
     block_size: int = 128,
     nm: tuple[int, int] | None = None,
     damp: float = 0.01,
+    mask_scope: Literal["row", "block"] = "row",
 ) -> Tensor:
     """SparseGPT (Frantar & Alistarh, ICML 2023): OBS pruning in a fixed column order.
 
@@ -350,7 +352,10 @@ def sparsegpt_prune(
     * Unstructured: per output row, ``round(sparsity · n_live)`` of the ``n_live`` live inputs
       are pruned in total; the count is split over the blocks by cumulative rounding, and
       inside a block each row prunes its lowest scores. Dead inputs (``H_jj = 0``) are not
-      counted: their weights are zeroed *in addition*.
+      counted: their weights are zeroed *in addition*. With ``mask_scope="block"`` (the
+      reference implementation's choice) the lowest ``d_out · k_block`` scores of the whole
+      block are pruned instead, so rows may end with different sparsities; the layer total
+      is still ``d_out · round(sparsity · n_live)``.
     * N:M (``nm=(n, m)``): in each group of ``m`` consecutive inputs at most ``n`` nonzeros
       remain; the ``m - n`` lowest scores are chosen when the group is reached. Dead inputs
       are zeros and count toward the pattern (they are picked first).
@@ -362,6 +367,8 @@ def sparsegpt_prune(
         block_size: columns per lazy-update block (a multiple of ``m`` for N:M).
         nm: ``(n, m)`` semi-structured pattern, e.g. ``(2, 4)``.
         damp: relative damping, see :func:`prepare_hessian`.
+        mask_scope: ``"row"`` (every row exactly the same sparsity) or ``"block"`` (one
+            threshold per column block over all rows, as in the SparseGPT reference code).
 
     Returns:
         The pruned and compensated weights (new tensor, dtype of ``W``).
@@ -375,6 +382,8 @@ def sparsegpt_prune(
         )
     d_in = W.shape[1]
     _check_sparsity(sparsity, nm, d_in)
+    if mask_scope not in ("row", "block"):
+        raise ValueError(f"mask_scope must be 'row' or 'block', got {mask_scope!r}")
     if block_size < 1 or (nm is not None and block_size % nm[1] != 0):
         raise ValueError(f"block_size must be >= 1 (and a multiple of m for N:M), got {block_size}")
     dtype = _compute_dtype(W)
@@ -408,8 +417,12 @@ def sparsegpt_prune(
             k = max(0, min(k, int((~dead1).sum())))
             scores = W1.square() / u_diag.square().unsqueeze(0)
             scores[:, dead1] = math.inf
-            idx = torch.topk(scores, k, dim=1, largest=False).indices
-            mask1.scatter_(1, idx, True)
+            if mask_scope == "row":
+                idx = torch.topk(scores, k, dim=1, largest=False).indices
+                mask1.scatter_(1, idx, True)
+            else:
+                flat = torch.topk(scores.flatten(), k * W1.shape[0], largest=False).indices
+                mask1.view(-1)[flat] = True
             mask1[:, dead1] = True
         for i in range(count):
             if nm is not None and i % nm[1] == 0:
