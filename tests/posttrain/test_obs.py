@@ -13,6 +13,7 @@ from prunekit.posttrain import (
     sparsegpt_prune,
     wanda_prune,
 )
+from prunekit.posttrain.quant import gptq_quantize, quantize_rtn
 
 
 def _correlated(n, d, seed=0, dtype=torch.float64):
@@ -213,3 +214,46 @@ def test_block_mask_scope_keeps_the_layer_total_but_not_per_row():
     assert len(set(per_row.tolist())) > 1
     # Per block too: each 16-column block holds exactly d_out * 8 zeros.
     assert ((Wp == 0).reshape(d_out, 3, 16).sum(dim=(0, 2)) == d_out * 8).all()
+
+
+def _grid(W, bits):
+    """Independent per-row min-max grid (range widened to contain 0)."""
+    lo = W.min(dim=1, keepdim=True).values.clamp(max=0)
+    hi = W.max(dim=1, keepdim=True).values.clamp(min=0)
+    scale = (hi - lo) / (2**bits - 1)
+    return scale, torch.round(-lo / scale)
+
+
+def test_gptq_equals_sequential_obs_and_stays_on_the_grid():
+    d_out, d_in, bits = 3, 12, 3
+    X = _correlated(60, d_in, seed=17) * torch.logspace(-1, 1, d_in, dtype=torch.float64)
+    W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
+    H = layer_hessian(X)
+    H_d = H + 0.01 * H.diagonal().mean() * torch.eye(d_in, dtype=torch.float64)
+    scale, zero = _grid(W, bits)
+    expected = W.clone()
+    for j in range(d_in):
+        hinv = torch.linalg.inv(H_d[j:, j:])
+        q = scale[:, 0] * (
+            torch.clamp(torch.round(expected[:, j] / scale[:, 0]) + zero[:, 0], 0, 7) - zero[:, 0]
+        )
+        expected[:, j:] -= ((expected[:, j] - q) / hinv[0, 0]).unsqueeze(1) * hinv[:, 0].unsqueeze(
+            0
+        )
+        expected[:, j] = q
+    for block_size in (4, 12):
+        got = gptq_quantize(W, H, bits, block_size=block_size)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    levels = got / scale + zero
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-9)
+    assert (levels.round() >= 0).all() and (levels.round() <= 7).all()
+
+
+def test_gptq_beats_round_to_nearest():
+    X = _low_rank(512, 64, rank=16, seed=19)
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(20))
+    H = layer_hessian(X)
+    err_gptq = _rel_err(W, gptq_quantize(W, H, 3, block_size=16), X)
+    err_rtn = _rel_err(W, quantize_rtn(W, 3), X)
+    # Measured: GPTQ 0.0053, round-to-nearest 0.038 (3 bits, rank-16 inputs).
+    assert err_gptq < 0.5 * err_rtn, (err_gptq, err_rtn)

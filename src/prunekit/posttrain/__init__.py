@@ -1,4 +1,4 @@
-"""Post-training compression: the layer-wise OBS family (SparseGPT, Wanda, magnitude)."""
+"""Post-training compression: the layer-wise OBS family (SparseGPT, GPTQ, Wanda, magnitude)."""
 
 from prunekit.posttrain.obs import (
     HessianAccumulator,
@@ -11,15 +11,19 @@ from prunekit.posttrain.obs import (
     sparsegpt_prune,
     wanda_prune,
 )
+from prunekit.posttrain.quant import gptq_quantize, minmax_grid, quantize_rtn
 
 __all__ = [
     "HessianAccumulator",
     "HessianError",
     "HessianInfo",
+    "gptq_quantize",
     "layer_hessian",
     "magnitude_prune",
+    "minmax_grid",
     "obs_remove_one",
     "prepare_hessian",
+    "quantize_rtn",
     "sparsegpt_prune",
     "wanda_prune",
 ]
