@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,9 +35,11 @@ __all__ = [
     "HessianAccumulator",
     "HessianError",
     "HessianInfo",
+    "inverse_hessian_cholesky",
     "layer_hessian",
     "magnitude_prune",
     "obs_remove_one",
+    "obs_sweep_",
     "prepare_hessian",
     "sparsegpt_prune",
     "wanda_prune",
@@ -328,6 +331,67 @@ def wanda_prune(
     return W.masked_fill(mask, 0.0)
 
 
+def inverse_hessian_cholesky(h_damped: Tensor) -> Tensor:
+    """The upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``) from a damped Hessian.
+
+    Row ``j`` of ``U`` is the OBS update of column ``j`` restricted to the columns after it,
+    which is what a fixed-order sweep (:func:`obs_sweep_`) needs.
+
+    Raises:
+        HessianError: the factorisation fails (pass a larger ``damp``).
+    """
+    L, err = torch.linalg.cholesky_ex(h_damped)
+    if int(err) == 0:
+        U, err = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if int(err) != 0:
+        raise HessianError("Cholesky of H⁻¹ failed; pass a larger damp")
+    return U
+
+
+#: ``compress(W1, i)``: the compressed value of column ``i`` of the current block ``W1`` (its
+#: other columns already hold the OBS-updated weights; a compressor may read them, e.g. to
+#: choose an N:M group when it reaches the group's first column).
+ColumnCompressor = Callable[[Tensor, int], Tensor]
+#: ``start(W1, i1, i2)``: called when the block of columns ``[i1, i2)`` starts.
+BlockStart = Callable[[Tensor, int, int], None]
+
+
+def obs_sweep_(
+    Wc: Tensor,
+    U: Tensor,
+    block_size: int,
+    compress: ColumnCompressor,
+    start_block: BlockStart | None = None,
+) -> None:
+    """The fixed-order OBS sweep shared by SparseGPT and GPTQ, in place on ``Wc``.
+
+    Column ``j`` is replaced by ``q_j = compress(...)`` and the columns after it absorb the OBS
+    correction ``W[:, j:] -= ((w_j − q_j) / U_jj) · U[j, j:]``. Updates are lazy: inside a
+    block of ``block_size`` columns they are applied to the block only, and the block's
+    accumulated errors ``E`` update the rest in one product ``W[:, i2:] -= E · U[i1:i2, i2:]``
+    (Frantar & Alistarh 2023). Pruning is ``q_j`` with zeros, quantization ``q_j`` on a grid,
+    and both at once compose the two.
+    """
+    d_in = Wc.shape[1]
+    for i1 in range(0, d_in, block_size):
+        i2 = min(i1 + block_size, d_in)
+        W1 = Wc[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        if start_block is not None:
+            start_block(W1, i1, i2)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q = compress(W1, i)
+            Q1[:, i] = q
+            e = (w - q) / U1[i, i]
+            W1[:, i:] -= e.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            E1[:, i] = e
+        Wc[:, i1:i2] = Q1
+        Wc[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+
 def sparsegpt_prune(
     W: Tensor,
     H: Tensor,
@@ -393,51 +457,44 @@ def sparsegpt_prune(
     dead[info.dead] = True
     Wc[:, dead] = 0.0
 
-    L, _ = torch.linalg.cholesky_ex(h_d)
-    hinv = torch.cholesky_inverse(L)
-    U, err = torch.linalg.cholesky_ex(hinv, upper=True)
-    if int(err) != 0:
-        raise HessianError("Cholesky of H⁻¹ failed; pass a larger damp")
-
+    U = inverse_hessian_cholesky(h_d)
+    u_diag = torch.diagonal(U)
     live_before = torch.cat(
         [torch.zeros(1, dtype=torch.long, device=W.device), torch.cumsum(~dead, 0)]
     ).tolist()
-    for i1 in range(0, d_in, block_size):
-        i2 = min(i1 + block_size, d_in)
-        count = i2 - i1
-        W1 = Wc[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        u_diag = torch.diagonal(U1)
+    mask = torch.zeros_like(Wc, dtype=torch.bool)  # pruned weights, chosen as the sweep goes
+
+    def choose_unstructured(W1: Tensor, i1: int, i2: int) -> None:
         dead1 = dead[i1:i2]
+        k = _n_pruned(sparsity, live_before[i2]) - _n_pruned(sparsity, live_before[i1])
+        k = max(0, min(k, int((~dead1).sum())))
+        scores = W1.square() / u_diag[i1:i2].square().unsqueeze(0)
+        scores[:, dead1] = math.inf
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if mask_scope == "row":
+            mask1.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, True)
+        else:
+            flat = torch.topk(scores.flatten(), k * W1.shape[0], largest=False).indices
+            mask1.view(-1)[flat] = True
+        mask[:, i1:i2] = mask1 | dead1
+
+    i_block = [0]
+
+    def start(W1: Tensor, i1: int, i2: int) -> None:
+        i_block[0] = i1
         if nm is None:
-            k = _n_pruned(sparsity, live_before[i2]) - _n_pruned(sparsity, live_before[i1])
-            k = max(0, min(k, int((~dead1).sum())))
-            scores = W1.square() / u_diag.square().unsqueeze(0)
-            scores[:, dead1] = math.inf
-            if mask_scope == "row":
-                idx = torch.topk(scores, k, dim=1, largest=False).indices
-                mask1.scatter_(1, idx, True)
-            else:
-                flat = torch.topk(scores.flatten(), k * W1.shape[0], largest=False).indices
-                mask1.view(-1)[flat] = True
-            mask1[:, dead1] = True
-        for i in range(count):
-            if nm is not None and i % nm[1] == 0:
-                n, m = nm
-                g = W1[:, i : i + m].square() / u_diag[i : i + m].square().unsqueeze(0)
-                g[:, dead1[i : i + m]] = -math.inf
-                idx = torch.topk(g, m - n, dim=1, largest=False).indices
-                mask1.scatter_(1, i + idx, True)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0.0)
-            Q1[:, i] = q
-            e = (w - q) / U1[i, i]
-            W1[:, i:] -= e.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            E1[:, i] = e
-        Wc[:, i1:i2] = Q1
-        Wc[:, i2:] -= E1 @ U[i1:i2, i2:]
+            choose_unstructured(W1, i1, i2)
+
+    def compress(W1: Tensor, i: int) -> Tensor:
+        j = i_block[0] + i
+        if nm is not None and j % nm[1] == 0:
+            n, m = nm
+            g = W1[:, i : i + m].square() / u_diag[j : j + m].square().unsqueeze(0)
+            g[:, dead[j : j + m]] = -math.inf
+            idx = torch.topk(g, m - n, dim=1, largest=False).indices
+            mask.scatter_(1, j + idx, True)
+        return W1[:, i].masked_fill(mask[:, j], 0.0)
+
+    obs_sweep_(Wc, U, block_size, compress, start)
     Wc[:, dead] = 0.0
     return Wc.to(W.dtype)

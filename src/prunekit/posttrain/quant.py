@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prunekit.posttrain.obs import HessianError, _compute_dtype, prepare_hessian
+from prunekit.posttrain.obs import (
+    _compute_dtype,
+    inverse_hessian_cholesky,
+    obs_sweep_,
+    prepare_hessian,
+)
 
 __all__ = ["gptq_quantize", "minmax_grid", "quantize_rtn"]
 
@@ -93,24 +98,8 @@ def gptq_quantize(
     scale, zero = minmax_grid(Wc, bits)
     h_d, info = prepare_hessian(H.to(dtype), damp=damp)
     Wc[:, info.dead] = 0.0
-    L, _ = torch.linalg.cholesky_ex(h_d)
-    U, err = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    if int(err) != 0:
-        raise HessianError("Cholesky of H⁻¹ failed; pass a larger damp")
-    d_in = Wc.shape[1]
-    for i1 in range(0, d_in, block_size):
-        i2 = min(i1 + block_size, d_in)
-        W1 = Wc[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            q = _quantize(w.unsqueeze(1), scale, zero, maxq).squeeze(1)
-            Q1[:, i] = q
-            e = (w - q) / U1[i, i]
-            W1[:, i:] -= e.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            E1[:, i] = e
-        Wc[:, i1:i2] = Q1
-        Wc[:, i2:] -= E1 @ U[i1:i2, i2:]
+    U = inverse_hessian_cholesky(h_d)
+    obs_sweep_(
+        Wc, U, block_size, lambda W1, i: _quantize(W1[:, i : i + 1], scale, zero, maxq).squeeze(1)
+    )
     return Wc.to(W.dtype)
