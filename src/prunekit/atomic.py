@@ -10,7 +10,9 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import torch
 
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
@@ -28,6 +30,11 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def fsync_dir(directory: str | Path) -> None:

@@ -81,21 +81,28 @@ def test_outputs_and_metrics(tmp_path, data):
     assert metrics["test_accuracy"] > 0.5
 
 
+def _patch_loss(monkeypatch, transform):
+    """The trainer's loss becomes ``transform(loss, call number)``; returns the real function."""
+    import prunekit.training.trainer as trainer
+
+    real = trainer.F.cross_entropy
+    calls = {"n": 0}
+
+    def patched(*args, **kwargs):
+        calls["n"] += 1
+        return transform(real(*args, **kwargs), calls["n"])
+
+    monkeypatch.setattr(trainer.F, "cross_entropy", patched)
+    return real
+
+
 def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path, data, monkeypatch):
     recipe = _recipe("gmp", epochs=3, update_every=5)
     train(recipe, tmp_path, progress=False, data=data, device="cpu", stop_after_epoch=1)
     before = (tmp_path / "checkpoint.pt").read_bytes()
     import prunekit.training.trainer as trainer
 
-    real = trainer.F.cross_entropy
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        out = real(*args, **kwargs)
-        return out * math.nan if calls["n"] > 5 else out
-
-    monkeypatch.setattr(trainer.F, "cross_entropy", poisoned)
+    real = _patch_loss(monkeypatch, lambda out, n: out * math.nan if n > 5 else out)
     with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
         train(recipe, tmp_path, progress=False, data=data, device="cpu")
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
@@ -273,18 +280,8 @@ def test_exploded_finite_loss_stops_with_last_good_checkpoint_intact(tmp_path, d
     recipe = _recipe("gmp", epochs=3, update_every=5)
     train(recipe, tmp_path, progress=False, data=data, device="cpu", stop_after_epoch=1)
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    import prunekit.training.trainer as trainer
-
-    real = trainer.F.cross_entropy
-    calls = {"n": 0}
-
-    def exploded(*args, **kwargs):
-        calls["n"] += 1
-        out = real(*args, **kwargs)
-        # the value is 1e15 x the loss, the gradient is the true one: the weights stay finite
-        return out + (1e15 - 1) * out.detach() if calls["n"] > 5 else out
-
-    monkeypatch.setattr(trainer.F, "cross_entropy", exploded)
+    # the value is 1e15 x the loss, the gradient is the true one: the weights stay finite
+    _patch_loss(monkeypatch, lambda out, n: out + (1e15 - 1) * out.detach() if n > 5 else out)
     with pytest.raises(
         DivergenceError, match=r"diverged.*last good checkpoint.*epoch 1\) is intact"
     ):
@@ -295,17 +292,7 @@ def test_exploded_finite_loss_stops_with_last_good_checkpoint_intact(tmp_path, d
 
 def test_a_large_but_bounded_loss_is_not_divergence(tmp_path, data, monkeypatch):
     """The criterion is DIVERGENCE_FACTOR x the first batch's loss: 100x that still trains on."""
-    import prunekit.training.trainer as trainer
-
-    real = trainer.F.cross_entropy
-    calls = {"n": 0}
-
-    def spiky(*args, **kwargs):
-        calls["n"] += 1
-        out = real(*args, **kwargs)
-        return out + 99 * out.detach() if calls["n"] == 3 else out
-
-    monkeypatch.setattr(trainer.F, "cross_entropy", spiky)
+    _patch_loss(monkeypatch, lambda out, n: out + 99 * out.detach() if n == 3 else out)
     m = train(_recipe("gmp", epochs=1, update_every=5), tmp_path, progress=False, data=data)
     assert [h["epoch"] for h in m["history"]] == [1]
 

@@ -32,7 +32,7 @@ from enum import StrEnum
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from prunekit.core.hooks import OptimizerHooks
@@ -56,6 +56,13 @@ ZERO_PRESERVING: tuple[type[Optimizer], ...] = (
     torch.optim.RMSprop,
     torch.optim.Adagrad,
 )
+
+
+def state_without_masks(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of ``model.state_dict()`` without the mask buffers (loadable into a fresh model)."""
+    return {
+        k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith(MASK_SUFFIX)
+    }
 
 
 class MaskMode(StrEnum):
@@ -257,7 +264,7 @@ class Masker:
             return
         if self._mode is MaskMode.HARD:
             self.mask_gradients_()
-            self._observed = False
+            self.end_step_()
         else:
             if self.grad_observer is not None:
                 self.grad_observer([p.grad for p in self.params])

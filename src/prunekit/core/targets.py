@@ -86,13 +86,29 @@ def select_targets(
     A parameter shared by several modules (tied weights) is one target, under its first name.
     """
     type_tuple = tuple(types)
+    # remove_duplicate=False: a module registered twice, or a weight tied between two modules, is
+    # visited under every name, so that patterns naming any of its places count
+    places = list(model.named_modules(remove_duplicate=False))
+    unused_ignore = [
+        p
+        for p in ignore
+        if not any(
+            _matches(p, n, pn)
+            for n, m in places
+            for pn in [param_name, *(name for name, _ in m.named_parameters(recurse=False))]
+        )
+    ]  # a pattern naming a layer that would not be pruned anyway (an Embedding) is fine
+    # a tied weight ignored under one name is ignored under every name
+    ignored_ids = {
+        id(getattr(m, param_name))
+        for n, m in places
+        if isinstance(getattr(m, param_name, None), nn.Parameter)
+        and any(_matches(p, n, param_name) for p in ignore)
+    }
     found: list[Target] = []
     used: set[str] = set()
-    ignored: set[str] = set()
     seen: set[int] = set()
-    # remove_duplicate=False: a module registered twice, or a weight tied between two modules, is
-    # still visited, so that patterns naming its other place count as used
-    for module_name, module in model.named_modules(remove_duplicate=False):
+    for module_name, module in places:
         param = getattr(module, param_name, None)
         if not isinstance(param, nn.Parameter) or param.dim() < 2:
             continue
@@ -104,11 +120,7 @@ def select_targets(
             if not hits:
                 continue
             used.update(hits)
-        skip = [p for p in ignore if _matches(p, module_name, param_name)]
-        if skip:
-            ignored.update(skip)
-            continue
-        if id(param) in seen:  # tied weights: one parameter, one target, one mask
+        if id(param) in ignored_ids or id(param) in seen:  # tied: one parameter, one target
             continue
         seen.add(id(param))
         found.append(Target(module_name, param_name, module))
@@ -116,29 +128,11 @@ def select_targets(
         unused = [p for p in targets if p not in used]
         if unused:
             raise ValueError(f"target patterns matched no {param_name!r} parameter: {unused}")
-    unused_ignore = [
-        p
-        for p in ignore
-        if p not in ignored
-        and not any(
-            _matches(p, n, pn)
-            for n, m in model.named_modules(remove_duplicate=False)
-            for pn in [param_name, *(name for name, _ in m.named_parameters(recurse=False))]
-        )
-    ]  # a pattern naming a layer that would not be pruned anyway (an Embedding) is fine
     if unused_ignore:
         raise ValueError(
             f"ignore patterns matched no module or parameter: {unused_ignore} (a typo would prune "
             "the layer you meant to keep)"
         )
-    # a tied weight ignored under one name is ignored under every name
-    ignored_ids = {
-        id(getattr(m, param_name))
-        for n, m in model.named_modules(remove_duplicate=False)
-        if isinstance(getattr(m, param_name, None), nn.Parameter)
-        and any(_matches(p, n, param_name) for p in ignore)
-    }
-    found = [t for t in found if id(t.param) not in ignored_ids]
     if not found:
         kinds = sorted({type(m).__name__ for m in model.modules()})
         raise NoPrunableLayersError(

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from prunekit.atomic import write_atomic
+from prunekit.atomic import save_atomic
 from prunekit.config import ConfigError
-from prunekit.core.masks import MASK_SUFFIX, Masker, MaskMode
+from prunekit.core.masks import Masker, MaskMode, state_without_masks
 from prunekit.methods.base import Pruner, SparsityConfig, check_fraction
 from prunekit.methods.registry import register_method
 from prunekit.schedules import alternating_phase
@@ -105,11 +105,7 @@ class ACDC(Pruner):
         """
         if self._dense_snapshot is not None and not from_model:
             return {k: v.clone() for k, v in self._dense_snapshot.items()}
-        return {
-            k: v.detach().clone()
-            for k, v in self.model.state_dict().items()
-            if not k.endswith(MASK_SUFFIX)
-        }
+        return state_without_masks(self.model)
 
     def extra_artifacts(
         self,
@@ -122,7 +118,7 @@ class ACDC(Pruner):
         dense_model = fresh_model()
         dense_model.load_state_dict(dense_state)
         accuracy = evaluate(dense_model)
-        write_atomic(out_dir / "model_dense_pair.pt", lambda f: torch.save(dense_state, f))
+        save_atomic(dense_state, out_dir / "model_dense_pair.pt")
         return {"dense_pair_test_accuracy": accuracy}
 
     def _extra_state(self) -> dict[str, Any]:

@@ -129,25 +129,22 @@ class Pruner:
         require_values(self.targets, f"{self.name or type(self).__name__} (magnitudes, masks)")
         self.pattern: NMPattern | None = parse_pattern(config.pattern)
         #: targets left dense because their input channels are not a multiple of the pattern's M
-        self.dense_targets: list[str] = (
-            []
-            if self.pattern is None
-            else [
-                t.name
-                for t in self.targets
-                if not nm_compatible(tuple(t.param.shape), self.pattern.m)
+        self.dense_targets: list[str] = []
+        if self.pattern is not None:
+            m = self.pattern.m
+            self.dense_targets = [
+                t.name for t in self.targets if not nm_compatible(tuple(t.param.shape), m)
             ]
-        )
-        if self.dense_targets:
-            logger.warning(
-                "%s: pattern %s groups %d input channels; %s have a number of input channels that "
-                "is not a multiple of %d and stay dense",
-                self.name or type(self).__name__,
-                config.pattern,
-                self.pattern.m if self.pattern else 0,
-                ", ".join(self.dense_targets),
-                self.pattern.m if self.pattern else 0,
-            )
+            if self.dense_targets:
+                logger.warning(
+                    "%s: pattern %s groups %d input channels; %s have a number of input channels "
+                    "that is not a multiple of %d and stay dense",
+                    self.name or type(self).__name__,
+                    config.pattern,
+                    m,
+                    ", ".join(self.dense_targets),
+                    m,
+                )
         self.step_count = 0
         self.finalized = False
         self.masker: Masker | None = None

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from prunekit.config import ConfigError
-from prunekit.core.masks import MASK_SUFFIX, Masker, MaskMode
+from prunekit.core.masks import Masker, MaskMode, state_without_masks
 from prunekit.methods.base import Pruner, SparsityConfig, check_fraction
 from prunekit.methods.registry import register_method
 from prunekit.schedules import constant, cosine, linear
@@ -160,11 +160,7 @@ class IMP(Pruner):
         c = self.config
         if c.rewind_to is not None and step == c.fraction_step(c.rewind_to):
             # the whole network rewinds (biases, norms, layers left dense), not only the targets
-            self._rewind = {
-                k: v.detach().clone()
-                for k, v in self.model.state_dict().items()
-                if not k.endswith(MASK_SUFFIX)
-            }
+            self._rewind = state_without_masks(self.model)
 
     @torch.no_grad()
     def _prune_round(self, r: int) -> None:

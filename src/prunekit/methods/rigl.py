@@ -82,13 +82,14 @@ class RigL(Pruner):
         self.masker = Masker(self.targets, optimizer, MaskMode.HARD, grad_observer=self._observe)
         device = self.targets[0].param.device
         shapes = [tuple(t.param.shape) for t in self.targets]
-        if config.allocation == "uniform" and len(shapes) > 1:
+        first_dense = config.allocation == "uniform" and len(shapes) > 1
+        if first_dense:
             masks = uniform_first_dense_masks(shapes, config.sparsity, device)
         else:
             masks = random_masks(shapes, config.sparsity, config.allocation, device=device)
         self.masker.set_masks_(masks)
         self._budget = sum(int(m.sum()) for m in masks)
-        if config.allocation == "uniform" and len(shapes) > 1:
+        if first_dense:
             logger.info(
                 "RigL uniform: %s stays dense (as in the paper); total sparsity %.4f",
                 self.targets[0].name,

@@ -29,7 +29,7 @@ from typing import Any, TypeGuard
 import torch
 from torch import nn
 
-from prunekit.atomic import fsync_dir, write_atomic
+from prunekit.atomic import fsync_dir, save_atomic, write_atomic
 from prunekit.structured.groups import Group
 from prunekit.structured.heads import drives_reshape_literal
 from prunekit.structured.slim import SPEC_FORMAT, SPEC_VERSION, apply_kept, slim_with_plan
@@ -71,7 +71,7 @@ def save_slim(slim_model: nn.Module, spec: dict[str, Any], directory: str | Path
     state = {k: v.detach().cpu() for k, v in slim_model.state_dict().items()}
     text = json.dumps({**spec, "weights": weights}, indent=1).encode()
     try:
-        write_atomic(out / weights, lambda f: torch.save(state, f))
+        save_atomic(state, out / weights)
         write_atomic(out / _SPEC, lambda f: f.write(text))
     except BaseException:
         (out / weights).unlink(missing_ok=True)

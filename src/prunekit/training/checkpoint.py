@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prunekit.atomic import write_atomic
+from prunekit.atomic import save_atomic
 
 CHECKPOINT_FORMAT = "prunekit-checkpoint"
 SPARSE_FORMAT = "prunekit-sparse"
@@ -27,11 +27,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A file is missing, truncated, corrupt or not the expected prunekit format."""
-
-
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
-    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _load(path: str | Path, expected: str) -> dict[str, Any]:
