@@ -24,7 +24,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -392,6 +392,38 @@ def obs_sweep_(
         Wc[:, i2:] -= E1 @ U[i1:i2, i2:]
 
 
+@overload
+def sparsegpt_prune(
+    W: Tensor,
+    H: Tensor,
+    sparsity: float,
+    block_size: int = ...,
+    nm: tuple[int, int] | None = ...,
+    damp: float = ...,
+    mask_scope: Literal["row", "block"] = ...,
+    bits: int | None = ...,
+    group_size: int | None = ...,
+    *,
+    return_grid: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def sparsegpt_prune(
+    W: Tensor,
+    H: Tensor,
+    sparsity: float,
+    block_size: int = ...,
+    nm: tuple[int, int] | None = ...,
+    damp: float = ...,
+    mask_scope: Literal["row", "block"] = ...,
+    bits: int | None = ...,
+    group_size: int | None = ...,
+    *,
+    return_grid: Literal[True],
+) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
 def sparsegpt_prune(
     W: Tensor,
     H: Tensor,
@@ -400,7 +432,11 @@ def sparsegpt_prune(
     nm: tuple[int, int] | None = None,
     damp: float = 0.01,
     mask_scope: Literal["row", "block"] = "row",
-) -> Tensor:
+    bits: int | None = None,
+    group_size: int | None = None,
+    *,
+    return_grid: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """SparseGPT (Frantar & Alistarh, ICML 2023): OBS pruning in a fixed column order.
 
     With ``U`` the upper Cholesky factor of ``H⁻¹`` (``H⁻¹ = UᵀU``), column ``j`` is visited in
@@ -424,6 +460,16 @@ def sparsegpt_prune(
       remain; the ``m - n`` lowest scores are chosen when the group is reached. Dead inputs
       are zeros and count toward the pattern (they are picked first).
 
+    Joint pruning and quantization (``bits`` given), as in the SparseGPT reference: the column
+    compressor returns the *quantized* value of every kept weight and 0 for a pruned one, so
+    the OBS update of the later columns absorbs both errors in the same sweep. Grid (min-max,
+    widened to contain 0, see :func:`~prunekit.posttrain.quant.minmax_grid`): per row, from the
+    row's weights before the sweep (dead inputs zeroed); per group of ``group_size``
+    consecutive inputs, from the group's OBS-updated weights when the sweep reaches its first
+    column, with the weights already chosen for pruning counted as 0 (the block size is then
+    rounded to a multiple of ``group_size``, and of ``m`` for N:M, so a group never straddles a
+    lazy block). Every row (or group) holds at most ``2^bits`` distinct values, 0 included.
+
     Args:
         W: weights, shape ``(d_out, d_in)``; not modified.
         H: layer Hessian ``2 XᵀX / n``, shape ``(d_in, d_in)``.
@@ -433,9 +479,14 @@ def sparsegpt_prune(
         damp: relative damping, see :func:`prepare_hessian`.
         mask_scope: ``"row"`` (every row exactly the same sparsity) or ``"block"`` (one
             threshold per column block over all rows, as in the SparseGPT reference code).
+        bits: ``None`` (pruning only) or the bits of the grid of the kept weights (``1..16``).
+        group_size: with ``bits``: ``None`` (per-row grid) or inputs per grid group.
+        return_grid: with ``bits``: also return ``(scale, zero)`` of shape
+            ``(d_out, n_groups)``, for :func:`~prunekit.posttrain.quant.quantize_to_ints`.
 
     Returns:
-        The pruned and compensated weights (new tensor, dtype of ``W``).
+        The pruned and compensated weights (new tensor, dtype of ``W``), or
+        ``(weights, scale, zero)`` with ``return_grid=True``.
 
     Raises:
         HessianError: the Hessian cannot be factorised (see :func:`prepare_hessian`).
@@ -450,6 +501,8 @@ def sparsegpt_prune(
         raise ValueError(f"mask_scope must be 'row' or 'block', got {mask_scope!r}")
     if block_size < 1 or (nm is not None and block_size % nm[1] != 0):
         raise ValueError(f"block_size must be >= 1 (and a multiple of m for N:M), got {block_size}")
+    if bits is None and (group_size is not None or return_grid):
+        raise ValueError("group_size and return_grid need bits (joint pruning + quantization)")
     dtype = _compute_dtype(W)
     h_d, info = prepare_hessian(H.to(dtype), damp=damp)
     Wc = W.to(dtype).clone()
@@ -485,6 +538,14 @@ def sparsegpt_prune(
         if nm is None:
             choose_unstructured(W1, i1, i2)
 
+    quant = None if bits is None else _JointGrid(Wc, bits, group_size, mask)
+    if quant is not None and quant.group_size is not None:
+        unit = math.lcm(quant.group_size, nm[1] if nm is not None else 1)
+        aligned = unit * max(1, block_size // unit)
+        if aligned != block_size:
+            logger.info("block_size %d -> %d so grid groups align with blocks", block_size, aligned)
+        block_size = aligned
+
     def compress(W1: Tensor, i: int) -> Tensor:
         j = i_block[0] + i
         if nm is not None and j % nm[1] == 0:
@@ -493,8 +554,43 @@ def sparsegpt_prune(
             g[:, dead[j : j + m]] = -math.inf
             idx = torch.topk(g, m - n, dim=1, largest=False).indices
             mask.scatter_(1, j + idx, True)
-        return W1[:, i].masked_fill(mask[:, j], 0.0)
+        q = W1[:, i].masked_fill(mask[:, j], 0.0)
+        return q if quant is None else quant(W1, i, j, q)
 
     obs_sweep_(Wc, U, block_size, compress, start)
     Wc[:, dead] = 0.0
+    if quant is not None and return_grid:
+        return Wc.to(W.dtype), quant.scale, quant.zero
     return Wc.to(W.dtype)
+
+
+class _JointGrid:
+    """The quantizer of joint SparseGPT: per-row grid up front, or per group when reached."""
+
+    def __init__(self, Wc: Tensor, bits: int, group_size: int | None, mask: Tensor) -> None:
+        from prunekit.posttrain.quant import _check_bits, _check_group_size, minmax_grid
+
+        _check_bits(bits)
+        _check_group_size(group_size)
+        d_out, d_in = Wc.shape
+        self.maxq = 2**bits - 1
+        self.mask = mask
+        self.group_size = None if group_size is None or group_size >= d_in else group_size
+        if self.group_size is None:
+            self.scale, self.zero = minmax_grid(Wc, bits)
+        else:
+            n_groups = math.ceil(d_in / self.group_size)
+            self.scale = torch.empty(d_out, n_groups, dtype=Wc.dtype, device=Wc.device)
+            self.zero = torch.empty_like(self.scale)
+
+    def __call__(self, W1: Tensor, i: int, j: int, q: Tensor) -> Tensor:
+        from prunekit.posttrain.quant import _minmax, _quantize
+
+        g = 0
+        if self.group_size is not None:
+            g = j // self.group_size
+            if j % self.group_size == 0:
+                gs = self.group_size
+                cur = W1[:, i : i + gs].masked_fill(self.mask[:, j : j + gs], 0.0)
+                self.scale[:, g], self.zero[:, g] = _minmax(cur, self.maxq)
+        return _quantize(q, self.scale[:, g], self.zero[:, g], self.maxq)

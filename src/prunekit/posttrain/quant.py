@@ -1,13 +1,26 @@
-"""GPTQ: layer-wise OBS quantization in a fixed column order (Frantar et al., ICLR 2023).
+"""Uniform min-max grids, round-to-nearest and GPTQ (Frantar et al., ICLR 2023).
 
 Same Hessian convention as :mod:`prunekit.posttrain.obs` (``H = 2 XᵀX / n``). Pure tensor maths.
 
+Grids are asymmetric and uniform: a weight ``w`` with ``scale`` and integer ``zero`` is stored as
+the code ``c = clamp(round(w / scale) + zero, 0, 2^bits - 1)`` and read back as
+``q(w) = scale · (c - zero)``. A grid is either per output row (``group_size=None``) or per
+group of ``group_size`` consecutive input columns of a row (the last group may be shorter).
+``scale`` and ``zero`` have shape ``(d_out, n_groups)`` (``n_groups = 1`` per row,
+``ceil(d_in / group_size)`` per group); :func:`expand_grid` repeats them to ``(d_out, d_in)``.
+The range of every grid is widened to contain 0, so 0 (a pruned or dead weight) is always
+representable exactly and a row (or group) holds at most ``2^bits`` distinct values, 0 included.
+
 Reference: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for
 Generative Pre-trained Transformers", ICLR 2023; OBQ in Frantar & Alistarh, "Optimal Brain
-Compression", NeurIPS 2022.
+Compression", NeurIPS 2022 (see :mod:`prunekit.posttrain.obc`).
 """
 
 from __future__ import annotations
+
+import logging
+import math
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -19,28 +32,33 @@ from prunekit.posttrain.obs import (
     prepare_hessian,
 )
 
-__all__ = ["gptq_quantize", "minmax_grid", "quantize_rtn"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "expand_grid",
+    "gptq_quantize",
+    "minmax_grid",
+    "quantize_rtn",
+    "quantize_to_ints",
+]
 
 
-def minmax_grid(W: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Asymmetric per-row uniform grid from the row range (which is widened to contain 0).
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"bits must be an integer in [1, 16], got {bits!r}")
 
-    ``scale = (max - min) / (2^bits - 1)``, ``zero = round(-min / scale)``; a row of zeros
-    gets the range ``[-1, 1]``.
 
-    Args:
-        W: weights, shape ``(d_out, d_in)``.
-        bits: bits per weight, ``1 ≤ bits ≤ 16``.
+def _check_group_size(group_size: int | None) -> None:
+    if group_size is not None and (
+        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+    ):
+        raise ValueError(f"group_size must be None or an integer >= 1, got {group_size!r}")
 
-    Returns:
-        ``(scale, zero)``, each of shape ``(d_out, 1)``.
-    """
-    if not 1 <= bits <= 16:
-        raise ValueError(f"bits must be in [1, 16], got {bits}")
-    maxq = 2**bits - 1
-    w = W.to(_compute_dtype(W))
-    xmin = w.min(dim=1, keepdim=True).values.clamp(max=0.0)
-    xmax = w.max(dim=1, keepdim=True).values.clamp(min=0.0)
+
+def _minmax(w: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """Grid of the last dimension of ``w`` (range widened to contain 0; all-zero → [-1, 1])."""
+    xmin = w.amin(dim=-1).clamp(max=0.0)
+    xmax = w.amax(dim=-1).clamp(min=0.0)
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
@@ -49,15 +67,140 @@ def minmax_grid(W: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return scale, zero
 
 
+def minmax_grid(W: Tensor, bits: int, group_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Asymmetric uniform grid per row, or per group of ``group_size`` consecutive inputs.
+
+    For the weights ``v`` of a row (or group), with the range widened to contain 0,
+    ``lo = min(min v, 0)``, ``hi = max(max v, 0)``::
+
+        scale = (hi - lo) / (2^bits - 1),   zero = round(-lo / scale)
+
+    An all-zero row or group gets the range ``[-1, 1]``. Because ``lo ≤ 0 ≤ hi``, ``zero`` lies
+    in ``[0, 2^bits - 1]`` and ``q(0) = 0`` exactly.
+
+    Args:
+        W: weights, shape ``(d_out, d_in)``.
+        bits: bits per weight, ``1 ≤ bits ≤ 16``.
+        group_size: ``None`` for one grid per row; otherwise columns ``[g·group_size,
+            (g+1)·group_size)`` share a grid (the last group may be shorter).
+
+    Returns:
+        ``(scale, zero)``, each of shape ``(d_out, n_groups)``: ``(d_out, 1)`` per row,
+        ``(d_out, ceil(d_in / group_size))`` per group. See :func:`expand_grid`.
+    """
+    _check_bits(bits)
+    _check_group_size(group_size)
+    if W.dim() != 2:
+        raise ValueError(f"W must have shape (d_out, d_in), got {tuple(W.shape)}")
+    maxq = 2**bits - 1
+    w = W.to(_compute_dtype(W))
+    if group_size is None or group_size >= w.shape[1]:
+        scale, zero = _minmax(w, maxq)
+        return scale.unsqueeze(1), zero.unsqueeze(1)
+    grids = [_minmax(w[:, i : i + group_size], maxq) for i in range(0, w.shape[1], group_size)]
+    return torch.stack([s for s, _ in grids], 1), torch.stack([z for _, z in grids], 1)
+
+
+def expand_grid(t: Tensor, d_in: int) -> Tensor:
+    """Repeat a per-group ``scale`` or ``zero`` of shape ``(d_out, n_groups)`` to ``(d_out, d_in)``.
+
+    The group size is ``ceil(d_in / n_groups)`` (``n_groups = 1``: one value per row).
+    """
+    n_groups = t.shape[1]
+    group_size = math.ceil(d_in / n_groups)
+    return t.repeat_interleave(group_size, dim=1)[:, :d_in]
+
+
 def _quantize(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
     """``q(w) = scale · (clamp(round(w / scale) + zero, 0, maxq) - zero)``."""
     return scale * (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero)
 
 
-def quantize_rtn(W: Tensor, bits: int) -> Tensor:
-    """Round-to-nearest on the per-row min-max grid of :func:`minmax_grid` (no update)."""
-    scale, zero = minmax_grid(W, bits)
-    return _quantize(W.to(scale.dtype), scale, zero, 2**bits - 1).to(W.dtype)
+def quantize_rtn(W: Tensor, bits: int, group_size: int | None = None) -> Tensor:
+    """Round-to-nearest on the min-max grid of :func:`minmax_grid` (per row or group; no update)."""
+    scale, zero = minmax_grid(W, bits, group_size)
+    d_in = W.shape[1]
+    q = _quantize(W.to(scale.dtype), expand_grid(scale, d_in), expand_grid(zero, d_in), 2**bits - 1)
+    return q.to(W.dtype)
+
+
+def quantize_to_ints(
+    W_dequantized: Tensor, scale: Tensor, zero: Tensor, bits: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Integer codes of weights that already lie on a grid, for export.
+
+    ``codes = clamp(round(W / scale) + zero, 0, 2^bits - 1)`` with ``scale``/``zero`` expanded
+    to ``(d_out, d_in)``. For ``W_dequantized`` produced by this module with the same grid
+    (:func:`quantize_rtn`, :func:`gptq_quantize` with ``return_grid=True``, OBQ, joint
+    SparseGPT), ``(scale · (codes - zero)).to(W_dequantized.dtype)`` reproduces
+    ``W_dequantized`` exactly: use :func:`expand_grid` on ``scale``/``zero`` and compute in
+    the dtype of ``scale``.
+
+    Args:
+        W_dequantized: weights on the grid, shape ``(d_out, d_in)``.
+        scale: ``(d_out, n_groups)`` grid step, from :func:`minmax_grid` or a ``return_grid``.
+        zero: ``(d_out, n_groups)`` integer zero point (stored as floats).
+        bits: bits of the grid, ``1 ≤ bits ≤ 8`` (codes are ``uint8``).
+
+    Returns:
+        ``(codes, scale, zero)``: ``codes`` of dtype ``uint8`` and shape ``(d_out, d_in)``;
+        ``scale`` unchanged; ``zero`` as ``uint8``.
+
+    Raises:
+        ValueError: ``W_dequantized`` is not on the grid (a code off by more than 1e-3 of a step).
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in [1, 8] for uint8 codes, got {bits!r}")
+    if (
+        W_dequantized.dim() != 2
+        or scale.shape != zero.shape
+        or scale.shape[0] != W_dequantized.shape[0]
+    ):
+        raise ValueError(
+            f"W must be (d_out, d_in) and scale/zero (d_out, n_groups), got "
+            f"{tuple(W_dequantized.shape)}, {tuple(scale.shape)}, {tuple(zero.shape)}"
+        )
+    d_in = W_dequantized.shape[1]
+    s = expand_grid(scale, d_in)
+    z = expand_grid(zero, d_in)
+    exact = W_dequantized.to(s.dtype) / s + z
+    codes = torch.round(exact)
+    if (codes - exact).abs().max() > 1e-3 or codes.min() < 0 or codes.max() > 2**bits - 1:
+        raise ValueError(
+            "W_dequantized is not on the given grid; pass the scale/zero that produced it"
+        )
+    return codes.to(torch.uint8), scale, zero.to(torch.uint8)
+
+
+def _aligned_block_size(block_size: int, unit: int) -> int:
+    """The largest multiple of ``unit`` that is ``≤ block_size`` (at least ``unit``)."""
+    return unit * max(1, block_size // unit)
+
+
+@overload
+def gptq_quantize(
+    W: Tensor,
+    H: Tensor,
+    bits: int,
+    block_size: int = ...,
+    damp: float = ...,
+    group_size: int | None = ...,
+    *,
+    return_grid: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def gptq_quantize(
+    W: Tensor,
+    H: Tensor,
+    bits: int,
+    block_size: int = ...,
+    damp: float = ...,
+    group_size: int | None = ...,
+    *,
+    return_grid: Literal[True],
+) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 def gptq_quantize(
@@ -66,40 +209,80 @@ def gptq_quantize(
     bits: int,
     block_size: int = 128,
     damp: float = 0.01,
-) -> Tensor:
+    group_size: int | None = None,
+    *,
+    return_grid: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """GPTQ: quantize columns in order, spreading each error with the Cholesky rows of ``H⁻¹``.
 
     With ``U`` the upper Cholesky factor of ``H⁻¹``, column ``j`` is rounded to ``q_j`` and the
     not-yet-quantized columns absorb the OBS correction
     ``W[:, j:] -= ((w_j - q_j) / U_jj) · U[j, j:]``; updates are lazy inside blocks of
-    ``block_size`` columns, as in :func:`~prunekit.posttrain.obs.sparsegpt_prune`. The grid
-    (per-row min-max, :func:`minmax_grid`) is fixed from the original weights. Dead inputs
+    ``block_size`` columns, as in :func:`~prunekit.posttrain.obs.sparsegpt_prune`. Dead inputs
     (``H_jj = 0``) get weight 0 (0 is always on the grid).
+
+    Grid: per row (``group_size=None``), min-max of the original weights, fixed up front. Per
+    group, as in the GPTQ reference: the grid of a group is the min-max of the group's
+    *OBS-updated* weights at the moment the sweep reaches the group's first column (so it
+    already absorbs the errors of the earlier groups). To read those weights exactly under
+    lazy updates, the block size is rounded to a multiple of ``group_size`` (groups never
+    straddle blocks; the result in exact arithmetic does not depend on the block size).
 
     Args:
         W: weights, shape ``(d_out, d_in)``; not modified.
         H: layer Hessian ``2 XᵀX / n``, shape ``(d_in, d_in)``.
-        bits: bits per weight.
+        bits: bits per weight (``1..16``).
         block_size: columns per lazy-update block.
         damp: relative damping, see :func:`~prunekit.posttrain.obs.prepare_hessian`.
+        group_size: ``None`` (per-row grid) or the number of consecutive inputs sharing a grid.
+        return_grid: also return ``(scale, zero)`` of shape ``(d_out, n_groups)``, for
+            :func:`quantize_to_ints`.
 
     Returns:
-        The quantized weights (dequantized values on the grid; new tensor, dtype of ``W``).
+        The quantized weights (dequantized values on the grid; new tensor, dtype of ``W``), or
+        ``(weights, scale, zero)`` with ``return_grid=True``.
     """
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(
             f"W must be (d_out, d_in) and H (d_in, d_in), got {tuple(W.shape)} and {tuple(H.shape)}"
         )
+    _check_bits(bits)
+    _check_group_size(group_size)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     dtype = _compute_dtype(W)
     maxq = 2**bits - 1
+    d_in = W.shape[1]
     Wc = W.to(dtype).clone()
-    scale, zero = minmax_grid(Wc, bits)
     h_d, info = prepare_hessian(H.to(dtype), damp=damp)
     Wc[:, info.dead] = 0.0
     U = inverse_hessian_cholesky(h_d)
-    obs_sweep_(
-        Wc, U, block_size, lambda W1, i: _quantize(W1[:, i : i + 1], scale, zero, maxq).squeeze(1)
-    )
-    return Wc.to(W.dtype)
+    if group_size is None or group_size >= d_in:
+        scale, zero = minmax_grid(Wc, bits)
+        obs_sweep_(
+            Wc,
+            U,
+            block_size,
+            lambda W1, i: _quantize(W1[:, i : i + 1], scale, zero, maxq).squeeze(1),
+        )
+    else:
+        n_groups = math.ceil(d_in / group_size)
+        scale = torch.empty(W.shape[0], n_groups, dtype=dtype, device=W.device)
+        zero = torch.empty_like(scale)
+        i_block = [0]
+
+        def start(W1: Tensor, i1: int, i2: int) -> None:
+            i_block[0] = i1
+
+        def compress(W1: Tensor, i: int) -> Tensor:
+            j = i_block[0] + i
+            g = j // group_size
+            if j % group_size == 0:
+                scale[:, g], zero[:, g] = _minmax(W1[:, i : i + group_size], maxq)
+            return _quantize(W1[:, i], scale[:, g], zero[:, g], maxq)
+
+        obs_sweep_(Wc, U, _aligned_block_size(block_size, group_size), compress, start)
+    Wq = Wc.to(W.dtype)
+    if return_grid:
+        return Wq, scale, zero
+    return Wq

@@ -1,0 +1,425 @@
+"""OBC and OBQ: exact greedy OBS per row (Frantar & Alistarh, NeurIPS 2022).
+
+Pure tensor maths, same conventions as :mod:`prunekit.posttrain.obs`: a layer ``W`` of shape
+``(d_out, d_in)``, ``H = 2 XᵀX / n`` (losses are mean squared errors per calibration sample).
+
+Every row is compressed on its own, greedily and exactly. With ``H⁻¹`` the inverse of the
+damped Hessian restricted to the row's weights that are still free, one step
+
+1. picks the free weight ``p`` with the smallest OBS cost — pruning (OBC):
+   ``w_p² / [H⁻¹]_pp``; quantization (OBQ): ``(q(w_p) - w_p)² / [H⁻¹]_pp``;
+2. fixes it (``w_p ← 0`` or ``q(w_p)``) and updates the free weights optimally,
+   ``δ = -((w_p - target_p) / [H⁻¹]_pp) · H⁻¹[:, p]``; the step's loss is
+   ``(w_p - target_p)² / (2 [H⁻¹]_pp)``;
+3. eliminates ``p`` from the inverse by a rank-1 downdate (one Gauss-Jordan step),
+   ``H⁻¹ ← H⁻¹ - H⁻¹[:, p] H⁻¹[p, :] / [H⁻¹]_pp``, which is exactly the inverse of ``H`` with
+   row and column ``p`` removed (padded with zeros).
+
+Because each step is the exact OBS optimum, the weights after ``k`` removals are the
+least-squares optimum on the support that is left (for the damped ``H``). Cost per row
+``O(k · d_in²)``, i.e. ``O(d_out · d_in³)`` for a whole trace: rows are processed
+``row_batch`` at a time (memory ``row_batch · d_in²``). Layers up to ``d_in ≈ 1000`` are
+practical on a CPU; use SparseGPT/GPTQ beyond.
+
+Reference: Frantar & Alistarh, "Optimal Brain Compression: A Framework for Accurate Post-Training
+Quantization and Pruning", NeurIPS 2022 (reference code github.com/IST-DASLab/OBC).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from prunekit.posttrain.obs import (
+    HessianError,
+    _check_sparsity,
+    _compute_dtype,
+    _n_pruned,
+    prepare_hessian,
+)
+from prunekit.posttrain.quant import _check_bits, _quantize, expand_grid, minmax_grid
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ObcDatabase", "obc_database", "obc_prune", "obq_quantize"]
+
+#: Default bound on the batched inverses, ``row_batch · d_in² · element size`` (256 MiB).
+_BATCH_BYTES = 2**28
+
+
+@dataclass
+class ObcDatabase:
+    """OBC results of one layer at several sparsity levels, from one greedy pass per row.
+
+    This is the per-layer "database" of the OBC paper: a speed-aware allocator (SPDY, Frantar &
+    Alistarh, ICML 2022) picks one level per layer from ``levels``/``losses`` and the measured
+    layer times, then stitches ``weights_at(level)`` of every layer into the model.
+
+    Attributes:
+        levels: the requested sparsity levels, in the order given (for N:M, one level
+            ``(m - n) / m``).
+        weights: compressed weights per level, each ``(d_out, d_in)`` in the dtype of ``W``.
+        losses: per level, the layer's error ``½ Σ_rows (w - ŵ) H (w - ŵ)ᵀ`` for the given
+            (undamped) ``H = 2XᵀX/n``, i.e. ``||X Wᵀ - X Ŵᵀ||² / n``, the mean squared error
+            per calibration sample. With ``damp = 0`` it equals the sum of the OBS step losses.
+        order: ``(d_out, d_in)`` int64, ``order[r, t]`` the input removed from row ``r`` at
+            step ``t``; ``-1`` after the last step run (dead inputs never appear).
+        step_losses: ``(d_out, d_in)``, the OBS loss of each step under the damped ``H``
+            (``w_p² / (2 [H⁻¹]_pp)``), ``nan`` after the last step run.
+        counts: ``(d_out, n_levels)`` int64, live weights removed from each row at each level.
+        dead: indices of dead inputs (``H_jj = 0``): zeroed in every level, not counted.
+    """
+
+    levels: list[float]
+    weights: list[Tensor]
+    losses: Tensor
+    order: Tensor
+    step_losses: Tensor
+    counts: Tensor
+    dead: Tensor
+
+    def weights_at(self, level: float) -> Tensor:
+        """The weights of the stored level equal to ``level`` (within 1e-9)."""
+        for lv, w in zip(self.levels, self.weights, strict=True):
+            if abs(lv - level) <= 1e-9:
+                return w
+        raise KeyError(f"level {level} is not in the database; stored levels: {self.levels}")
+
+
+def _row_batch(row_batch: int | None, d_out: int, d: int, dtype: torch.dtype) -> int:
+    if row_batch is None:
+        elem = torch.finfo(dtype).bits // 8
+        return max(1, min(d_out, _BATCH_BYTES // (d * d * elem)))
+    if isinstance(row_batch, bool) or not isinstance(row_batch, int) or row_batch < 1:
+        raise ValueError(f"row_batch must be None or an integer >= 1, got {row_batch!r}")
+    return row_batch
+
+
+def _check_layer(W: Tensor, H: Tensor) -> None:
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(
+            f"W must be (d_out, d_in) and H (d_in, d_in), got {tuple(W.shape)} and {tuple(H.shape)}"
+        )
+
+
+def _prepare(W: Tensor, H: Tensor, damp: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(W with dead columns zeroed, H⁻¹ of the damped H, dead bool mask, dead indices)``."""
+    dtype = _compute_dtype(W)
+    h_d, info = prepare_hessian(H.to(dtype), damp=damp)
+    L, err = torch.linalg.cholesky_ex(h_d)
+    if int(err) != 0:
+        raise HessianError("Cholesky of the damped Hessian failed; pass a larger damp")
+    hinv = torch.cholesky_inverse(L)
+    dead = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
+    dead[info.dead] = True
+    Wc = W.to(dtype).clone()
+    Wc[:, dead] = 0.0
+    return Wc, hinv, dead, info.dead
+
+
+def _eliminate_(hinv: Tensor, col: Tensor, d_p: Tensor) -> None:
+    """Rank-1 downdate ``H⁻¹ ← H⁻¹ - c cᵀ / d_p`` of a batch, ``c = H⁻¹[:, p]`` (in place)."""
+    c = col / d_p.sqrt().unsqueeze(1)
+    hinv.baddbmm_(c.unsqueeze(2), c.unsqueeze(1), alpha=-1.0)
+
+
+def _greedy_prune_rows(
+    w: Tensor,
+    hinv0: Tensor,
+    dead: Tensor,
+    n_steps: int,
+    snap_counts: Tensor | None,
+    nm: tuple[int, int] | None,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Greedy OBS removal for a batch of rows ``w`` (``(b, d)``, modified in place).
+
+    Returns ``(order (b, n_steps), step_losses (b, n_steps), snapshots)`` where
+    ``snapshots[l]`` is ``(b, d)``: row ``r`` as it was after ``snap_counts[r, l]`` steps.
+    """
+    b, d = w.shape
+    ar = torch.arange(b, device=w.device)
+    hinv = hinv0.unsqueeze(0).repeat(b, 1, 1)
+    removed = dead.unsqueeze(0).repeat(b, 1)
+    order = torch.full((b, n_steps), -1, dtype=torch.long, device=w.device)
+    losses = torch.zeros(b, n_steps, dtype=w.dtype, device=w.device)
+    n_levels = 0 if snap_counts is None else snap_counts.shape[1]
+    snaps = [w.clone() for _ in range(n_levels)]  # count 0 = the dense row
+    if nm is not None:
+        n, m = nm
+        full = dead.reshape(d // m, m).sum(1).unsqueeze(0).repeat(b, 1) >= m - n
+    for t in range(n_steps):
+        diag = torch.diagonal(hinv, dim1=1, dim2=2)
+        blocked = removed
+        if nm is not None:
+            blocked = removed | full.repeat_interleave(m, dim=1)
+        scores = (w.square() / diag).masked_fill(blocked, math.inf)
+        p = scores.argmin(dim=1)
+        d_p = diag[ar, p]
+        w_p = w[ar, p]
+        col = hinv[ar, :, p]
+        losses[:, t] = w_p.square() / (2.0 * d_p)
+        order[:, t] = p
+        w.sub_((w_p / d_p).unsqueeze(1) * col)
+        removed[ar, p] = True
+        w.masked_fill_(removed, 0.0)
+        if nm is not None:
+            g = p // m
+            full[ar, g] = removed.reshape(b, d // m, m)[ar, g].sum(1) >= m - n
+        if snap_counts is not None:
+            hit = snap_counts == t + 1
+            for lv in range(n_levels):
+                rows = hit[:, lv]
+                snaps[lv][rows] = w[rows]
+        if t + 1 < n_steps:
+            _eliminate_(hinv, col, d_p)
+    return order, losses, snaps
+
+
+def _layer_loss(W0: Tensor, W1: Tensor, H: Tensor) -> Tensor:
+    """``½ Σ_rows (w0 - w1) H (w0 - w1)ᵀ`` = ``||X W0ᵀ - X W1ᵀ||² / n`` for ``H = 2XᵀX/n``."""
+    D = W0 - W1
+    return 0.5 * ((D @ H) * D).sum()
+
+
+def obc_database(
+    W: Tensor,
+    H: Tensor,
+    levels: Sequence[float],
+    damp: float = 0.01,
+    nm: tuple[int, int] | None = None,
+    row_batch: int | None = None,
+    mask_scope: Literal["row", "layer"] = "row",
+) -> ObcDatabase:
+    """OBC pruning of one layer at several sparsity levels from one greedy pass per row.
+
+    Each row is pruned greedily, one weight at a time (see the module docstring: smallest
+    ``w_p² / [H⁻¹]_pp``, OBS update ``δ = -(w_p / [H⁻¹]_pp) H⁻¹[:, p]``, exact rank-1
+    elimination of ``p`` from ``H⁻¹``), and the row is snapshotted whenever its number of
+    removed live weights reaches the count of a level. Dead inputs (``H_jj = 0``) are zeroed
+    first and not counted: with ``n_live`` live inputs a level ``s`` removes
+    ``round(s · n_live)`` of them.
+
+    Allocation across rows (``mask_scope``):
+
+    * ``"row"`` (default): every row removes exactly ``round(s · n_live)`` weights; one pass up
+      to the largest count gives every level.
+    * ``"layer"``: as in the OBC reference code (``prune_blocked``), the per-step losses of all
+      rows are sorted together and the ``d_out · round(s · n_live)`` smallest are taken; a row's
+      count is the number of its steps among them, so rows may differ but the layer total is
+      exact. This needs every row's full trace first, so it runs a full pass for the losses and
+      a second pass (identical arithmetic, hence identical order) that snapshots each row at
+      its own count.
+
+    N:M (``nm=(n, m)``, groups of ``m`` consecutive inputs): the greedy step only considers
+    groups that still have fewer than ``m - n`` zeros (dead inputs count as zeros) and runs
+    until every group has ``m - n``; ``levels`` is then ignored and the database holds the one
+    level ``(m - n) / m``.
+
+    Args:
+        W: weights, shape ``(d_out, d_in)``; not modified.
+        H: layer Hessian ``2 XᵀX / n``, shape ``(d_in, d_in)``.
+        levels: sparsity levels in ``[0, 1]`` (fractions of the live inputs of a row).
+        damp: relative damping, see :func:`~prunekit.posttrain.obs.prepare_hessian`.
+        nm: ``(n, m)`` semi-structured pattern, e.g. ``(2, 4)``.
+        row_batch: rows processed together (memory ``row_batch · d_in²`` floats); ``None``
+            picks a batch of at most 256 MiB.
+        mask_scope: ``"row"`` or ``"layer"`` (see above; unstructured only).
+
+    Returns:
+        An :class:`ObcDatabase`.
+
+    Raises:
+        HessianError: the Hessian cannot be factorised (see ``prepare_hessian``).
+    """
+    _check_layer(W, H)
+    d_out, d_in = W.shape
+    if mask_scope not in ("row", "layer"):
+        raise ValueError(f"mask_scope must be 'row' or 'layer', got {mask_scope!r}")
+    if nm is not None:
+        _check_sparsity(0.0, nm, d_in)
+        if mask_scope != "row":
+            raise ValueError("mask_scope='layer' applies to unstructured sparsity only, not N:M")
+        levels = [(nm[1] - nm[0]) / nm[1]]
+    else:
+        levels = [float(s) for s in levels]
+        if not levels:
+            raise ValueError("levels must hold at least one sparsity level")
+        for s in levels:
+            _check_sparsity(s, None, d_in)
+    Wc, hinv0, dead, dead_idx = _prepare(W, H, damp)
+    dtype = Wc.dtype
+    n_live = d_in - int(dead.sum())
+    batch = _row_batch(row_batch, d_out, d_in, dtype)
+    dev = W.device
+
+    if nm is not None:
+        n, m = nm
+        dead_per_group = dead.reshape(d_in // m, m).sum(1)
+        n_steps = int((m - n - dead_per_group).clamp(min=0).sum())
+        counts = torch.full((d_out, 1), n_steps, dtype=torch.long, device=dev)
+    else:
+        per_row = torch.tensor([_n_pruned(s, n_live) for s in levels], dtype=torch.long, device=dev)
+        counts = per_row.unsqueeze(0).repeat(d_out, 1)
+        n_steps = int(per_row.max())
+        if mask_scope == "layer":
+            counts = _layer_counts(Wc, hinv0, dead, n_live, per_row, batch)
+            n_steps = int(counts.max())
+
+    order = torch.full((d_out, d_in), -1, dtype=torch.long, device=dev)
+    step_losses = torch.full((d_out, d_in), math.nan, dtype=dtype, device=dev)
+    snaps = [torch.empty_like(Wc) for _ in levels]
+    for r1 in range(0, d_out, batch):
+        r2 = min(r1 + batch, d_out)
+        o, lo, rows = _greedy_prune_rows(Wc[r1:r2].clone(), hinv0, dead, n_steps, counts[r1:r2], nm)
+        order[r1:r2, :n_steps] = o
+        step_losses[r1:r2, :n_steps] = lo
+        for lv in range(len(levels)):
+            snaps[lv][r1:r2] = rows[lv]
+        logger.debug("OBC rows %d..%d of %d done", r1, r2, d_out)
+
+    h = H.to(dtype)
+    W0 = W.to(dtype)
+    losses = torch.stack([_layer_loss(W0, snap, h) for snap in snaps])
+    return ObcDatabase(
+        levels=list(levels),
+        weights=[s.to(W.dtype) for s in snaps],
+        losses=losses,
+        order=order,
+        step_losses=step_losses,
+        counts=counts,
+        dead=dead_idx,
+    )
+
+
+def _layer_counts(
+    Wc: Tensor, hinv0: Tensor, dead: Tensor, n_live: int, per_row: Tensor, batch: int
+) -> Tensor:
+    """Per-row counts of ``mask_scope="layer"``: global selection of the smallest step losses."""
+    d_out = Wc.shape[0]
+    trace = torch.empty(d_out, n_live, dtype=Wc.dtype, device=Wc.device)
+    for r1 in range(0, d_out, batch):
+        r2 = min(r1 + batch, d_out)
+        _, trace[r1:r2], _ = _greedy_prune_rows(Wc[r1:r2].clone(), hinv0, dead, n_live, None, None)
+    ranked = torch.argsort(trace.flatten(), stable=True)
+    row_of = ranked // max(n_live, 1)
+    counts = torch.zeros(d_out, per_row.numel(), dtype=torch.long, device=Wc.device)
+    for lv, k in enumerate(per_row.tolist()):
+        counts[:, lv] = torch.bincount(row_of[: k * d_out], minlength=d_out)
+    return counts
+
+
+def obc_prune(
+    W: Tensor,
+    H: Tensor,
+    sparsity: float,
+    damp: float = 0.01,
+    nm: tuple[int, int] | None = None,
+    row_batch: int | None = None,
+    mask_scope: Literal["row", "layer"] = "row",
+) -> Tensor:
+    """OBC pruning at one sparsity level: :func:`obc_database` with ``levels=[sparsity]``.
+
+    Args:
+        W: weights, shape ``(d_out, d_in)``; not modified.
+        H: layer Hessian ``2 XᵀX / n``.
+        sparsity: fraction of live weights removed per row (``"row"``) or per layer
+            (``"layer"``); ignored for N:M.
+        damp, nm, row_batch, mask_scope: see :func:`obc_database`.
+
+    Returns:
+        The pruned and compensated weights (new tensor, dtype of ``W``).
+    """
+    return obc_database(W, H, [sparsity], damp, nm, row_batch, mask_scope).weights[0]
+
+
+def obq_quantize(
+    W: Tensor,
+    H: Tensor,
+    bits: int,
+    group_size: int | None = None,
+    damp: float = 0.01,
+    row_batch: int | None = None,
+) -> Tensor:
+    """OBQ (Optimal Brain Quantizer, OBC paper): greedy OBS quantization of every row.
+
+    The grid is fixed up front from the original weights (dead inputs zeroed):
+    :func:`~prunekit.posttrain.quant.minmax_grid` per row or per group of ``group_size``
+    consecutive inputs. Then, per row, until every weight is on the grid: among the weights not
+    yet quantized pick ``p`` minimising ``(q(w_p) - w_p)² / [H⁻¹]_pp``, set ``w_p = q(w_p)``,
+    update the others by ``δ = -((w_p - q(w_p)) / [H⁻¹]_pp) H⁻¹[:, p]`` and eliminate ``p``
+    from ``H⁻¹`` (rank-1 downdate).
+
+    Outliers, as in the OBC reference code: the updates can push a weight outside its grid's
+    range, where its rounding error exceeds half a step. Whenever a row has such a weight
+    (``(q(w) - w)² > scale² / 4``), the one with the largest error is quantized first, while
+    many free weights remain to absorb its error. (The reference additionally skips this rule
+    when the score-minimal weight is exactly 0; that detail is not reproduced.)
+
+    Args:
+        W: weights, shape ``(d_out, d_in)``; not modified.
+        H: layer Hessian ``2 XᵀX / n``.
+        bits: bits per weight (``1..16``).
+        group_size: ``None`` (per-row grid) or the number of consecutive inputs sharing a grid.
+        damp: relative damping, see :func:`~prunekit.posttrain.obs.prepare_hessian`.
+        row_batch: rows processed together; ``None`` picks a batch of at most 256 MiB.
+
+    Returns:
+        The quantized weights (dequantized values on the grid of
+        ``minmax_grid(W with dead columns zeroed, bits, group_size)``; new tensor, dtype of
+        ``W``). Dead inputs get 0.
+    """
+    _check_layer(W, H)
+    _check_bits(bits)
+    d_out, d_in = W.shape
+    Wc, hinv0, dead, _ = _prepare(W, H, damp)
+    scale_g, zero_g = minmax_grid(Wc, bits, group_size)
+    scale = expand_grid(scale_g, d_in)
+    zero = expand_grid(zero_g, d_in)
+    maxq = 2**bits - 1
+    batch = _row_batch(row_batch, d_out, d_in, Wc.dtype)
+    n_steps = d_in - int(dead.sum())
+    for r1 in range(0, d_out, batch):
+        r2 = min(r1 + batch, d_out)
+        _greedy_quantize_rows_(Wc[r1:r2], hinv0, dead, n_steps, scale[r1:r2], zero[r1:r2], maxq)
+    return Wc.to(W.dtype)
+
+
+def _greedy_quantize_rows_(
+    w: Tensor,
+    hinv0: Tensor,
+    dead: Tensor,
+    n_steps: int,
+    scale: Tensor,
+    zero: Tensor,
+    maxq: int,
+) -> None:
+    """Greedy OBQ on a batch of rows ``w`` (``(b, d)``, a view quantized in place)."""
+    b = w.shape[0]
+    ar = torch.arange(b, device=w.device)
+    hinv = hinv0.unsqueeze(0).repeat(b, 1, 1)
+    done = dead.unsqueeze(0).repeat(b, 1)
+    fixed = torch.zeros_like(w)  # the grid values chosen so far (dead inputs: 0)
+    outlier = 0.25 * scale.square() * (1.0 + 1e-6)
+    for t in range(n_steps):
+        q = _quantize(w, scale, zero, maxq)
+        err = (q - w).square().masked_fill(done, 0.0)
+        diag = torch.diagonal(hinv, dim1=1, dim2=2)
+        p = (err / diag).masked_fill(done, math.inf).argmin(dim=1)
+        out = (err > outlier).any(dim=1)
+        if bool(out.any()):
+            p = torch.where(out, err.argmax(dim=1), p)
+        d_p = diag[ar, p]
+        q_p = q[ar, p]
+        col = hinv[ar, :, p]
+        w.sub_(((w[ar, p] - q_p) / d_p).unsqueeze(1) * col)
+        fixed[ar, p] = q_p
+        done[ar, p] = True
+        if t + 1 < n_steps:
+            _eliminate_(hinv, col, d_p)
+    w.copy_(fixed)
