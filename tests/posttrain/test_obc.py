@@ -209,41 +209,46 @@ def test_dead_inputs_are_zeroed_and_not_counted():
 
 
 def _brute_force_obq(X, w, scale, zero, maxq):
-    """Greedy OBQ from explicit inverses of H restricted to the free weights."""
+    """Greedy OBQ from explicit inverses of H restricted to the free weights.
+
+    Returns the quantized row and how many steps took the outlier rule."""
     H = layer_hessian(X)
-    d = w.shape[0]
     w = w.clone()
-    free = list(range(d))
+    free = list(range(w.shape[0]))
+    outlier_steps = 0
     while free:
         inv = torch.linalg.inv(H[free][:, free])
-        wf = w[free]
-        q = scale[free] * (
-            torch.clamp(torch.round(wf / scale[free]) + zero[free], 0, maxq) - zero[free]
-        )
+        wf, s, z = w[free], scale[free], zero[free]
+        q = s * (torch.clamp(torch.round(wf / s) + z, 0, maxq) - z)
         err = (q - wf).square()
-        if (err > 0.25 * scale[free].square() * (1 + 1e-6)).any():
+        if (err > 0.25 * s.square() * (1 + 1e-6)).any():  # off the grid's range: it goes first
             i = int(err.argmax())
+            outlier_steps += 1
         else:
             i = int((err / inv.diagonal()).argmin())
         w[free] -= ((wf[i] - q[i]) / inv[i, i]) * inv[:, i]
         w[free[i]] = q[i]
         free.pop(i)
-    return w
+    return w, outlier_steps
 
 
 @pytest.mark.parametrize("group_size", [None, 3])
 def test_obq_equals_brute_force_greedy(group_size):
     d_in, bits = 6, 2
-    X, W = _layer(5, d_in, 40, seed=21)
-    W[0, 0] = 4.0  # an extreme weight: its neighbours' updates push them off the grid
+    # Strongly correlated inputs: the updates push some weights off their grid's range.
+    X = _low_rank(40, d_in, rank=3, seed=7).double()
+    W = torch.randn(5, d_in, generator=torch.Generator().manual_seed(107), dtype=torch.float64)
     H = layer_hessian(X)
     got = obq_quantize(W, H, bits, group_size=group_size, damp=0.0)
     scale, zero = minmax_grid(W, bits, group_size)
     reps = d_in if group_size is None else group_size
     scale, zero = scale.repeat_interleave(reps, dim=1), zero.repeat_interleave(reps, dim=1)
+    outliers = 0
     for r in range(W.shape[0]):
-        expected = _brute_force_obq(X, W[r], scale[r], zero[r], 2**bits - 1)
+        expected, n_out = _brute_force_obq(X, W[r], scale[r], zero[r], 2**bits - 1)
         torch.testing.assert_close(got[r], expected, rtol=1e-8, atol=1e-10)
+        outliers += n_out
+    assert outliers > 0  # the outlier rule is exercised
 
 
 @pytest.mark.parametrize("bits", [3, 4])
