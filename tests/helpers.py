@@ -87,4 +87,5 @@ QUICK: dict[str, dict[str, Any]] = {
     "gap": {},
     "imp": {},
     "cram": {},
+    "constant": {},
 }

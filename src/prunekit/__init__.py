@@ -6,15 +6,20 @@ Add three lines to a training loop and get a sparse model out of one run::
     ...  optimizer.step(); pruner.step()
     pruner.finalize()
     prunekit.sparsity_report(model)["global_sparsity"]
+
+or compress a trained model after the fact, with no retraining::
+
+    report = prunekit.compress(model, calibration_batches, method="sparsegpt", sparsity=0.5)
 """
 
 from typing import Any
 
-from prunekit import methods
+from prunekit import methods, posttrain
 from prunekit.api import sparsify
 from prunekit.config import ConfigError
 from prunekit.core import MaskMode, NoPrunableLayersError, select_targets, sparsity_report
 from prunekit.methods import Pruner, available
+from prunekit.posttrain import CompressionReport, compress
 
 __version__ = "0.1.0"  # the one place: pyproject.toml reads it
 
@@ -30,14 +35,17 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CompressionReport",
     "ConfigError",
     "MaskMode",
     "NoPrunableLayersError",
     "Pruner",
     "__version__",
     "available",
+    "compress",
     "load_sparse",
     "methods",
+    "posttrain",
     "save_sparse",
     "select_targets",
     "sparsify",

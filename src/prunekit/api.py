@@ -16,8 +16,8 @@ def sparsify(
     optimizer: Optimizer | None,
     method: str = "gmp",
     *,
-    sparsity: float,
-    total_steps: int,
+    sparsity: float | None = None,
+    total_steps: int | None = None,
     **config: Any,
 ) -> Pruner:
     """Attach a sparse-training method to a model and its optimizer.
@@ -26,8 +26,9 @@ def sparsify(
         model: any ``nn.Module``, on any device.
         optimizer: the optimizer that trains ``model``.
         method: a registered name (see :func:`prunekit.methods.available`).
-        sparsity: final fraction of zeros among the pruned weights, in ``[0, 1)``.
-        total_steps: number of optimizer steps the run will take.
+        sparsity: final fraction of zeros among the pruned weights, in ``[0, 1)`` (required by
+            every method but ``constant``, which keeps the model's current zeros).
+        total_steps: number of optimizer steps the run will take (required likewise).
         **config: further fields of the method's config dataclass (unknown names are an error that
             lists the valid ones).
 
@@ -36,5 +37,8 @@ def sparsify(
         at the end.
     """
     cls = get_method(method)
-    cfg = cls.config_class.from_dict({"sparsity": sparsity, "total_steps": total_steps, **config})
+    given = {"sparsity": sparsity, "total_steps": total_steps}
+    cfg = cls.config_class.from_dict(
+        {**{k: v for k, v in given.items() if v is not None}, **config}
+    )
     return cls(model, optimizer, cfg)

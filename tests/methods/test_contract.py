@@ -15,7 +15,7 @@ STEPS = 120
 
 
 def test_all_mission_methods_are_registered():
-    assert {"gmp", "dpf", "acdc", "rigl", "gap", "imp", "cram"} <= set(METHODS)
+    assert {"gmp", "dpf", "acdc", "rigl", "gap", "imp", "cram", "constant"} <= set(METHODS)
 
 
 def scheduled(method: str, sparsity: float, step: int, total: int) -> float | None:
@@ -25,7 +25,7 @@ def scheduled(method: str, sparsity: float, step: int, total: int) -> float | No
         end, every = round(0.75 * total), QUICK[method]["update_every"]
         last = min(step - step % every, end) if step < end else end
         return sparsity * (1 - (1 - last / end) ** 3)
-    if method == "rigl":  # the parameter count is fixed from the start
+    if method in ("rigl", "constant"):  # the parameter count is fixed from the start
         return sparsity
     if method == "imp":  # dense for 40%, then 3 rounds, each pruning the same share of survivors
         t0 = round(0.4 * total)

@@ -2,6 +2,7 @@
 
 from prunekit.methods.acdc import ACDC, ACDCConfig
 from prunekit.methods.base import Pruner, SparsityConfig
+from prunekit.methods.constant import Constant, ConstantConfig
 from prunekit.methods.cram import CrAM, CrAMConfig
 from prunekit.methods.dpf import DPF, DPFConfig
 from prunekit.methods.gap import GaP, GaPConfig
@@ -16,6 +17,8 @@ __all__ = [
     "GMP",
     "IMP",
     "ACDCConfig",
+    "Constant",
+    "ConstantConfig",
     "CrAM",
     "CrAMConfig",
     "DPFConfig",

@@ -1,0 +1,254 @@
+"""``prunekit.compress``: post-training compression of a trained model, in place.
+
+The walk: choose the targets (same rules as :func:`prunekit.sparsify`), find the order the model
+calls them in, group them into units (:mod:`~prunekit.posttrain.sequential`), and for each unit
+in forward order collect the layer Hessians ``H = 2XᵀX/n`` from the calibration inputs the unit
+sees, compress each target matrix with the method's rule, and move on. Hessians live for one
+unit only. If anything fails, every target weight is restored and every hook removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.core.targets import Target, require_values, select_targets
+from prunekit.posttrain.calibration import Call, model_device, prepare_calibration
+from prunekit.posttrain.layers import LayerView, view_of
+from prunekit.posttrain.methods import Compressor, MFACConfig, get_compressor
+from prunekit.posttrain.mfac_model import mfac_prune_model
+from prunekit.posttrain.obs import HessianAccumulator, HessianError, prepare_hessian
+from prunekit.posttrain.report import CompressionReport, LayerReport
+from prunekit.posttrain.sequential import (
+    HookSet,
+    Unit,
+    capture_inputs,
+    eval_mode,
+    execution_order,
+    feed_unit,
+    plan_units,
+    run_block,
+    run_call,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["compress"]
+
+
+def compress(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    method: str = "sparsegpt",
+    *,
+    progress: bool | None = None,
+    labels: Sequence[Tensor] | None = None,
+    **config: Any,
+) -> CompressionReport:
+    """Compress a trained model in place from calibration inputs, with no retraining.
+
+    Example::
+
+        report = prunekit.compress(model, batches, method="sparsegpt", sparsity=0.5)
+        prunekit.compress(model, batches, method="gptq", bits=4, group_size=128)
+        print(report)
+
+    Args:
+        model: any ``nn.Module`` on any device; its Linear/Conv1d/Conv2d weights are compressed.
+        calibration: model inputs; each item is a tensor (one positional input), a tuple
+            (positional inputs) or a dict (keyword inputs, e.g. a tokenizer's output).
+        method: a registered name (:func:`~prunekit.posttrain.methods.available_compressors`).
+        progress: show a progress bar over units (default: when stderr is a terminal).
+        labels: for ``method="mfac"`` only: one label tensor per calibration item, for the
+            loss whose gradients form the Fisher (default: the model's argmax predictions).
+        **config: fields of the method's config dataclass (``sparsity``, ``pattern``, ``bits``,
+            ``group_size``, ``targets``, ``ignore``, ``overrides``, ``sequential``, and the
+            method's own); an unknown name is an error listing the valid ones.
+
+    Returns:
+        A :class:`~prunekit.posttrain.report.CompressionReport` (``print`` it for a table).
+
+    Raises:
+        prunekit.ConfigError: invalid config. prunekit.NoPrunableLayersError: no target.
+        HessianError: a layer's Hessian stayed singular under the maximal damping (the message
+            names the layer); the model is then left exactly as it was.
+    """
+    cls = get_compressor(method)
+    compressor = cls(cls.config_class.from_dict(config))
+    cfg = compressor.config
+    if labels is not None and not cls.global_method:
+        raise ValueError(f"labels are used by method='mfac' only, not by {method!r}")
+    targets = select_targets(model, cfg.targets, cfg.ignore)
+    require_values(targets, f"compress(method={method!r})")
+    views = {t.name: view_of(t.module, t.name) for t in targets}
+    calls = prepare_calibration(calibration, model_device(model))
+    report = CompressionReport(method=method, config=cfg.to_dict())
+    backup = {t.name: t.param.detach().clone() for t in targets}
+    start = time.perf_counter()
+    try:
+        with eval_mode(model):
+            if isinstance(cfg, MFACConfig):
+                mfac_prune_model(
+                    model,
+                    targets,
+                    views,
+                    calls,
+                    report,
+                    sparsity=cfg.sparsity,
+                    ngrads=cfg.ngrads,
+                    fisher_block=cfg.fisher_block,
+                    damp=cfg.damp,
+                    steps=cfg.steps,
+                    labels=None if labels is None else list(labels),
+                )
+            else:
+                _run(model, compressor, targets, views, calls, report, progress)
+    except BaseException:
+        with torch.no_grad():
+            for t in targets:
+                t.param.copy_(backup[t.name])
+        raise
+    report.seconds = time.perf_counter() - start
+    report.extras.update(compressor.extras())
+    logger.info("%s", report.table())
+    return report
+
+
+def _run(
+    model: nn.Module,
+    compressor: Compressor,
+    targets: list[Target],
+    views: dict[str, LayerView],
+    calls: Sequence[Call],
+    report: CompressionReport,
+    progress: bool | None,
+) -> None:
+    cfg = compressor.config
+    ordered, never = execution_order(model, targets, calls[0])
+    for t in never:
+        report.skipped[t.name] = "not called by the model's forward"
+        logger.warning("%s is not called by the model's forward: left unchanged", t.name)
+    nm = cfg.nm
+    if nm is not None:
+        for t in ordered:
+            if views[t.name].channels % nm[1]:
+                report.skipped[t.name] = (
+                    f"{views[t.name].channels} input channels (per kernel position and group) "
+                    f"are not a multiple of M={nm[1]}"
+                )
+                logger.warning("%s: N:M needs a multiple of %d inputs; left dense", t.name, nm[1])
+        ordered = [t for t in ordered if t.name not in report.skipped]
+    if not ordered:
+        return
+    if cfg.sequential:
+        units = plan_units(model, ordered, calls[0])
+    else:  # one unit holding every target, fed by full forwards of the dense model
+        units = [Unit("<model>", model, list(ordered))]
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    cache: list[Call] | None = None
+    for i, unit in enumerate(tqdm(units, desc=f"compress:{compressor.name}", disable=not show)):
+        chain_next = i + 1 < len(units) and units[i + 1].chained
+        accs = _hessians(unit, views)
+        with HookSet() as hooks:
+            _collect(hooks, unit, views, accs)
+            if unit.module is model:
+                for call in calls:
+                    run_call(model, call)
+            elif unit.chained or chain_next:
+                if cache is None:
+                    cache = capture_inputs(model, unit.module, calls)
+                for args, kwargs in cache:
+                    unit.module(*args, **kwargs)
+            else:
+                feed_unit(model, unit, calls)
+        for t in unit.targets:
+            report.layers.append(_compress_target(compressor, t, views[t.name], accs[t.name]))
+        del accs
+        cache = run_block(unit, cache) if chain_next and cache is not None else None
+
+
+def _hessians(unit: Unit, views: dict[str, LayerView]) -> dict[str, list[HessianAccumulator]]:
+    out = {}
+    for t in unit.targets:
+        v = views[t.name]
+        w = t.param
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        out[t.name] = [
+            HessianAccumulator(v.d_in, dtype=dtype, device=w.device) for _ in range(v.groups)
+        ]
+    return out
+
+
+def _collect(
+    hooks: HookSet,
+    unit: Unit,
+    views: dict[str, LayerView],
+    accs: dict[str, list[HessianAccumulator]],
+) -> None:
+    for t in unit.targets:
+
+        def add(module: nn.Module, args: Any, t: Target = t) -> None:
+            if not args or not isinstance(args[0], Tensor):
+                raise TypeError(f"{t.name}: expected a tensor as the layer's first input")
+            x = views[t.name].inputs(args[0].detach())
+            for g, acc in enumerate(accs[t.name]):
+                acc.add(x[g])
+
+        hooks.pre(t.module, add)
+
+
+def _compress_target(
+    compressor: Compressor, t: Target, view: LayerView, accs: list[HessianAccumulator]
+) -> LayerReport:
+    cfg = compressor.config
+    compressor.current_layer = t.name
+    sparsity = cfg.layer_sparsity(t.name)
+    W = view.matrices()
+    out = torch.empty_like(W)
+    err = ref = 0.0
+    damp_used: float | None = None
+    escalated = False
+    dead = 0
+    start = time.perf_counter()
+    for g, acc in enumerate(accs):
+        H = acc.hessian
+        damp = compressor.damp
+        if compressor.inverts_hessian and damp is not None:
+            try:
+                _, info = prepare_hessian(H, damp=damp)
+            except HessianError as exc:
+                raise HessianError(f"{t.name}: {exc}") from None
+            damp = info.damp
+            escalated = escalated or len(info.damp_history) > 1
+            damp_used = damp if damp_used is None else max(damp_used, damp)
+            dead += int(info.dead.numel())
+        else:
+            dead += int((H.diagonal() == 0).sum())
+        Wg = W[g].to(H.dtype)
+        new = compressor.compress_matrix(Wg, H, sparsity, 0.0 if damp is None else damp)
+        delta = Wg - new.to(H.dtype)
+        err += float(((delta @ H) * delta).sum())
+        ref += float(((Wg @ H) * Wg).sum())
+        out[g] = new.to(W.dtype)
+    seconds = time.perf_counter() - start
+    view.write_(out)
+    w = t.param.detach()
+    return LayerReport(
+        name=t.name,
+        shape=list(w.shape),
+        sparsity=1.0 - int(torch.count_nonzero(w)) / w.numel(),
+        bits=cfg.bits,
+        rel_error=err / ref if ref > 0 else 0.0,
+        damp=damp_used,
+        damp_escalated=escalated,
+        dead_inputs=dead,
+        seconds=seconds,
+    )

@@ -1,0 +1,147 @@
+"""Compressible layers as matrices: ``y = W x`` views of Linear and convolution layers.
+
+Every layer-wise method works on a weight matrix ``W`` of shape ``(d_out, d_in)`` and its inputs
+``X`` of shape ``(n, d_in)``. A convolution with weight ``(C_out, C_in/g, *k)`` and ``g`` groups is
+``g`` such matrices; its inputs are the unfolded patches (im2col), one row per output position.
+
+Column layout of a convolution matrix: ``(kernel position, input channel)``, channel fastest, so
+``m`` consecutive columns are ``m`` input channels at one kernel position — the grouping of the
+N:M pattern (as in :func:`prunekit.core.patterns.nm_mask`) and of group-wise quantization.
+
+Dispatch is on the module type; :func:`register_layer_view` adds new types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LayerView", "register_layer_view", "view_of"]
+
+
+@dataclass
+class LayerView:
+    """How to read and write one layer as ``groups`` matrices and unfold its inputs.
+
+    Attributes:
+        module: the layer.
+        groups: number of independent matrices (a grouped convolution's ``groups``; 1 otherwise).
+        d_in: columns of each matrix.
+        channels: input channels per kernel position (``d_in`` for a Linear layer): N:M groups
+            of ``m`` consecutive columns stay within one kernel position when it divides by ``m``.
+    """
+
+    module: nn.Module
+    groups: int
+    d_in: int
+    channels: int
+    _inputs: Callable[[Tensor], Tensor]
+
+    @property
+    def weight(self) -> Tensor:
+        w = self.module.weight
+        if not isinstance(w, Tensor):
+            raise TypeError(f"{type(self.module).__name__}.weight is not a tensor")
+        return w
+
+    def matrices(self, weight: Tensor | None = None) -> Tensor:
+        """The weight (or ``weight``, of the same shape) as ``(groups, d_out/groups, d_in)``
+        (a copy, in the weight's dtype)."""
+        w = (self.weight if weight is None else weight).detach()
+        g = self.groups
+        if w.dim() == 2:
+            return w.unsqueeze(0).clone()
+        # (C_out, C_in/g, *k) -> (C_out, *k, C_in/g): channel fastest
+        w = w.movedim(1, -1).reshape(w.shape[0], -1)
+        return w.reshape(g, w.shape[0] // g, -1).clone()
+
+    def write_(self, matrices: Tensor) -> None:
+        """Write ``(groups, d_out/groups, d_in)`` matrices back into the layer's weight."""
+        w = self.weight
+        m = matrices.to(dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            if w.dim() == 2:
+                w.copy_(m.squeeze(0))
+                return
+            kernel = w.shape[2:]
+            full = m.reshape(w.shape[0], *kernel, w.shape[1])
+            w.copy_(full.movedim(-1, 1))
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """The layer's input batch as ``(groups, n, d_in)``, one row per output position."""
+        return self._inputs(x)
+
+
+def _linear_view(module: nn.Module) -> LayerView:
+    assert isinstance(module, nn.Linear)
+    d_in = module.in_features
+
+    def inputs(x: Tensor) -> Tensor:
+        return x.reshape(1, -1, d_in)
+
+    return LayerView(module, 1, d_in, d_in, inputs)
+
+
+def _conv_view(module: nn.Module) -> LayerView:
+    assert isinstance(module, nn.Conv1d | nn.Conv2d)
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        raise ValueError(
+            f"{type(module).__name__} with padding={module.padding!r}, "
+            f"padding_mode={module.padding_mode!r} is not supported for post-training compression; "
+            "pass it in ignore=[...]"
+        )
+    one_d = isinstance(module, nn.Conv1d)
+    k = tuple(module.kernel_size)
+    kernel = (1, *k) if one_d else k
+    stride = (1, *module.stride) if one_d else tuple(module.stride)
+    padding = (0, *module.padding) if one_d else tuple(module.padding)
+    dilation = (1, *module.dilation) if one_d else tuple(module.dilation)
+    g = module.groups
+    c_in = module.in_channels
+    positions = kernel[0] * kernel[1]
+
+    def inputs(x: Tensor) -> Tensor:
+        if one_d:
+            x = x.unsqueeze(-2)
+        if x.dim() == 3:  # unbatched input
+            x = x.unsqueeze(0)
+        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        # (N, C_in·positions, L) with channel slowest -> (g, N·L, positions·C_in/g), channel fastest
+        n, _, length = cols.shape
+        cols = cols.reshape(n, g, c_in // g, positions, length)
+        return cols.permute(1, 0, 4, 3, 2).reshape(g, n * length, positions * (c_in // g))
+
+    return LayerView(module, g, positions * (c_in // g), c_in // g, inputs)
+
+
+_VIEWS: dict[type[nn.Module], Callable[[nn.Module], LayerView]] = {
+    nn.Linear: _linear_view,
+    nn.Conv1d: _conv_view,
+    nn.Conv2d: _conv_view,
+}
+
+
+def register_layer_view(kind: type[nn.Module], factory: Callable[[nn.Module], LayerView]) -> None:
+    """Teach post-training compression a new layer type (the most specific registered base wins)."""
+    _VIEWS[kind] = factory
+
+
+def view_of(module: nn.Module, name: str = "") -> LayerView:
+    """The matrix view of ``module``.
+
+    Raises:
+        TypeError: the module type has no registered view (the message lists the supported ones).
+    """
+    for kind in type(module).__mro__:
+        factory = _VIEWS.get(kind)
+        if factory is not None:
+            return factory(module)
+    supported = ", ".join(sorted(t.__name__ for t in _VIEWS))
+    raise TypeError(
+        f"{name or type(module).__name__}: post-training compression supports {supported}; "
+        f"{type(module).__name__} is not one of them (pass it in ignore=[...])"
+    )

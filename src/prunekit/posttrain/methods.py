@@ -1,0 +1,511 @@
+"""Post-training compression methods: one config dataclass each, a registry, the layer rule.
+
+A method is a :class:`Compressor` subclass registered with :func:`register_compressor`; its
+:meth:`Compressor.compress_matrix` turns one weight matrix ``W (d_out, d_in)`` and its layer
+Hessian ``H = 2XᵀX/n`` into the compressed matrix. The model-level walk (calibration, hooks,
+sequential order, report) is :func:`prunekit.posttrain.compress.compress`; the maths lives in
+:mod:`~prunekit.posttrain.obs`, :mod:`~prunekit.posttrain.quant` and
+:mod:`~prunekit.posttrain.obc`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from torch import Tensor
+
+from prunekit.config import ConfigError, from_dict, to_dict
+from prunekit.core.patterns import parse_pattern
+from prunekit.posttrain import obc, obs, quant
+
+__all__ = [
+    "CompressConfig",
+    "Compressor",
+    "available_compressors",
+    "get_compressor",
+    "register_compressor",
+]
+
+NM = tuple[int, int] | None
+
+
+@dataclass(kw_only=True)
+class CompressConfig:
+    """Fields shared by every post-training method.
+
+    Attributes:
+        sparsity: fraction of (live) weights pruned in every target layer, in ``[0, 1)``.
+        pattern: ``"unstructured"`` or ``"N:M"`` (keep N of every M consecutive inputs; the
+            sparsity is then ``1 − N/M``).
+        bits: bits per weight of an asymmetric min-max grid, 2–8; ``None`` = no quantization.
+        group_size: quantization grid per group of this many consecutive inputs (``None`` = one
+            grid per output channel).
+        targets: module/parameter names or ``re:`` patterns to compress; ``None`` = every
+            Linear/Conv layer.
+        ignore: names or ``re:`` patterns to leave unchanged.
+        overrides: per-layer sparsity, ``{name or re:pattern: sparsity}`` (first match wins).
+        sequential: compress blocks in forward order, each seeing the outputs of the already
+            compressed ones (``False``: every layer sees the dense model's activations).
+    """
+
+    sparsity: float = 0.0
+    pattern: str = "unstructured"
+    bits: int | None = None
+    group_size: int | None = None
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+    overrides: dict[str, float] = field(default_factory=dict)
+    sequential: bool = True
+
+    version: ClassVar[int] = 1
+    #: the method removes weights
+    prunes: ClassVar[bool] = True
+    #: the method puts weights on a grid
+    quantizes: ClassVar[bool] = False
+    #: the method needs the layer Hessian (others get it for the report only)
+    method_name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        where = self.method_name or type(self).__name__
+        _check_fraction("sparsity", self.sparsity)
+        for pat, s in self.overrides.items():
+            _check_fraction(f"overrides[{pat!r}]", s)
+            if pat.startswith("re:"):
+                try:
+                    re.compile(pat[3:])
+                except re.error as exc:
+                    raise ConfigError(
+                        f"overrides key {pat!r} is not a valid regex: {exc}"
+                    ) from None
+        try:
+            nm = parse_pattern(self.pattern)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if nm is not None:
+            if self.sparsity not in (0.0, nm.sparsity) and not math.isclose(
+                self.sparsity, nm.sparsity
+            ):
+                raise ConfigError(
+                    f"pattern {self.pattern} fixes the sparsity at {nm.sparsity}, "
+                    f"got sparsity={self.sparsity}"
+                )
+            if self.overrides:
+                raise ConfigError("overrides (per-layer sparsity) need pattern='unstructured'")
+            self.sparsity = nm.sparsity
+        if self.bits is not None and not (
+            isinstance(self.bits, int) and not isinstance(self.bits, bool) and 2 <= self.bits <= 8
+        ):
+            raise ConfigError(f"bits must be an integer in [2, 8] or None, got {self.bits!r}")
+        if self.group_size is not None:
+            if self.bits is None:
+                raise ConfigError("group_size sets the quantization grid: it needs bits")
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ConfigError(f"group_size must be a positive integer, got {self.group_size!r}")
+        prunes = self.sparsity > 0 or bool(self.overrides)
+        if prunes and not self.prunes:
+            raise ConfigError(f"{where} quantizes only: sparsity/pattern/overrides are not allowed")
+        if self.bits is not None and not self.quantizes:
+            raise ConfigError(
+                f"{where} does not quantize: bits is not allowed (joint pruning + quantization: "
+                "method='sparsegpt' with bits, or 'magnitude'/'wanda' with bits for prune-then-RTN)"
+            )
+        if not prunes and self.bits is None:
+            raise ConfigError(
+                f"{where}: nothing to do; give sparsity (in (0, 1)), pattern='N:M'"
+                + (" or bits" if self.quantizes else "")
+            )
+
+    @property
+    def nm(self) -> NM:
+        p = parse_pattern(self.pattern)
+        return None if p is None else (p.n, p.m)
+
+    def layer_sparsity(self, name: str) -> float:
+        """The sparsity of the layer whose parameter is ``name`` (first matching override)."""
+        module = name.rsplit(".", 1)[0] if "." in name else name
+        for pat, s in self.overrides.items():
+            if pat.startswith("re:"):
+                if re.fullmatch(pat[3:], name):
+                    return s
+            elif pat in (name, module):
+                return s
+        return self.sparsity
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressConfig:
+        """Strict construction: unknown keys and wrong types raise :class:`ConfigError`."""
+        return from_dict(cls, data, cls.method_name or cls.__name__)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1):
+        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def _check_damp(damp: float) -> None:
+    if not (math.isfinite(damp) and damp >= 0):
+        raise ConfigError(f"damp must be a finite number >= 0, got {damp!r}")
+
+
+class Compressor:
+    """A registered post-training method: its config class and its per-matrix rule."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[CompressConfig]] = CompressConfig
+    #: whether :meth:`compress_matrix` uses ``H`` (or just ``W``)
+    uses_hessian: ClassVar[bool] = True
+    #: whether :meth:`compress_matrix` inverts ``H`` (then damping is escalated and reported)
+    inverts_hessian: ClassVar[bool] = False
+    #: ``True`` for a method that compresses all targets at once from the loss (M-FAC):
+    #: the walk calls :meth:`compress_model` instead of :meth:`compress_matrix` per layer
+    global_method: ClassVar[bool] = False
+
+    def __init__(self, config: CompressConfig):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{self.name} needs a {self.config_class.__name__}")
+        self.config = config
+        #: name of the layer being compressed (set by the model-level walk)
+        self.current_layer = ""
+
+    def extras(self) -> dict[str, Any]:
+        """Method-specific results for :attr:`CompressionReport.extras`."""
+        return {}
+
+    @property
+    def damp(self) -> float | None:
+        return getattr(self.config, "damp", None)
+
+    def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
+        """Compressed ``W`` for one layer (``damp`` is the checked, possibly escalated damping)."""
+        raise NotImplementedError
+
+
+_COMPRESSORS: dict[str, type[Compressor]] = {}
+
+
+def register_compressor(name: str) -> Callable[[type[Compressor]], type[Compressor]]:
+    """Class decorator registering a post-training method under ``name``."""
+
+    def decorator(cls: type[Compressor]) -> type[Compressor]:
+        if name in _COMPRESSORS and _COMPRESSORS[name] is not cls:
+            raise ValueError(f"compressor {name!r} is already registered")
+        cls.name = name
+        cls.config_class.method_name = name
+        _COMPRESSORS[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_compressors() -> list[str]:
+    """Names of the registered post-training methods, sorted."""
+    return sorted(_COMPRESSORS)
+
+
+def get_compressor(name: str) -> type[Compressor]:
+    """The method registered under ``name``; an unknown name lists the known ones."""
+    try:
+        return _COMPRESSORS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown post-training method {name!r}; available: {', '.join(available_compressors())}"
+        ) from None
+
+
+def _rtn_kept(W: Tensor, cfg: CompressConfig) -> Tensor:
+    """Round the weights to the grid (zeros stay exactly 0: 0 is always on the grid)."""
+    if cfg.bits is None:
+        return W
+    return quant.quantize_rtn(W, cfg.bits, group_size=cfg.group_size)
+
+
+# --- magnitude, Wanda ---------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class MagnitudeConfig(CompressConfig):
+    """Magnitude pruning per output row (``|W_ij|``), optionally followed by RTN of the rest."""
+
+    quantizes: ClassVar[bool] = True
+
+
+@register_compressor("magnitude")
+class Magnitude(Compressor):
+    """Per-row magnitude pruning, no update: the baseline every second-order method must beat."""
+
+    config_class = MagnitudeConfig
+    uses_hessian = False
+
+    def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
+        cfg = self.config
+        if sparsity > 0:
+            W = obs.magnitude_prune(W, sparsity, cfg.nm)
+        return _rtn_kept(W, cfg)
+
+
+@dataclass(kw_only=True)
+class WandaConfig(CompressConfig):
+    """Wanda: score ``|W_ij|·‖X_j‖₂`` per output row, no update; optionally RTN of the rest."""
+
+    quantizes: ClassVar[bool] = True
+
+
+@register_compressor("wanda")
+class Wanda(Compressor):
+    """Wanda (Sun et al., ICLR 2024). ``‖X_j‖₂ ∝ sqrt(H_jj)`` for ``H = 2XᵀX/n``."""
+
+    config_class = WandaConfig
+
+    def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
+        cfg = self.config
+        if sparsity > 0:
+            norms = H.diagonal().clamp(min=0).sqrt()
+            W = obs.wanda_prune(W, norms, sparsity, cfg.nm)
+        return _rtn_kept(W, cfg)
+
+
+# --- SparseGPT, OBC -----------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class SparseGPTConfig(CompressConfig):
+    """SparseGPT (Frantar & Alistarh, ICML 2023); with ``bits`` it quantizes the kept weights in
+    the same sweep (joint sparse + quantized).
+
+    Attributes:
+        block_size: columns per lazy-update block (SparseGPT: 128).
+        damp: relative damping ``λ`` of ``H + λ·mean(diag H)·I`` (SparseGPT: 0.01).
+        mask_scope: ``"row"`` (every row the same sparsity) or ``"block"`` (one threshold per
+            column block, as the reference code).
+    """
+
+    block_size: int = 128
+    damp: float = 0.01
+    mask_scope: str = "row"
+    quantizes: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_damp(self.damp)
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        nm = self.nm
+        if nm is not None and self.block_size % nm[1]:
+            raise ConfigError(f"block_size must be a multiple of M={nm[1]} for N:M")
+        if self.mask_scope not in ("row", "block"):
+            raise ConfigError(f"mask_scope must be 'row' or 'block', got {self.mask_scope!r}")
+
+
+@register_compressor("sparsegpt")
+class SparseGPT(Compressor):
+    """SparseGPT: fixed column order, one Cholesky factor of ``H⁻¹``, lazy batched updates."""
+
+    config_class = SparseGPTConfig
+    inverts_hessian = True
+
+    def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
+        cfg = self.config
+        assert isinstance(cfg, SparseGPTConfig)
+        if sparsity == 0:
+            if cfg.bits is None:
+                return W
+            return quant.gptq_quantize(
+                W, H, cfg.bits, cfg.block_size, damp, group_size=cfg.group_size
+            )
+        return obs.sparsegpt_prune(
+            W,
+            H,
+            sparsity,
+            block_size=cfg.block_size,
+            nm=cfg.nm,
+            damp=damp,
+            mask_scope="row" if cfg.mask_scope == "row" else "block",
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+        )
+
+
+@dataclass(kw_only=True)
+class OBCConfig(CompressConfig):
+    """OBC (Frantar & Alistarh, NeurIPS 2022): exact greedy OBS per row.
+
+    Attributes:
+        damp: relative damping.
+        mask_scope: ``"row"`` (every row the same sparsity) or ``"layer"`` (the layer's count
+            spread over rows by the per-row loss traces).
+        database_levels: also return, per layer, the weights at each of these sparsities (one
+            pass; in ``report.extras["obc_database"]``), for a later speed-aware allocation.
+    """
+
+    damp: float = 0.01
+    mask_scope: str = "row"
+    database_levels: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_damp(self.damp)
+        if self.mask_scope not in ("row", "layer"):
+            raise ConfigError(f"mask_scope must be 'row' or 'layer', got {self.mask_scope!r}")
+        for s in self.database_levels or []:
+            _check_fraction("database_levels entry", s)
+        if self.database_levels and self.nm is not None:
+            raise ConfigError("database_levels need pattern='unstructured' (N:M has one level)")
+
+
+@register_compressor("obc")
+class OBC(Compressor):
+    """OBC: exact greedy OBS per row with rank-1 downdates of ``H⁻¹`` (``O(d_out·d_in³)``)."""
+
+    config_class = OBCConfig
+    inverts_hessian = True
+
+    def __init__(self, config: CompressConfig):
+        super().__init__(config)
+        #: ``{layer name: [ObcDatabase per group]}`` when ``database_levels`` is set
+        self.databases: dict[str, list[obc.ObcDatabase]] = {}
+
+    def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
+        cfg = self.config
+        assert isinstance(cfg, OBCConfig)
+        scope: Literal["row", "layer"] = "layer" if cfg.mask_scope == "layer" else "row"
+        levels = sorted({sparsity, *(cfg.database_levels or [])})
+        db = obc.obc_database(W, H, levels, damp=damp, nm=cfg.nm, mask_scope=scope)
+        if cfg.database_levels:
+            self.databases.setdefault(self.current_layer, []).append(db)
+        return db.weights_at(sparsity)
+
+    def extras(self) -> dict[str, Any]:
+        return {"obc_database": self.databases} if self.databases else {}
+
+
+# --- quantization -------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class RTNConfig(CompressConfig):
+    """Round-to-nearest on an asymmetric min-max grid (per output channel or per group)."""
+
+    prunes: ClassVar[bool] = False
+    quantizes: ClassVar[bool] = True
+
+
+@register_compressor("rtn")
+class RTN(Compressor):
+    """Round-to-nearest: the quantization baseline."""
+
+    config_class = RTNConfig
+    uses_hessian = False
+
+    def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
+        return _rtn_kept(W, self.config)
+
+
+@dataclass(kw_only=True)
+class GPTQConfig(CompressConfig):
+    """GPTQ (Frantar et al., ICLR 2023).
+
+    Attributes:
+        block_size: columns per lazy-update block (GPTQ: 128).
+        damp: relative damping (GPTQ: 0.01).
+    """
+
+    block_size: int = 128
+    damp: float = 0.01
+    prunes: ClassVar[bool] = False
+    quantizes: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_damp(self.damp)
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+
+
+@register_compressor("gptq")
+class GPTQ(Compressor):
+    """GPTQ: OBS quantization in a fixed column order with lazy batched updates."""
+
+    config_class = GPTQConfig
+    inverts_hessian = True
+
+    def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
+        cfg = self.config
+        assert isinstance(cfg, GPTQConfig) and cfg.bits is not None
+        return quant.gptq_quantize(W, H, cfg.bits, cfg.block_size, damp, group_size=cfg.group_size)
+
+
+@dataclass(kw_only=True)
+class OBQConfig(CompressConfig):
+    """OBQ (Frantar & Alistarh, NeurIPS 2022): greedy OBS quantization, one weight at a time.
+
+    Attributes:
+        damp: relative damping.
+    """
+
+    damp: float = 0.01
+    prunes: ClassVar[bool] = False
+    quantizes: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_damp(self.damp)
+
+
+@register_compressor("obq")
+class OBQ(Compressor):
+    """OBQ: greedy OBS quantization per row (the OBC loop with the quantization error)."""
+
+    config_class = OBQConfig
+    inverts_hessian = True
+
+    def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
+        cfg = self.config
+        assert isinstance(cfg, OBQConfig) and cfg.bits is not None
+        return obc.obq_quantize(W, H, cfg.bits, group_size=cfg.group_size, damp=damp)
+
+
+@dataclass(kw_only=True)
+class MFACConfig(CompressConfig):
+    """M-FAC pruning (Frantar, Kurtic & Alistarh, NeurIPS 2021): global OBS across all targets
+    with the inverse empirical Fisher of ``ngrads`` gradients of the loss.
+
+    Attributes:
+        ngrads: gradients ``m`` (one per calibration micro-batch; batches are split if needed).
+        fisher_block: consecutive weights per diagonal block of ``F``.
+        damp: absolute damping ``λ`` of ``F = λI + (1/m) Σ g gᵀ`` (reference: 1e-5).
+        steps: pruning steps to the target, gradients recomputed before each (gradual OBS).
+    """
+
+    ngrads: int = 64
+    fisher_block: int = 128
+    damp: float = 1e-5
+    steps: int = 4
+    sequential: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.damp) and self.damp > 0):
+            raise ConfigError(f"damp must be a finite number > 0, got {self.damp!r}")
+        for name in ("ngrads", "fisher_block", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.nm is not None or self.overrides:
+            raise ConfigError("mfac prunes globally: pattern N:M and overrides are not supported")
+        if self.sequential:
+            raise ConfigError("mfac prunes all targets at once from the loss: sequential=False")
+
+
+@register_compressor("mfac")
+class MFAC(Compressor):
+    """M-FAC: global gradual OBS pruning with a blocked inverse empirical Fisher."""
+
+    config_class = MFACConfig
+    uses_hessian = False
+    global_method = True

@@ -1,0 +1,219 @@
+"""M-FAC pruning of a whole model: global OBS with the inverse empirical Fisher of ``m`` gradients.
+
+Unlike the layer-wise methods, M-FAC looks at the loss: ``m`` gradients of the loss, one per
+calibration micro-batch, give ``F = λI + (1/m) Σ g gᵀ`` over all target weights (block-diagonal,
+blocks of ``fisher_block`` consecutive weights), and the weights of smallest OBS saliency
+``w_q² / (2[F⁻¹]_qq)`` across *all* layers are removed with the joint OBS compensation
+(:func:`~prunekit.posttrain.mfac.mfac_prune_step`). As in the paper, pruning is gradual:
+``steps`` steps to the target, with the gradients recomputed at the current weights each time.
+
+Labels: with ``labels`` (one tensor per calibration item) the loss is the cross-entropy with them
+(the empirical Fisher); without, with the model's own predictions (argmax pseudo-labels), which
+needs an output of shape ``(N, C)``.
+
+Reference: Frantar, Kurtic & Alistarh, "M-FAC: Efficient Matrix-Free Approximations of
+Second-Order Information", NeurIPS 2021.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prunekit.core.targets import Target
+from prunekit.posttrain.calibration import Call
+from prunekit.posttrain.layers import LayerView
+from prunekit.posttrain.mfac import BlockFisherInverse, mfac_prune_step
+from prunekit.posttrain.report import CompressionReport, LayerReport
+from prunekit.posttrain.sequential import HookSet
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["mfac_prune_model", "split_calls"]
+
+
+def _batch_size(call: Call) -> int | None:
+    sizes = {
+        t.shape[0] for t in (*call[0], *call[1].values()) if isinstance(t, Tensor) and t.dim() > 0
+    }
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _slice(obj: Any, sl: slice) -> Any:
+    return obj[sl] if isinstance(obj, Tensor) and obj.dim() > 0 else obj
+
+
+def split_calls(
+    calls: Sequence[Call], labels: Sequence[Tensor] | None, m: int
+) -> tuple[list[Call], list[Tensor] | None]:
+    """Split calibration calls (and their labels) into at least ``m`` micro-batches along dim 0
+    when there are fewer than ``m`` calls (each gradient of the Fisher is one micro-batch).
+
+    Raises:
+        ValueError: too few calls and they cannot be split (no common batch dimension), or the
+            calibration set holds fewer than ``m`` samples.
+    """
+    if len(calls) >= m:
+        return list(calls), None if labels is None else list(labels)
+    pieces = math.ceil(m / len(calls))
+    out: list[Call] = []
+    out_labels: list[Tensor] = []
+    for i, call in enumerate(calls):
+        n = _batch_size(call)
+        if n is None:
+            raise ValueError(
+                f"mfac needs {m} gradients (ngrads) but got {len(calls)} calibration items whose "
+                "inputs have no common batch dimension to split; pass more items or lower ngrads"
+            )
+        size = max(1, math.ceil(n / pieces))
+        for start in range(0, n, size):
+            sl = slice(start, start + size)
+            out.append(
+                (
+                    tuple(_slice(a, sl) for a in call[0]),
+                    {k: _slice(v, sl) for k, v in call[1].items()},
+                )
+            )
+            if labels is not None:
+                out_labels.append(labels[i][sl])
+    if len(out) < m:
+        raise ValueError(
+            f"mfac needs {m} gradients (ngrads) but the calibration set splits into only "
+            f"{len(out)} micro-batches (samples); pass more data or lower ngrads"
+        )
+    return out, out_labels if labels is not None else None
+
+
+def _loss(output: Any, label: Tensor | None) -> Tensor:
+    logits = output[0] if isinstance(output, tuple | list) else output
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError(
+            "mfac without labels uses the model's argmax predictions as labels and needs an output "
+            f"of shape (N, classes); got {getattr(logits, 'shape', type(logits).__name__)}"
+        )
+    target = logits.detach().argmax(1) if label is None else label.to(logits.device)
+    return F.cross_entropy(logits, target)
+
+
+def _gradients(
+    model: nn.Module,
+    targets: Sequence[Target],
+    calls: Sequence[Call],
+    labels: Sequence[Tensor] | None,
+    m: int,
+    pruned: Tensor,
+) -> Tensor:
+    """``(m, d)``: one flattened gradient of the targets per micro-batch (pruned columns 0)."""
+    params = [t.param for t in targets]
+    d = sum(p.numel() for p in params)
+    G = torch.empty(m, d, dtype=torch.float32, device=params[0].device)
+    for i in range(m):
+        args, kwargs = calls[i]
+        with torch.enable_grad():
+            loss = _loss(model(*args, **kwargs), None if labels is None else labels[i])
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        G[i] = torch.cat(
+            [
+                (torch.zeros_like(p) if g is None else g).reshape(-1).float()
+                for p, g in zip(params, grads, strict=True)
+            ]
+        )
+    G[:, pruned] = 0.0
+    return G
+
+
+def mfac_prune_model(
+    model: nn.Module,
+    targets: Sequence[Target],
+    views: dict[str, LayerView],
+    calls: Sequence[Call],
+    report: CompressionReport,
+    *,
+    sparsity: float,
+    ngrads: int,
+    fisher_block: int,
+    damp: float,
+    steps: int,
+    labels: Sequence[Tensor] | None = None,
+) -> None:
+    """Prune ``targets`` jointly to ``sparsity`` with M-FAC (see the module docstring), in place;
+    one row per target is appended to ``report``."""
+    if labels is not None and len(labels) != len(calls):
+        raise ValueError(f"labels: {len(labels)} tensors for {len(calls)} calibration items")
+    micro, micro_labels = split_calls(calls, labels, ngrads)
+    params = [t.param for t in targets]
+    sizes = [p.numel() for p in params]
+    d = sum(sizes)
+    dense = [p.detach().clone() for p in params]
+    pruned = torch.zeros(d, dtype=torch.bool, device=params[0].device)
+    total = math.floor(sparsity * d + 0.5)
+    for step in range(1, steps + 1):
+        goal = math.floor(sparsity * step / steps * d + 0.5) if step < steps else total
+        n_prune = goal - int(pruned.sum())
+        if n_prune <= 0:
+            continue
+        G = _gradients(model, targets, micro, micro_labels, ngrads, pruned)
+        finv = BlockFisherInverse(G, fisher_block, damp)
+        w = torch.cat([p.detach().reshape(-1).float() for p in params])
+        w, pruned = mfac_prune_step(w, finv, n_prune, pruned)
+        with torch.no_grad():
+            for p, chunk in zip(params, torch.split(w, sizes), strict=True):
+                p.copy_(chunk.view_as(p))
+        logger.info("mfac step %d/%d: %d of %d weights pruned", step, steps, int(pruned.sum()), d)
+    errors = _relative_errors(model, targets, views, dense, calls)
+    for t, err in zip(targets, errors, strict=True):
+        w = t.param.detach()
+        report.layers.append(
+            LayerReport(
+                name=t.name,
+                shape=list(w.shape),
+                sparsity=1.0 - int(torch.count_nonzero(w)) / w.numel(),
+                bits=None,
+                rel_error=err,
+                damp=damp,
+                damp_escalated=False,
+                dead_inputs=0,
+                seconds=0.0,
+            )
+        )
+
+
+def _relative_errors(
+    model: nn.Module,
+    targets: Sequence[Target],
+    views: dict[str, LayerView],
+    dense: Sequence[Tensor],
+    calls: Sequence[Call],
+) -> list[float]:
+    """``‖(W − Ŵ)X‖² / ‖WX‖²`` of every target on the inputs it sees in the pruned model."""
+    num = [0.0] * len(targets)
+    den = [0.0] * len(targets)
+    with HookSet() as hooks:
+        for i, t in enumerate(targets):
+            view = views[t.name]
+            w_dense, w_new = view.matrices(dense[i]), view.matrices()
+
+            def measure(
+                m: nn.Module,
+                args: Any,
+                i: int = i,
+                v: LayerView = view,
+                wd: Tensor = w_dense,
+                wn: Tensor = w_new,
+            ) -> None:
+                x = v.inputs(args[0].detach()).to(wd.dtype)
+                y = torch.bmm(x, wd.transpose(1, 2))
+                num[i] += float((y - torch.bmm(x, wn.transpose(1, 2))).square().sum())
+                den[i] += float(y.square().sum())
+
+            hooks.pre(t.module, measure)
+        with torch.no_grad():
+            for args, kwargs in calls:
+                model(*args, **kwargs)
+    return [n / dd if dd > 0 else 0.0 for n, dd in zip(num, den, strict=True)]

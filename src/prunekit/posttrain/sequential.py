@@ -1,0 +1,274 @@
+"""The order in which a model's layers are compressed, and the forwards that feed them.
+
+Units are compressed in forward order. A *unit* is a block — a child of the model's layer
+``ModuleList`` (a transformer's ``encoder.layer``) that holds targets — or a single target layer
+outside such a list (plain CNNs and MLPs: each target layer is a unit). Every unit sees the
+outputs of the already compressed units.
+
+Two ways to feed a unit its calibration inputs:
+
+* **Cached chain**: when consecutive blocks form a chain (block ``k+1`` is called on block
+  ``k``'s output with the same other arguments — checked on the first calibration item), the
+  inputs of the first block are captured once, and each block's outputs, computed after it is
+  compressed, are the next block's inputs: one block forward per calibration item per block.
+* **Early-stopped forward**: otherwise the whole model runs on each calibration item and stops
+  (:class:`StopForward`) right after the unit; correct for any topology (residual connections,
+  branches), at the cost of the forward up to the unit.
+
+All hooks are owned by a :class:`HookSet` and removed when its ``with`` block exits, also on an
+exception.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from prunekit.core.targets import Target
+from prunekit.posttrain.calibration import Call
+
+__all__ = ["HookSet", "StopForward", "Unit", "plan_units"]
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a calibration forward early (caught by the caller)."""
+
+
+class HookSet:
+    """Forward hooks owned by one object and removed together (context manager).
+
+    Example::
+
+        with HookSet() as hooks:
+            hooks.pre(layer, lambda m, args: ...)
+            model(x)
+        # every hook is gone here, even if model(x) raised
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def pre(self, module: nn.Module, fn: Callable[..., Any], with_kwargs: bool = False) -> None:
+        """A forward pre-hook ``fn(module, args[, kwargs])``."""
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+
+    def post(self, module: nn.Module, fn: Callable[..., Any]) -> None:
+        """A forward hook ``fn(module, args, output)``."""
+        self._handles.append(module.register_forward_hook(fn))
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __enter__(self) -> HookSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+@dataclass
+class Unit:
+    """A block or a single layer compressed in one step.
+
+    Attributes:
+        name: module name of the block (or of the layer).
+        module: the block or layer.
+        targets: the targets inside it, in forward order.
+        chained: ``True`` when this block's inputs are the previous unit's outputs (cached chain).
+    """
+
+    name: str
+    module: nn.Module
+    targets: list[Target]
+    chained: bool = False
+
+
+def run_call(model: nn.Module, call: Call) -> None:
+    """One forward of ``model`` on a calibration call; a :class:`StopForward` ends it quietly."""
+    args, kwargs = call
+    with suppress(StopForward):
+        model(*args, **kwargs)
+
+
+def execution_order(
+    model: nn.Module, targets: Sequence[Target], call: Call
+) -> tuple[list[Target], list[Target]]:
+    """Targets in the order the model first calls them on ``call``, and those it never calls."""
+    order: list[Target] = []
+    with HookSet() as hooks:
+        for t in targets:
+
+            def seen(module: nn.Module, args: Any, t: Target = t) -> None:
+                if t not in order:
+                    order.append(t)
+
+            hooks.pre(t.module, seen)
+        run_call(model, call)
+    return order, [t for t in targets if t not in order]
+
+
+def _layer_list(model: nn.Module, targets: Sequence[Target]) -> tuple[str, nn.ModuleList] | None:
+    """The ``ModuleList`` whose children hold the most targets (ties: the outermost), if any."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    target_modules = {id(t.module) for t in targets}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        n = sum(
+            1
+            for child in module
+            for m in child.modules()
+            if id(m) in target_modules and m is not child
+        )
+        if n > 0 and (best is None or n > best[0]):
+            best = (n, name, module)
+    return None if best is None else (best[1], best[2])
+
+
+def plan_units(model: nn.Module, ordered: Sequence[Target], call: Call) -> list[Unit]:
+    """Units in forward order, with the chained ones marked (see the module docstring)."""
+    found = _layer_list(model, ordered)
+    block_of: dict[int, tuple[str, nn.Module]] = {}
+    if found is not None:
+        list_name, layers = found
+        for i, child in enumerate(layers):
+            for m in child.modules():
+                block_of[id(m)] = (f"{list_name}.{i}" if list_name else str(i), child)
+    units: list[Unit] = []
+    index: dict[int, Unit] = {}
+    for t in ordered:
+        owner = block_of.get(id(t.module))
+        if owner is None or owner[1] is t.module:
+            units.append(Unit(t.module_name, t.module, [t]))
+            continue
+        unit = index.get(id(owner[1]))
+        if unit is None:
+            unit = Unit(owner[0], owner[1], [])
+            index[id(owner[1])] = unit
+            units.append(unit)
+        unit.targets.append(t)
+    _mark_chains(model, units, call)
+    return units
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a is None and b is None)
+
+
+def first_output(output: Any) -> Tensor | None:
+    """The hidden state a block passes on: the output itself or its first element."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
+
+
+def _mark_chains(model: nn.Module, units: list[Unit], call: Call) -> None:
+    """Mark unit ``k+1`` chained when, on ``call``, it receives unit ``k``'s output as its first
+    argument and exactly the other arguments unit ``k`` received (consecutive blocks only)."""
+    seen: dict[int, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
+    blocks = [u for u in units if len(u.targets) > 1 or u.module is not u.targets[0].module]
+    if len(blocks) < 2:
+        return
+    with HookSet() as hooks:
+        for u in blocks:
+
+            def record(m: nn.Module, args: Any, kwargs: Any, out: Any, u: Unit = u) -> None:
+                seen.setdefault(id(u), (args, kwargs, out))
+
+            hooks._handles.append(u.module.register_forward_hook(record, with_kwargs=True))
+        with torch.no_grad():
+            run_call(model, call)
+    for prev, unit in itertools.pairwise(units):
+        if id(prev) not in seen or id(unit) not in seen or prev not in blocks:
+            continue
+        p_args, p_kwargs, p_out = seen[id(prev)]
+        args, kwargs, _ = seen[id(unit)]
+        hidden = first_output(p_out)
+        unit.chained = (
+            hidden is not None
+            and len(args) >= 1
+            and args[0] is hidden
+            and _same(args[1:], p_args[1:])
+            and _same(kwargs, p_kwargs)
+        )
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode and no autograd for the duration; the training flags are restored."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags.items():
+            m.train(flag)
+
+
+def capture_inputs(model: nn.Module, module: nn.Module, calls: Sequence[Call]) -> list[Call]:
+    """The ``(args, kwargs)`` that ``module`` receives on every calibration call (the forward
+    stops at ``module``)."""
+    captured: list[Call] = []
+
+    def grab(m: nn.Module, args: Any, kwargs: Any) -> None:
+        captured.append((tuple(args), dict(kwargs)))
+        raise StopForward
+
+    with HookSet() as hooks:
+        hooks.pre(module, grab, with_kwargs=True)
+        for call in calls:
+            n = len(captured)
+            run_call(model, call)
+            if len(captured) == n:
+                raise RuntimeError(
+                    f"{type(module).__name__} was not called by the model's forward on a "
+                    "calibration item; it cannot be compressed sequentially"
+                )
+    return captured
+
+
+def feed_unit(model: nn.Module, unit: Unit, calls: Sequence[Call]) -> None:
+    """Run the model on every call, stopping right after ``unit`` has run."""
+
+    def stop(m: nn.Module, args: Any, out: Any) -> None:
+        raise StopForward
+
+    with HookSet() as hooks:
+        hooks.post(unit.module, stop)
+        for call in calls:
+            run_call(model, call)
+
+
+def run_block(unit: Unit, inputs: Sequence[Call]) -> list[Call]:
+    """Run a chained block on cached inputs; its outputs as the next block's inputs."""
+    outputs: list[Call] = []
+    for args, kwargs in inputs:
+        hidden = first_output(unit.module(*args, **kwargs))
+        if hidden is None:
+            raise RuntimeError(f"block {unit.name} returned no tensor to pass on")
+        outputs.append(((hidden, *args[1:]), kwargs))
+    return outputs

@@ -1,0 +1,408 @@
+"""The model-level walk of ``prunekit.compress``: targets, order, calibration forms, sequential
+feeding, N:M on convolutions, damping escalation, errors that leave the model as it was."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunekit
+from prunekit.config import ConfigError
+from prunekit.posttrain import (
+    HessianError,
+    available_compressors,
+    layer_hessian,
+    sparsegpt_prune,
+    wanda_prune,
+)
+from prunekit.posttrain.methods import get_compressor
+
+torch.set_num_threads(1)
+
+
+class MLP(nn.Module):
+    def __init__(self, d=(12, 16, 8, 4)):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = (nn.Linear(a, b) for a, b in itertools.pairwise(d))
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, x, mask=None):
+        h = self.down(torch.relu(self.up(x)))
+        return (x + h * (1.0 if mask is None else mask),)
+
+
+class Stack(nn.Module):
+    """A transformer-shaped model: a ModuleList of blocks called in a chain, with keyword args."""
+
+    def __init__(self, d=8, depth=3, chain=True):
+        super().__init__()
+        self.embed = nn.Linear(6, d)
+        self.layers = nn.ModuleList(Block(d) for _ in range(depth))
+        self.head = nn.Linear(d, 3)
+        self.chain = chain
+
+    def forward(self, x, mask=None):
+        h = self.embed(x)
+        for i, layer in enumerate(self.layers):
+            # chain=False: every block also gets a per-block scale, so block k+1 is not fed
+            # block k's output alone and the cached chain must not be used
+            scale = mask if self.chain or mask is None else mask * (1.0 + 0.5 * i)
+            h = layer(h, mask=scale)[0]
+        return self.head(h)
+
+
+def _batches(n=4, shape=(16, 12), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def _stack_batches(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"x": torch.randn(4, 5, 6, generator=g), "mask": torch.rand(4, 5, 1, generator=g)}
+        for _ in range(n)
+    ]
+
+
+def _inputs_of(model, layer, batches, call=lambda m, b: m(b)):
+    """The inputs ``layer`` receives on ``batches`` (captured in the test, independently)."""
+    seen = []
+    h = layer.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for b in batches:
+            call(model, b)
+    h.remove()
+    return torch.cat(seen)
+
+
+def _wanda_by_hand(W, X, sparsity):
+    return wanda_prune(W, X.norm(dim=0), sparsity)
+
+
+def _sparsegpt_by_hand(W, X, sparsity):
+    return sparsegpt_prune(W, layer_hessian(X), sparsity)
+
+
+# --- sequential feeding -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_each_layer_sees_the_compressed_predecessors_outputs(sequential):
+    torch.manual_seed(0)
+    model, batches = MLP(), _batches()
+    ref = copy.deepcopy(model)
+    # the expected result, built layer by layer in the test: Wanda on the inputs each layer sees
+    for name in ("fc1", "fc2", "fc3"):
+        layer = getattr(ref, name)
+        source = ref if sequential else model  # dense model: what a one-pass method sees
+        X = _inputs_of(source, getattr(source, name), batches)
+        with torch.no_grad():
+            layer.weight.copy_(_wanda_by_hand(layer.weight, X, 0.5))
+    prunekit.compress(model, batches, "wanda", sparsity=0.5, sequential=sequential)
+    for name in ("fc1", "fc2", "fc3"):
+        torch.testing.assert_close(getattr(model, name).weight, getattr(ref, name).weight)
+
+
+def test_sequential_and_one_pass_differ():
+    """The test above would pass for both settings if the setting did nothing."""
+    torch.manual_seed(0)
+    a, batches = MLP(), _batches()
+    b = copy.deepcopy(a)
+    prunekit.compress(a, batches, "wanda", sparsity=0.5, sequential=True)
+    prunekit.compress(b, batches, "wanda", sparsity=0.5, sequential=False)
+    assert torch.equal(a.fc1.weight, b.fc1.weight)
+    assert not torch.equal(a.fc3.weight, b.fc3.weight)
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_blocks_of_a_layer_list_see_compressed_blocks(chain):
+    """A block's layers are compressed together from one pass (they see the dense block), after
+    the blocks before it were compressed. SparseGPT: its result moves with any change of the
+    inputs (a Wanda mask may not)."""
+    torch.manual_seed(0)
+    model, batches = Stack(chain=chain), _stack_batches()
+    ref = copy.deepcopy(model)
+    call = lambda m, b: m(**b)  # noqa: E731
+    units = [[ref.embed], *[[blk.up, blk.down] for blk in ref.layers], [ref.head]]
+    for unit in units:
+        inputs = [_inputs_of(ref, layer, batches, call) for layer in unit]
+        for layer, X in zip(unit, inputs, strict=True):
+            with torch.no_grad():
+                layer.weight.copy_(_sparsegpt_by_hand(layer.weight, X, 0.5))
+    report = prunekit.compress(model, batches, "sparsegpt", sparsity=0.5)
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, p_ref, msg=name)
+    assert [r.name for r in report.layers] == [
+        n for n, p in model.named_parameters() if p.dim() == 2
+    ]
+
+
+def test_cached_chain_runs_each_block_once_per_item():
+    """The chain is fed from cached activations: the model's forward runs a bounded number of
+    times, not once per block (the cost claim of the sequential mode)."""
+    torch.manual_seed(0)
+    model, batches = Stack(depth=6), _stack_batches()
+    calls = {"model": 0, "block": 0}
+    model.register_forward_pre_hook(lambda *a: calls.__setitem__("model", calls["model"] + 1))
+    for blk in model.layers:
+        blk.register_forward_pre_hook(lambda *a: calls.__setitem__("block", calls["block"] + 1))
+    prunekit.compress(model, batches, "magnitude", sparsity=0.5, targets=["re:layers\\..*"])
+    # order + chain check: 2 forwards; capture: 3; then each block runs twice per item
+    # (Hessians, outputs) except the last (Hessians only)
+    assert calls["model"] == 2 + len(batches)
+    assert calls["block"] == 2 * 6 + len(batches) + len(batches) * (2 * 6 - 1)
+
+
+# --- calibration items, targets ---------------------------------------------------------------
+
+
+def test_tensor_tuple_and_dict_items_are_the_same_calibration():
+    torch.manual_seed(0)
+    model, batches = MLP(), _batches()
+    outs = []
+    for items in (batches, [(b,) for b in batches], [{"x": b} for b in batches]):
+        m = copy.deepcopy(model)
+        prunekit.compress(m, items, "sparsegpt", sparsity=0.5)
+        outs.append(m.fc2.weight)
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[2])
+    with pytest.raises(TypeError, match="calibration item"):
+        prunekit.compress(copy.deepcopy(model), [3.0], "sparsegpt", sparsity=0.5)
+    with pytest.raises(ValueError, match="empty"):
+        prunekit.compress(copy.deepcopy(model), [], "sparsegpt", sparsity=0.5)
+
+
+def test_targets_ignore_and_overrides_are_honoured():
+    torch.manual_seed(0)
+    model, batches = MLP(), _batches()
+    before = copy.deepcopy(model)
+    report = prunekit.compress(
+        model, batches, "sparsegpt", sparsity=0.5, ignore=["fc3"], overrides={"fc2": 0.75}
+    )
+    assert torch.equal(model.fc3.weight, before.fc3.weight)
+    assert [r.name for r in report.layers] == ["fc1.weight", "fc2.weight"]
+    assert (model.fc1.weight == 0).sum(1).tolist() == [6] * 16  # round(0.5·12) per row
+    assert (model.fc2.weight == 0).sum(1).tolist() == [12] * 8  # round(0.75·16) per row
+    assert torch.equal(model.fc1.bias, before.fc1.bias)
+    with pytest.raises(ValueError, match="matched no"):
+        prunekit.compress(model, batches, "sparsegpt", sparsity=0.5, ignore=["fc9"])
+    with pytest.raises(prunekit.NoPrunableLayersError):
+        prunekit.compress(nn.Sequential(nn.ReLU()), batches, "sparsegpt", sparsity=0.5)
+
+
+def test_nm_on_convolutions_groups_input_channels_at_each_kernel_position():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    batches = [torch.randn(4, 3, 10, 10) for _ in range(2)]
+    report = prunekit.compress(model, batches, "sparsegpt", pattern="2:4")
+    w = model[2].weight.detach()  # (out, in, kh, kw): groups of 4 along `in` at each (kh, kw)
+    groups = (w.permute(0, 2, 3, 1).reshape(-1, 4) != 0).sum(1)
+    assert groups.max() <= 2 and (groups == 2).float().mean() > 0.99
+    assert "0.weight" in report.skipped  # 3 input channels: not a multiple of 4, left dense
+    assert (model[0].weight != 0).all()
+
+
+def test_conv_layer_reconstruction_error_matches_the_report():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2))
+    batches = [torch.randn(3, 4, 9, 9) for _ in range(2)]
+    dense = copy.deepcopy(model)
+    report = prunekit.compress(model, batches, "sparsegpt", sparsity=0.5)
+    x = torch.cat(batches)
+    with torch.no_grad():
+        y_dense = F.conv2d(x, dense[0].weight, None, 2, 1, 1, 2)
+        y = F.conv2d(x, model[0].weight, None, 2, 1, 1, 2)
+    expected = float((y - y_dense).square().sum() / y_dense.square().sum())
+    assert report.layers[0].rel_error == pytest.approx(expected, rel=1e-3)
+    assert report.layers[0].sparsity == pytest.approx(0.5, abs=0.03)
+
+
+# --- Hessian trouble, errors --------------------------------------------------------------------
+
+
+def test_rank_deficient_hessian_escalates_damping_and_reports_it(caplog):
+    torch.manual_seed(0)
+    model = MLP((12, 6, 4, 2))
+    z = torch.randn(64, 1)
+    batches = [z @ torch.ones(1, 12)]  # every input equal: H has rank 1
+    report = prunekit.compress(model, batches, "sparsegpt", sparsity=0.5, damp=0.0)
+    row = report.layer("fc1")
+    assert row.damp_escalated and row.damp > 0
+    assert "retrying" in caplog.text
+    assert "↑" in report.table()
+
+
+def test_dead_inputs_are_reported_and_not_counted_as_sparsity():
+    torch.manual_seed(0)
+    model = MLP()
+    batches = _batches()
+    for b in batches:
+        b[:, [2, 7]] = 0.0  # two inputs always zero
+    report = prunekit.compress(model, batches, "sparsegpt", sparsity=0.5, targets=["fc1"])
+    assert report.layer("fc1").dead_inputs == 2
+    w = model.fc1.weight
+    assert (w[:, [2, 7]] == 0).all()
+    assert (w == 0).sum(1).tolist() == [2 + 5] * 16  # round(0.5·10 live) + the 2 dead
+
+
+def test_non_finite_calibration_raises_naming_the_layer_and_restores_the_model():
+    torch.manual_seed(0)
+    model, batches = MLP(), _batches()
+    before = copy.deepcopy(model.state_dict())
+    batches[1][0, 0] = float("inf")
+    with pytest.raises(HessianError, match=r"fc1\.weight"):
+        prunekit.compress(model, batches, "sparsegpt", sparsity=0.5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+class Poison(nn.Module):
+    """Turns one activation into inf: the layer after it gets a non-finite Hessian."""
+
+    def forward(self, x):
+        x = x.clone()
+        x[0, 0] = float("inf")
+        return x
+
+
+def test_a_failure_after_some_layers_were_compressed_restores_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), Poison(), nn.Linear(16, 4))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(HessianError, match=r"2\.weight"):
+        prunekit.compress(model, _batches(), "sparsegpt", sparsity=0.5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_hooks_are_removed_and_weights_restored_after_an_exception():
+    torch.manual_seed(0)
+    model, batches = Stack(), _stack_batches()
+    before = copy.deepcopy(model.state_dict())
+    batches[2] = {"x": torch.randn(4, 5, 7)}  # wrong width: fails inside the forward
+    with pytest.raises(RuntimeError):
+        prunekit.compress(model, batches, "sparsegpt", sparsity=0.5)
+    for m in model.modules():
+        assert not m._forward_pre_hooks and not m._forward_hooks, m
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model.training  # the mode is restored too
+
+
+# --- config, registry ---------------------------------------------------------------------------
+
+
+def test_config_errors_name_the_problem():
+    model, batches = MLP(), _batches()
+    with pytest.raises(ConfigError, match="valid keys"):
+        prunekit.compress(model, batches, "sparsegpt", sparsity=0.5, spasity=0.5)
+    with pytest.raises(ConfigError, match="sparsity"):
+        prunekit.compress(model, batches, "sparsegpt", sparsity=1.0)
+    with pytest.raises(ConfigError, match="bits"):
+        prunekit.compress(model, batches, "gptq", bits=9)
+    with pytest.raises(ConfigError, match="quantizes only"):
+        prunekit.compress(model, batches, "rtn", bits=4, sparsity=0.5)
+    with pytest.raises(ConfigError, match="does not quantize"):
+        prunekit.compress(model, batches, "obc", sparsity=0.5, bits=4)
+    with pytest.raises(ConfigError, match="nothing to do"):
+        prunekit.compress(model, batches, "sparsegpt")
+    with pytest.raises(ConfigError, match="fixes the sparsity"):
+        prunekit.compress(model, batches, "sparsegpt", sparsity=0.7, pattern="2:4")
+    with pytest.raises(ValueError, match="available: "):
+        prunekit.compress(model, batches, "magic", sparsity=0.5)
+
+
+PRUNERS = [m for m in available_compressors() if get_compressor(m).config_class.prunes]
+QUANTIZERS = [m for m in available_compressors() if get_compressor(m).config_class.quantizes]
+
+
+def test_the_registry_holds_the_issue_methods():
+    assert {"magnitude", "wanda", "sparsegpt", "obc", "rtn", "gptq", "obq"} <= set(
+        available_compressors()
+    )
+
+
+@pytest.mark.parametrize("method", PRUNERS)
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_every_pruner_reaches_its_sparsity_and_beats_nothing(method, pattern):
+    """Layer-wise methods: every layer exactly at the sparsity (N:M: every group); a global
+    method (M-FAC) spreads the same total over the layers."""
+    torch.manual_seed(0)
+    model, batches = MLP((16, 16, 8, 4)), _batches(shape=(32, 16))
+    kw = {"sparsity": 0.5} if pattern == "unstructured" else {"pattern": pattern}
+    layers = (model.fc1, model.fc2, model.fc3)
+    if get_compressor(method).global_method:
+        if pattern != "unstructured":
+            with pytest.raises(ConfigError, match="not supported"):
+                prunekit.compress(model, batches, method, **kw)
+            return
+        report = prunekit.compress(model, batches, method, ngrads=8, **kw)
+        nnz = sum(int((lin.weight != 0).sum()) for lin in layers)
+        assert nnz == sum(lin.weight.numel() for lin in layers) // 2
+    else:
+        report = prunekit.compress(model, batches, method, **kw)
+        for lin in layers:
+            nnz = (lin.weight.reshape(-1, 4) != 0).sum(1)
+            assert nnz.sum() == lin.weight.numel() // 2
+            if pattern == "2:4":
+                assert nnz.max() <= 2
+    assert all(0 < r.rel_error < 1 for r in report.layers)
+
+
+@pytest.mark.parametrize("method", QUANTIZERS)
+def test_every_quantizer_puts_each_row_on_at_most_2_to_the_bits_values(method):
+    torch.manual_seed(0)
+    model, batches = MLP((16, 16, 8, 4)), _batches(shape=(32, 16))
+    report = prunekit.compress(model, batches, method, bits=2)
+    for lin in (model.fc1, model.fc2, model.fc3):
+        assert max(len(torch.unique(row)) for row in lin.weight) <= 4
+    assert all(r.bits == 2 and r.rel_error < 1 for r in report.layers)
+
+
+def test_second_order_methods_beat_magnitude_on_a_trained_like_layer():
+    """On correlated inputs, the compensating methods reconstruct better, at the model level."""
+    torch.manual_seed(0)
+    mix = torch.randn(4, 16)  # four latent factors drive the 16 inputs
+    batches = [torch.randn(64, 4) @ mix + 0.1 * torch.randn(64, 16) for _ in range(4)]
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt", "obc"):
+        torch.manual_seed(1)
+        m = MLP((16, 12, 8, 4))
+        errors[method] = prunekit.compress(m, batches, method, sparsity=0.7).layer("fc1").rel_error
+    assert errors["obc"] <= errors["sparsegpt"] < 0.8 * errors["magnitude"]
+
+
+def test_obc_database_holds_every_requested_level():
+    torch.manual_seed(0)
+    model, batches = MLP(), _batches()
+    report = prunekit.compress(
+        model, batches, "obc", sparsity=0.5, targets=["fc1"], database_levels=[0.25, 0.75]
+    )
+    (db,) = report.extras["obc_database"]["fc1.weight"]
+    assert sorted(db.levels) == [0.25, 0.5, 0.75]
+    torch.testing.assert_close(db.weights_at(0.5), model.fc1.weight.detach())
+    assert (db.weights_at(0.75) == 0).sum(1).tolist() == [9] * 16
+
+
+def test_report_round_trips_through_json():
+    import json
+
+    model, batches = MLP(), _batches()
+    report = prunekit.compress(model, batches, "gptq", bits=4)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["method"] == "gptq" and len(data["layers"]) == 3
+    assert data["config"]["bits"] == 4
