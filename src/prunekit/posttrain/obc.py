@@ -123,10 +123,62 @@ def _prepare(W: Tensor, H: Tensor, damp: float) -> tuple[Tensor, Tensor, Tensor,
     return Wc, hinv, dead, info.dead
 
 
-def _eliminate_(hinv: Tensor, col: Tensor, d_p: Tensor) -> None:
-    """Rank-1 downdate ``H⁻¹ ← H⁻¹ - c cᵀ / d_p`` of a batch, ``c = H⁻¹[:, p]`` (in place)."""
-    c = col / d_p.sqrt().unsqueeze(1)
-    hinv.baddbmm_(c.unsqueeze(2), c.unsqueeze(1), alpha=-1.0)
+class _FreeSet:
+    """The free (not yet fixed) weights of a batch of rows, in compacted coordinates.
+
+    Every row of a batch fixes one weight per step, so all rows hold the same number ``f`` of
+    stored columns: ``cols`` ``(b, f)`` their input indices, ``w`` ``(b, f)`` their current
+    values, ``hinv`` ``(b, f, f)`` the inverse Hessian restricted to them, ``fixed`` ``(b, f)``
+    which of them are already eliminated. Eliminated columns are dropped from storage whenever
+    they make up an eighth of it, so a step costs ``O(b · f²)`` with ``f`` shrinking: a full
+    trace costs about a third of the uncompacted ``O(b · d³)``.
+    """
+
+    def __init__(self, w: Tensor, hinv0: Tensor, dead: Tensor) -> None:
+        b, d = w.shape
+        self.cols = torch.arange(d, device=w.device).unsqueeze(0).repeat(b, 1)
+        self.w = w.clone()
+        self.hinv = hinv0.unsqueeze(0).repeat(b, 1, 1)
+        self.fixed = dead.unsqueeze(0).repeat(b, 1)
+        self.ar = torch.arange(b, device=w.device)
+        self.compact()
+
+    def compact(self) -> None:
+        """Drop the eliminated columns (every row has the same number of them)."""
+        b, f = self.w.shape
+        n_keep = f - int(self.fixed[0].sum())
+        idx = torch.nonzero(~self.fixed)[:, 1].reshape(b, n_keep)
+        self.cols = self.cols.gather(1, idx)
+        self.w = self.w.gather(1, idx)
+        rows = self.hinv.gather(1, idx.unsqueeze(2).expand(b, n_keep, f))
+        self.hinv = rows.gather(2, idx.unsqueeze(1).expand(b, n_keep, n_keep))
+        self.fixed = torch.zeros_like(self.w, dtype=torch.bool)
+
+    def eliminate_(self, p: Tensor, target: Tensor, last: bool) -> tuple[Tensor, Tensor]:
+        """Fix local column ``p`` of every row to ``target``: OBS update, rank-1 downdate.
+
+        Returns ``(w_p, [H⁻¹]_pp)`` before the step.
+        """
+        ar = self.ar
+        d_p = self.hinv[ar, p, p]
+        w_p = self.w[ar, p]
+        col = self.hinv[ar, :, p]
+        self.w.sub_(((w_p - target) / d_p).unsqueeze(1) * col)
+        self.fixed[ar, p] = True
+        if not last:
+            c = col / d_p.sqrt().unsqueeze(1)
+            self.hinv.baddbmm_(c.unsqueeze(2), c.unsqueeze(1), alpha=-1.0)
+            if int(self.fixed[0].sum()) >= max(1, self.w.shape[1] // 8):
+                self.compact()
+        return w_p, d_p
+
+    def scatter(self, out: Tensor, rows: Tensor | None = None) -> None:
+        """Write the current free values into ``out`` (``(b, d)``, input coordinates)."""
+        vals = self.w.masked_fill(self.fixed, 0.0)
+        if rows is None:
+            out.scatter_(1, self.cols, vals)
+        else:
+            out[rows] = out[rows].scatter(1, self.cols[rows], vals[rows])
 
 
 def _greedy_prune_rows(
@@ -137,47 +189,39 @@ def _greedy_prune_rows(
     snap_counts: Tensor | None,
     nm: tuple[int, int] | None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Greedy OBS removal for a batch of rows ``w`` (``(b, d)``, modified in place).
+    """Greedy OBS removal for a batch of rows ``w`` (``(b, d)``, dead columns already 0).
 
     Returns ``(order (b, n_steps), step_losses (b, n_steps), snapshots)`` where
     ``snapshots[l]`` is ``(b, d)``: row ``r`` as it was after ``snap_counts[r, l]`` steps.
     """
     b, d = w.shape
-    ar = torch.arange(b, device=w.device)
-    hinv = hinv0.unsqueeze(0).repeat(b, 1, 1)
-    removed = dead.unsqueeze(0).repeat(b, 1)
+    free = _FreeSet(w, hinv0, dead)
+    ar = free.ar
     order = torch.full((b, n_steps), -1, dtype=torch.long, device=w.device)
     losses = torch.zeros(b, n_steps, dtype=w.dtype, device=w.device)
     n_levels = 0 if snap_counts is None else snap_counts.shape[1]
     snaps = [w.clone() for _ in range(n_levels)]  # count 0 = the dense row
     if nm is not None:
         n, m = nm
-        full = dead.reshape(d // m, m).sum(1).unsqueeze(0).repeat(b, 1) >= m - n
+        zeros_in_group = dead.reshape(d // m, m).sum(1).unsqueeze(0).repeat(b, 1)
     for t in range(n_steps):
-        diag = torch.diagonal(hinv, dim1=1, dim2=2)
-        blocked = removed
+        diag = torch.diagonal(free.hinv, dim1=1, dim2=2)
+        blocked = free.fixed
         if nm is not None:
-            blocked = removed | full.repeat_interleave(m, dim=1)
-        scores = (w.square() / diag).masked_fill(blocked, math.inf)
-        p = scores.argmin(dim=1)
-        d_p = diag[ar, p]
-        w_p = w[ar, p]
-        col = hinv[ar, :, p]
+            blocked = blocked | (zeros_in_group.gather(1, free.cols // m) >= m - n)
+        p = (free.w.square() / diag).masked_fill(blocked, math.inf).argmin(dim=1)
+        q = free.cols[ar, p]
+        order[:, t] = q
+        if nm is not None:
+            zeros_in_group[ar, q // m] += 1
+        w_p, d_p = free.eliminate_(p, torch.zeros_like(p, dtype=w.dtype), t + 1 == n_steps)
         losses[:, t] = w_p.square() / (2.0 * d_p)
-        order[:, t] = p
-        w.sub_((w_p / d_p).unsqueeze(1) * col)
-        removed[ar, p] = True
-        w.masked_fill_(removed, 0.0)
-        if nm is not None:
-            g = p // m
-            full[ar, g] = removed.reshape(b, d // m, m)[ar, g].sum(1) >= m - n
         if snap_counts is not None:
             hit = snap_counts == t + 1
             for lv in range(n_levels):
-                rows = hit[:, lv]
-                snaps[lv][rows] = w[rows]
-        if t + 1 < n_steps:
-            _eliminate_(hinv, col, d_p)
+                if bool(hit[:, lv].any()):
+                    snaps[lv][hit[:, lv]] = 0.0
+                    free.scatter(snaps[lv], hit[:, lv])
     return order, losses, snaps
 
 
@@ -400,26 +444,21 @@ def _greedy_quantize_rows_(
     maxq: int,
 ) -> None:
     """Greedy OBQ on a batch of rows ``w`` (``(b, d)``, a view quantized in place)."""
-    b = w.shape[0]
-    ar = torch.arange(b, device=w.device)
-    hinv = hinv0.unsqueeze(0).repeat(b, 1, 1)
-    done = dead.unsqueeze(0).repeat(b, 1)
+    free = _FreeSet(w, hinv0, dead)
+    ar = free.ar
     fixed = torch.zeros_like(w)  # the grid values chosen so far (dead inputs: 0)
-    outlier = 0.25 * scale.square() * (1.0 + 1e-6)
     for t in range(n_steps):
-        q = _quantize(w, scale, zero, maxq)
-        err = (q - w).square().masked_fill(done, 0.0)
-        diag = torch.diagonal(hinv, dim1=1, dim2=2)
-        p = (err / diag).masked_fill(done, math.inf).argmin(dim=1)
-        out = (err > outlier).any(dim=1)
-        if bool(out.any()):
-            p = torch.where(out, err.argmax(dim=1), p)
-        d_p = diag[ar, p]
+        s = scale.gather(1, free.cols)
+        z = zero.gather(1, free.cols)
+        q = _quantize(free.w, s, z, maxq)
+        err = (q - free.w).square().masked_fill(free.fixed, 0.0)
+        diag = torch.diagonal(free.hinv, dim1=1, dim2=2)
+        p = (err / diag).masked_fill(free.fixed, math.inf).argmin(dim=1)
+        out = err > 0.25 * s.square() * (1.0 + 1e-6)  # off the grid's range
+        has_out = out.any(dim=1)
+        if bool(has_out.any()):
+            p = torch.where(has_out, err.argmax(dim=1), p)
         q_p = q[ar, p]
-        col = hinv[ar, :, p]
-        w.sub_(((w[ar, p] - q_p) / d_p).unsqueeze(1) * col)
-        fixed[ar, p] = q_p
-        done[ar, p] = True
-        if t + 1 < n_steps:
-            _eliminate_(hinv, col, d_p)
+        fixed[ar, free.cols[ar, p]] = q_p
+        free.eliminate_(p, q_p, t + 1 == n_steps)
     w.copy_(fixed)
