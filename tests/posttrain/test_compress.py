@@ -406,3 +406,32 @@ def test_report_round_trips_through_json():
     data = json.loads(json.dumps(report.to_dict()))
     assert data["method"] == "gptq" and len(data["layers"]) == 3
     assert data["config"]["bits"] == 4
+
+
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("gptq", {"bits": 4, "group_size": 8}),
+        ("obq", {"bits": 3}),
+        ("sparsegpt", {"sparsity": 0.5, "bits": 4}),
+        ("rtn", {"bits": 2, "group_size": 16}),
+    ],
+)
+def test_integer_export_reproduces_the_compressed_model_exactly(method, kw, tmp_path):
+    from prunekit.posttrain.export import load_quantized, save_quantized
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)
+    )
+    report = prunekit.compress(model, [torch.randn(8, 4, 8, 8)], method, **kw)
+    size = save_quantized(model, report, tmp_path / "q.pt")
+    state = load_quantized(tmp_path / "q.pt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v), k
+    torch.save(model.state_dict(), tmp_path / "float.pt")
+    assert size < (tmp_path / "float.pt").stat().st_size  # a byte per code instead of four
+    with torch.no_grad():
+        model[3].weight.add_(1e-3)  # no longer on the grid: refused, not silently rounded
+    with pytest.raises(ValueError, match="grid"):
+        save_quantized(model, report, tmp_path / "q2.pt")

@@ -282,11 +282,28 @@ def test_groupwise_grids_are_finer_and_export_exactly():
     assert scale.shape == (16, 4)
     groups = Wq.reshape(16, 4, 16)
     assert max(len(torch.unique(groups[r, g])) for r in range(16) for g in range(4)) <= 8
-    codes, _, zero_u8 = quantize_to_ints(Wq, scale, zero, 3)
+    codes, _, zero_u8 = quantize_to_ints(Wq, scale, zero, 3, group_size=16)
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 7
     deq = scale.repeat_interleave(16, dim=1) * (
         codes.float() - zero_u8.float().repeat_interleave(16, dim=1)
     )
     assert torch.equal(deq, Wq)
     with pytest.raises(ValueError, match="not on the given grid"):
-        quantize_to_ints(W, scale, zero, 3)
+        quantize_to_ints(W, scale, zero, 3, group_size=16)
+
+
+def test_a_partial_last_group_keeps_its_group_size():
+    """d_in = 18 in groups of 8 is 3 groups (8, 8, 2), not 3 groups of 6: RTN must use the grid of
+    the group each input belongs to (every weight on its grid, error at most half a step)."""
+    torch.manual_seed(0)
+    W = torch.randn(5, 18)
+    bits, gs = 3, 8
+    scale, zero = minmax_grid(W, bits, gs)
+    Wq = quantize_rtn(W, bits, group_size=gs)
+    for g, (a, b) in enumerate([(0, 8), (8, 16), (16, 18)]):
+        s = scale[:, g : g + 1]
+        assert ((Wq[:, a:b] - W[:, a:b]).abs() <= s / 2 + 1e-6).all(), g
+    codes, _, _ = quantize_to_ints(Wq, scale, zero, bits, group_size=gs)
+    assert int(codes.max()) <= 2**bits - 1
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_to_ints(Wq, scale, zero, bits)

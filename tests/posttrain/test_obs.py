@@ -379,7 +379,7 @@ def test_joint_pruning_and_quantization(group_size):
     for r in range(d_out):
         for g in range(d_in // gs):
             assert len(torch.unique(groups[r, g])) <= 2**bits
-    quantize_to_ints(Wj, scale, zero, bits)  # on the returned grid
+    quantize_to_ints(Wj, scale, zero, bits, group_size)  # on the returned grid
     W_sg = sparsegpt_prune(W, H, s, block_size=32)
     err_joint = _rel_err(W, Wj, X)
     err_two_step = _rel_err(W, quantize_rtn(W_sg, bits, group_size=group_size), X)

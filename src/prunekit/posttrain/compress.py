@@ -170,7 +170,12 @@ def _run(
             else:
                 feed_unit(model, unit, calls)
         for t in unit.targets:
-            report.layers.append(_compress_target(compressor, t, views[t.name], accs[t.name]))
+            grids: list[tuple[Tensor, Tensor]] = []
+            report.layers.append(
+                _compress_target(compressor, t, views[t.name], accs[t.name], grids)
+            )
+            if grids:
+                report.grids[t.name] = grids
         del accs
         cache = run_block(unit, cache) if chain_next and cache is not None else None
 
@@ -206,7 +211,11 @@ def _collect(
 
 
 def _compress_target(
-    compressor: Compressor, t: Target, view: LayerView, accs: list[HessianAccumulator]
+    compressor: Compressor,
+    t: Target,
+    view: LayerView,
+    accs: list[HessianAccumulator],
+    grids: list[tuple[Tensor, Tensor]],
 ) -> LayerReport:
     cfg = compressor.config
     compressor.current_layer = t.name
@@ -233,7 +242,10 @@ def _compress_target(
         else:
             dead += int((H.diagonal() == 0).sum())
         Wg = W[g].to(H.dtype)
+        compressor.grid = None
         new = compressor.compress_matrix(Wg, H, sparsity, 0.0 if damp is None else damp)
+        if cfg.bits is not None and compressor.grid is not None:
+            grids.append(compressor.grid)
         delta = Wg - new.to(H.dtype)
         err += float(((delta @ H) * delta).sum())
         ref += float(((Wg @ H) * Wg).sum())

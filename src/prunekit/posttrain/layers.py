@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerView", "register_layer_view", "view_of"]
+__all__ = [
+    "LayerView",
+    "matrices_to_weight",
+    "register_layer_view",
+    "view_of",
+    "weight_to_matrices",
+]
 
 
 @dataclass
@@ -52,28 +58,34 @@ class LayerView:
         """The weight (or ``weight``, of the same shape) as ``(groups, d_out/groups, d_in)``
         (a copy, in the weight's dtype)."""
         w = (self.weight if weight is None else weight).detach()
-        g = self.groups
-        if w.dim() == 2:
-            return w.unsqueeze(0).clone()
-        # (C_out, C_in/g, *k) -> (C_out, *k, C_in/g): channel fastest
-        w = w.movedim(1, -1).reshape(w.shape[0], -1)
-        return w.reshape(g, w.shape[0] // g, -1).clone()
+        return weight_to_matrices(w, self.groups).clone()
 
     def write_(self, matrices: Tensor) -> None:
         """Write ``(groups, d_out/groups, d_in)`` matrices back into the layer's weight."""
         w = self.weight
-        m = matrices.to(dtype=w.dtype, device=w.device)
         with torch.no_grad():
-            if w.dim() == 2:
-                w.copy_(m.squeeze(0))
-                return
-            kernel = w.shape[2:]
-            full = m.reshape(w.shape[0], *kernel, w.shape[1])
-            w.copy_(full.movedim(-1, 1))
+            w.copy_(matrices_to_weight(matrices.to(device=w.device), tuple(w.shape)))
 
     def inputs(self, x: Tensor) -> Tensor:
         """The layer's input batch as ``(groups, n, d_in)``, one row per output position."""
         return self._inputs(x)
+
+
+def weight_to_matrices(weight: Tensor, groups: int) -> Tensor:
+    """``(groups, d_out/groups, d_in)`` view of a Linear ``(out, in)`` or convolution
+    ``(out, in/groups, *k)`` weight, columns ordered (kernel position, channel)."""
+    if weight.dim() == 2:
+        return weight.unsqueeze(0)
+    w = weight.movedim(1, -1).reshape(weight.shape[0], -1)
+    return w.reshape(groups, weight.shape[0] // groups, -1)
+
+
+def matrices_to_weight(matrices: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`weight_to_matrices` for a weight of ``shape``."""
+    if len(shape) == 2:
+        return matrices.reshape(shape)
+    full = matrices.reshape(shape[0], *shape[2:], shape[1])
+    return full.movedim(-1, 1)
 
 
 def _linear_view(module: nn.Module) -> LayerView:

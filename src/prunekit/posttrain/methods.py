@@ -173,6 +173,8 @@ class Compressor:
         self.config = config
         #: name of the layer being compressed (set by the model-level walk)
         self.current_layer = ""
+        #: ``(scale, zero)`` of the grid of the last quantized matrix, each ``(d_out, n_groups)``
+        self.grid: tuple[Tensor, Tensor] | None = None
 
     def extras(self) -> dict[str, Any]:
         """Method-specific results for :attr:`CompressionReport.extras`."""
@@ -183,8 +185,19 @@ class Compressor:
         return getattr(self.config, "damp", None)
 
     def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
-        """Compressed ``W`` for one layer (``damp`` is the checked, possibly escalated damping)."""
+        """Compressed ``W`` for one layer (``damp`` is the checked, possibly escalated damping).
+
+        A quantizing method also sets :attr:`grid` to the grid it used."""
         raise NotImplementedError
+
+    def _gptq(
+        self, W: Tensor, H: Tensor, bits: int, block_size: int, damp: float, group: int | None
+    ) -> Tensor:
+        out, scale, zero = quant.gptq_quantize(
+            W, H, bits, block_size, damp, group_size=group, return_grid=True
+        )
+        self.grid = (scale, zero)
+        return out
 
 
 _COMPRESSORS: dict[str, type[Compressor]] = {}
@@ -219,10 +232,13 @@ def get_compressor(name: str) -> type[Compressor]:
         ) from None
 
 
-def _rtn_kept(W: Tensor, cfg: CompressConfig) -> Tensor:
-    """Round the weights to the grid (zeros stay exactly 0: 0 is always on the grid)."""
+def _rtn_kept(compressor: Compressor, W: Tensor) -> Tensor:
+    """Round the weights to their min-max grid (zeros stay exactly 0: 0 is always on the grid);
+    the grid is recorded on the compressor for the integer export."""
+    cfg = compressor.config
     if cfg.bits is None:
         return W
+    compressor.grid = quant.minmax_grid(W, cfg.bits, cfg.group_size)
     return quant.quantize_rtn(W, cfg.bits, group_size=cfg.group_size)
 
 
@@ -247,7 +263,7 @@ class Magnitude(Compressor):
         cfg = self.config
         if sparsity > 0:
             W = obs.magnitude_prune(W, sparsity, cfg.nm)
-        return _rtn_kept(W, cfg)
+        return _rtn_kept(self, W)
 
 
 @dataclass(kw_only=True)
@@ -268,7 +284,7 @@ class Wanda(Compressor):
         if sparsity > 0:
             norms = H.diagonal().clamp(min=0).sqrt()
             W = obs.wanda_prune(W, norms, sparsity, cfg.nm)
-        return _rtn_kept(W, cfg)
+        return _rtn_kept(self, W)
 
 
 # --- SparseGPT, OBC -----------------------------------------------------------------------------
@@ -316,9 +332,22 @@ class SparseGPT(Compressor):
         if sparsity == 0:
             if cfg.bits is None:
                 return W
-            return quant.gptq_quantize(
-                W, H, cfg.bits, cfg.block_size, damp, group_size=cfg.group_size
+            return self._gptq(W, H, cfg.bits, cfg.block_size, damp, cfg.group_size)
+        if cfg.bits is not None:
+            out, scale, zero = obs.sparsegpt_prune(
+                W,
+                H,
+                sparsity,
+                block_size=cfg.block_size,
+                nm=cfg.nm,
+                damp=damp,
+                mask_scope="row" if cfg.mask_scope == "row" else "block",
+                bits=cfg.bits,
+                group_size=cfg.group_size,
+                return_grid=True,
             )
+            self.grid = (scale, zero)
+            return out
         return obs.sparsegpt_prune(
             W,
             H,
@@ -404,7 +433,7 @@ class RTN(Compressor):
     uses_hessian = False
 
     def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
-        return _rtn_kept(W, self.config)
+        return _rtn_kept(self, W)
 
 
 @dataclass(kw_only=True)
@@ -438,7 +467,7 @@ class GPTQ(Compressor):
     def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
         cfg = self.config
         assert isinstance(cfg, GPTQConfig) and cfg.bits is not None
-        return quant.gptq_quantize(W, H, cfg.bits, cfg.block_size, damp, group_size=cfg.group_size)
+        return self._gptq(W, H, cfg.bits, cfg.block_size, damp, cfg.group_size)
 
 
 @dataclass(kw_only=True)
@@ -468,6 +497,10 @@ class OBQ(Compressor):
     def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
         cfg = self.config
         assert isinstance(cfg, OBQConfig) and cfg.bits is not None
+        # OBQ's grid: min-max of the weights with dead inputs zeroed, fixed up front
+        self.grid = quant.minmax_grid(
+            W.masked_fill((H.diagonal() == 0).unsqueeze(0), 0.0), cfg.bits, cfg.group_size
+        )
         return obc.obq_quantize(W, H, cfg.bits, group_size=cfg.group_size, damp=damp)
 
 

@@ -423,8 +423,8 @@ def obq_quantize(
     d_out, d_in = W.shape
     Wc, hinv0, dead, _ = _prepare(W, H, damp)
     scale_g, zero_g = minmax_grid(Wc, bits, group_size)
-    scale = expand_grid(scale_g, d_in)
-    zero = expand_grid(zero_g, d_in)
+    scale = expand_grid(scale_g, d_in, group_size)
+    zero = expand_grid(zero_g, d_in, group_size)
     maxq = 2**bits - 1
     batch = _row_batch(row_batch, d_out, d_in, Wc.dtype)
     n_steps = d_in - int(dead.sum())

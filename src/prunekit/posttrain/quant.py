@@ -101,13 +101,28 @@ def minmax_grid(W: Tensor, bits: int, group_size: int | None = None) -> tuple[Te
     return torch.stack([s for s, _ in grids], 1), torch.stack([z for _, z in grids], 1)
 
 
-def expand_grid(t: Tensor, d_in: int) -> Tensor:
+def expand_grid(t: Tensor, d_in: int, group_size: int | None = None) -> Tensor:
     """Repeat a per-group ``scale`` or ``zero`` of shape ``(d_out, n_groups)`` to ``(d_out, d_in)``.
 
-    The group size is ``ceil(d_in / n_groups)`` (``n_groups = 1``: one value per row).
+    Group ``k`` covers inputs ``[k·group_size, (k+1)·group_size)`` (the last group may be
+    shorter). ``group_size=None`` means one value per row (``n_groups = 1``). The group size
+    cannot be inferred from ``n_groups`` (``d_in = 18`` in groups of 8 and of 6 both give 3
+    groups), so it must be given whenever there are several groups.
+
+    Raises:
+        ValueError: several groups and no ``group_size``, or a ``group_size`` inconsistent with
+            ``n_groups``.
     """
     n_groups = t.shape[1]
-    group_size = math.ceil(d_in / n_groups)
+    if group_size is None:
+        if n_groups != 1:
+            raise ValueError(f"a grid of {n_groups} groups per row needs its group_size")
+        group_size = d_in
+    if math.ceil(d_in / group_size) != n_groups:
+        raise ValueError(
+            f"group_size={group_size} gives {math.ceil(d_in / group_size)} groups for d_in={d_in}, "
+            f"but the grid has {n_groups}"
+        )
     return t.repeat_interleave(group_size, dim=1)[:, :d_in]
 
 
@@ -120,12 +135,17 @@ def quantize_rtn(W: Tensor, bits: int, group_size: int | None = None) -> Tensor:
     """Round-to-nearest on the min-max grid of :func:`minmax_grid` (per row or group; no update)."""
     scale, zero = minmax_grid(W, bits, group_size)
     d_in = W.shape[1]
-    q = _quantize(W.to(scale.dtype), expand_grid(scale, d_in), expand_grid(zero, d_in), 2**bits - 1)
+    q = _quantize(
+        W.to(scale.dtype),
+        expand_grid(scale, d_in, group_size),
+        expand_grid(zero, d_in, group_size),
+        2**bits - 1,
+    )
     return q.to(W.dtype)
 
 
 def quantize_to_ints(
-    W_dequantized: Tensor, scale: Tensor, zero: Tensor, bits: int
+    W_dequantized: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Integer codes of weights that already lie on a grid, for export.
 
@@ -161,8 +181,8 @@ def quantize_to_ints(
             f"{tuple(W_dequantized.shape)}, {tuple(scale.shape)}, {tuple(zero.shape)}"
         )
     d_in = W_dequantized.shape[1]
-    s = expand_grid(scale, d_in)
-    z = expand_grid(zero, d_in)
+    s = expand_grid(scale, d_in, group_size)
+    z = expand_grid(zero, d_in, group_size)
     exact = W_dequantized.to(s.dtype) / s + z
     codes = torch.round(exact)
     if (codes - exact).abs().max() > 1e-3 or codes.min() < 0 or codes.max() > 2**bits - 1:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 __all__ = ["CompressionReport", "LayerReport"]
 
 
@@ -50,6 +52,9 @@ class CompressionReport:
             forward, or incompatible with the N:M pattern).
         seconds: total wall time, calibration forwards included.
         extras: method-specific results (e.g. OBC's per-layer database of sparsity levels).
+        grids: ``{layer: [(scale, zero) per group]}`` of the quantization grids, each
+            ``(d_out/groups, n_groups)``, for the integer export
+            (:func:`~prunekit.posttrain.export.save_quantized`).
     """
 
     method: str
@@ -58,6 +63,7 @@ class CompressionReport:
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)
+    grids: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
 
     @property
     def global_sparsity(self) -> float:
@@ -74,7 +80,7 @@ class CompressionReport:
         raise KeyError(f"no compressed layer {name!r}; layers: {[r.name for r in self.layers]}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (``extras`` are left out: they may hold tensors)."""
+        """JSON-ready dict (``extras`` and ``grids`` are left out: they hold tensors)."""
         return {
             "method": self.method,
             "config": self.config,

@@ -1,0 +1,103 @@
+"""Integer export of a quantized model: codes, scales and zero points instead of floats.
+
+After ``prunekit.compress(..., bits=b)`` the model holds dequantized weights
+``scale · (code − zero)``. :func:`save_quantized` stores, for every quantized layer, the integer
+``code`` (one ``uint8`` per weight), and per output row (or group of ``group_size`` inputs) the
+float ``scale`` and the integer ``zero``; every other tensor is stored as is. :func:`load_quantized`
+rebuilds the exact dequantized state dict. Written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.atomic import save_atomic
+from prunekit.posttrain.layers import matrices_to_weight, weight_to_matrices
+from prunekit.posttrain.quant import expand_grid, quantize_to_ints
+from prunekit.posttrain.report import CompressionReport
+
+__all__ = ["QUANTIZED_FORMAT", "load_quantized", "save_quantized"]
+
+QUANTIZED_FORMAT = "prunekit-quantized"
+_VERSION = 1
+
+
+def save_quantized(
+    model: nn.Module,
+    report: CompressionReport,
+    path: str | Path,
+    metadata: dict[str, Any] | None = None,
+) -> int:
+    """Write the integer export of ``model`` compressed with ``bits`` (see the module docstring).
+
+    Returns:
+        The file size in bytes.
+
+    Raises:
+        ValueError: the report has no quantization grids (the model was not quantized), or a
+            weight is no longer on its grid (it was changed after compression).
+    """
+    if not report.grids:
+        raise ValueError("the report holds no quantization grids: compress with bits=... first")
+    bits = int(report.config["bits"])
+    group_size = report.config.get("group_size")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    layers: dict[str, Any] = {}
+    for name, grids in report.grids.items():
+        weight = state.pop(name)
+        mats = weight_to_matrices(weight, len(grids))
+        codes, scales, zeros = [], [], []
+        for g, (scale, zero) in enumerate(grids):
+            c, s, z = quantize_to_ints(mats[g], scale.cpu(), zero.cpu(), bits, group_size)
+            codes.append(c)
+            scales.append(s)
+            zeros.append(z)
+        layers[name] = {
+            "shape": list(weight.shape),
+            "dtype": str(weight.dtype).removeprefix("torch."),
+            "codes": torch.stack(codes),
+            "scale": torch.stack(scales),
+            "zero": torch.stack(zeros),
+        }
+    save_atomic(
+        {
+            "format": QUANTIZED_FORMAT,
+            "version": _VERSION,
+            "bits": bits,
+            "group_size": report.config.get("group_size"),
+            "layers": layers,
+            "tensors": state,
+            "metadata": dict(metadata or {}),
+        },
+        path,
+    )
+    return Path(path).stat().st_size
+
+
+def load_quantized(path: str | Path) -> dict[str, Tensor]:
+    """The dequantized state dict of a file written by :func:`save_quantized` (bit-exact)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != QUANTIZED_FORMAT:
+        raise ValueError(f"{path} is not a {QUANTIZED_FORMAT} file")
+    out = dict(obj["tensors"])
+    group_size = obj.get("group_size")
+    for name, entry in obj["layers"].items():
+        codes, scale, zero = entry["codes"], entry["scale"], entry["zero"]
+        d_in = codes.shape[-1]
+        mats = torch.stack(
+            [
+                expand_grid(scale[g], d_in, group_size)
+                * (
+                    codes[g].to(scale.dtype)
+                    - expand_grid(zero[g].to(scale.dtype), d_in, group_size)
+                )
+                for g in range(codes.shape[0])
+            ]
+        )
+        dtype = getattr(torch, entry["dtype"])
+        out[name] = matrices_to_weight(mats, tuple(entry["shape"])).to(dtype)
+    return out
