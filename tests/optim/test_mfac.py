@@ -73,6 +73,30 @@ def test_sliding_window_forgets_gradients_older_than_m():
     assert not torch.allclose(before - torch.cat([a.detach(), b.detach()]), steps[0], rtol=1e-3)
 
 
+@pytest.mark.parametrize("n_distinct", [1, 3])
+def test_tiny_damping_with_repeated_gradients_stays_accurate_in_float32(n_distinct, caplog):
+    """damp·k far below float32 resolution of GGᵀ (|g|² ≈ 4000, damp 1e-7) and a window of
+    repeated gradients: the Cholesky solve would return noise; the guarded solve must match
+    the float64 explicit inverse."""
+    d, m, damp = 4000, 8, 1e-7
+    gen = torch.Generator().manual_seed(8)
+    distinct = [torch.randn(d, generator=gen) for _ in range(n_distinct)]
+    w = torch.zeros(d, requires_grad=True)
+    opt = MFAC([w], lr=1.0, ngrads=m, damp=damp)
+    window = []
+    for t in range(m + 2):
+        g = distinct[t % n_distinct]
+        window.append(g.double())
+        w.grad = g.clone()
+        before = w.detach().clone()
+        opt.step()
+        step = (before - w.detach()).double()
+        expected = _explicit_direction(window[-m:], g.double(), damp)
+        assert bool(torch.isfinite(step).all())
+        assert float((step - expected).norm() / expected.norm()) < 1e-3, t
+    assert "resolution" in caplog.text
+
+
 def test_momentum_and_weight_decay_follow_the_documented_update():
     m, damp, lr, mu, wd = 3, 0.1, 0.2, 0.7, 0.05
     w = torch.randn(6, dtype=F64, generator=torch.Generator().manual_seed(4)).requires_grad_(True)

@@ -18,17 +18,22 @@ above::
 The ``m × m`` system is refactorised (Cholesky, float64) at every step, as the reference code
 refactorises its ``m × m`` matrices on every replacement: ``O(m³)``, negligible next to
 ``O(d·m)`` for the window sizes used in practice. A step costs ``O(d·m + m³)`` time and the
-buffer ``m·d`` numbers.
+buffer ``m·d`` numbers. When ``λk`` is below the float precision of ``K`` (tiny damping, nearly
+repeated gradients) the solve switches to an eigendecomposition that drops the unresolvable
+directions (see :meth:`MFAC._solve_unit`); the reference code has no such guard.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["MFAC"]
 
@@ -88,6 +93,7 @@ class MFAC(torch.optim.Optimizer):
         self.damp = float(damp)
         self.momentum = float(momentum)
         self._window: dict[str, Any] = {}
+        self._warned = False
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -148,16 +154,7 @@ class MFAC(torch.optim.Optimizer):
         row = (G[:k] @ g).to(torch.float64)
         K[j, :k] = row
         K[:k, j] = row
-        A = K[:k, :k].clone()
-        A.diagonal().add_(self.damp * k)
-        L, info = torch.linalg.cholesky_ex(A)
-        if int(info) != 0:
-            raise ValueError(
-                f"Cholesky of damp·k·I + GGᵀ failed (damp={self.damp:g}); pass a larger damp"
-            )
-        e = torch.zeros(k, 1, dtype=torch.float64, device=G.device)
-        e[j, 0] = 1.0
-        c = torch.cholesky_solve(e, L).squeeze(1).to(G.dtype)
+        c = self._solve_unit(K[:k, :k], j, G.dtype).to(G.dtype)
         direction = (G[:k].T @ c) * k  # = F⁻¹ g
         win["count"] += 1
         if self.momentum > 0:
@@ -172,6 +169,40 @@ class MFAC(torch.optim.Optimizer):
                 p.add_(upd.to(device=p.device, dtype=p.dtype), alpha=-group["lr"])
                 offset += n
         return loss
+
+    def _solve_unit(self, K: Tensor, j: int, dtype: torch.dtype) -> Tensor:
+        """``c = (λk I + K)⁻¹ e_j`` in float64, guarded against an unresolvable damping.
+
+        The Gram matrix ``K`` is only as accurate as its ``dtype`` products,
+        ``tol = 64·eps·max diag K``. When ``λk ≥ tol`` a Cholesky solve is exact enough. Below
+        that (a tiny ``damp`` next to large gradients, or nearly repeated gradients) the
+        eigen-directions of ``K`` with eigenvalues under ``tol`` cannot be told from zero; they
+        are dropped, as in a pseudo-inverse (their true contribution ``Gᵀu`` is below the
+        precision of ``G`` anyway), and a warning is logged once.
+        """
+        k = K.shape[0]
+        shift = self.damp * k
+        tol = 64.0 * torch.finfo(dtype).eps * float(K.diagonal().max())
+        if shift >= tol:
+            A = K.clone()
+            A.diagonal().add_(shift)
+            L, info = torch.linalg.cholesky_ex(A)
+            if int(info) == 0:
+                e = torch.zeros(k, 1, dtype=K.dtype, device=K.device)
+                e[j, 0] = 1.0
+                return torch.cholesky_solve(e, L).squeeze(1)
+        if not self._warned:
+            logger.warning(
+                "MFAC: damp·k = %.3g is below the resolution %.3g of the gradient Gram matrix; "
+                "directions under it are dropped (pseudo-inverse). Pass a larger damp (or "
+                "float64 parameters) to avoid this.",
+                shift,
+                tol,
+            )
+            self._warned = True
+        evals, U = torch.linalg.eigh(K)
+        inv = torch.where(evals >= tol, 1.0 / (shift + evals.clamp_min(0.0)), 0.0)
+        return U @ (inv * U[j])
 
     def state_dict(self) -> dict[str, Any]:
         """The torch optimizer state plus ``"mfac"``: window, Gram matrix, counter, momentum."""
