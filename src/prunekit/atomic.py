@@ -32,6 +32,12 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (temp file + fsync + rename)."""
+    data = text.encode("utf-8")
+    write_atomic(path, lambda f: f.write(data))
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
     write_atomic(path, lambda f: torch.save(obj, f))

@@ -71,10 +71,17 @@ def test_load_recipe_with_overrides(tmp_path):
 def test_shipped_recipes_are_valid():
     from pathlib import Path
 
+    from prunekit.training.compress_run import load_compress_recipe
+
     files = sorted(Path(__file__).resolve().parents[2].joinpath("recipes").rglob("*.yaml"))
     assert len(files) >= 8
+    compress = [f for f in files if "compress:" in f.read_text()]
+    assert len(compress) >= 6
     for f in files:
-        load_recipe(f)
+        if f in compress:
+            load_compress_recipe(f)  # a `prunekit compress` recipe
+        else:
+            load_recipe(f)
 
 
 @pytest.mark.parametrize(

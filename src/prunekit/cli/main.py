@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prunekit.config import ConfigError
 from prunekit.methods import available, get_method
+from prunekit.posttrain import HessianError
 from prunekit.training.checkpoint import CheckpointError
 from prunekit.training.recipe import load_recipe
 from prunekit.training.trainer import DivergenceError, train
@@ -35,6 +36,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(
         f"outputs in {args.out}: model_sparse.pt, metrics.json, report.md, accuracy.png, layer_sparsity.png"
     )
+    return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from prunekit.training.compress_run import compress_run, load_compress_recipe
+
+    recipe = load_compress_recipe(args.recipe, args.set)
+    metrics = compress_run(recipe, args.out, device=args.device, progress=not args.quiet)
+    keys = (
+        "method",
+        "model",
+        "global_sparsity",
+        "dense_test_accuracy",
+        "test_accuracy",
+        "finetuned_test_accuracy",
+        "compress_seconds",
+    )
+    print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
+    files = "model.pt, model_sparse.pt, metrics.json, report.md, layer_error.png"
+    if "quantized_file_bytes" in metrics:
+        files += ", model_quantized.pt"
+    print(f"outputs in {args.out}: {files}")
     return 0
 
 
@@ -89,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser(
+        "compress",
+        help="compress a trained model one-shot (SparseGPT, GPTQ, OBC, ...) from a recipe",
+    )
+    p.add_argument("--recipe", required=True, help="YAML compress recipe file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override an entry"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_compress)
+
     p = sub.add_parser("methods", help="list the registered sparse-training methods")
     p.set_defaults(func=_cmd_methods)
     return parser
@@ -103,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     # OSError: a missing data file, a full disk ...: one line too, not a traceback
-    except (ConfigError, CheckpointError, DivergenceError, OSError) as exc:
+    except (ConfigError, CheckpointError, DivergenceError, HessianError, OSError) as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -107,6 +107,14 @@ def load_sparse(path: str | Path) -> dict[str, Tensor]:
     return {str(name): _sparse_entry(path, str(name), entry) for name, entry in tensors.items()}
 
 
+def read_sparse_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``metadata`` stored by :func:`save_sparse` (e.g. the training recipe of a run)."""
+    meta = _load(path, SPARSE_FORMAT).get("metadata", {})
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: 'metadata' must be a dict, got {type(meta).__name__}")
+    return meta
+
+
 def _sparse_entry(path: str | Path, name: str, entry: Any) -> Tensor:
     """One validated tensor of a sparse file."""
 

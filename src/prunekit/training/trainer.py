@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from prunekit.api import sparsify
+from prunekit.atomic import write_text_atomic
 from prunekit.core.report import format_report, sparsity_report
 from prunekit.data import ArrayDataset, BatchIterator, load_dataset
 from prunekit.methods.base import Pruner
@@ -404,7 +405,7 @@ def _finish(
         "history": history,
         "layers": report["layers"],
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     title = f"{recipe.model.name} / {recipe.method}"
     plot_accuracy(history, out / "accuracy.png", title)
     plot_layer_sparsity(
@@ -412,8 +413,9 @@ def _finish(
         out / "layer_sparsity.png",
         f"{title}: {100 * report['global_sparsity']:.2f}% sparse",
     )
-    (out / "report.md").write_text(
-        _report_md(recipe, metrics, report) + (structured_report(metrics) if structured else "")
+    write_text_atomic(
+        out / "report.md",
+        _report_md(recipe, metrics, report) + (structured_report(metrics) if structured else ""),
     )
     logger.info("wrote %s", out)
     return metrics
