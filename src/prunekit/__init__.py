@@ -14,7 +14,7 @@ or compress a trained model after the fact, with no retraining::
 
 from typing import Any
 
-from prunekit import methods, posttrain
+from prunekit import methods, optim, posttrain
 from prunekit.api import sparsify
 from prunekit.config import ConfigError
 from prunekit.core import MaskMode, NoPrunableLayersError, select_targets, sparsity_report
@@ -45,6 +45,7 @@ __all__ = [
     "compress",
     "load_sparse",
     "methods",
+    "optim",
     "posttrain",
     "save_sparse",
     "select_targets",
