@@ -17,9 +17,12 @@ damped Hessian restricted to the row's weights that are still free, one step
 
 Because each step is the exact OBS optimum, the weights after ``k`` removals are the
 least-squares optimum on the support that is left (for the damped ``H``). Cost per row
-``O(k · d_in²)``, i.e. ``O(d_out · d_in³)`` for a whole trace: rows are processed
-``row_batch`` at a time (memory ``row_batch · d_in²``). Layers up to ``d_in ≈ 1000`` are
-practical on a CPU; use SparseGPT/GPTQ beyond.
+``O(k · d_in²)``, i.e. ``O(d_out · d_in³)`` for a whole trace (about a third of that, since
+eliminated columns are dropped from the stored inverses as they accumulate): rows are
+processed ``row_batch`` at a time (memory ``row_batch · d_in²``). Measured on a shared
+2-core CPU, one thread, for a 300×784 layer (LeNet-300 fc1): OBC at 50% ≈ 40 s, at 90%
+≈ 55 s, ``mask_scope="layer"`` ≈ 95 s, OBQ 4 bits ≈ 50 s (SparseGPT/GPTQ: 0.2 s). Layers up
+to ``d_in ≈ 1000`` are practical on a CPU; use SparseGPT/GPTQ beyond.
 
 Reference: Frantar & Alistarh, "Optimal Brain Compression: A Framework for Accurate Post-Training
 Quantization and Pruning", NeurIPS 2022 (reference code github.com/IST-DASLab/OBC).

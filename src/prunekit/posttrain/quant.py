@@ -161,6 +161,8 @@ def quantize_to_ints(
         scale: ``(d_out, n_groups)`` grid step, from :func:`minmax_grid` or a ``return_grid``.
         zero: ``(d_out, n_groups)`` integer zero point (stored as floats).
         bits: bits of the grid, ``1 ≤ bits ≤ 8`` (codes are ``uint8``).
+        group_size: the group size of the grid (``None``: one grid per row); needed to
+            expand a grid of several groups (see :func:`expand_grid`).
 
     Returns:
         ``(codes, scale, zero)``: ``codes`` of dtype ``uint8`` and shape ``(d_out, d_in)``;
