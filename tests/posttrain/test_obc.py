@@ -317,3 +317,31 @@ def test_a_partial_last_group_keeps_its_group_size():
     assert int(codes.max()) <= 2**bits - 1
     with pytest.raises(ValueError, match="group_size"):
         quantize_to_ints(Wq, scale, zero, bits)
+
+
+def test_bad_arguments_raise_clear_errors():
+    X, W = _layer(3, 8, 30, seed=33)
+    H = layer_hessian(X)
+    with pytest.raises(ValueError, match="at least one"):
+        obc_database(W, H, [])
+    with pytest.raises(ValueError, match="sparsity"):
+        obc_database(W, H, [1.5])
+    with pytest.raises(ValueError, match="mask_scope"):
+        obc_database(W, H, [0.5], mask_scope="block")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="N:M"):
+        obc_database(W, H, [0.5], nm=(2, 4), mask_scope="layer")
+    with pytest.raises(ValueError, match="row_batch"):
+        obc_prune(W, H, 0.5, row_batch=0)
+    with pytest.raises(ValueError, match="bits"):
+        obq_quantize(W, H, 0)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_rtn(W, 3, group_size=0)
+    with pytest.raises(ValueError, match="need bits"):
+        sparsegpt_prune(W, H, 0.5, group_size=4)
+    with pytest.raises(ValueError, match=r"\(d_in, d_in\)"):
+        obc_prune(W, H[:4, :4], 0.5)
+    # A group with more dead inputs than m - n is already full: nothing more is removed there.
+    X[:, [0, 1, 2]] = 0.0
+    W1 = obc_prune(W, layer_hessian(X), 0.0, nm=(2, 4))
+    assert (W1[:, :3] == 0).all() and (W1[:, 3] != 0).all()
+    assert ((W1[:, 4:] != 0).sum(dim=1) == 2).all()
