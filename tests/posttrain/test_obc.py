@@ -300,6 +300,11 @@ def test_groupwise_grids_are_finer_and_export_exactly():
     assert torch.equal(deq, Wq)
     with pytest.raises(ValueError, match="not on the given grid"):
         quantize_to_ints(W, scale, zero, 3, group_size=16)
+    W_obq = obq_quantize(W, H, 3, group_size=16)
+    groups = W_obq.reshape(16, 4, 16)
+    assert max(len(torch.unique(groups[r, g])) for r in range(16) for g in range(4)) <= 8
+    quantize_to_ints(W_obq, *minmax_grid(W, 3, 16), 3, group_size=16)  # on its fixed grid
+    assert _rel_err(W, W_obq, X) < _rel_err(W, quantize_rtn(W, 3, group_size=16), X)
 
 
 def test_a_partial_last_group_keeps_its_group_size():
