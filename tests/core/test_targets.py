@@ -22,6 +22,14 @@ def test_names_and_regex_and_ignore():
     assert [t.name for t in select_targets(model, ignore=["4"])] == ["0.weight", "2.weight"]
 
 
+def test_ignoring_a_module_ignores_the_layers_inside_it():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    assert [t.name for t in select_targets(model, ignore=["1"])] == ["0.weight"]
+    # a name is a whole path component: "1" does not cover a module called "10"
+    wide = nn.Sequential(*[nn.Linear(4, 4) for _ in range(11)])
+    assert "10.weight" in [t.name for t in select_targets(wide, ignore=["1"])]
+
+
 def test_unmatched_target_pattern_is_an_error():
     with pytest.raises(ValueError, match="matched no"):
         select_targets(mlp(), targets=["fc9"])

@@ -59,6 +59,14 @@ def _matches(pattern: str, module_name: str, param_name: str) -> bool:
     return pattern in (module_name, full)
 
 
+def _ignores(pattern: str, module_name: str, param_name: str) -> bool:
+    """An ignore pattern also covers every module inside a module it names: ``ignore=["pooler"]``
+    keeps ``pooler.dense`` dense."""
+    if _matches(pattern, module_name, param_name):
+        return True
+    return not pattern.startswith("re:") and module_name.startswith(pattern + ".")
+
+
 def select_targets(
     model: nn.Module,
     targets: Sequence[str] | None = None,
@@ -72,7 +80,8 @@ def select_targets(
         model: any module.
         targets: module or parameter names (``re:`` prefix for a regular expression). ``None``
             selects every module of one of ``types``.
-        ignore: names or ``re:`` patterns to leave dense (e.g. the classifier).
+        ignore: names or ``re:`` patterns to leave dense (e.g. the classifier); a plain name of a
+            module also leaves every layer inside it dense.
         types: module types considered when ``targets`` is ``None``.
         param_name: the parameter of each module that is pruned.
 
@@ -103,7 +112,7 @@ def select_targets(
         id(getattr(m, param_name))
         for n, m in places
         if isinstance(getattr(m, param_name, None), nn.Parameter)
-        and any(_matches(p, n, param_name) for p in ignore)
+        and any(_ignores(p, n, param_name) for p in ignore)
     }
     found: list[Target] = []
     used: set[str] = set()
