@@ -20,8 +20,6 @@ from prunekit.posttrain import (
 )
 from prunekit.posttrain.methods import get_compressor
 
-torch.set_num_threads(1)
-
 
 class MLP(nn.Module):
     def __init__(self, d=(12, 16, 8, 4)):

@@ -13,8 +13,6 @@ import prunekit
 from prunekit.config import ConfigError
 from prunekit.posttrain.mfac_model import split_calls
 
-torch.set_num_threads(1)
-
 
 def _model():
     torch.manual_seed(0)

@@ -15,16 +15,6 @@ from prunekit.posttrain.quant import gptq_quantize, minmax_grid, quantize_rtn, q
 from tests.posttrain.test_obs import _correlated, _low_rank, _rel_err
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These layers are tiny: one intra-op thread avoids thread start-up costs that dominate
-    on a shared machine (measured 20 s instead of 5 s for the two files at load 7 on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _layer(d_out, d_in, n, seed, dtype=torch.float64):
     """Correlated inputs with scales over two decades (OBS order differs from magnitude)."""
     X = _correlated(n, d_in, seed=seed, dtype=dtype) * torch.logspace(-1, 1, d_in, dtype=dtype)

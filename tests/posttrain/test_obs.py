@@ -16,16 +16,6 @@ from prunekit.posttrain import (
 from prunekit.posttrain.quant import gptq_quantize, minmax_grid, quantize_rtn, quantize_to_ints
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These layers are tiny: one intra-op thread avoids thread start-up costs that dominate
-    on a shared machine (measured 20 s instead of 5 s for the two files at load 7 on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _correlated(n, d, seed=0, dtype=torch.float64):
     """Inputs X = Z Aᵀ with a random mixing A: strongly correlated features."""
     g = torch.Generator().manual_seed(seed)
