@@ -75,12 +75,12 @@ def test_sliding_window_forgets_gradients_older_than_m():
 
 @pytest.mark.parametrize("n_distinct", [1, 3])
 def test_tiny_damping_with_repeated_gradients_stays_accurate_in_float32(n_distinct, caplog):
-    """damp·k far below float32 resolution of GGᵀ (|g|² ≈ 4000, damp 1e-7) and a window of
-    repeated gradients: the Cholesky solve would return noise; the guarded solve must match
+    """damp·k far below the float32 resolution of GGᵀ (|g|² ≈ 4.5e4, damp 1e-6) and a window
+    of repeated gradients: the Cholesky solve would return noise; the guarded solve must match
     the float64 explicit inverse."""
-    d, m, damp = 4000, 8, 1e-7
+    d, m, damp = 50, 8, 1e-6
     gen = torch.Generator().manual_seed(8)
-    distinct = [torch.randn(d, generator=gen) for _ in range(n_distinct)]
+    distinct = [30.0 * torch.randn(d, generator=gen) for _ in range(n_distinct)]
     w = torch.zeros(d, requires_grad=True)
     opt = MFAC([w], lr=1.0, ngrads=m, damp=damp)
     window = []
