@@ -7,6 +7,7 @@ block; the per-layer maths are pure tensor functions (:mod:`.obs`, :mod:`.quant`
 """
 
 from prunekit.posttrain.compress import compress
+from prunekit.posttrain.export import load_quantized, save_quantized
 from prunekit.posttrain.methods import (
     CompressConfig,
     Compressor,
@@ -14,6 +15,8 @@ from prunekit.posttrain.methods import (
     get_compressor,
     register_compressor,
 )
+from prunekit.posttrain.mfac import BlockFisherInverse, FisherInverse, mfac_prune_step
+from prunekit.posttrain.obc import ObcDatabase, obc_database, obc_prune, obq_quantize
 from prunekit.posttrain.obs import (
     HessianAccumulator,
     HessianError,
@@ -25,28 +28,45 @@ from prunekit.posttrain.obs import (
     sparsegpt_prune,
     wanda_prune,
 )
-from prunekit.posttrain.quant import gptq_quantize, minmax_grid, quantize_rtn
+from prunekit.posttrain.quant import (
+    expand_grid,
+    gptq_quantize,
+    minmax_grid,
+    quantize_rtn,
+    quantize_to_ints,
+)
 from prunekit.posttrain.report import CompressionReport, LayerReport
 
 __all__ = [
+    "BlockFisherInverse",
     "CompressConfig",
     "CompressionReport",
     "Compressor",
+    "FisherInverse",
     "HessianAccumulator",
     "HessianError",
     "HessianInfo",
     "LayerReport",
+    "ObcDatabase",
     "available_compressors",
     "compress",
+    "expand_grid",
     "get_compressor",
     "gptq_quantize",
     "layer_hessian",
+    "load_quantized",
     "magnitude_prune",
+    "mfac_prune_step",
     "minmax_grid",
+    "obc_database",
+    "obc_prune",
+    "obq_quantize",
     "obs_remove_one",
     "prepare_hessian",
     "quantize_rtn",
+    "quantize_to_ints",
     "register_compressor",
+    "save_quantized",
     "sparsegpt_prune",
     "wanda_prune",
 ]
