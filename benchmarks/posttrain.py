@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import logging
 import math
@@ -53,6 +54,7 @@ DENSE_RECIPES = {
     "lenet5": "recipes/lenet5/dense.yaml",
     "resnet20": "recipes/posttrain/resnet20_dense.yaml",
 }
+ORDER = {name: i for i, name in enumerate(DENSE_RECIPES)}
 PRUNERS = ["magnitude", "wanda", "sparsegpt", "obc", "mfac"]
 QUANTIZERS = ["rtn", "gptq", "obq"]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9]
@@ -83,10 +85,21 @@ def load_results() -> list[dict[str, Any]]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
+def row_key(r: dict[str, Any]) -> tuple[str, ...]:
+    return (r["part"], r.get("model", r.get("library", "")), r["method"], r["setting"])
+
+
 def save(rows: list[dict[str, Any]]) -> None:
-    payload = {"environment": environment(), "rows": rows}
-    write_results(RESULT_NAME, payload, tables(rows))
-    plot(rows, RESULTS / f"{RESULT_NAME}.png")
+    """Merge ``rows`` into the results file (under a lock: several parts may run at once)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f".{RESULT_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        mine = {row_key(r) for r in rows}
+        merged = [r for r in load_results() if row_key(r) not in mine] + rows
+        merged.sort(key=lambda r: (r["part"] != "mnist", ORDER.get(r.get("model", ""), 9)))
+        payload = {"environment": environment(), "rows": merged}
+        write_results(RESULT_NAME, payload, tables(merged))
+        plot(merged, RESULTS / f"{RESULT_NAME}.png")
 
 
 def dense_model(name: str) -> tuple[nn.Module, Any, float]:
@@ -246,18 +259,18 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax, model in zip(axes, models, strict=True):
         for m in PRUNERS:
             pts = sorted(
-                (r["sparsity"], 100 * r["accuracy"])
+                (r["sparsity"], 100 * (1 - r["accuracy"]))
                 for r in mnist
                 if r["model"] == model and r["method"] == m and r["setting"].endswith("%")
             )
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=m)
-        ax.axhline(100 * next(r for r in mnist if r["model"] == model)["dense_accuracy"],
+        ax.axhline(100 * (1 - next(r for r in mnist if r["model"] == model)["dense_accuracy"]),
                    color="grey", ls=":", label="dense")  # fmt: skip
         ax.set_title(f"{model}: one-shot, no fine-tuning")
         ax.set_xlabel("sparsity")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylabel("test error (%), log scale")
+        ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
