@@ -51,8 +51,13 @@ def test_cli_bad_recipe_exits_2_with_message(tmp_path, capsys):
 def test_cli_methods_lists_registry(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name in ("gmp", "dpf", "acdc", "rigl", "gap", "imp", "cram"):
+    for name in ("gmp", "dpf", "acdc", "rigl", "gap", "imp", "cram", "constant"):
         assert name in out
+    from prunekit.posttrain import available_compressors
+
+    post = out.split("post-training")[1]
+    for name in available_compressors():
+        assert f"  {name} " in post
 
 
 def _read_only_dir(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prunekit.config import ConfigError
 from prunekit.methods import available, get_method
-from prunekit.posttrain import HessianError
+from prunekit.posttrain import HessianError, available_compressors, get_compressor
 from prunekit.training.checkpoint import CheckpointError
 from prunekit.training.recipe import load_recipe
 from prunekit.training.trainer import DivergenceError, train
@@ -63,10 +63,15 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     del args
+    print("sparse training (prunekit train, prunekit.sparsify):")
     for name in available():
         cls = get_method(name)
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:6s} {doc}")
+        print(f"  {name:9s} {doc}")
+    print("post-training (prunekit compress, prunekit.compress):")
+    for name in available_compressors():
+        doc = (get_compressor(name).__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:9s} {doc}")
     return 0
 
 
