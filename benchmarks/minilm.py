@@ -415,6 +415,64 @@ def benchmark(
         save(rows)
 
 
+def timing(rows: list[dict[str, Any]], save: Any, repeats: int = 3) -> None:
+    """Wall time of prunekit vs llm-compressor on the three shared settings, alternating the two
+    libraries ``repeats`` times in one process (medians; the ratio is what to read)."""
+    import statistics
+
+    import prunekit
+
+    st, tokenizer = load_minilm()
+    cal, _ = sentences(128, 1000)
+    batches = calibration_batches(tokenizer, cal, batch_size=1)
+    shared = {"sparsegpt50": {"sparsity": 0.5}, "sparsegpt24": {"pattern": "2:4"},
+              "gptq4": {"bits": 4}}  # fmt: skip
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(repeats):
+        for recipe, kw in shared.items():
+            method = LLMCOMPRESSOR_LABELS[recipe][0]
+            model = copy.deepcopy(st)
+            start = time.perf_counter()
+            prunekit.compress(model[0].auto_model, batches, method, ignore=["pooler"], **kw)
+            times.setdefault(("prunekit", recipe), []).append(time.perf_counter() - start)
+            model = copy.deepcopy(st)
+            times.setdefault(("llm-compressor", recipe), []).append(
+                run_llmcompressor(model, tokenizer, cal, recipe)
+            )
+    rows[:] = [r for r in rows if r.get("part") != "minilm-timing"]
+    for recipe in shared:
+        ours = statistics.median(times[("prunekit", recipe)])
+        theirs = statistics.median(times[("llm-compressor", recipe)])
+        rows.append({
+            "part": "minilm-timing", "method": LLMCOMPRESSOR_LABELS[recipe][0],
+            "setting": LLMCOMPRESSOR_LABELS[recipe][1], "prunekit_seconds": ours,
+            "llmcompressor_seconds": theirs, "ratio": ours / theirs,
+            "all_prunekit": times[("prunekit", recipe)],
+            "all_llmcompressor": times[("llm-compressor", recipe)],
+            "threads": torch.get_num_threads(), "repeats": repeats,
+        })  # fmt: skip
+        logger.info("%s: prunekit %.1f s, llm-compressor %.1f s", recipe, ours, theirs)
+    save(rows)
+
+
+def timing_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the timing runs."""
+    r0 = rows[0]
+    out = [
+        f"### Wall time, prunekit vs llm-compressor ({r0['threads']} threads, median of "
+        f"{r0['repeats']} alternating runs in one process)",
+        "",
+        "| method | setting | prunekit (s) | llm-compressor (s) | ratio |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['method']} | {r['setting']} | {r['prunekit_seconds']:.1f} | "
+            f"{r['llmcompressor_seconds']:.1f} | {r['ratio']:.2f} |"
+        )
+    return [*out, ""]
+
+
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown lines of the MiniLM part."""
     r0 = rows[0]

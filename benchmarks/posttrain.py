@@ -19,7 +19,8 @@ Usage::
 
     python benchmarks/posttrain.py --part mnist                         # ~1 h on 2 cores
     python benchmarks/posttrain.py --part mnist --models lenet300 --methods sparsegpt obc
-    python benchmarks/posttrain.py --part minilm                        # ~15 min
+    python benchmarks/posttrain.py --part minilm                        # ~10 min
+    python benchmarks/posttrain.py --part minilm-timing --threads 2     # quiet machine: ~5 min
     python benchmarks/posttrain.py --table-only
 """
 
@@ -89,13 +90,21 @@ def row_key(r: dict[str, Any]) -> tuple[str, ...]:
     return (r["part"], r.get("model", r.get("library", "")), r["method"], r["setting"])
 
 
+def _replaced_parts(rows: list[dict[str, Any]]) -> set[str]:
+    """Parts whose rows are rewritten as a whole (the timing runs)."""
+    return {r["part"] for r in rows if r["part"] == "minilm-timing"}
+
+
 def save(rows: list[dict[str, Any]]) -> None:
     """Merge ``rows`` into the results file (under a lock: several parts may run at once)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / f".{RESULT_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         mine = {row_key(r) for r in rows}
-        merged = [r for r in load_results() if row_key(r) not in mine] + rows
+        replaced = _replaced_parts(rows)
+        merged = [
+            r for r in load_results() if row_key(r) not in mine and r["part"] not in replaced
+        ] + rows
         merged.sort(key=lambda r: (r["part"] != "mnist", ORDER.get(r.get("model", ""), 9)))
         payload = {"environment": environment(), "rows": merged}
         write_results(RESULT_NAME, payload, tables(merged))
@@ -191,7 +200,10 @@ def run_mnist(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
 def run_minilm(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     import minilm
 
-    minilm.benchmark(rows, save, force=args.force)
+    if "minilm" in args.part:
+        minilm.benchmark(rows, save, force=args.force)
+    if "minilm-timing" in args.part:
+        minilm.timing(rows, save)
 
 
 def _fmt(v: float | None, pct: bool = True) -> str:
@@ -244,6 +256,11 @@ def tables(rows: list[dict[str, Any]]) -> str:
         import minilm
 
         out += minilm.table(lm)
+    lm_time = [r for r in rows if r.get("part") == "minilm-timing"]
+    if lm_time:
+        import minilm
+
+        out += minilm.timing_table(lm_time)
     return "\n".join(out) + "\n"
 
 
@@ -280,7 +297,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--part", choices=["mnist", "minilm"], nargs="+", default=["mnist"])
+    parser.add_argument(
+        "--part", choices=["mnist", "minilm", "minilm-timing"], nargs="+", default=["mnist"]
+    )
     parser.add_argument(
         "--models", nargs="+", default=list(DENSE_RECIPES), choices=list(DENSE_RECIPES)
     )
@@ -309,7 +328,7 @@ def main() -> None:
                 )
             ]
         run_mnist(args, rows)
-    if "minilm" in args.part:
+    if "minilm" in args.part or "minilm-timing" in args.part:
         run_minilm(args, rows)
     save(rows)
 
