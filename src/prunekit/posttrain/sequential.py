@@ -59,9 +59,9 @@ class HookSet:
         """A forward pre-hook ``fn(module, args[, kwargs])``."""
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
 
-    def post(self, module: nn.Module, fn: Callable[..., Any]) -> None:
-        """A forward hook ``fn(module, args, output)``."""
-        self._handles.append(module.register_forward_hook(fn))
+    def post(self, module: nn.Module, fn: Callable[..., Any], with_kwargs: bool = False) -> None:
+        """A forward hook ``fn(module, args[, kwargs], output)``."""
+        self._handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""
@@ -198,7 +198,7 @@ def _mark_chains(model: nn.Module, units: list[Unit], call: Call) -> None:
             def record(m: nn.Module, args: Any, kwargs: Any, out: Any, u: Unit = u) -> None:
                 seen.setdefault(id(u), (args, kwargs, out))
 
-            hooks._handles.append(u.module.register_forward_hook(record, with_kwargs=True))
+            hooks.post(u.module, record, with_kwargs=True)
         with torch.no_grad():
             run_call(model, call)
     for prev, unit in itertools.pairwise(units):
