@@ -11,6 +11,7 @@ from torch import nn
 
 import prunekit
 from prunekit.config import ConfigError
+from prunekit.core import select_targets
 from prunekit.posttrain import (
     HessianError,
     available_compressors,
@@ -18,7 +19,9 @@ from prunekit.posttrain import (
     sparsegpt_prune,
     wanda_prune,
 )
+from prunekit.posttrain.calibration import as_call
 from prunekit.posttrain.methods import get_compressor
+from prunekit.posttrain.sequential import execution_order, plan_units
 
 
 class MLP(nn.Module):
@@ -31,33 +34,50 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d):
+    def __init__(self, d, inplace=False):
         super().__init__()
         self.up = nn.Linear(d, 2 * d)
         self.down = nn.Linear(2 * d, d)
+        self.inplace = inplace
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, state=None):
         h = self.down(torch.relu(self.up(x)))
-        return (x + h * (1.0 if mask is None else mask),)
+        if state is not None:  # a cache-like object every block updates (a KV cache)
+            state.append(h.detach().mean())
+            h = h * (1.0 + 0.5 * len(state))
+        h = h * (1.0 if mask is None else mask)
+        if self.inplace:  # x += h: the block changes its own input
+            x += h
+            return (x,)
+        return (x + h,)
 
 
 class Stack(nn.Module):
-    """A transformer-shaped model: a ModuleList of blocks called in a chain, with keyword args."""
+    """A transformer-shaped model: a ModuleList of blocks called in a chain, with keyword args.
 
-    def __init__(self, d=8, depth=3, chain=True):
+    Variants that must not be fed from the cached chain (or must be fed with care): ``scaled``
+    (each block gets a different mask), ``state`` (a cache-like object every block updates),
+    ``between`` (the model changes a block's output in place before the next block),
+    ``inplace`` (each block updates its own input in place: the chain is fine, the cache must not
+    be changed)."""
+
+    def __init__(self, d=8, depth=3, variant="chain"):
         super().__init__()
         self.embed = nn.Linear(6, d)
-        self.layers = nn.ModuleList(Block(d) for _ in range(depth))
+        self.layers = nn.ModuleList(Block(d, inplace=variant == "inplace") for _ in range(depth))
         self.head = nn.Linear(d, 3)
-        self.chain = chain
+        self.variant = variant
 
     def forward(self, x, mask=None):
         h = self.embed(x)
+        state = [] if self.variant == "state" else None
         for i, layer in enumerate(self.layers):
-            # chain=False: every block also gets a per-block scale, so block k+1 is not fed
-            # block k's output alone and the cached chain must not be used
-            scale = mask if self.chain or mask is None else mask * (1.0 + 0.5 * i)
-            h = layer(h, mask=scale)[0]
+            scale = mask
+            if self.variant == "scaled" and mask is not None:
+                scale = mask * (1.0 + 0.5 * i)
+            h = layer(h, mask=scale, state=state)[0]
+            if self.variant == "between":
+                h.mul_(3.0)
         return self.head(h)
 
 
@@ -78,7 +98,7 @@ def _inputs_of(model, layer, batches, call=lambda m, b: m(b)):
     """The inputs ``layer`` receives on ``batches`` (captured in the test, independently)."""
     seen = []
     h = layer.register_forward_pre_hook(
-        lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1]))
+        lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1]).clone())
     )
     with torch.no_grad():
         for b in batches:
@@ -126,13 +146,13 @@ def test_sequential_and_one_pass_differ():
     assert not torch.equal(a.fc3.weight, b.fc3.weight)
 
 
-@pytest.mark.parametrize("chain", [True, False])
-def test_blocks_of_a_layer_list_see_compressed_blocks(chain):
+@pytest.mark.parametrize("variant", ["chain", "scaled", "state", "between", "inplace"])
+def test_blocks_of_a_layer_list_see_compressed_blocks(variant):
     """A block's layers are compressed together from one pass (they see the dense block), after
     the blocks before it were compressed. SparseGPT: its result moves with any change of the
     inputs (a Wanda mask may not)."""
     torch.manual_seed(0)
-    model, batches = Stack(chain=chain), _stack_batches()
+    model, batches = Stack(variant=variant), _stack_batches()
     ref = copy.deepcopy(model)
     call = lambda m, b: m(**b)  # noqa: E731
     units = [[ref.embed], *[[blk.up, blk.down] for blk in ref.layers], [ref.head]]
@@ -144,6 +164,10 @@ def test_blocks_of_a_layer_list_see_compressed_blocks(chain):
     report = prunekit.compress(model, batches, "sparsegpt", sparsity=0.5)
     for (name, p), p_ref in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, p_ref, msg=name)
+    chained = [u.chained for u in plan_units(model, execution_order(model, select_targets(model),
+                                                                      as_call(batches[0]))[0],
+                                             as_call(batches[0]))]  # fmt: skip
+    assert any(chained) == (variant in ("chain", "inplace")), chained
     assert [r.name for r in report.layers] == [
         n for n, p in model.named_parameters() if p.dim() == 2
     ]
@@ -288,17 +312,28 @@ def test_a_failure_after_some_layers_were_compressed_restores_them():
 
 
 def test_hooks_are_removed_and_weights_restored_after_an_exception():
+    """The failure comes from the third block, after the embedding and two blocks were compressed
+    (fed from the cached chain): all of them are restored and no hook is left."""
     torch.manual_seed(0)
     model, batches = Stack(), _stack_batches()
     before = copy.deepcopy(model.state_dict())
-    batches[2] = {"x": torch.randn(4, 5, 7)}  # wrong width: fails inside the forward
-    with pytest.raises(RuntimeError):
+    batches[2] = {k: v[:3] for k, v in batches[2].items()}  # a batch of 3
+
+    def bomb(module, args, kwargs):
+        if args[0].shape[0] == 3:
+            raise RuntimeError("boom")
+
+    handle = model.layers[2].register_forward_pre_hook(bomb, with_kwargs=True)
+    with pytest.raises(RuntimeError, match="boom"):
         prunekit.compress(model, batches, "sparsegpt", sparsity=0.5)
+    handle.remove()
     for m in model.modules():
         assert not m._forward_pre_hooks and not m._forward_hooks, m
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert model.training  # the mode is restored too
+    prunekit.compress(model, batches[:2], "sparsegpt", sparsity=0.5)  # and it still works
+    assert not torch.equal(model.embed.weight, before["embed.weight"])
 
 
 # --- config, registry ---------------------------------------------------------------------------
@@ -415,21 +450,51 @@ def test_report_round_trips_through_json():
         ("rtn", {"bits": 2, "group_size": 16}),
     ],
 )
-def test_integer_export_reproduces_the_compressed_model_exactly(method, kw, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_integer_export_reproduces_the_compressed_model_exactly(method, kw, dtype, tmp_path):
     from prunekit.posttrain.export import load_quantized, save_quantized
 
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)
-    )
-    report = prunekit.compress(model, [torch.randn(8, 4, 8, 8)], method, **kw)
+    ).to(dtype)
+    report = prunekit.compress(model, [torch.randn(8, 4, 8, 8, dtype=dtype)], method, **kw)
     size = save_quantized(model, report, tmp_path / "q.pt")
     state = load_quantized(tmp_path / "q.pt")
     for k, v in model.state_dict().items():
         assert torch.equal(state[k], v), k
-    torch.save(model.state_dict(), tmp_path / "float.pt")
-    assert size < (tmp_path / "float.pt").stat().st_size  # a byte per code instead of four
+    if dtype == torch.float32:
+        torch.save(model.state_dict(), tmp_path / "float.pt")
+        assert size < (tmp_path / "float.pt").stat().st_size  # a byte per code instead of four
     with torch.no_grad():
-        model[3].weight.add_(1e-3)  # no longer on the grid: refused, not silently rounded
+        model[3].weight.mul_(1.1)  # no longer on the grid: refused, not silently rounded
     with pytest.raises(ValueError, match="grid"):
         save_quantized(model, report, tmp_path / "q2.pt")
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight  # tied
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.body(self.emb(ids))))
+
+
+def test_tied_embeddings_and_unsupported_layers_are_skipped_with_a_reason():
+    torch.manual_seed(0)
+    model = TiedLM()
+    emb = model.emb.weight.detach().clone()
+    report = prunekit.compress(model, [torch.randint(0, 20, (4, 6))], "sparsegpt", sparsity=0.5)
+    assert torch.equal(model.emb.weight, emb)  # the embedding was not pruned through the head
+    assert "embedding" in report.skipped["head.weight"]
+    assert [r.name for r in report.layers] == ["body.weight"]
+    conv3d = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+    conv3d(torch.randn(1, 2, 5, 5, 5))
+    report = prunekit.compress(conv3d, [torch.randn(4, 2, 5, 5, 5)], "magnitude", sparsity=0.5)
+    assert "Conv3d" in report.skipped["0.weight"]
+    with pytest.raises(ValueError, match="overrides keys matched no target"):
+        prunekit.compress(MLP(), _batches(), "sparsegpt", sparsity=0.5, overrides={"fc9": 0.9})

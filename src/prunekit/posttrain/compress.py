@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,7 +25,8 @@ from prunekit.posttrain.layers import LayerView, view_of
 from prunekit.posttrain.methods import Compressor, MFACConfig, get_compressor
 from prunekit.posttrain.mfac_model import mfac_prune_model
 from prunekit.posttrain.obs import HessianAccumulator, HessianError, prepare_hessian
-from prunekit.posttrain.report import CompressionReport, LayerReport
+from prunekit.posttrain.quant import quantize_to_ints
+from prunekit.posttrain.report import CompressionReport, LayerReport, QuantGrid
 from prunekit.posttrain.sequential import (
     HookSet,
     Unit,
@@ -32,6 +34,7 @@ from prunekit.posttrain.sequential import (
     eval_mode,
     execution_order,
     feed_unit,
+    fresh,
     plan_units,
     run_block,
     run_call,
@@ -86,13 +89,15 @@ def compress(
         raise ValueError(f"labels are used by method='mfac' only, not by {method!r}")
     targets = select_targets(model, cfg.targets, cfg.ignore)
     require_values(targets, f"compress(method={method!r})")
-    views = {t.name: view_of(t.module, t.name) for t in targets}
-    calls = prepare_calibration(calibration, model_device(model))
+    _check_overrides(cfg.overrides, targets)
     report = CompressionReport(method=method, config=cfg.to_dict())
-    backup = {t.name: t.param.detach().clone() for t in targets}
+    targets, views = _usable(model, targets, report)
+    calls = prepare_calibration(calibration, model_device(model))
+    # the backup lives on the CPU: no second copy of the weights on an accelerator
+    backup = {t.name: t.param.detach().to("cpu", copy=True) for t in targets}
     start = time.perf_counter()
     try:
-        with eval_mode(model):
+        with eval_mode(model), _no_kv_cache(model):
             if isinstance(cfg, MFACConfig):
                 mfac_prune_model(
                     model,
@@ -118,6 +123,63 @@ def compress(
     report.extras.update(compressor.extras())
     logger.info("%s", report.table())
     return report
+
+
+def _check_overrides(overrides: dict[str, float], targets: list[Target]) -> None:
+    """An ``overrides`` key that matches no target is an error (a typo would silently apply the
+    default sparsity)."""
+    from prunekit.core.targets import _matches
+
+    unused = [
+        p for p in overrides if not any(_matches(p, t.module_name, t.param_name) for t in targets)
+    ]
+    if unused:
+        names = [t.name for t in targets]
+        raise ValueError(f"overrides keys matched no target: {unused}; targets: {names}")
+
+
+def _usable(
+    model: nn.Module, targets: list[Target], report: CompressionReport
+) -> tuple[list[Target], dict[str, LayerView]]:
+    """Targets that can be compressed, with their matrix views; the others are skipped with a
+    reason (a layer type without a view, a weight tied to an embedding)."""
+    shared: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+            shared[id(module.weight)] = name
+    kept, views = [], {}
+    for t in targets:
+        why = None
+        if id(t.param) in shared:
+            why = f"weight tied to the embedding {shared[id(t.param)]!r} (it would be pruned too)"
+        else:
+            try:
+                views[t.name] = view_of(t.module, t.name)
+            except (TypeError, ValueError) as exc:
+                why = str(exc)
+        if why is None:
+            kept.append(t)
+        else:
+            report.skipped[t.name] = why
+            logger.warning("%s left unchanged: %s", t.name, why)
+    if not kept:
+        raise ValueError(f"no target can be compressed: {report.skipped}")
+    return kept, views
+
+
+@contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """``config.use_cache = False`` for the duration (Hugging Face models): a key/value cache is
+    state the calibration forwards must not build up."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "use_cache", None)
+    if old:
+        config.use_cache = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if old:
+            config.use_cache = old  # type: ignore[union-attr]
 
 
 def _run(
@@ -166,11 +228,11 @@ def _run(
                 if cache is None:
                     cache = capture_inputs(model, unit.module, calls)
                 for args, kwargs in cache:
-                    unit.module(*args, **kwargs)
+                    unit.module(*fresh(args), **kwargs)
             else:
                 feed_unit(model, unit, calls)
         for t in unit.targets:
-            grids: list[tuple[Tensor, Tensor]] = []
+            grids: list[QuantGrid] = []
             report.layers.append(
                 _compress_target(compressor, t, views[t.name], accs[t.name], grids)
             )
@@ -215,7 +277,7 @@ def _compress_target(
     t: Target,
     view: LayerView,
     accs: list[HessianAccumulator],
-    grids: list[tuple[Tensor, Tensor]],
+    grids: list[QuantGrid],
 ) -> LayerReport:
     cfg = compressor.config
     compressor.current_layer = t.name
@@ -245,7 +307,9 @@ def _compress_target(
         compressor.grid = None
         new = compressor.compress_matrix(Wg, H, sparsity, 0.0 if damp is None else damp)
         if cfg.bits is not None and compressor.grid is not None:
-            grids.append(compressor.grid)
+            scale, zero = compressor.grid
+            codes, scale, zero = quantize_to_ints(new, scale, zero, cfg.bits, cfg.group_size)
+            grids.append(QuantGrid(scale.cpu(), zero.cpu(), codes.cpu()))
         delta = Wg - new.to(H.dtype)
         err += float(((delta @ H) * delta).sum())
         ref += float(((Wg @ H) * Wg).sum())

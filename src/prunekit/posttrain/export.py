@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.atomic import save_atomic
-from prunekit.posttrain.layers import matrices_to_weight, weight_to_matrices
-from prunekit.posttrain.quant import expand_grid, quantize_to_ints
+from prunekit.posttrain.layers import matrices_to_weight
+from prunekit.posttrain.quant import expand_grid
 from prunekit.posttrain.report import CompressionReport
 
 __all__ = ["QUANTIZED_FORMAT", "load_quantized", "save_quantized"]
@@ -49,19 +49,22 @@ def save_quantized(
     layers: dict[str, Any] = {}
     for name, grids in report.grids.items():
         weight = state.pop(name)
-        mats = weight_to_matrices(weight, len(grids))
-        codes, scales, zeros = [], [], []
-        for g, (scale, zero) in enumerate(grids):
-            c, s, z = quantize_to_ints(mats[g], scale.cpu(), zero.cpu(), bits, group_size)
-            codes.append(c)
-            scales.append(s)
-            zeros.append(z)
+        dequantized = torch.stack(
+            [_dequantize(q.codes, q.scale, q.zero, group_size) for q in grids]
+        )
+        if not torch.equal(
+            matrices_to_weight(dequantized, tuple(weight.shape)).to(weight.dtype), weight
+        ):
+            raise ValueError(
+                f"{name} is no longer on its quantization grid (changed after compression, e.g. "
+                "by fine-tuning); compress again before exporting"
+            )
         layers[name] = {
             "shape": list(weight.shape),
             "dtype": str(weight.dtype).removeprefix("torch."),
-            "codes": torch.stack(codes),
-            "scale": torch.stack(scales),
-            "zero": torch.stack(zeros),
+            "codes": torch.stack([q.codes for q in grids]),
+            "scale": torch.stack([q.scale for q in grids]),
+            "zero": torch.stack([q.zero for q in grids]),
         }
     save_atomic(
         {
@@ -78,6 +81,14 @@ def save_quantized(
     return Path(path).stat().st_size
 
 
+def _dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int | None) -> Tensor:
+    """``scale · (codes − zero)`` per group, in the dtype of ``scale``."""
+    d_in = codes.shape[-1]
+    s = expand_grid(scale, d_in, group_size)
+    z = expand_grid(zero.to(scale.dtype), d_in, group_size)
+    return s * (codes.to(scale.dtype) - z)
+
+
 def load_quantized(path: str | Path) -> dict[str, Tensor]:
     """The dequantized state dict of a file written by :func:`save_quantized` (bit-exact)."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -87,16 +98,8 @@ def load_quantized(path: str | Path) -> dict[str, Tensor]:
     group_size = obj.get("group_size")
     for name, entry in obj["layers"].items():
         codes, scale, zero = entry["codes"], entry["scale"], entry["zero"]
-        d_in = codes.shape[-1]
         mats = torch.stack(
-            [
-                expand_grid(scale[g], d_in, group_size)
-                * (
-                    codes[g].to(scale.dtype)
-                    - expand_grid(zero[g].to(scale.dtype), d_in, group_size)
-                )
-                for g in range(codes.shape[0])
-            ]
+            [_dequantize(codes[g], scale[g], zero[g], group_size) for g in range(codes.shape[0])]
         )
         dtype = getattr(torch, entry["dtype"])
         out[name] = matrices_to_weight(mats, tuple(entry["shape"])).to(dtype)

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["CompressionReport", "LayerReport"]
+__all__ = ["CompressionReport", "LayerReport", "QuantGrid"]
 
 
 @dataclass
@@ -41,6 +41,21 @@ class LayerReport:
 
 
 @dataclass
+class QuantGrid:
+    """The grid of one quantized matrix: ``W = scale · (codes − zero)`` (expanded per group).
+
+    Attributes:
+        scale: ``(d_out, n_groups)`` grid steps (float32).
+        zero: ``(d_out, n_groups)`` zero points (uint8).
+        codes: ``(d_out, d_in)`` integer codes (uint8).
+    """
+
+    scale: Tensor
+    zero: Tensor
+    codes: Tensor
+
+
+@dataclass
 class CompressionReport:
     """Per-layer results of :func:`prunekit.compress`, printable as a table.
 
@@ -52,9 +67,9 @@ class CompressionReport:
             forward, or incompatible with the N:M pattern).
         seconds: total wall time, calibration forwards included.
         extras: method-specific results (e.g. OBC's per-layer database of sparsity levels).
-        grids: ``{layer: [(scale, zero) per group]}`` of the quantization grids, each
-            ``(d_out/groups, n_groups)``, for the integer export
-            (:func:`~prunekit.posttrain.export.save_quantized`).
+        grids: ``{layer: [QuantGrid per group]}``: the quantization grids and the integer codes,
+            recorded at compression time in the computation dtype (a float16 weight cannot give
+            its codes back exactly), for :func:`~prunekit.posttrain.export.save_quantized`.
     """
 
     method: str
@@ -63,7 +78,7 @@ class CompressionReport:
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)
-    grids: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    grids: dict[str, list[QuantGrid]] = field(default_factory=dict)
 
     @property
     def global_sparsity(self) -> float:

@@ -164,16 +164,27 @@ def plan_units(model: nn.Module, ordered: Sequence[Target], call: Call) -> list[
     return units
 
 
+_SCALARS = (bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
 def _same(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
+    """Whether two block arguments are provably the same value: equal tensors, ``None``, equal
+    immutable scalars, or containers of these. Any other object (a key/value cache, a module, a
+    mutable state holder) is *not* the same, even if it is the same object: a block may change it,
+    so the chain is not used and the early-stopped forward feeds the block instead."""
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
-    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, _SCALARS) and isinstance(b, _SCALARS):
+        return type(a) is type(b) and a == b
+    if isinstance(a, tuple) and isinstance(b, tuple):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return bool(a is None and b is None)
+    return False  # lists, dicts and other objects may be mutated by the blocks
+
+
+def _same_kwargs(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
 
 
 def first_output(output: Any) -> Tensor | None:
@@ -189,14 +200,26 @@ def _mark_chains(model: nn.Module, units: list[Unit], call: Call) -> None:
     """Mark unit ``k+1`` chained when, on ``call``, it receives unit ``k``'s output as its first
     argument and exactly the other arguments unit ``k`` received (consecutive blocks only)."""
     seen: dict[int, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
+    # tensor versions: the block's output must reach the next block unmodified (no in-place op
+    # between them), which the identity check alone cannot see
+    versions: dict[int, int] = {}
+    out_versions: dict[int, int | None] = {}
     blocks = [u for u in units if len(u.targets) > 1 or u.module is not u.targets[0].module]
     if len(blocks) < 2:
         return
     with HookSet() as hooks:
         for u in blocks:
 
+            def pre(m: nn.Module, args: Any, kwargs: Any, u: Unit = u) -> None:
+                if args and isinstance(args[0], Tensor):
+                    versions.setdefault(id(u), args[0]._version)
+
             def record(m: nn.Module, args: Any, kwargs: Any, out: Any, u: Unit = u) -> None:
+                hidden = first_output(out)
+                out_versions.setdefault(id(u), None if hidden is None else hidden._version)
                 seen.setdefault(id(u), (args, kwargs, out))
+
+            hooks.pre(u.module, pre, with_kwargs=True)
 
             hooks.post(u.module, record, with_kwargs=True)
         with torch.no_grad():
@@ -211,8 +234,9 @@ def _mark_chains(model: nn.Module, units: list[Unit], call: Call) -> None:
             hidden is not None
             and len(args) >= 1
             and args[0] is hidden
+            and out_versions.get(id(prev)) == versions.get(id(unit))
             and _same(args[1:], p_args[1:])
-            and _same(kwargs, p_kwargs)
+            and _same_kwargs(kwargs, p_kwargs)
         )
 
 
@@ -263,11 +287,19 @@ def feed_unit(model: nn.Module, unit: Unit, calls: Sequence[Call]) -> None:
             run_call(model, call)
 
 
+def fresh(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The cached arguments with the hidden state cloned: a block that updates its input in place
+    (``x += f(x)``) must not change the cache that the next pass reads."""
+    if args and isinstance(args[0], Tensor):
+        return (args[0].clone(), *args[1:])
+    return args
+
+
 def run_block(unit: Unit, inputs: Sequence[Call]) -> list[Call]:
     """Run a chained block on cached inputs; its outputs as the next block's inputs."""
     outputs: list[Call] = []
     for args, kwargs in inputs:
-        hidden = first_output(unit.module(*args, **kwargs))
+        hidden = first_output(unit.module(*fresh(args), **kwargs))
         if hidden is None:
             raise RuntimeError(f"block {unit.name} returned no tensor to pass on")
         outputs.append(((hidden, *args[1:]), kwargs))
