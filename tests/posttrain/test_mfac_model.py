@@ -99,3 +99,28 @@ def test_split_calls_makes_enough_micro_batches_or_says_why():
         prunekit.compress(_model(), [torch.randn(4, 5)], "mfac", pattern="2:4")
     with pytest.raises(ValueError, match="labels are used by method='mfac' only"):
         prunekit.compress(_model(), [torch.randn(4, 5)], "sparsegpt", sparsity=0.5, labels=[1])
+
+
+class DictOut(nn.Module):
+    """A model returning a mapping with "logits", with a frozen first layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _model()
+        self.net[0].weight.requires_grad_(False)
+
+    def forward(self, x):
+        return {"logits": self.net(x).unsqueeze(1)}  # (N, 1, C): a sequence of length 1
+
+
+def test_frozen_weights_and_dict_outputs_are_handled():
+    model = DictOut()
+    xs, ys = _data()
+    expected, _ = _explicit(copy.deepcopy(model.net).requires_grad_(True), xs, ys, 0.4, 1e-3)
+    prunekit.compress(
+        model, xs, "mfac", sparsity=0.4, ngrads=8, fisher_block=10_000, damp=1e-3, steps=1,
+        labels=[y.unsqueeze(1) for y in ys],
+    )  # fmt: skip
+    got = torch.cat([model.net[0].weight.reshape(-1), model.net[2].weight.reshape(-1)])
+    torch.testing.assert_close(got.detach().double(), expected, rtol=2e-4, atol=2e-5)
+    assert not model.net[0].weight.requires_grad  # frozen again afterwards

@@ -77,6 +77,10 @@ def test_compress_then_sparse_finetune_keeps_the_zeros(tmp_path, trained):
         ({"method": "sparsegpd", "sparsity": 0.5}, {}, "available: "),
         ({"method": "gptq", "bits": 12}, {}, "bits must be an integer in \\[2, 8\\]"),
         ({"method": "sparsegpt", "sparsity": 0.5}, {"calibrate": {}}, "unknown key 'calibrate'"),
+        ({"method": "sparsegpt", "sparsity": 0.5, "ignore": ["fc9"]}, {}, "matched no"),
+        ({"method": "gptq", "bits": 4}, {"finetune": {"epochs": 1}}, "off the grid"),
+        ({"method": "wanda", "sparsity": 0.5}, {"finetune": {"batch_size": 0}}, "batch_size"),
+        ({"method": "mfac", "sparsity": 0.5, "ngrads": 9999}, {}, "ngrads"),
     ],
 )
 def test_bad_compress_recipes_exit_2_naming_the_key(

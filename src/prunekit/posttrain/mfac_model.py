@@ -90,15 +90,33 @@ def split_calls(
     return out, out_labels if labels is not None else None
 
 
+def _logits(output: Any) -> Any:
+    """The logits in a model output: the tensor itself, the first element of a tuple, a mapping's
+    ``"logits"`` or an object's ``.logits`` (a Hugging Face ``ModelOutput``)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, tuple | list) and output:
+        return output[0]
+    return output
+
+
 def _loss(output: Any, label: Tensor | None) -> Tensor:
-    logits = output[0] if isinstance(output, tuple | list) else output
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
+    """Cross-entropy of the logits ``(N, ..., C)`` against ``label`` ``(N, ...)`` or, without
+    labels, against the model's own argmax predictions."""
+    logits = _logits(output)
+    if not isinstance(logits, Tensor) or logits.dim() < 2:
         raise ValueError(
-            "mfac without labels uses the model's argmax predictions as labels and needs an output "
-            f"of shape (N, classes); got {getattr(logits, 'shape', type(logits).__name__)}"
+            "mfac needs class logits of shape (N, ..., classes) as the model's output (a tensor, "
+            "a tuple's first element, or 'logits'); got "
+            f"{getattr(logits, 'shape', type(logits).__name__)}"
         )
-    target = logits.detach().argmax(1) if label is None else label.to(logits.device)
-    return F.cross_entropy(logits, target)
+    flat = logits.reshape(-1, logits.shape[-1])
+    target = flat.detach().argmax(1) if label is None else label.to(flat.device).reshape(-1)
+    return F.cross_entropy(flat, target)
 
 
 def _gradients(
@@ -113,17 +131,24 @@ def _gradients(
     params = [t.param for t in targets]
     d = sum(p.numel() for p in params)
     G = torch.empty(m, d, dtype=torch.float32, device=params[0].device)
-    for i in range(m):
-        args, kwargs = calls[i]
-        with torch.enable_grad():
-            loss = _loss(model(*args, **kwargs), None if labels is None else labels[i])
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        G[i] = torch.cat(
-            [
-                (torch.zeros_like(p) if g is None else g).reshape(-1).float()
-                for p, g in zip(params, grads, strict=True)
-            ]
-        )
+    frozen = [p for p in params if not p.requires_grad]
+    for p in frozen:  # the Fisher needs their gradients even if the user froze them
+        p.requires_grad_(True)
+    try:
+        for i in range(m):
+            args, kwargs = calls[i]
+            with torch.enable_grad():
+                loss = _loss(model(*args, **kwargs), None if labels is None else labels[i])
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            G[i] = torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1).float()
+                    for p, g in zip(params, grads, strict=True)
+                ]
+            )
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
     G[:, pruned] = 0.0
     return G
 

@@ -34,7 +34,7 @@ from prunekit.atomic import save_atomic, write_text_atomic
 from prunekit.config import ConfigError, check_keys, from_dict, to_dict
 from prunekit.core import sparsity_report
 from prunekit.data import ArrayDataset
-from prunekit.posttrain import compress
+from prunekit.posttrain import HessianError, compress
 from prunekit.posttrain.export import save_quantized
 from prunekit.posttrain.methods import get_compressor
 from prunekit.posttrain.report import CompressionReport
@@ -105,6 +105,10 @@ class FinetuneSpec:
             raise ConfigError(f"finetune.lr must be positive, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"finetune.momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"finetune.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.batch_size < 1:
+            raise ConfigError(f"finetune.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(kw_only=True)
@@ -127,7 +131,12 @@ class CompressRecipe:
             cls = get_compressor(str(method))
         except ValueError as exc:
             raise ConfigError(f"compress.method: {exc}") from None
-        cls.config_class.from_dict(section)
+        cfg = cls.config_class.from_dict(section)
+        if self.finetune is not None and cfg.bits is not None:
+            raise ConfigError(
+                "finetune after quantization would move the weights off the grid (and lose the "
+                "integer export); remove 'finetune' or 'bits'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -263,9 +272,14 @@ def compress_run(
     cal = _calibration(data, recipe.calibration, dev)
     labels = [y for _, y in cal] if get_compressor(method).global_method else None
     start = time.perf_counter()
-    report = compress(
-        model, [x for x, _ in cal], method, progress=progress, labels=labels, **section
-    )
+    try:
+        report = compress(
+            model, [x for x, _ in cal], method, progress=progress, labels=labels, **section
+        )
+    except HessianError:
+        raise
+    except (ValueError, TypeError) as exc:  # a target/ignore typo, too few samples for ngrads...
+        raise ConfigError(f"compress: {exc}") from None
     seconds = time.perf_counter() - start
     acc = evaluate(model, data.x_test, data.y_test)
     metrics: dict[str, Any] = {
