@@ -498,3 +498,25 @@ def test_tied_embeddings_and_unsupported_layers_are_skipped_with_a_reason():
     assert "Conv3d" in report.skipped["0.weight"]
     with pytest.raises(ValueError, match="overrides keys matched no target"):
         prunekit.compress(MLP(), _batches(), "sparsegpt", sparsity=0.5, overrides={"fc9": 0.9})
+
+
+def test_batchnorm_statistics_are_re_estimated_on_the_compressed_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    batches = [torch.randn(6, 3, 8, 8) for _ in range(3)]
+    model.train()
+    for _ in range(20):  # running statistics of the dense model
+        model(batches[0] * 2 + 1)
+    dense_stats = model[1].running_mean.clone()
+    kept = copy.deepcopy(model)
+    report = prunekit.compress(model, batches, "magnitude", sparsity=0.7)
+    with torch.no_grad():
+        ys = [model[0](b) for b in batches]  # the compressed conv's outputs
+    # momentum=None: the plain average over batches of each batch's mean and unbiased variance
+    mean = torch.stack([y.mean(dim=(0, 2, 3)) for y in ys]).mean(0)
+    var = torch.stack([y.var(dim=(0, 2, 3)) for y in ys]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, mean)
+    torch.testing.assert_close(model[1].running_var, var)
+    assert report.batchnorm_batches == 3 and model.training
+    prunekit.compress(kept, batches, "magnitude", sparsity=0.7, recalibrate_batchnorm=False)
+    assert torch.equal(kept[1].running_mean, dense_stats)

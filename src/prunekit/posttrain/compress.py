@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunekit.core.batchnorm import recalibrate_batchnorm_
 from prunekit.core.targets import Target, require_values, select_targets
 from prunekit.posttrain.calibration import Call, model_device, prepare_calibration
 from prunekit.posttrain.layers import LayerView, view_of
@@ -95,6 +96,7 @@ def compress(
     calls = prepare_calibration(calibration, model_device(model))
     # the backup lives on the CPU: no second copy of the weights on an accelerator
     backup = {t.name: t.param.detach().to("cpu", copy=True) for t in targets}
+    backup_bn = _batchnorm_state(model) if cfg.recalibrate_batchnorm else None
     start = time.perf_counter()
     try:
         with eval_mode(model), _no_kv_cache(model):
@@ -114,7 +116,14 @@ def compress(
                 )
             else:
                 _run(model, compressor, targets, views, calls, report, progress)
+        if cfg.recalibrate_batchnorm:
+            with _no_kv_cache(model):
+                report.batchnorm_batches = recalibrate_batchnorm_(
+                    _Caller(model), [(call,) for call in calls]
+                )
     except BaseException:
+        if backup_bn is not None:
+            model.load_state_dict(backup_bn, strict=False)
         with torch.no_grad():
             for t in targets:
                 t.param.copy_(backup[t.name])
@@ -123,6 +132,29 @@ def compress(
     report.extras.update(compressor.extras())
     logger.info("%s", report.table())
     return report
+
+
+class _Caller(nn.Module):
+    """Calls the wrapped model on a prepared ``(args, kwargs)`` calibration call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, call: Call) -> Any:
+        args, kwargs = call
+        return self.model(*args, **kwargs)
+
+
+def _batchnorm_state(model: nn.Module) -> dict[str, Tensor] | None:
+    """A CPU copy of the running statistics of the batch-norm layers (``None`` if none)."""
+    state = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for key, buf in m.named_buffers(recurse=False):
+                if buf is not None:
+                    state[f"{name}.{key}" if name else key] = buf.detach().to("cpu", copy=True)
+    return state or None
 
 
 def _check_overrides(overrides: dict[str, float], targets: list[Target]) -> None:

@@ -66,6 +66,8 @@ class CompressionReport:
         skipped: ``{layer: reason}`` for targets left unchanged (never run by the calibration
             forward, or incompatible with the N:M pattern).
         seconds: total wall time, calibration forwards included.
+        batchnorm_batches: calibration batches used to re-estimate batch-norm statistics after
+            compression (0: no batch norm, or ``recalibrate_batchnorm=False``).
         extras: method-specific results (e.g. OBC's per-layer database of sparsity levels).
         grids: ``{layer: [QuantGrid per group]}``: the quantization grids and the integer codes,
             recorded at compression time in the computation dtype (a float16 weight cannot give
@@ -77,6 +79,7 @@ class CompressionReport:
     layers: list[LayerReport] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    batchnorm_batches: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
     grids: dict[str, list[QuantGrid]] = field(default_factory=dict)
 
@@ -103,13 +106,19 @@ class CompressionReport:
             "skipped": dict(self.skipped),
             "seconds": self.seconds,
             "global_sparsity": self.global_sparsity,
+            "batchnorm_batches": self.batchnorm_batches,
         }
 
     def table(self) -> str:
         """A markdown table, one row per layer."""
         lines = [
             f"{self.method}: {len(self.layers)} layers, global sparsity "
-            f"{self.global_sparsity:.2%}, {self.seconds:.1f} s",
+            f"{self.global_sparsity:.2%}, {self.seconds:.1f} s"
+            + (
+                f", batch norm re-estimated on {self.batchnorm_batches} batches"
+                if self.batchnorm_batches
+                else ""
+            ),
             "",
             "| layer | shape | sparsity | bits | rel. error | damp | dead inputs | s |",
             "|---|---|---:|---:|---:|---:|---:|---:|",
