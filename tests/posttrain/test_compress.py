@@ -520,3 +520,25 @@ def test_batchnorm_statistics_are_re_estimated_on_the_compressed_model():
     assert report.batchnorm_batches == 3 and model.training
     prunekit.compress(kept, batches, "magnitude", sparsity=0.7, recalibrate_batchnorm=False)
     assert torch.equal(kept[1].running_mean, dense_stats)
+
+
+def test_with_batchnorm_each_unit_sees_statistics_re_estimated_after_the_previous_one():
+    """Layer 2 must be fitted to the activations of the final model: normalised with statistics
+    re-estimated after layer 1 was compressed, not with the dense model's statistics."""
+    from prunekit.core import recalibrate_batchnorm_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    batches = _batches()
+    model.train()
+    for b in batches:
+        model(b * 3)  # dense statistics that do not match the calibration data
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        X1 = torch.cat(batches)
+        ref[0].weight.copy_(_wanda_by_hand(ref[0].weight, X1, 0.5))
+        recalibrate_batchnorm_(ref, batches)
+        X2 = torch.cat([ref[2](ref[1](ref[0](b))) for b in batches])
+        ref[3].weight.copy_(_wanda_by_hand(ref[3].weight, X2, 0.5))
+    prunekit.compress(model, batches, "wanda", sparsity=0.5)
+    torch.testing.assert_close(model[3].weight, ref[3].weight)

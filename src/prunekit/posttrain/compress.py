@@ -248,6 +248,15 @@ def _run(
 
     show = sys.stderr.isatty() if progress is None else progress
     cache: list[Call] | None = None
+    # with batch norm, the statistics follow the compressed units as the walk goes: every unit is
+    # fitted to the activations the final (re-estimated) model will produce, not to activations
+    # normalised with the dense model's statistics
+    bn_between = (
+        cfg.sequential and cfg.recalibrate_batchnorm and _batchnorm_state(model) is not None
+    )
+    if bn_between:
+        for u in units:
+            u.chained = False  # statistics change between units: cached activations go stale
     for i, unit in enumerate(tqdm(units, desc=f"compress:{compressor.name}", disable=not show)):
         chain_next = i + 1 < len(units) and units[i + 1].chained
         accs = _hessians(unit, views)
@@ -272,6 +281,8 @@ def _run(
                 report.grids[t.name] = grids
         del accs
         cache = run_block(unit, cache) if chain_next and cache is not None else None
+        if bn_between and i + 1 < len(units):
+            recalibrate_batchnorm_(_Caller(model), [(call,) for call in calls])
 
 
 def _hessians(unit: Unit, views: dict[str, LayerView]) -> dict[str, list[HessianAccumulator]]:
