@@ -221,14 +221,18 @@ def tables(rows: list[dict[str, Any]]) -> str:
             "(→ after 1 epoch of sparse fine-tuning)",
             "",
             "1024 calibration images from the training split; every Linear/Conv layer compressed "
-            "(2:4 leaves layers with fewer than 4 input channels dense). `python "
-            "benchmarks/posttrain.py --part mnist`.",
+            "(2:4 leaves layers with fewer than 4 input channels dense); ResNet-20's batch-norm "
+            "statistics re-estimated on the calibration images after every compressed layer "
+            "(`recalibrate_batchnorm`, the default). Fine-tuning: one epoch of SGD with the zeros "
+            'fixed (`method="constant"`); ResNet-20 only for the settings shown with an arrow. '
+            "`python benchmarks/posttrain.py --part mnist`.",
             "",
         ]
         for model in dict.fromkeys(r["model"] for r in mnist):
             mrows = [r for r in mnist if r["model"] == model]
             labels = list(dict.fromkeys(r["setting"] for r in mrows))
-            methods = list(dict.fromkeys(r["method"] for r in mrows))
+            known = PRUNERS + QUANTIZERS
+            methods = sorted(dict.fromkeys(r["method"] for r in mrows), key=known.index)
             out += [
                 f"### {model} (dense {_fmt(mrows[0]['dense_accuracy'])}%)",
                 "",
