@@ -165,7 +165,7 @@ def test_blocks_of_a_layer_list_see_compressed_blocks(variant):
     for (name, p), p_ref in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, p_ref, msg=name)
     chained = [u.chained for u in plan_units(model, execution_order(model, select_targets(model),
-                                                                      as_call(batches[0]))[0],
+                                                                      [as_call(batches[0])])[0],
                                              as_call(batches[0]))]  # fmt: skip
     assert any(chained) == (variant in ("chain", "inplace")), chained
     assert [r.name for r in report.layers] == [
@@ -542,3 +542,27 @@ def test_with_batchnorm_each_unit_sees_statistics_re_estimated_after_the_previou
         ref[3].weight.copy_(_wanda_by_hand(ref[3].weight, X2, 0.5))
     prunekit.compress(model, batches, "wanda", sparsity=0.5)
     torch.testing.assert_close(model[3].weight, ref[3].weight)
+
+
+class Branchy(nn.Module):
+    """``rare`` runs only on inputs with a positive mean (a conditional branch, an expert)."""
+
+    def __init__(self):
+        super().__init__()
+        self.common = nn.Linear(12, 12)
+        self.rare = nn.Linear(12, 12)
+        self.never = nn.Linear(12, 12)
+
+    def forward(self, x):
+        h = self.common(x)
+        return self.rare(h) if x.mean() > 0 else h
+
+
+def test_a_target_only_later_items_reach_is_compressed_and_one_never_reached_is_reported():
+    torch.manual_seed(0)
+    model = Branchy()
+    batches = [-torch.rand(8, 12), torch.rand(8, 12)]  # only the second item reaches `rare`
+    report = prunekit.compress(model, batches, "sparsegpt", sparsity=0.5)
+    assert [r.name for r in report.layers] == ["common.weight", "rare.weight"]
+    assert (model.rare.weight == 0).float().mean() == 0.5
+    assert "not called" in report.skipped["never.weight"]

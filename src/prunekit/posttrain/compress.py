@@ -224,7 +224,7 @@ def _run(
     progress: bool | None,
 ) -> None:
     cfg = compressor.config
-    ordered, never = execution_order(model, targets, calls[0])
+    ordered, never = execution_order(model, targets, calls)
     for t in never:
         report.skipped[t.name] = "not called by the model's forward"
         logger.warning("%s is not called by the model's forward: left unchanged", t.name)

@@ -104,9 +104,13 @@ def run_call(model: nn.Module, call: Call) -> None:
 
 
 def execution_order(
-    model: nn.Module, targets: Sequence[Target], call: Call
+    model: nn.Module, targets: Sequence[Target], calls: Sequence[Call]
 ) -> tuple[list[Target], list[Target]]:
-    """Targets in the order the model first calls them on ``call``, and those it never calls."""
+    """Targets in the order the model first calls them, and those it never calls.
+
+    The calls run one after the other until every target has been seen (usually one forward);
+    a target that only later items reach (a conditional branch, an expert) is ordered after the
+    ones seen before it."""
     order: list[Target] = []
     with HookSet() as hooks:
         for t in targets:
@@ -116,7 +120,10 @@ def execution_order(
                     order.append(t)
 
             hooks.pre(t.module, seen)
-        run_call(model, call)
+        for call in calls:
+            run_call(model, call)
+            if len(order) == len(targets):
+                break
     return order, [t for t in targets if t not in order]
 
 
