@@ -99,3 +99,12 @@ def test_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
     path = _recipe(tmp_path, tmp_path / "nothing", {"method": "sparsegpt", "sparsity": 0.5})
     assert main(["compress", "--recipe", str(path), "--out", str(tmp_path / "o")]) == 2
     assert "prunekit train" in capsys.readouterr().err
+
+
+def test_a_recipe_that_is_not_text_or_not_yaml_is_one_line(tmp_path, capsys):
+    for name, content in (("bin.yaml", b"\x00\x01\xff"), ("bad.yaml", b"model: [unclosed\n")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert main(["compress", "--recipe", str(path), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("prunekit: error: recipe") and "Traceback" not in err

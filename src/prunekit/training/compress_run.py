@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from prunekit.api import sparsify
 from prunekit.atomic import save_atomic, write_text_atomic
@@ -40,9 +40,15 @@ from prunekit.posttrain.methods import get_compressor
 from prunekit.posttrain.report import CompressionReport
 from prunekit.training.checkpoint import load_sparse, read_sparse_metadata, save_sparse
 from prunekit.training.guards import build_recipe_model
-from prunekit.training.recipe import DataSpec, ModelSpec, Recipe, recipe_from_dict
+from prunekit.training.recipe import (
+    DataSpec,
+    ModelSpec,
+    Recipe,
+    apply_overrides,
+    read_recipe_file,
+    recipe_from_dict,
+)
 from prunekit.training.trainer import evaluate, load_data
-from prunekit.training.yaml12 import load_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -167,14 +173,10 @@ def compress_recipe_from_dict(data: dict[str, Any]) -> CompressRecipe:
 
 def load_compress_recipe(path: str | Path, overrides: list[str] | None = None) -> CompressRecipe:
     """Read and validate a YAML compress recipe, applying ``section.key=value`` overrides."""
-    from prunekit.training.recipe import apply_overrides
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} not found or not a file")
-    data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    data = read_recipe_file(path)
     try:
-        return compress_recipe_from_dict(apply_overrides(data, overrides or []))
+        return compress_recipe_from_dict(apply_overrides(data or {}, overrides or []))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -206,7 +208,10 @@ def _train_recipe(recipe: CompressRecipe) -> tuple[Recipe, dict[str, Any]]:
     return train, state
 
 
-def _calibration(data: ArrayDataset, spec: CalibrationSpec, device: torch.device) -> list[Any]:
+def calibration_batches(
+    data: ArrayDataset, spec: CalibrationSpec, device: torch.device
+) -> list[tuple[Tensor, Tensor]]:
+    """``(images, labels)`` batches of ``spec.samples`` random training examples (seeded)."""
     g = torch.Generator().manual_seed(spec.seed)
     n = min(spec.samples, len(data.x_train))
     idx = torch.randperm(len(data.x_train), generator=g)[:n]
@@ -219,9 +224,11 @@ def _calibration(data: ArrayDataset, spec: CalibrationSpec, device: torch.device
     ]
 
 
-def _finetune(
+def sparse_finetune(
     model: nn.Module, data: ArrayDataset, spec: FinetuneSpec, device: torch.device, seed: int
 ) -> None:
+    """SGD over the training data with the model's zeros fixed (``method="constant"``), the
+    learning rate decaying to 0 on a cosine; the model is left in evaluation mode."""
     from prunekit.data.datasets import BatchIterator
 
     opt = torch.optim.SGD(
@@ -269,7 +276,7 @@ def compress_run(
     dense_acc = evaluate(model, data.x_test, data.y_test)
     section = dict(recipe.compress)
     method = str(section.pop("method"))
-    cal = _calibration(data, recipe.calibration, dev)
+    cal = calibration_batches(data, recipe.calibration, dev)
     labels = [y for _, y in cal] if get_compressor(method).global_method else None
     start = time.perf_counter()
     try:
@@ -294,7 +301,7 @@ def compress_run(
     }
     if recipe.finetune is not None:
         t0 = time.perf_counter()
-        _finetune(model, data, recipe.finetune, dev, recipe.calibration.seed)
+        sparse_finetune(model, data, recipe.finetune, dev, recipe.calibration.seed)
         metrics["finetuned_test_accuracy"] = evaluate(model, data.x_test, data.y_test)
         metrics["finetune_seconds"] = time.perf_counter() - t0
         metrics["finetuned_global_sparsity"] = sparsity_report(model)["global_sparsity"]

@@ -305,9 +305,8 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read and validate a YAML recipe file, applying ``overrides``."""
-    path = Path(path)
+def read_recipe_file(path: Path) -> Any:
+    """The YAML 1.2 data of a recipe file; every way of not being one is a one-line ConfigError."""
     if not path.exists():
         raise ConfigError(f"recipe {path} not found")
     if not path.is_file():
@@ -322,6 +321,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise ConfigError(f"recipe {path} cannot be read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a YAML recipe file, applying ``overrides``."""
+    path = Path(path)
+    data = read_recipe_file(path)
     try:
         return recipe_from_dict(apply_overrides(data or {}, overrides or []))
     except ConfigError as exc:
