@@ -31,18 +31,21 @@ import copy
 import fcntl
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import prunekit
-from prunekit.data import BatchIterator
 from prunekit.training import load_recipe, train
+from prunekit.training.compress_run import (
+    CalibrationSpec,
+    FinetuneSpec,
+    calibration_batches,
+    sparse_finetune,
+)
 from prunekit.training.guards import build_recipe_model
 from prunekit.training.trainer import evaluate, load_data
 
@@ -125,31 +128,9 @@ def dense_model(name: str) -> tuple[nn.Module, Any, float]:
     return model, data, evaluate(model, data.x_test, data.y_test)
 
 
-def calibration(data: Any, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(data.x_train), generator=g)[:CALIBRATION]
-    xs = [data.x_train[idx[i : i + 128]] for i in range(0, CALIBRATION, 128)]
-    ys = [data.y_train[idx[i : i + 128]] for i in range(0, CALIBRATION, 128)]
-    return xs, ys
-
-
 def finetune_one_epoch(model: nn.Module, data: Any, lr: float = 0.01) -> float:
     """One epoch of SGD with the compressed zeros fixed (``method="constant"``); test accuracy."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    pruner = prunekit.sparsify(model, opt, method="constant")
-    loader = BatchIterator(data.x_train, data.y_train, 128, seed=1)
-    n = len(loader)
-    model.train()
-    for step, (x, y) in enumerate(loader.epoch(0)):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / n))
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        pruner.step()
-    pruner.finalize()
-    model.eval()
+    sparse_finetune(model, data, FinetuneSpec(epochs=1, lr=lr), torch.device("cpu"), seed=1)
     return evaluate(model, data.x_test, data.y_test)
 
 
@@ -158,7 +139,8 @@ def run_mnist(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     deadline = time.monotonic() + 60 * args.max_minutes
     for name in args.models:
         dense, data, dense_acc = dense_model(name)
-        xs, ys = calibration(data)
+        cal = calibration_batches(data, CalibrationSpec(samples=CALIBRATION), torch.device("cpu"))
+        xs, ys = [x for x, _ in cal], [y for _, y in cal]
         for method, label, kw in settings(args.methods):
             if (name, method, label) in done:
                 continue
