@@ -20,6 +20,15 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+def tracked_batchnorms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """``(name, layer)`` of every batch-norm layer that tracks running statistics."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
 def _call(model: nn.Module, batch: Any) -> None:
     if isinstance(batch, Mapping):
         model(**batch)
@@ -43,11 +52,7 @@ def recalibrate_batchnorm_(
     Returns:
         The number of batches used (0 when the model has no such layer: nothing runs).
     """
-    norms = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    norms = [m for _, m in tracked_batchnorms(model)]
     if not norms:
         return 0
     iterator = iter(batches)

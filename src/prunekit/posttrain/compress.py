@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prunekit.core.batchnorm import recalibrate_batchnorm_
+from prunekit.core.batchnorm import recalibrate_batchnorm_, tracked_batchnorms
 from prunekit.core.targets import Target, require_values, select_targets
 from prunekit.posttrain.calibration import Call, model_device, prepare_calibration
 from prunekit.posttrain.layers import LayerView, view_of
@@ -149,11 +149,9 @@ class _Caller(nn.Module):
 def _batchnorm_state(model: nn.Module) -> dict[str, Tensor] | None:
     """A CPU copy of the running statistics of the batch-norm layers (``None`` if none)."""
     state = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            for key, buf in m.named_buffers(recurse=False):
-                if buf is not None:
-                    state[f"{name}.{key}" if name else key] = buf.detach().to("cpu", copy=True)
+    for name, m in tracked_batchnorms(model):
+        for key, buf in m.named_buffers(recurse=False):
+            state[f"{name}.{key}" if name else key] = buf.detach().to("cpu", copy=True)
     return state or None
 
 
