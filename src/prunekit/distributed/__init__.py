@@ -1,5 +1,51 @@
 """Data-parallel training: compressed gradient exchange (DDP communication hooks) and helpers."""
 
+from prunekit.distributed.codecs import NonFiniteGradientError, pack_bits, unpack_bits
+from prunekit.distributed.compress import (
+    CodecEntry,
+    available_codecs,
+    compress_gradients,
+    get_codec,
+    register_codec,
+)
+from prunekit.distributed.hooks import (
+    CommState,
+    NaturalConfig,
+    NaturalState,
+    NoneConfig,
+    NoneState,
+    QSGDConfig,
+    QSGDState,
+    natural_hook,
+    none_hook,
+    qsgd_hook,
+)
 from prunekit.distributed.launch import WorkerError, free_port, run_workers
+from prunekit.distributed.topk import TopKConfig, TopKState, topk_hook
 
-__all__ = ["WorkerError", "free_port", "run_workers"]
+__all__ = [
+    "CodecEntry",
+    "CommState",
+    "NaturalConfig",
+    "NaturalState",
+    "NonFiniteGradientError",
+    "NoneConfig",
+    "NoneState",
+    "QSGDConfig",
+    "QSGDState",
+    "TopKConfig",
+    "TopKState",
+    "WorkerError",
+    "available_codecs",
+    "compress_gradients",
+    "free_port",
+    "get_codec",
+    "natural_hook",
+    "none_hook",
+    "pack_bits",
+    "qsgd_hook",
+    "register_codec",
+    "run_workers",
+    "topk_hook",
+    "unpack_bits",
+]

@@ -1,0 +1,243 @@
+"""Summing compressed gradients across ranks, and counting the bytes that costs.
+
+Quantized values cannot be added in compressed form unless every rank uses the same scale, so
+a codec's payloads are summed in one of three ways (``W`` ranks, ``P`` = payload bytes of a whole
+bucket of ``n`` values):
+
+* ``allgather`` — every rank all-gathers every rank's payload (``all_gather_single``), decodes the
+  ``W`` payloads in rank order, sums and divides by ``W``. Quantizes once. Ring cost per rank
+  ``(W − 1)·P``.
+* ``allreduce`` — QSGD only, a shared scale: all-reduce MAX of the float32 chunk norms, quantize
+  against the shared norms to int8 levels, all-reduce SUM of the int8 levels (exact while
+  ``W·s ≤ 127``). Cost ``2(W − 1)/W·(4⌈n/d⌉ + n)``.
+* ``reduce_scatter`` — the buffer is padded to ``W`` equal slices (aligned to the codec's chunk),
+  every slice is compressed, ``all_to_all_single`` hands rank ``j`` everybody's slice ``j``; rank
+  ``j`` decodes and sums them in rank order, re-compresses the sum (unbiased again) and the
+  compressed slices are all-gathered. Cost ``(W − 1)·P_slice`` per stage, two stages
+  (≈ ``2(W − 1)/W·P``).
+
+Every rank decodes the same bytes with the same arithmetic in the same order, so the averaged
+gradients are bitwise identical on all ranks in every mode.
+
+Byte accounting (:class:`Traffic`), the same rule for every hook: each tensor handed to a
+collective is counted with the ring factor of that collective, padding included —
+``all_reduce``: ``2(W − 1)/W × nbytes``; ``all_gather_single``: ``(W − 1) × nbytes`` of the local
+input; ``all_to_all_single`` with equal splits: ``(W − 1)/W × nbytes`` (the slices that leave the
+rank). The fp32 reference a bucket of ``n`` values would cost with DDP's ring all-reduce is
+``bytes_dense += 2(W − 1)/W · 4n``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from prunekit.distributed import codecs
+
+__all__ = [
+    "MODES",
+    "Codec",
+    "Traffic",
+    "allgather_mean",
+    "allreduce_qsgd_mean",
+    "mode_bytes",
+    "reduce_scatter_mean",
+    "select_mode",
+]
+
+#: ways of summing compressed values (``"none"``: one rank, nothing is exchanged)
+MODES = ("allgather", "allreduce", "reduce_scatter", "none")
+
+Future = torch.futures.Future
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A wire format: ``encode(v, generator) -> uint8``, ``decode(payload, n) -> float32``.
+
+    ``align``: slices for ``reduce_scatter`` are multiples of this many values (QSGD's chunk).
+    ``levels``: QSGD's ``s`` when the codec supports the shared-scale all-reduce, else ``None``.
+    """
+
+    encode: Callable[[Tensor, torch.Generator | None], Tensor]
+    decode: Callable[[Tensor, int], Tensor]
+    payload_bytes: Callable[[int], int]
+    align: int = 1
+    levels: int | None = None
+
+
+def qsgd_codec(levels: int, bucket_size: int) -> Codec:
+    """The QSGD wire format (:func:`~prunekit.distributed.codecs.qsgd_encode`)."""
+    return Codec(
+        encode=lambda v, g: codecs.qsgd_encode(v, levels, bucket_size, g),
+        decode=lambda p, n: codecs.qsgd_decode(p, n, levels, bucket_size),
+        payload_bytes=lambda n: codecs.qsgd_payload_bytes(n, levels, bucket_size),
+        align=bucket_size,
+        levels=levels,
+    )
+
+
+def natural_codec() -> Codec:
+    """The natural-compression wire format (9 bits per value)."""
+    return Codec(
+        encode=codecs.natural_encode,
+        decode=codecs.natural_decode,
+        payload_bytes=codecs.natural_payload_bytes,
+    )
+
+
+class Traffic:
+    """Cumulative bytes this rank sent, and what fp32 ring all-reduce would have sent."""
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0.0
+        self.bytes_dense = 0.0
+
+    def dense(self, n: int, world_size: int) -> None:
+        self.bytes_dense += 2 * (world_size - 1) / world_size * 4 * n
+
+    def all_reduce(self, t: Tensor, world_size: int) -> None:
+        self.bytes_sent += 2 * (world_size - 1) / world_size * t.numel() * t.element_size()
+
+    def all_gather(self, t: Tensor, world_size: int) -> None:
+        self.bytes_sent += (world_size - 1) * t.numel() * t.element_size()
+
+    def all_to_all(self, t: Tensor, world_size: int) -> None:
+        self.bytes_sent += (world_size - 1) / world_size * t.numel() * t.element_size()
+
+
+def _slice_len(n: int, world_size: int, align: int) -> int:
+    return -(-n // (world_size * align)) * align
+
+
+def mode_bytes(codec: Codec, n: int, world_size: int) -> dict[str, float]:
+    """Bytes one rank sends for a bucket of ``n`` values in each mode available to ``codec``."""
+    w = world_size
+    out = {
+        "allgather": float((w - 1) * codec.payload_bytes(n)),
+        "reduce_scatter": float(2 * (w - 1) * codec.payload_bytes(_slice_len(n, w, codec.align))),
+    }
+    if allreduce_available(codec, w):
+        chunks = -(-n // codec.align)
+        out["allreduce"] = 2 * (w - 1) / w * (4 * chunks + n)
+    return out
+
+
+def allreduce_available(codec: Codec, world_size: int) -> bool:
+    """The int8 shared-scale sum is exact: QSGD with ``W·s ≤ 127``."""
+    return codec.levels is not None and world_size * codec.levels <= 127
+
+
+def select_mode(codec: Codec, world_size: int, mode: str = "auto") -> str:
+    """Resolve ``mode``: ``"auto"`` picks the cheapest (ties → ``allgather``); one rank → ``none``.
+
+    The comparison uses ``n = 64·W·align`` values, where no mode pads, so it is the per-value
+    cost of large buckets.
+    """
+    if mode not in ("auto", *MODES[:3]):
+        raise ValueError(f"unknown mode {mode!r}; valid: auto, {', '.join(MODES[:3])}")
+    if mode == "allreduce" and not allreduce_available(codec, world_size):
+        raise ValueError(
+            "mode='allreduce' needs a shared-scale QSGD code with world_size·levels <= 127 "
+            f"(int8 sums); got world_size={world_size}, levels={codec.levels}"
+        )
+    if world_size == 1:
+        return "none"
+    if mode != "auto":
+        return mode
+    costs = mode_bytes(codec, 64 * world_size * codec.align, world_size)
+    best = min(costs.values())
+    return next(m for m in MODES if m in costs and costs[m] == best)  # allgather first
+
+
+def _decode_sum(codec: Codec, parts: Tensor, n: int) -> Tensor:
+    total = codec.decode(parts[0], n).clone()
+    for r in range(1, parts.shape[0]):
+        total += codec.decode(parts[r], n)
+    return total
+
+
+def allgather_mean(
+    buffer: Tensor,
+    codec: Codec,
+    generator: torch.Generator | None,
+    group: Any,
+    traffic: Traffic,
+) -> Future[Tensor]:
+    """Average ``buffer`` over ranks by all-gathering every rank's payload (written in place)."""
+    w = group.size()
+    n = buffer.numel()
+    payload = codec.encode(buffer, generator)
+    out = payload.new_empty(w * payload.numel())
+    traffic.all_gather(payload, w)
+    fut = dist.all_gather_single(out, payload, group=group, async_op=True).get_future()
+
+    def done(_: Future[Any]) -> Tensor:
+        mean = _decode_sum(codec, out.view(w, -1), n).div_(w)
+        return buffer.copy_(mean)
+
+    return fut.then(done)
+
+
+def allreduce_qsgd_mean(
+    buffer: Tensor,
+    codec: Codec,
+    bucket_size: int,
+    generator: torch.Generator | None,
+    group: Any,
+    traffic: Traffic,
+) -> Future[Tensor]:
+    """Shared-scale QSGD: MAX-reduce the chunk norms, SUM-reduce the int8 levels."""
+    levels = codec.levels
+    w = group.size()
+    if levels is None or not allreduce_available(codec, w):
+        raise ValueError(f"shared-scale all-reduce needs QSGD with W·s <= 127 (W={w})")
+    norms = codecs.qsgd_norms(buffer, bucket_size)
+    traffic.all_reduce(norms, w)
+    dist.all_reduce(norms, op=dist.ReduceOp.MAX, group=group)
+    _, lv = codecs.qsgd_quantize(buffer, levels, bucket_size, generator, norms=norms)
+    lv8 = lv.to(torch.int8)
+    traffic.all_reduce(lv8, w)
+    fut = dist.all_reduce(lv8, group=group, async_op=True).get_future()
+
+    def done(_: Future[Any]) -> Tensor:
+        mean = codecs.qsgd_dequantize(norms, lv8.to(torch.int64), levels, bucket_size).div_(w)
+        return buffer.copy_(mean)
+
+    return fut.then(done)
+
+
+def reduce_scatter_mean(
+    buffer: Tensor,
+    codec: Codec,
+    generator: torch.Generator | None,
+    group: Any,
+    traffic: Traffic,
+) -> Future[Tensor]:
+    """Compressed reduce-scatter (``all_to_all_single``) then compressed all-gather."""
+    w = group.size()
+    n = buffer.numel()
+    length = _slice_len(n, w, codec.align)
+    padded = buffer.new_zeros(w * length, dtype=torch.float32)
+    padded[:n] = buffer.reshape(-1)
+    send = torch.cat([codec.encode(s, generator) for s in padded.view(w, length)])
+    recv = torch.empty_like(send)
+    traffic.all_to_all(send, w)
+    dist.all_to_all_single(recv, send, group=group)
+    mine = _decode_sum(codec, recv.view(w, -1), length)  # everyone's copy of my slice, summed
+    payload = codec.encode(mine, generator)
+    out = payload.new_empty(w * payload.numel())
+    traffic.all_gather(payload, w)
+    fut = dist.all_gather_single(out, payload, group=group, async_op=True).get_future()
+
+    def done(_: Future[Any]) -> Tensor:
+        parts = out.view(w, -1)
+        full = torch.cat([codec.decode(parts[r], length) for r in range(w)])
+        return buffer.copy_(full[:n].div_(w).view_as(buffer))
+
+    return fut.then(done)

@@ -1,0 +1,335 @@
+"""DDP communication hooks for unbiased compressed gradient exchange: ``none``, QSGD, natural.
+
+Each method is a config dataclass (validated strictly), a picklable ``*State`` and a ``*_hook``
+function with DDP's hook signature, usable by hand::
+
+    ddp.register_comm_hook(QSGDState(levels=16, bucket_size=512), qsgd_hook)
+
+or through :func:`prunekit.distributed.compress_gradients`. A hook returns a future holding the
+bucket's flat buffer overwritten with the average over ranks of the decoded gradients; how the
+compressed values are summed (``state.mode``) and how bytes are counted is described in
+:mod:`prunekit.distributed.exchange`; the maths (QSGD of Alistarh et al. 2017, natural compression
+of Horváth et al. 2019) is in :mod:`prunekit.distributed.codecs`.
+
+Randomness: one ``torch.Generator`` per state, created on the gradient's device at the first
+call and seeded ``seed + rank`` (independent noise per rank); its state is part of
+:meth:`CommState.state_dict`, so a resumed run draws the same noise as an uninterrupted one.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed import distributed_c10d
+
+from prunekit.config import ConfigError, from_dict, to_dict
+from prunekit.distributed import exchange
+from prunekit.distributed.exchange import Codec, Traffic
+
+__all__ = [
+    "CommState",
+    "NaturalConfig",
+    "NaturalState",
+    "NoneConfig",
+    "NoneState",
+    "QSGDConfig",
+    "QSGDState",
+    "natural_hook",
+    "none_hook",
+    "qsgd_hook",
+]
+
+logger = logging.getLogger(__name__)
+
+Future = torch.futures.Future
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_mode(value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"mode must be one of {', '.join(valid)}; got {value!r}")
+
+
+@dataclass(kw_only=True)
+class NoneConfig:
+    """No compression: DDP's own fp32 all-reduce (for byte counts and as a reference)."""
+
+    version: ClassVar[int] = 1
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "NoneConfig":
+        return from_dict(cls, data, "none")
+
+
+@dataclass(kw_only=True)
+class QSGDConfig:
+    """QSGD (Alistarh et al. 2017): ``Q(v)_i = ‖v‖·sign(v_i)·ξ_i/s``, ``E[ξ_i] = s|v_i|/‖v‖``.
+
+    Attributes:
+        levels: ``s ≥ 1``, quantization levels per sign (``⌈log₂(2s+1)⌉`` bits per value).
+        bucket_size: ``d``, values sharing one norm (variance ``≤ min(d/s², √d/s)‖v‖²``).
+        seed: noise seed; rank ``r`` draws from ``seed + r``.
+        mode: ``auto`` (fewest bytes), ``allgather``, ``allreduce`` (shared scale, needs
+            ``W·s ≤ 127``) or ``reduce_scatter``.
+    """
+
+    levels: int = 16
+    bucket_size: int = 512
+    seed: int = 0
+    mode: str = "auto"
+
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        _check_int("levels", self.levels, 1)
+        _check_int("bucket_size", self.bucket_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_mode(self.mode, ("auto", "allgather", "allreduce", "reduce_scatter"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QSGDConfig":
+        return from_dict(cls, data, "qsgd")
+
+
+@dataclass(kw_only=True)
+class NaturalConfig:
+    """Natural compression (Horváth et al. 2019): stochastic rounding to powers of two.
+
+    Attributes:
+        seed: noise seed; rank ``r`` draws from ``seed + r``.
+        mode: ``auto``, ``allgather`` or ``reduce_scatter`` (no shared scale exists).
+    """
+
+    seed: int = 0
+    mode: str = "auto"
+
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        _check_int("seed", self.seed, 0)
+        _check_mode(self.mode, ("auto", "allgather", "reduce_scatter"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "NaturalConfig":
+        return from_dict(cls, data, "natural")
+
+
+def _default_group() -> Any:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is not initialised: call dist.init_process_group first "
+            "(or prunekit.distributed.run_workers)"
+        )
+    return distributed_c10d._get_default_group()
+
+
+class CommState:
+    """What a compression hook keeps between calls: config, byte counters, generator.
+
+    Attributes:
+        process_group: the group gradients are averaged over (``None``: the default group).
+        config: the method's config dataclass.
+        mode: how compressed values are summed, resolved for this world size.
+        calls: number of buckets this state has exchanged.
+    """
+
+    method: ClassVar[str] = ""
+    config_class: ClassVar[type] = NoneConfig
+
+    def __init__(self, process_group: Any = None, **config: Any) -> None:
+        self.config: Any = from_dict(self.config_class, config, self.method or type(self).__name__)
+        self.process_group = process_group
+        self.traffic = Traffic()
+        self.calls = 0
+        self._generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None
+        self.mode = self._resolve_mode()
+
+    @classmethod
+    def from_config(cls, config: Any, process_group: Any = None) -> "CommState":
+        """A state for an already validated config dataclass."""
+        return cls(process_group, **to_dict(config))
+
+    # -- group and mode -----------------------------------------------------------------------
+    @property
+    def group(self) -> Any:
+        return self.process_group if self.process_group is not None else _default_group()
+
+    @property
+    def world_size(self) -> int:
+        return int(self.group.size())
+
+    @property
+    def rank(self) -> int:
+        return int(dist.get_rank(self.group))
+
+    def codec(self) -> Codec | None:
+        """The wire format (``None``: values travel as fp32)."""
+        return None
+
+    def _resolve_mode(self) -> str:
+        codec = self.codec()
+        if codec is None:
+            return "allreduce"
+        try:
+            return exchange.select_mode(
+                codec, self.world_size, getattr(self.config, "mode", "auto")
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    # -- counters -----------------------------------------------------------------------------
+    @property
+    def bytes_sent(self) -> float:
+        """Payload bytes this rank handed to collectives, times each collective's ring factor."""
+        return self.traffic.bytes_sent
+
+    @property
+    def bytes_dense(self) -> float:
+        """Bytes an fp32 ring all-reduce of the same buckets would send: ``Σ 2(W−1)/W·4n``."""
+        return self.traffic.bytes_dense
+
+    @property
+    def ratio(self) -> float:
+        """``bytes_dense / bytes_sent`` (1.0 while nothing was sent)."""
+        return self.bytes_dense / self.bytes_sent if self.bytes_sent else 1.0
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This rank's generator on ``device`` (seeded ``seed + rank`` on first use)."""
+        if self._generator is None or self._generator.device != device:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int(getattr(self.config, "seed", 0)) + self.rank)
+            if self._generator_state is not None:
+                gen.set_state(self._generator_state)
+                self._generator_state = None
+            self._generator = gen
+        return self._generator
+
+    # -- persistence --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, config and generator state (CPU tensors), for resuming."""
+        gen = self._generator.get_state() if self._generator is not None else self._generator_state
+        return {
+            "method": self.method,
+            "config": to_dict(self.config),
+            "bytes_sent": self.traffic.bytes_sent,
+            "bytes_dense": self.traffic.bytes_dense,
+            "calls": self.calls,
+            "generator": None if gen is None else gen.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the method must match)."""
+        if state.get("method") != self.method:
+            raise ValueError(f"state_dict is for {state.get('method')!r}, not {self.method!r}")
+        self.config = from_dict(self.config_class, state["config"], self.method)
+        self.mode = self._resolve_mode()
+        self.traffic.bytes_sent = float(state["bytes_sent"])
+        self.traffic.bytes_dense = float(state["bytes_dense"])
+        self.calls = int(state["calls"])
+        self._generator = None
+        self._generator_state = state["generator"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the process group (not picklable), as torch's ``PowerSGDState``."""
+        out = {k: v for k, v in self.__dict__.items() if k not in ("process_group", "_generator")}
+        if self._generator is not None:
+            out["_generator_state"] = self._generator.get_state()
+        return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore; the process group becomes the default group."""
+        self.__dict__.update(state)
+        self._generator = None
+        self.process_group = None
+        logger.info("%s restored on the default process group", type(self).__name__)
+        if dist.is_available() and dist.is_initialized():
+            self.mode = self._resolve_mode()
+
+    def _begin(self, bucket: dist.GradBucket) -> Tensor:
+        buffer = bucket.buffer()
+        self.calls += 1
+        self.traffic.dense(buffer.numel(), self.world_size)
+        return buffer
+
+
+def _done(buffer: Tensor) -> Future[Tensor]:
+    fut: Future[Tensor] = torch.futures.Future()
+    fut.set_result(buffer)
+    return fut
+
+
+class NoneState(CommState):
+    """State of :func:`none_hook` (counters only)."""
+
+    method = "none"
+    config_class = NoneConfig
+
+
+def none_hook(state: NoneState, bucket: dist.GradBucket) -> Future[Tensor]:
+    """DDP's default exchange: ``buffer /= W`` then all-reduce SUM (bitwise equal to no hook)."""
+    buffer = state._begin(bucket)
+    group = state.group
+    w = state.world_size
+    buffer.div_(w)
+    state.traffic.all_reduce(buffer, w)
+    fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+class _CodecState(CommState):
+    def _exchange(self, bucket: dist.GradBucket) -> Future[Tensor]:
+        buffer = self._begin(bucket)
+        if self.mode == "none":
+            return _done(buffer)
+        codec = self.codec()
+        if codec is None:  # pragma: no cover - subclasses define a codec
+            raise TypeError(f"{type(self).__name__} has no codec")
+        gen = self.generator(buffer.device)
+        if self.mode == "allgather":
+            return exchange.allgather_mean(buffer, codec, gen, self.group, self.traffic)
+        if self.mode == "reduce_scatter":
+            return exchange.reduce_scatter_mean(buffer, codec, gen, self.group, self.traffic)
+        return exchange.allreduce_qsgd_mean(
+            buffer, codec, self.config.bucket_size, gen, self.group, self.traffic
+        )
+
+
+class QSGDState(_CodecState):
+    """State of :func:`qsgd_hook`: ``QSGDState(process_group=None, levels=16, bucket_size=512,
+    seed=0, mode="auto")``."""
+
+    method = "qsgd"
+    config_class = QSGDConfig
+    config: QSGDConfig
+
+    def codec(self) -> Codec:
+        return exchange.qsgd_codec(self.config.levels, self.config.bucket_size)
+
+
+def qsgd_hook(state: QSGDState, bucket: dist.GradBucket) -> Future[Tensor]:
+    """Average the bucket with QSGD-compressed payloads (see :class:`QSGDConfig`)."""
+    return state._exchange(bucket)
+
+
+class NaturalState(_CodecState):
+    """State of :func:`natural_hook`: ``NaturalState(process_group=None, seed=0, mode="auto")``."""
+
+    method = "natural"
+    config_class = NaturalConfig
+    config: NaturalConfig
+
+    def codec(self) -> Codec:
+        return exchange.natural_codec()
+
+
+def natural_hook(state: NaturalState, bucket: dist.GradBucket) -> Future[Tensor]:
+    """Average the bucket with natural-compression payloads (9 bits per value)."""
+    return state._exchange(bucket)
