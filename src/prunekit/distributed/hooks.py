@@ -274,11 +274,16 @@ class NoneState(CommState):
 
 
 def none_hook(state: NoneState, bucket: dist.GradBucket) -> Future[Tensor]:
-    """DDP's default exchange: ``buffer /= W`` then all-reduce SUM (bitwise equal to no hook)."""
+    """DDP's default exchange: ``buffer ·= 1/W`` then all-reduce SUM, bitwise equal to no hook.
+
+    DDP without a hook multiplies each gradient by the reciprocal ``1/W`` as it copies it into the
+    bucket (``Reducer::mark_variable_ready_dense``); torch's ``allreduce_hook`` divides by ``W``
+    instead, which differs in the last bit when ``W`` is not a power of two. This hook multiplies.
+    """
     buffer = state._begin(bucket)
     group = state.group
     w = state.world_size
-    buffer.div_(w)
+    buffer.mul_(1.0 / w)
     state.traffic.all_reduce(buffer, w)
     fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
