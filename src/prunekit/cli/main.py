@@ -18,9 +18,28 @@ from prunekit.training.trainer import DivergenceError, train
 
 def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
-    metrics = train(
-        recipe, args.out, resume=not args.no_resume, progress=not args.quiet, device=args.device
-    )
+    if args.nproc is None:
+        metrics = train(
+            recipe, args.out, resume=not args.no_resume, progress=not args.quiet, device=args.device
+        )
+    else:
+        from prunekit.distributed import WorkerError
+        from prunekit.training.distributed import launch_train
+
+        try:
+            metrics = launch_train(
+                recipe,
+                args.out,
+                args.nproc,
+                device=args.device,
+                resume=not args.no_resume,
+                progress=not args.quiet,
+                level=logging.getLogger().getEffectiveLevel(),
+            )
+        except WorkerError as exc:  # the failing rank's exception, not its whole traceback
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            print(f"prunekit: error: {lines[0]} {lines[-1]}", file=sys.stderr)
+            return 2
     summary = {
         k: metrics[k]
         for k in (
@@ -108,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data parallel on N local ranks (global batch N x batch_size); under torchrun leave "
+        "it out",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="LeNet-300-100 on MNIST: dense vs DPF at high sparsity")

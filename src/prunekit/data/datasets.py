@@ -68,21 +68,80 @@ class ArrayDataset:
         )
 
 
+def shard_indices(
+    n: int, *, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool = True
+) -> Tensor:
+    """The example indices rank ``rank`` of ``world_size`` sees in ``epoch``, in order.
+
+    Exactly :class:`torch.utils.data.DistributedSampler` over ``range(n)`` (``seed``,
+    ``set_epoch(epoch)``, no ``drop_last``): a permutation ``π`` drawn from ``seed + epoch`` (the
+    identity without ``shuffle``), padded with its own first elements to ``L = W·⌈n/W⌉``, and rank
+    ``r`` takes ``π[r], π[r+W], π[r+2W], …``. The shards are disjoint (up to the ``L − n`` padded
+    repeats), cover all ``n`` examples and have the same length ``⌈n/W⌉``, so every rank takes the
+    same number of steps; the ``k``-th batches of all ranks together are the contiguous slice
+    ``π[kWb : (k+1)Wb]``.
+
+    Raises:
+        ValueError: ``rank`` outside ``[0, world_size)``.
+    """
+    from torch.utils.data import DistributedSampler
+
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    indices: Any = range(n)  # DistributedSampler only needs len()
+    sampler: DistributedSampler[int] = DistributedSampler(
+        indices, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
+    )
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long)
+
+
 class BatchIterator:
     """Mini-batches of in-memory tensors; the order of epoch ``e`` depends only on ``(seed, e)``,
-    so a resumed run sees exactly the batches an uninterrupted one would."""
+    so a resumed run sees exactly the batches an uninterrupted one would.
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, shuffle: bool = True, seed: int = 0):
+    With ``world_size > 1`` it yields rank ``rank``'s shard of each epoch (:func:`shard_indices`,
+    i.e. :class:`~torch.utils.data.DistributedSampler` seeded with ``seed``) in batches of
+    ``batch_size``: the global batch of a step is ``world_size × batch_size`` examples.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}"
+            )
         self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        return (len(self.x) + self.batch_size - 1) // self.batch_size
+        per_rank = (len(self.x) + self.world_size - 1) // self.world_size
+        return (per_rank + self.batch_size - 1) // self.batch_size
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.x)
-        if self.shuffle:
+        if self.world_size > 1:
+            order = shard_indices(
+                n,
+                seed=self.seed,
+                epoch=epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+                shuffle=self.shuffle,
+            )
+            n = len(order)
+        elif self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             order = torch.randperm(n, generator=gen)
         else:

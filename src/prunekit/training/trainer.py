@@ -10,6 +10,11 @@ A diverged loss (not finite, or above ``DIVERGENCE_FACTOR`` × the first batch's
 :class:`NonFiniteLossError` before the epoch is checkpointed, so the last good checkpoint stays
 untouched. Everything the user controls (recipe values, ``out_dir``, ``device``) is checked before
 the first step; a problem raises :class:`~prunekit.config.ConfigError` with what to change.
+
+Data parallel (:mod:`prunekit.training.distributed`): inside an initialised process group, or under
+``torchrun``, each rank trains on its shard of every epoch with batches of ``batch_size`` (a global
+batch of ``world_size × batch_size``) through :class:`~torch.nn.parallel.DistributedDataParallel`;
+rank 0 alone writes files, the loss and the test accuracy are gathered over all ranks.
 """
 
 from __future__ import annotations
@@ -40,6 +45,18 @@ from prunekit.training.checkpoint import (
     save_checkpoint,
     save_sparse,
 )
+from prunekit.training.distributed import (
+    Ranks,
+    agree,
+    barrier,
+    broadcast_object,
+    join_process_group,
+    leave_process_group,
+    mean_across,
+    sharded_accuracy,
+    sync_buffers,
+    wrap_model,
+)
 from prunekit.training.guards import (
     DIVERGENCE_FACTOR,
     DivergenceError,
@@ -48,7 +65,6 @@ from prunekit.training.guards import (
     check_out_dir,
     default_device,
     divergence,
-    resolve_device,
 )
 from prunekit.training.plots import plot_accuracy, plot_layer_sparsity
 from prunekit.training.recipe import Recipe, ScheduleSpec, recipe_from_dict
@@ -172,15 +188,39 @@ def train(
         stop_after_epoch: stop (as if interrupted) after this many epochs; for tests and time limits.
 
     Returns:
-        The metrics written to ``metrics.json`` (or, when stopped early, the partial history).
+        The metrics written to ``metrics.json`` (or, when stopped early, the partial history); the
+        same on every rank of a data-parallel run.
     """
     out = Path(out_dir)
     check_out_dir(out)
-    dev = resolve_device(device)
+    ranks, dev = join_process_group(device)
+    try:
+        return _train(recipe, out, ranks, dev, resume, progress, data, stop_after_epoch)
+    finally:
+        leave_process_group(ranks)
+
+
+def _train(
+    recipe: Recipe,
+    out: Path,
+    ranks: Ranks,
+    dev: torch.device,
+    resume: bool,
+    progress: bool,
+    data: ArrayDataset | None,
+    stop_after_epoch: int | None,
+) -> dict[str, Any]:
     torch.manual_seed(recipe.seed)
     data = data if data is not None else load_data(recipe)
     model = build_recipe_model(recipe, data).to(dev)
-    batches = BatchIterator(data.x_train, data.y_train, recipe.data.batch_size, seed=recipe.seed)
+    batches = BatchIterator(
+        data.x_train,
+        data.y_train,
+        recipe.data.batch_size,
+        seed=recipe.seed,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+    )
     steps_per_epoch = len(batches)
     total_steps = recipe.epochs * steps_per_epoch
     example = data.x_train[:2].to(dev)
@@ -225,6 +265,11 @@ def train(
         )
         reference_loss = ckpt.get("reference_loss")
         logger.info("resumed from %s at epoch %d (step %d)", ckpt_path, start_epoch, step)
+    agree(step, "the checkpoint step to resume from", ranks)
+    net = wrap_model(model, dev, ranks)  # after sparsify and resume: DDP sees masks and weights
+    if ranks.distributed and ranks.is_main:
+        b, w = recipe.data.batch_size, ranks.world_size
+        logger.info("data parallel: %d ranks x batch %d = global batch %d", w, b, w * b)
 
     owns_lr = pruner is not None and pruner.owns_lr
     clip = recipe.optimizer.clip_grad_norm
@@ -238,7 +283,7 @@ def train(
     bar = tqdm(
         total=total_steps,
         initial=step,
-        disable=not progress,
+        disable=not progress or not ranks.is_main,
         desc=recipe.name or recipe.method,
         unit="step",
     )
@@ -252,8 +297,8 @@ def train(
                 factor = lr_factor(recipe.lr_schedule, step, total_steps, steps_per_epoch)
                 for group, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
                     group["lr"] = lr0 * factor
-            loss = F.cross_entropy(model(x), y)
-            loss_value = float(loss.detach())
+            loss = F.cross_entropy(net(x), y)
+            loss_value = mean_across(float(loss.detach()), ranks, dev)  # same on every rank
             if reference_loss is None:
                 reference_loss = loss_value
             diverged = divergence(loss_value, reference_loss)
@@ -277,7 +322,7 @@ def train(
 
                 def closure(x: Tensor = x, y: Tensor = y) -> float:
                     optimizer.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(model(x), y)
+                    loss = F.cross_entropy(net(x), y)
                     loss.backward()
                     clip_gradients()
                     return float(loss.detach())
@@ -290,7 +335,12 @@ def train(
             step += 1
             loss_sum += loss_value
             bar.update(1)
-        acc = evaluate(model, data.x_test, data.y_test)
+        sync_buffers(model, ranks)
+        acc = (
+            sharded_accuracy(model, data.x_test, data.y_test, ranks)
+            if ranks.distributed
+            else evaluate(model, data.x_test, data.y_test)
+        )
         sparsity = sparsity_report(model)["global_sparsity"]
         wall += time.perf_counter() - t0
         history.append(
@@ -314,21 +364,23 @@ def train(
             acc,
             sparsity,
         )
-        save_checkpoint(
-            {
-                "recipe": recipe.to_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "pruner": None if pruner is None else pruner.state_dict(),
-                "rng": torch.get_rng_state(),
-                "history": history,
-                "wall_seconds": wall,
-                "reference_loss": reference_loss,
-            },
-            ckpt_path,
-        )
+        if ranks.is_main:
+            save_checkpoint(
+                {
+                    "recipe": recipe.to_dict(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "pruner": None if pruner is None else pruner.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "history": history,
+                    "wall_seconds": wall,
+                    "reference_loss": reference_loss,
+                },
+                ckpt_path,
+            )
+        barrier(ranks)
         if (
             stop_after_epoch is not None
             and epoch + 1 >= stop_after_epoch
@@ -341,10 +393,10 @@ def train(
         finish_structured(
             model, optimizer, groups, example, out, lambda m: evaluate(m, data.x_test, data.y_test)
         )
-        if recipe.structured is not None
+        if recipe.structured is not None and ranks.is_main
         else {}
     )
-    return _finish(recipe, model, pruner, data, history, wall, out, dev, structured)
+    return _finish(recipe, model, pruner, data, history, wall, out, dev, structured, ranks)
 
 
 def _finish(
@@ -357,9 +409,13 @@ def _finish(
     out: Path,
     device: torch.device,
     structured: dict[str, Any],
+    ranks: Ranks,
 ) -> dict[str, Any]:
+    """Finalize the pruner (every rank, so the replicas end identical), then on rank 0 alone
+    evaluate, write every output file and return the metrics, which the other ranks receive."""
     extra: dict[str, Any] = dict(structured)
-    if pruner is not None:  # before finalize: e.g. AC/DC's dense model of the pair
+    # before finalize: e.g. AC/DC's dense model of the pair (a file: rank 0 alone)
+    if pruner is not None and ranks.is_main:
         extra.update(
             pruner.extra_artifacts(
                 out,
@@ -375,6 +431,8 @@ def _finish(
             )
             calibration = (x.to(device) for x, _ in loader.epoch(recipe.epochs))
         pruner.finalize(calibration=calibration)
+    if not ranks.is_main:
+        return dict(broadcast_object(None, ranks))  # waits for rank 0's files
     report = sparsity_report(model)
     acc = evaluate(model, data.x_test, data.y_test)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -396,7 +454,14 @@ def _finish(
         "test_error": 100.0 * (1.0 - acc),
         "epochs": recipe.epochs,
         "steps": recipe.epochs
-        * len(BatchIterator(data.x_train, data.y_train, recipe.data.batch_size)),
+        * len(
+            BatchIterator(
+                data.x_train, data.y_train, recipe.data.batch_size, world_size=ranks.world_size
+            )
+        ),
+        "world_size": ranks.world_size,
+        "batch_size": recipe.data.batch_size,
+        "global_batch_size": ranks.world_size * recipe.data.batch_size,
         "wall_seconds": wall,
         "model_file_bytes": (out / "model.pt").stat().st_size,
         "sparse_file_bytes": (out / "model_sparse.pt").stat().st_size,
@@ -418,7 +483,7 @@ def _finish(
         _report_md(recipe, metrics, report) + (structured_report(metrics) if structured else ""),
     )
     logger.info("wrote %s", out)
-    return metrics
+    return dict(broadcast_object(metrics, ranks))
 
 
 def _report_md(recipe: Recipe, metrics: dict[str, Any], report: dict[str, Any]) -> str:
