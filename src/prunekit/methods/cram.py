@@ -21,6 +21,15 @@ gradient. :meth:`finalize` prunes one-shot by magnitude to ``sparsity`` and, giv
 inputs, re-estimates the batch-norm statistics of the pruned model (the paper's one-shot numbers are
 "after batch-norm re-tuning"); ``prunekit train`` passes ``bn_recalibration_batches`` training
 batches.
+
+Data-parallel training (DDP): the closure's forward and backward must go through the DDP wrapper,
+so the gradient at the compressed point is all-reduced like the first one. The compression level
+is drawn from the pruner's own generator seeded with ``seed`` (not the global RNG), so every rank
+draws the same level; its state is in :meth:`state_dict`. At :meth:`finalize`, when a process
+group is initialised, the re-estimated batch-norm statistics are averaged over the ranks, weighted
+by the number of calibration batches each used (:func:`~prunekit.core.batchnorm.all_reduce_batchnorm_`),
+so every rank ends with the statistics of all ranks' batches; ``finalize`` is then a collective
+and every rank must call it.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from torch.optim import Optimizer
 
 from prunekit.config import ConfigError
 from prunekit.core.allocation import compute_masks
-from prunekit.core.batchnorm import recalibrate_batchnorm_
+from prunekit.core.batchnorm import all_reduce_batchnorm_, recalibrate_batchnorm_
 from prunekit.core.hooks import OptimizerHooks
 from prunekit.methods.base import Pruner, SparsityConfig
 from prunekit.methods.registry import register_method
@@ -51,6 +60,7 @@ class CrAMConfig(SparsityConfig):
     plus: bool = True
     include_target: bool = True
     bn_recalibration_batches: int = 100
+    seed: int = 0
 
     def levels(self) -> list[float]:
         """The compression levels drawn per step (``sparsities``, plus the target by default)."""
@@ -65,6 +75,8 @@ class CrAMConfig(SparsityConfig):
             raise ConfigError(
                 f"bn_recalibration_batches must be >= 0, got {self.bn_recalibration_batches}"
             )
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.rho < 0:
             raise ConfigError(f"rho must be >= 0, got {self.rho}")
         if not self.sparsities or any(not 0.0 <= s < 1.0 for s in self.sparsities):
@@ -87,6 +99,8 @@ class CrAM(Pruner):
             raise ValueError("CrAM wraps an optimizer; pass one")
         self._hooks: OptimizerHooks | None = OptimizerHooks(optimizer, pre=self._pre_step)
         self.last_compression: float | None = None
+        #: the method's own RNG for the compression level (the same draws on every rank)
+        self.generator = torch.Generator().manual_seed(config.seed)
 
     def _pre_step(
         self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -112,7 +126,9 @@ class CrAM(Pruner):
             for p, g in zip(params, grads, strict=True):
                 p.add_(g, alpha=cfg.rho)
             levels = cfg.levels()
-            self.last_compression = levels[int(torch.randint(len(levels), ()).item())]
+            self.last_compression = levels[
+                int(torch.randint(len(levels), (), generator=self.generator).item())
+            ]
             scores = [t.param.detach().abs() for t in self.targets]
             level = self.pattern.sparsity if self.pattern is not None else self.last_compression
             masks = compute_masks(scores, level, cfg.allocation, self.pattern)
@@ -133,6 +149,14 @@ class CrAM(Pruner):
     def _on_step(self) -> None:
         pass
 
+    def _extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "last_compression": self.last_compression}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        self.last_compression = state.get("last_compression")
+
     def calibration_batches(self) -> int:
         return self.config.bn_recalibration_batches
 
@@ -149,5 +173,6 @@ class CrAM(Pruner):
         self._ensure_target_(warn=False)  # CrAM's one-shot pruning
         model = super().finalize()
         if calibration is not None and self.config.bn_recalibration_batches > 0:
-            recalibrate_batchnorm_(model, calibration, self.config.bn_recalibration_batches)
+            used = recalibrate_batchnorm_(model, calibration, self.config.bn_recalibration_batches)
+            all_reduce_batchnorm_(model, used)  # data-parallel: every rank's batches count
         return model

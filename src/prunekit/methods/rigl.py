@@ -11,6 +11,10 @@ The number of nonzeros is fixed for the whole run. Masks start random with per-l
 
 ``α_t = α/2 · (1 + cos(π t / T_end))`` with ``α = 0.3``.
 
+The initial masks are drawn from the pruner's own generator seeded with ``seed`` (never the global
+RNG), so data-parallel ranks that seed torch differently still draw the same masks; its state is in
+:meth:`state_dict`.
+
 Layer densities: ``erk`` (default) or ``uniform``; as in the paper, ``uniform`` keeps the first
 layer dense and every other layer at ``sparsity``, so the total sparsity ends *below* ``sparsity``
 (logged at the start; :meth:`finalize` keeps that distribution).
@@ -21,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,12 +43,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class RigLConfig(SparsityConfig):
-    """RigL settings; ``allocation`` is ``erk`` (default) or ``uniform``."""
+    """RigL settings; ``allocation`` is ``erk`` (default) or ``uniform``; ``seed`` seeds the
+    generator of the initial random masks (the same on every data-parallel rank)."""
 
     allocation: str = "erk"
     update_every: int = 100
     drop_fraction: float = 0.3
     end: float = 0.75
+    seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,14 +65,19 @@ class RigLConfig(SparsityConfig):
         if not 0.0 < self.drop_fraction < 1.0:
             raise ConfigError(f"drop_fraction must be in (0, 1), got {self.drop_fraction}")
         check_fraction("end", self.end)
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
 
 
 def uniform_first_dense_masks(
-    shapes: list[tuple[int, ...]], sparsity: float, device: torch.device
+    shapes: list[tuple[int, ...]],
+    sparsity: float,
+    device: torch.device,
+    generator: torch.Generator | None = None,
 ) -> list[Tensor]:
     """Random masks of RigL's ``uniform`` distribution: the first layer dense, the others at
     ``sparsity`` (so the total sparsity is below ``sparsity``)."""
-    masks = random_masks(shapes[1:], sparsity, "uniform", device=device)
+    masks = random_masks(shapes[1:], sparsity, "uniform", generator=generator, device=device)
     return [torch.ones(shapes[0], dtype=torch.bool, device=device), *masks]
 
 
@@ -81,12 +93,16 @@ class RigL(Pruner):
         self._grads: list[Tensor | None] | None = None
         self.masker = Masker(self.targets, optimizer, MaskMode.HARD, grad_observer=self._observe)
         device = self.targets[0].param.device
+        #: the method's own RNG (CPU, so the draws do not depend on the device)
+        self.generator = torch.Generator().manual_seed(config.seed)
         shapes = [tuple(t.param.shape) for t in self.targets]
         first_dense = config.allocation == "uniform" and len(shapes) > 1
         if first_dense:
-            masks = uniform_first_dense_masks(shapes, config.sparsity, device)
+            masks = uniform_first_dense_masks(shapes, config.sparsity, device, self.generator)
         else:
-            masks = random_masks(shapes, config.sparsity, config.allocation, device=device)
+            masks = random_masks(
+                shapes, config.sparsity, config.allocation, generator=self.generator, device=device
+            )
         self.masker.set_masks_(masks)
         self._budget = sum(int(m.sum()) for m in masks)
         if first_dense:
@@ -95,6 +111,13 @@ class RigL(Pruner):
                 self.targets[0].name,
                 1 - self._budget / sum(math.prod(s) for s in shapes),
             )
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
 
     def target_nonzeros(self) -> int:
         """RigL keeps the parameter count it starts with."""

@@ -27,6 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.fx.proxy import TraceError
 
 from prunekit.core.cost import module_macs
+from prunekit.distributed.sync import unwrap
 from prunekit.structured.channels import ChannelGraph, Flow, Member
 from prunekit.structured.heads import head_rule, resolve_sites, split_rule
 from prunekit.structured.rules import (
@@ -174,9 +175,11 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
     """All zero-invariant groups of ``model`` (prunable and not), in graph order.
 
     Args:
-        model: any traceable ``nn.Module``.
+        model: any traceable ``nn.Module``, or a ``DistributedDataParallel`` wrapper of one (the
+            module inside is analysed, so group names are the module's own, without ``module.``).
         example_inputs: a tensor or a tuple of positional inputs for one forward pass.
     """
+    model = unwrap(model)
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     gm = capture(model, inputs)
     names: dict[int, str] = {}
