@@ -21,6 +21,15 @@ from prunekit.distributed.hooks import (
     qsgd_hook,
 )
 from prunekit.distributed.launch import WorkerError, free_port, run_workers
+from prunekit.distributed.sync import (
+    all_reduce_mean_,
+    broadcast_module_,
+    broadcast_tensors_,
+    differing_names,
+    is_distributed,
+    replicas_identical,
+    unwrap,
+)
 from prunekit.distributed.topk import TopKConfig, TopKState, topk_hook
 
 __all__ = [
@@ -36,16 +45,23 @@ __all__ = [
     "TopKConfig",
     "TopKState",
     "WorkerError",
+    "all_reduce_mean_",
     "available_codecs",
+    "broadcast_module_",
+    "broadcast_tensors_",
     "compress_gradients",
+    "differing_names",
     "free_port",
     "get_codec",
+    "is_distributed",
     "natural_hook",
     "none_hook",
     "pack_bits",
     "qsgd_hook",
     "register_codec",
+    "replicas_identical",
     "run_workers",
     "topk_hook",
     "unpack_bits",
+    "unwrap",
 ]
