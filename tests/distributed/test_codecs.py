@@ -37,6 +37,8 @@ def test_pack_unpack_round_trip(bits: int, n: int) -> None:
     assert packed.numel() == math.ceil(n * bits / 8)
     assert packed.tolist() == _reference_pack(values.tolist(), bits)
     assert torch.equal(codecs.unpack_bits(packed, bits, n), values)
+    with pytest.raises(ValueError, match="values must be integers"):
+        codecs.pack_bits(torch.tensor([2**bits]), bits)
 
 
 def _vector(n: int, seed: int) -> torch.Tensor:
@@ -162,8 +164,9 @@ def test_natural_unbiased_exact_variance_and_powers_of_two() -> None:
 
 def test_natural_edges() -> None:
     g = torch.Generator().manual_seed(0)
-    top = torch.tensor([1.5 * 2.0**127, -(2.0**127)])
-    assert codecs.natural_round(top, g).tolist() == [2.0**127, -(2.0**127)]  # saturated
+    # [2^127, 2^128): rounding up would leave float32; saturated at 2^127 instead (64 draws)
+    top = torch.tensor([1.5 * 2.0**127] * 32 + [-1.9 * 2.0**127] * 32 + [-(2.0**127)])
+    assert codecs.natural_round(top, g).tolist() == [2.0**127] * 32 + [-(2.0**127)] * 33
     for bad in (float("nan"), float("inf"), float("-inf")):
         with pytest.raises(codecs.NonFiniteGradientError, match="NaN or Inf"):
             codecs.natural_encode(torch.tensor([1.0, bad]), g)

@@ -51,6 +51,7 @@ __all__ = [
     "qsgd_decode",
     "qsgd_dequantize",
     "qsgd_encode",
+    "qsgd_norms",
     "qsgd_payload_bytes",
     "qsgd_quantize",
     "unpack_bits",
@@ -96,13 +97,20 @@ def pack_bits(values: Tensor, bits: int) -> Tensor:
         raise ValueError(f"bits must be in [1, 32], got {bits}")
     flat = values.reshape(-1).to(torch.int64)
     n = flat.numel()
+    if n and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise ValueError(
+            f"values must be integers in [0, 2**{bits}); got [{int(flat.min())}, {int(flat.max())}]"
+        )
     nbytes = (n * bits + 7) // 8
-    shifts = torch.arange(bits, device=flat.device, dtype=torch.int64)
-    bitmat = (flat.unsqueeze(1) >> shifts) & 1  # (n, bits), least significant first
-    stream = torch.zeros(nbytes * 8, dtype=torch.int64, device=flat.device)
-    stream[: n * bits] = bitmat.reshape(-1)
-    weights = 1 << torch.arange(8, device=flat.device, dtype=torch.int64)
-    return (stream.view(nbytes, 8) * weights).sum(1).to(torch.uint8)
+    stream = torch.zeros(nbytes * 8, dtype=torch.uint8, device=flat.device)  # one bit a byte
+    bitmat = stream[: n * bits].view(n, bits)
+    for j in range(bits):  # least significant bit first
+        bitmat[:, j] = ((flat >> j) & 1).to(torch.uint8)
+    grid = stream.view(nbytes, 8)
+    out = grid[:, 0].clone()
+    for k in range(1, 8):
+        out |= grid[:, k] << k
+    return out
 
 
 def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
@@ -111,10 +119,14 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
         raise ValueError(f"bits must be in [1, 32], got {bits}")
     if packed.numel() * 8 < n * bits:
         raise ValueError(f"{packed.numel()} bytes cannot hold {n} values of {bits} bits")
-    dev = packed.device
-    stream = (packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=dev)) & 1
-    bitmat = stream.reshape(-1)[: n * bits].view(n, bits)
-    return (bitmat << torch.arange(bits, device=dev, dtype=torch.int64)).sum(1)
+    grid = torch.empty(packed.numel(), 8, dtype=torch.uint8, device=packed.device)
+    for k in range(8):
+        grid[:, k] = (packed >> k) & 1
+    bitmat = grid.view(-1)[: n * bits].view(n, bits)
+    out = torch.zeros(n, dtype=torch.int64, device=packed.device)
+    for j in range(bits):
+        out |= bitmat[:, j].to(torch.int64) << j
+    return out
 
 
 def _bytes_of(t: Tensor) -> Tensor:
