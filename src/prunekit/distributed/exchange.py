@@ -19,6 +19,11 @@ bucket of ``n`` values):
 Every rank decodes the same bytes with the same arithmetic in the same order, so the averaged
 gradients are bitwise identical on all ranks in every mode.
 
+The last collective of each mode is asynchronous (the hook returns its future, decoded in a
+``then`` callback); the first stage of ``allreduce`` (norms) and of ``reduce_scatter``
+(``all_to_all_single``) runs synchronously inside the hook, because its result is needed to
+build the second message.
+
 Byte accounting (:class:`Traffic`), the same rule for every hook: each tensor handed to a
 collective is counted with the ring factor of that collective, padding included —
 ``all_reduce``: ``2(W − 1)/W × nbytes``; ``all_gather_single``: ``(W − 1) × nbytes`` of the local
