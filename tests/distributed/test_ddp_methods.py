@@ -273,9 +273,17 @@ def _check_helpers(rank: int, world: int) -> dict[str, Any]:
     x = torch.full((3,), float(rank + 1))
     all_reduce_mean_([x])
     named = differing_names({"same": torch.ones(2), "rank": torch.tensor([float(rank)])})
+    # sparsify on the wrapper leaves the replicas identical even if they drifted after wrapping
+    net = DDP(build("mlp"))
+    with torch.no_grad():
+        net.module[0].weight.mul_(1 + rank)
+    opt = torch.optim.SGD(net.module.parameters(), lr=0.1)
+    prunekit.sparsify(net, opt, "gmp", sparsity=0.5, total_steps=4, initial_sparsity=0.5)
+    sparsified = replicas_identical(net)
     return {
         "seen": seen,
         "after": after,
+        "sparsified": sparsified,
         "bias": model[2].bias.detach().clone(),
         "mean": x,
         "named": named,
@@ -418,6 +426,7 @@ def test_sync_helpers(world: int) -> None:
         h = out["helpers"]
         assert h["seen"] == ["2.bias"]
         assert h["after"] == []
+        assert h["sparsified"] == []
         assert torch.equal(h["bias"], outs[0]["helpers"]["bias"])
         assert torch.allclose(h["mean"], torch.full((3,), (world + 1) / 2))
         assert h["named"] == ["rank"]
