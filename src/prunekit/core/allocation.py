@@ -140,7 +140,13 @@ def random_masks(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> list[Tensor]:
-    """Random masks with the per-layer counts of ``allocation`` (``global`` acts as ``uniform``)."""
+    """Random masks with the per-layer counts of ``allocation`` (``global`` acts as ``uniform``).
+
+    The scores are drawn on the CPU from ``generator`` (the global RNG when ``None``). Methods pass
+    their own seeded generator: data-parallel ranks often seed the global RNG differently (data
+    order, dropout), and masks drawn from it would differ across replicas. Ties cannot change the
+    result between ranks: :func:`~prunekit.core.patterns.topk_mask` keeps the lowest indices.
+    """
     alloc = "uniform" if allocation == "global" else allocation
     counts = layer_keep_counts(shapes, sparsity, alloc)
     masks = []
