@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import io
+import warnings
 from typing import Any
 
 import pytest
@@ -121,6 +122,7 @@ class Run:
         ddp = rank is not None
         self.pruner: prunekit.Pruner | None = None
         self.net: nn.Module = self.module
+        self.levels: list[float] = []  # CrAM's compression level at every step
         if self.method in STRUCTURED:
             if ddp:
                 self.net = DDP(self.module)
@@ -138,8 +140,9 @@ class Run:
         else:
             self.pruner = prunekit.sparsify(self.module, self.opt, self.method, **config)
             if ddp:
-                self.net = DDP(self.module, broadcast_buffers=False)
-        self.levels: list[float] = []
+                with warnings.catch_warnings():  # deprecated, but the only way to skip the
+                    warnings.simplefilter("ignore", FutureWarning)  # buffers' sync at init
+                    self.net = DDP(self.module, broadcast_buffers=False)
 
     def masks(self) -> dict[str, Tensor]:
         if self.method in STRUCTURED:
@@ -239,7 +242,7 @@ def _run_all(rank: int, world: int) -> dict[str, Any]:
         result = {
             "state": run.state(),
             "changed": any(not torch.equal(before[k], after[k]) for k in before),
-            "levels": list(getattr(run, "levels", [])),
+            "levels": list(run.levels),
             "targets": [t.name for t in run.pruner.targets] if run.pruner else [],
             "differing": replicas_identical(run.net),
         }
@@ -303,7 +306,7 @@ def reference(name: str, world: int) -> dict[str, Any]:
     try:
         run = Run(name, None, world)
         run.train(range(STEPS))
-        return {"state": run.state(), "levels": list(getattr(run, "levels", []))}
+        return {"state": run.state(), "levels": list(run.levels)}
     finally:
         torch.set_num_threads(threads)
 
