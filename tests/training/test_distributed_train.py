@@ -7,6 +7,7 @@ own ranks once.
 
 import io
 import json
+import math
 import os
 
 import pytest
@@ -19,7 +20,7 @@ from prunekit.data import BatchIterator, load_dataset
 from prunekit.data.datasets import shard_indices
 from prunekit.distributed import run_workers
 from prunekit.models import build_model
-from prunekit.training import recipe_from_dict, train
+from prunekit.training import NonFiniteLossError, recipe_from_dict, train
 
 SEED, BATCH, LR, EPOCHS = 1, 16, 0.05, 2
 DATA = {"name": "mnist1d", "num_samples": 400, "batch_size": BATCH}
@@ -86,6 +87,21 @@ def _ranks(rank, world_size, data, root):
     part = train(sparse, f"{root}/part", stop_after_epoch=1, **quiet)
     resumed = train(sparse, f"{root}/part", **quiet)
     dense_metrics = train(dense, f"{root}/dense", **quiet)
+    # a NaN loss on rank 1 alone must stop both ranks (alone, rank 1 would leave rank 0 hanging)
+    real_loss, calls = trainer.F.cross_entropy, []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        nan = rank == 1 and len(calls) == 3
+        return real_loss(*args, **kwargs) * (math.nan if nan else 1.0)
+
+    trainer.F.cross_entropy = loss
+    try:
+        train(dense, f"{root}/nan", **quiet)
+        stopped = "not stopped"
+    except NonFiniteLossError as exc:
+        stopped = str(exc)
+    trainer.F.cross_entropy = real_loss
     # tensors as bytes: a tensor sent through the result queue is shared memory whose owner (this
     # process) may have exited before the parent reads it
     buffer = io.BytesIO()
@@ -94,6 +110,7 @@ def _ranks(rank, world_size, data, root):
         "writes": writes,
         "finals": buffer.getvalue(),
         "metrics": (full, part, resumed, dense_metrics),
+        "stopped": stopped,
     }
 
 
@@ -228,3 +245,9 @@ def test_cli_nproc_errors_are_one_line(tmp_path, capsys, monkeypatch, extra, mes
     assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(two_ranks):
+    _, (r0, r1) = two_ranks
+    assert "loss is nan at epoch 1, step 2" in r0["stopped"]
+    assert r0["stopped"] == r1["stopped"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             lines = [line for line in str(exc).splitlines() if line.strip()]
             print(f"prunekit: error: {lines[0]} {lines[-1]}", file=sys.stderr)
             return 2
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
+        return 0
     summary = {
         k: metrics[k]
         for k in (
