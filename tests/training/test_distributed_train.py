@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import yaml
 
 from prunekit.cli.main import main
-from prunekit.data import BatchIterator, load_dataset
+from prunekit.data import ArrayDataset, BatchIterator, load_dataset
 from prunekit.data.datasets import shard_indices
 from prunekit.distributed import run_workers
 from prunekit.models import build_model
@@ -51,6 +51,18 @@ def _dense_recipe() -> dict:
     }
 
 
+def _structured_recipe() -> dict:
+    """HESSO on a batch-norm ResNet: group-sparse steps on the all-reduced gradients."""
+    return {
+        "model": {"name": "resnet20"},
+        "data": {"name": "mnist", "batch_size": 16},
+        "structured": {"optimizer": "hesso", "target_group_sparsity": 0.5, "start": 0.2},
+        "optimizer": {"name": "sgd", "lr": 0.05},
+        "epochs": 2,
+        "seed": SEED,
+    }
+
+
 @pytest.fixture(scope="module")
 def data():
     return load_dataset("mnist1d", num_samples=400, seed=SEED)
@@ -60,7 +72,7 @@ def _state(model: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _ranks(rank, world_size, data, root):
+def _ranks(rank, world_size, data, images, root):
     """Every train() call of the checks, in one 2-rank process group; returns what each rank saw."""
     import prunekit.training.trainer as trainer
 
@@ -87,6 +99,7 @@ def _ranks(rank, world_size, data, root):
     part = train(sparse, f"{root}/part", stop_after_epoch=1, **quiet)
     resumed = train(sparse, f"{root}/part", **quiet)
     dense_metrics = train(dense, f"{root}/dense", **quiet)
+    train(recipe_from_dict(_structured_recipe()), f"{root}/structured", **{**quiet, "data": images})
     # a NaN loss on rank 1 alone must stop both ranks (alone, rank 1 would leave rank 0 hanging)
     real_loss, calls = trainer.F.cross_entropy, []
 
@@ -117,7 +130,10 @@ def _ranks(rank, world_size, data, root):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, data):
     root = tmp_path_factory.mktemp("ddp")
-    results = run_workers(_ranks, 2, data, str(root))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
+    images = ArrayDataset("mnist", x, y, x[:32], y[:32], 10)
+    results = run_workers(_ranks, 2, data, images, str(root))
     for r in results:
         r["finals"] = torch.load(io.BytesIO(r["finals"]))
     return root, results
@@ -163,7 +179,7 @@ def test_two_ranks_write_the_single_process_files_once(two_ranks, data, tmp_path
     assert metrics["steps"] == EPOCHS * -(-len(data.x_train) // (2 * BATCH))
     assert r0["metrics"][0] == r1["metrics"][0]  # every rank returns rank 0's metrics
     saved = torch.load(root / "full" / "model.pt")
-    for run in ("full", "part", "dense"):
+    for run in ("full", "part", "dense", "structured"):
         a, b = r0["finals"][run], r1["finals"][run]
         for k in a:
             assert torch.equal(a[k], b[k]), (run, k)  # the replicas end bitwise identical
@@ -251,3 +267,14 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(two_ranks):
     _, (r0, r1) = two_ranks
     assert "loss is nan at epoch 1, step 2" in r0["stopped"]
     assert r0["stopped"] == r1["stopped"]
+
+
+def test_structured_two_rank_run_writes_the_slim_model(two_ranks):
+    """HESSO through DDP; batch norm statistics end identical on both ranks (rank 0's)."""
+    root, (r0, r1) = two_ranks
+    metrics = json.loads((root / "structured" / "metrics.json").read_text())
+    assert (root / "structured" / "slim").is_dir() and metrics["world_size"] == 2
+    assert metrics["group_sparsity"] == pytest.approx(0.5, abs=0.05)
+    a, b = r0["finals"]["structured"], r1["finals"]["structured"]
+    assert any("running_mean" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
