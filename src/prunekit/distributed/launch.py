@@ -7,11 +7,13 @@ order. Every rank sets ``torch.set_num_threads(threads)`` first: two torch proce
 all cores slow each other down many times over. A failing rank's traceback is raised in the parent
 as :class:`WorkerError`; no rank is left running.
 
-``fn`` and its arguments must be picklable (a module-level function), as for any spawned process.
+``fn`` and its arguments must be picklable (a module-level function), as for any spawned process;
+its result travels back through ``torch.save`` (tensors, state dicts and plain data all do).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import queue
@@ -39,6 +41,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _dumps(obj: Any) -> bytes:
+    # plain bytes, not a pickled tensor: a queue passes tensors as shared memory owned by the
+    # sending process, which is gone once the rank exits
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _loads(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
 def _worker(
     rank: int,
     world_size: int,
@@ -64,7 +78,7 @@ def _worker(
             out = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, True, out))
+        results.put((rank, True, _dumps(out)))
     except BaseException:  # reported to the parent with its traceback
         results.put((rank, False, traceback.format_exc()))
 
@@ -117,7 +131,7 @@ def run_workers(
                 ) from None
             if not ok:
                 raise WorkerError(f"rank {rank} failed:\n{out}")
-            outs[rank] = out
+            outs[rank] = _loads(out)
     finally:
         for p in procs:
             p.join(timeout=5 if len(outs) == world_size else 0.1)
