@@ -21,7 +21,6 @@ parameters at construction, so masks drawn from a rank's own global RNG would di
 from __future__ import annotations
 
 import functools
-import io
 import warnings
 from typing import Any
 
@@ -223,15 +222,8 @@ def calibration(rank: int | None, world: int) -> list[Tensor]:
 
 
 # ------------------------------------------------------------------------- the worker
-def _worker(rank: int, world: int) -> bytes:
-    """Every case on this rank; the results as ``torch.save`` bytes (hundreds of tensors through
-    the result queue would be shared by file descriptor, which needs the rank still alive)."""
-    buffer = io.BytesIO()
-    torch.save(_run_all(rank, world), buffer)
-    return buffer.getvalue()
-
-
-def _run_all(rank: int, world: int) -> dict[str, Any]:
+def _worker(rank: int, world: int) -> dict[str, Any]:
+    """Every case on this rank (one spawn per world size)."""
     torch.manual_seed(rank)  # a different global RNG on every rank: nothing may depend on it
     out: dict[str, Any] = {"cases": {}, "resume": {}}
     for name in CASES:
@@ -295,7 +287,7 @@ def _check_helpers(rank: int, world: int) -> dict[str, Any]:
 
 @functools.cache
 def results(world: int) -> list[dict[str, Any]]:
-    return [torch.load(io.BytesIO(b), weights_only=False) for b in run_workers(_worker, world)]
+    return run_workers(_worker, world)
 
 
 @functools.cache
