@@ -36,6 +36,7 @@ rank gets reproducible, independent noise per rank.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor
@@ -60,6 +61,7 @@ __all__ = [
 _MANTISSA_BITS = 23
 _MANTISSA_MASK = (1 << _MANTISSA_BITS) - 1
 _MAX_FINITE_EXPONENT = 254
+_SIGN_BIT = -(1 << 31)  # the int32 0x80000000
 NATURAL_BITS = 9
 
 
@@ -87,30 +89,150 @@ def level_bits(levels: int) -> int:
     return math.ceil(math.log2(2 * levels + 1))
 
 
+_GROUP = 8  # values per group: 8 values of b bits fill exactly b bytes
+_MAX_GROUP_BITS = 16  # a group of 8·b <= 128 bits fits two int64 words
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _group_layout(bits: int) -> tuple[list[int], int, int | None]:
+    """Bit offsets ``j·b`` of a group's 8 values; how many lie wholly in bits 0–63; the straddler.
+
+    The values ``j < a`` lie in the low word, ``j = a`` straddles bit 64 when ``a·b < 64``, the
+    rest lie in the high word.
+    """
+    offs = [j * bits for j in range(_GROUP)]
+    a = sum(1 for o in offs if o + bits <= 64)
+    straddle = a if a < _GROUP and offs[a] < 64 else None
+    return offs, a, straddle
+
+
+def _word_bytes(word: Tensor, count: int) -> Tensor:
+    """The ``count`` low bytes (little-endian) of each int64 of ``word``: ``(m, count)`` uint8."""
+    if _LITTLE_ENDIAN:
+        return word.view(torch.uint8).view(-1, 8)[:, :count]
+    shifts = torch.arange(0, 8 * count, 8, dtype=torch.int64, device=word.device)
+    return ((word.unsqueeze(1) >> shifts) & 0xFF).to(torch.uint8)
+
+
+def _pack_groups(groups: Tensor, bits: int, out: Tensor) -> None:
+    """Write ``groups`` (``(m, 8)`` int64 in ``[0, 2**bits)``, ``bits ≤ 16``) to ``out`` (``(m, bits)``).
+
+    The 8 values of a group form one ``8·b``-bit little-endian word, value ``j`` at bit ``j·b``,
+    held in two int64 halves (``lo``: bits 0–63, ``hi``: bits 64–127); the fields do not overlap,
+    so the sum of the shifted values is their bitwise OR (int64 addition wraps like the bits).
+    """
+    offs, a, straddle = _group_layout(bits)
+    shifts = torch.tensor(offs, dtype=torch.int64, device=groups.device)
+    lo = (groups[:, :a] << shifts[:a]).sum(1)
+    if straddle is not None:
+        lo += groups[:, straddle] << offs[straddle]  # its bits past 63 fall off here ...
+    out[:, : min(bits, 8)] = _word_bytes(lo, min(bits, 8))
+    if bits <= 8:
+        return
+    first_hi = a if straddle is None else a + 1
+    hi = (groups[:, first_hi:] << (shifts[first_hi:] - 64)).sum(1)
+    if straddle is not None:
+        hi += groups[:, straddle] >> (64 - offs[straddle])  # ... and land in the high word
+    out[:, 8:] = _word_bytes(hi, bits - 8)
+
+
+def _unpack_groups(words: Tensor, bits: int, out: Tensor) -> None:
+    """Inverse of :func:`_pack_groups`: ``words`` (``(m, 1 or 2)`` int64) → ``out`` (``(m, 8)``)."""
+    offs, a, straddle = _group_layout(bits)
+    shifts = torch.tensor(offs, dtype=torch.int64, device=words.device)
+    mask = (1 << bits) - 1
+    lo = words[:, :1]
+    torch.bitwise_and(lo >> shifts[:a], mask, out=out[:, :a])
+    if a == _GROUP:
+        return
+    hi = words[:, 1:2]
+    first_hi = a
+    if straddle is not None:
+        o = offs[straddle]
+        low_part = (lo[:, 0] >> o) & ((1 << (64 - o)) - 1)  # >> is arithmetic: mask the sign
+        out[:, straddle] = low_part | ((hi[:, 0] << (64 - o)) & mask)
+        first_hi += 1
+    torch.bitwise_and(hi >> (shifts[first_hi:] - 64), mask, out=out[:, first_hi:])
+
+
+def _pack_into(codes: Tensor, bits: int, out: Tensor) -> None:
+    """Pack ``codes`` (int64, a multiple of 8 values, in range) into ``out`` (uint8, ``n·b/8``)."""
+    if bits <= _MAX_GROUP_BITS:
+        _pack_groups(codes.view(-1, _GROUP), bits, out.view(-1, bits))
+        return
+    n = codes.numel()  # wide fields: one byte per bit
+    stream = torch.empty(n * bits, dtype=torch.uint8, device=codes.device)
+    bitmat = stream.view(n, bits)
+    for j in range(bits):  # least significant bit first
+        bitmat[:, j] = ((codes >> j) & 1).to(torch.uint8)
+    grid = stream.view(-1, 8)
+    out.copy_(grid[:, 0])
+    for k in range(1, 8):
+        out |= grid[:, k] << k
+
+
+def _unpack_rows(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Codes of every row of ``packed`` (``(R, ≥ ⌈n·b/8⌉)`` uint8): ``(R, 8·⌈n/8⌉)`` int64.
+
+    Entries past ``n`` in each row are unspecified.
+    """
+    rows = packed.shape[0]
+    groups = -(-n // _GROUP)
+    nbytes = (n * bits + 7) // 8
+    full = (n // _GROUP) * bits  # bytes of the whole groups
+    dev = packed.device
+    if bits <= _MAX_GROUP_BITS:
+        width = 8 if bits <= 8 else 16
+        buf = torch.zeros(rows, groups, width, dtype=torch.uint8, device=dev)
+        buf[:, : n // _GROUP, :bits] = packed[:, :full].view(rows, -1, bits)
+        if nbytes > full:  # the last, partial group
+            buf[:, -1, : nbytes - full] = packed[:, full:nbytes]
+        if not _LITTLE_ENDIAN:  # pragma: no cover - big-endian hosts
+            buf = buf.flip(-1).view(rows, groups, width // 8, 8).flip(-2)
+        words = buf.view(torch.int64).view(rows * groups, width // 8)
+        out = torch.empty(rows * groups, _GROUP, dtype=torch.int64, device=dev)
+        _unpack_groups(words, bits, out)
+        return out.view(rows, groups * _GROUP)
+    grid = torch.empty(rows, groups * bits, 8, dtype=torch.uint8, device=dev)  # wide fields
+    grid[:, nbytes:] = 0
+    for k in range(8):
+        grid[:, :nbytes, k] = (packed[:, :nbytes] >> k) & 1
+    bitmat = grid.view(rows, groups * _GROUP, bits)
+    out = torch.zeros(rows, groups * _GROUP, dtype=torch.int64, device=dev)
+    for j in range(bits):
+        out |= bitmat[:, :, j].to(torch.int64) << j
+    return out
+
+
+def _padded_codes(n: int, device: torch.device) -> Tensor:
+    """An int64 buffer of ``8·⌈n/8⌉`` codes whose tail past ``n`` is 0."""
+    buf = torch.empty(-(-n // _GROUP) * _GROUP, dtype=torch.int64, device=device)
+    buf[n:] = 0
+    return buf
+
+
 def pack_bits(values: Tensor, bits: int) -> Tensor:
     """Pack non-negative integers ``< 2**bits`` into a ``uint8`` tensor, ``bits`` bits each.
 
     Little-endian bit order: bit ``j`` of value ``i`` is bit ``(i·bits + j) mod 8`` of byte
     ``⌊(i·bits + j)/8⌋``. The result has ``⌈len·bits/8⌉`` bytes (the tail of the last byte is 0).
+    Up to 16 bits, each group of 8 values is assembled as one ``8·bits``-bit word in two int64
+    halves (``O(n)``, a few tensor operations on ``n/8`` rows); wider fields go through a bit
+    stream of one byte per bit.
     """
     if not 1 <= bits <= 32:
         raise ValueError(f"bits must be in [1, 32], got {bits}")
-    flat = values.reshape(-1).to(torch.int64)
+    flat = values.reshape(-1)
     n = flat.numel()
     if n and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise ValueError(
             f"values must be integers in [0, 2**{bits}); got [{int(flat.min())}, {int(flat.max())}]"
         )
-    nbytes = (n * bits + 7) // 8
-    stream = torch.zeros(nbytes * 8, dtype=torch.uint8, device=flat.device)  # one bit a byte
-    bitmat = stream[: n * bits].view(n, bits)
-    for j in range(bits):  # least significant bit first
-        bitmat[:, j] = ((flat >> j) & 1).to(torch.uint8)
-    grid = stream.view(nbytes, 8)
-    out = grid[:, 0].clone()
-    for k in range(1, 8):
-        out |= grid[:, k] << k
-    return out
+    codes = _padded_codes(n, flat.device)
+    codes[:n] = flat
+    out = torch.empty(codes.numel() // _GROUP * bits, dtype=torch.uint8, device=flat.device)
+    _pack_into(codes, bits, out)
+    return out[: (n * bits + 7) // 8]
 
 
 def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
@@ -119,18 +241,7 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
         raise ValueError(f"bits must be in [1, 32], got {bits}")
     if packed.numel() * 8 < n * bits:
         raise ValueError(f"{packed.numel()} bytes cannot hold {n} values of {bits} bits")
-    grid = torch.empty(packed.numel(), 8, dtype=torch.uint8, device=packed.device)
-    for k in range(8):
-        grid[:, k] = (packed >> k) & 1
-    bitmat = grid.view(-1)[: n * bits].view(n, bits)
-    out = torch.zeros(n, dtype=torch.int64, device=packed.device)
-    for j in range(bits):
-        out |= bitmat[:, j].to(torch.int64) << j
-    return out
-
-
-def _bytes_of(t: Tensor) -> Tensor:
-    return t.contiguous().view(torch.uint8)
+    return _unpack_rows(packed.reshape(1, -1), bits, n)[0, :n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +249,7 @@ def _bytes_of(t: Tensor) -> Tensor:
 
 
 def _chunks(v: Tensor, bucket_size: int) -> Tensor:
+    """``v`` as float32 rows of ``bucket_size`` (a view when no padding is needed)."""
     n = v.numel()
     padded = -(-n // bucket_size) * bucket_size
     flat = v.reshape(-1).to(torch.float32)
@@ -151,40 +263,70 @@ def qsgd_norms(v: Tensor, bucket_size: int) -> Tensor:
     return torch.linalg.vector_norm(_chunks(v, bucket_size), dim=1)
 
 
+def _qsgd_levels(
+    v: Tensor,
+    levels: int,
+    bucket_size: int,
+    generator: torch.Generator | None,
+    norms: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """``(norms, ℓ)`` with the levels as float32 chunk rows (padding rows hold level 0)."""
+    c = _chunks(v, bucket_size)
+    own = torch.linalg.vector_norm(c, dim=1)
+    if not bool(torch.isfinite(own.sum())):  # NaN/Inf entries, or a norm overflowing float32
+        _check_finite(v, "QSGD")
+    if norms is None:
+        norms = own
+    scale = levels / torch.where(norms > 0, norms, torch.ones_like(norms))
+    r = (c.abs() * scale.unsqueeze(1)).clamp_(max=levels)  # r_i = s|v_i|/‖v‖ ∈ [0, s]
+    low = r.floor()
+    frac = r.sub_(low)  # r − ⌊r⌋, exact in float32
+    u = torch.rand(frac.shape, generator=generator, device=frac.device, dtype=frac.dtype)
+    mag = low.add_(u < frac)  # ⌊r⌋ + Bernoulli(r − ⌊r⌋), at most s
+    return norms, mag.copysign_(c)
+
+
 def qsgd_quantize(
     v: Tensor,
     levels: int,
     bucket_size: int,
     generator: torch.Generator | None,
     norms: Tensor | None = None,
+    dtype: torch.dtype = torch.int64,
 ) -> tuple[Tensor, Tensor]:
-    """QSGD levels of ``v``: ``(norms, ℓ)`` with ``ℓ`` int64 in ``[−s, s]``, ``len(ℓ) = v.numel()``.
+    """QSGD levels of ``v``: ``(norms, ℓ)`` with ``ℓ`` in ``[−s, s]``, ``len(ℓ) = v.numel()``.
 
-    ``norms`` (one per chunk) overrides the chunk norms: any scale ``N ≥ ‖v‖`` keeps the code
-    unbiased (``r_i = s|v_i|/N ≤ s``); the shared-scale all-reduce passes the maximum over ranks.
+    ``ℓ`` has ``dtype`` (int64 by default). ``norms`` (one per chunk) overrides the chunk norms:
+    any scale ``N ≥ ‖v‖`` keeps the code unbiased (``r_i = s|v_i|/N ≤ s``); the shared-scale
+    all-reduce passes the maximum over ranks.
     """
-    _check_finite(v, "QSGD")
-    n = v.numel()
-    c = _chunks(v, bucket_size)
-    if norms is None:
-        norms = torch.linalg.vector_norm(c, dim=1)
-    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    r = (c.abs() * levels / safe.unsqueeze(1)).clamp_(max=levels)
-    low = r.floor()
-    u = torch.rand(r.shape, generator=generator, device=r.device, dtype=r.dtype)
-    mag = (low + (u < r - low).to(r.dtype)).clamp_(max=levels)
-    lv = (mag * c.sign()).to(torch.int64).reshape(-1)[:n]
-    return norms, lv
+    norms, lv = _qsgd_levels(v, levels, bucket_size, generator, norms)
+    return norms, lv.view(-1)[: v.numel()].to(dtype)
+
+
+def _dequantize_rows(norms: Tensor, lv: Tensor, levels: int, d: int, n: int) -> Tensor:
+    """``lv`` (float32 ``(R, ≥ C·d)`` rows, modified) times ``‖v‖/s`` per chunk: ``(R, n)``."""
+    rows, chunks = norms.shape
+    scale = norms.to(torch.float32) / levels
+    values = lv[:, : chunks * d].view(rows, chunks, d).mul_(scale.unsqueeze(2))
+    return values.view(rows, chunks * d)[:, :n]
+
+
+def _float_rows(codes: Tensor, n: int, width: int, offset: int) -> Tensor:
+    """``codes[:, :n] − offset`` as float32 rows of ``max(width, codes.shape[1])`` (tail 0)."""
+    rows, have = codes.shape
+    out = torch.empty(rows, max(width, have), dtype=torch.float32, device=codes.device)
+    out[:, :n] = codes[:, :n]
+    out[:, n:] = offset
+    return out.sub_(offset)
 
 
 def qsgd_dequantize(norms: Tensor, lv: Tensor, levels: int, bucket_size: int) -> Tensor:
     """``Q(v)_i = ‖v‖·ℓ_i/s`` (float32, ``len(ℓ)`` entries)."""
     n = lv.numel()
-    padded = -(-n // bucket_size) * bucket_size
-    full = torch.zeros(padded, dtype=torch.float32, device=lv.device)
-    full[:n] = lv.to(torch.float32)
-    scale = norms.to(torch.float32) / levels
-    return (full.view(-1, bucket_size) * scale.unsqueeze(1)).reshape(-1)[:n]
+    chunks = -(-n // bucket_size)
+    full = _float_rows(lv.reshape(1, -1), n, chunks * bucket_size, 0)
+    return _dequantize_rows(norms.reshape(1, -1), full, levels, bucket_size, n)[0]
 
 
 def qsgd_payload_bytes(n: int, levels: int, bucket_size: int) -> int:
@@ -196,47 +338,55 @@ def qsgd_encode(
     v: Tensor, levels: int, bucket_size: int, generator: torch.Generator | None
 ) -> Tensor:
     """QSGD payload of ``v`` as ``uint8``: float32 chunk norms, then the levels ``ℓ + s`` packed."""
-    norms, lv = qsgd_quantize(v, levels, bucket_size, generator)
-    packed = pack_bits(lv + levels, level_bits(levels))
-    return torch.cat([_bytes_of(norms.to(torch.float32)), packed])
+    n = v.numel()
+    bits = level_bits(levels)
+    norms, lv = _qsgd_levels(v, levels, bucket_size, generator, None)
+    codes = _padded_codes(n, v.device)
+    codes[:n] = lv.view(-1)[:n].add_(levels)  # exact small integers in float32
+    head = 4 * norms.numel()
+    payload = torch.empty(head + codes.numel() // _GROUP * bits, dtype=torch.uint8, device=v.device)
+    payload[:head] = _bytes_of(norms.to(torch.float32))
+    _pack_into(codes, bits, payload[head:])
+    return payload[: head + (n * bits + 7) // 8]
 
 
 def qsgd_decode(payload: Tensor, n: int, levels: int, bucket_size: int) -> Tensor:
-    """Values (float32, ``n`` entries) of a :func:`qsgd_encode` payload."""
-    n_chunks = -(-n // bucket_size)
-    norms = payload[: 4 * n_chunks].clone().view(torch.float32)  # aligned copy
-    lv = unpack_bits(payload[4 * n_chunks :], level_bits(levels), n) - levels
-    return qsgd_dequantize(norms, lv, levels, bucket_size)
+    """Values (float32) of a :func:`qsgd_encode` payload: ``(n,)``, or ``(R, n)`` for a stack
+    of ``R`` payloads (``(R, P)``, decoded in one pass)."""
+    rows = payload.reshape(-1, payload.shape[-1])
+    chunks = -(-n // bucket_size)
+    head = torch.empty(rows.shape[0], 4 * chunks, dtype=torch.uint8, device=payload.device)
+    norms = head.copy_(rows[:, : 4 * chunks]).view(torch.float32)  # an aligned copy
+    codes = _unpack_rows(rows[:, 4 * chunks :], level_bits(levels), n)
+    lv = _float_rows(codes, n, chunks * bucket_size, levels)
+    out = _dequantize_rows(norms, lv, levels, bucket_size, n)
+    return out[0] if payload.dim() == 1 else out
 
 
 # ---------------------------------------------------------------------------------------------
 # natural compression
 
 
-def _natural_fields(x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """(sign bit, rounded exponent field) of every entry of ``x`` (both int64)."""
-    _check_finite(x, "natural compression")
-    bits = x.reshape(-1).to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    sign = (bits >> 31) & 1
+def _natural_words(x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(sign word ``bits & 2³¹``, rounded exponent field) of every entry of ``x`` (int32).
+
+    The up-move is ``draw < m`` for a uniform 23-bit ``draw`` (the low 23 bits of a uniform
+    draw in ``[0, 2³¹)``): ``P(up) = m/2²³`` exactly, also for subnormals (``E = 0``).
+    """
+    bits = x.reshape(-1).to(torch.float32).contiguous().view(torch.int32)
     exponent = (bits >> _MANTISSA_BITS) & 0xFF
-    mantissa = bits & _MANTISSA_MASK
-    draw = torch.randint(
-        0, 1 << _MANTISSA_BITS, mantissa.shape, generator=generator, device=x.device
-    )
-    up = (draw < mantissa).to(torch.int64)  # P(up) = m / 2^23, also for subnormals (E = 0)
-    exponent = (exponent + up).clamp_(max=_MAX_FINITE_EXPONENT)  # saturate at 2^127
-    return sign, exponent
-
-
-def _natural_values(sign: Tensor, exponent: Tensor) -> Tensor:
-    word = (exponent << _MANTISSA_BITS) - (sign << 31)  # the int32 whose bits are the float32
-    return word.to(torch.int32).view(torch.float32)
+    if bits.numel() and int(exponent.max()) == 0xFF:  # NaN or ±Inf
+        _check_finite(x, "natural compression")
+    draw = torch.empty_like(bits).random_(generator=generator).bitwise_and_(_MANTISSA_MASK)
+    up = draw < (bits & _MANTISSA_MASK)
+    exponent = exponent.add_(up).clamp_(max=_MAX_FINITE_EXPONENT)  # saturate at 2^127
+    return bits & _SIGN_BIT, exponent
 
 
 def natural_round(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """``C(x)``: every entry stochastically rounded to a neighbouring power of two (float32)."""
-    sign, exponent = _natural_fields(x, generator)
-    return _natural_values(sign, exponent).view(x.shape)
+    sign, exponent = _natural_words(x, generator)
+    return (sign | (exponent << _MANTISSA_BITS)).view(torch.float32).view(x.shape)
 
 
 def natural_payload_bytes(n: int) -> int:
@@ -246,11 +396,24 @@ def natural_payload_bytes(n: int) -> int:
 
 def natural_encode(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Natural-compression payload of ``x``: 9-bit codes ``sign·2⁸ + exponent``, packed."""
-    sign, exponent = _natural_fields(x, generator)
-    return pack_bits((sign << 8) | exponent, NATURAL_BITS)
+    n = x.numel()
+    sign, exponent = _natural_words(x, generator)
+    codes = _padded_codes(n, x.device)
+    codes[:n] = (sign >> (31 - 8)) & 0x100 | exponent  # >> is arithmetic: mask the sign run
+    out = torch.empty(codes.numel() // _GROUP * NATURAL_BITS, dtype=torch.uint8, device=x.device)
+    _pack_into(codes, NATURAL_BITS, out)
+    return out[: natural_payload_bytes(n)]
 
 
 def natural_decode(payload: Tensor, n: int) -> Tensor:
-    """Values (float32, ``n`` entries) of a :func:`natural_encode` payload."""
-    codes = unpack_bits(payload, NATURAL_BITS, n)
-    return _natural_values(codes >> 8, codes & 0xFF)
+    """Values (float32) of a :func:`natural_encode` payload: ``(n,)``, or ``(R, n)`` for a stack
+    of ``R`` payloads (``(R, P)``, decoded in one pass)."""
+    rows = payload.reshape(-1, payload.shape[-1])
+    codes = _unpack_rows(rows, NATURAL_BITS, n).to(torch.int32)
+    # a 9-bit code shifted by 23 is the float32 word: sign at bit 31, E at bits 23–30, mantissa 0
+    out = codes.bitwise_left_shift_(_MANTISSA_BITS).view(torch.float32)[:, :n]  # E = 0 → ±0
+    return out[0] if payload.dim() == 1 else out
+
+
+def _bytes_of(t: Tensor) -> Tensor:
+    return t.contiguous().view(torch.uint8)

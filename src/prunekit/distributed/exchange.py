@@ -65,6 +65,8 @@ Future = torch.futures.Future
 class Codec:
     """A wire format: ``encode(v, generator) -> uint8``, ``decode(payload, n) -> float32``.
 
+    ``decode`` also takes a stack of payloads (``(R, P)``) and returns ``(R, n)``.
+
     ``align``: slices for ``reduce_scatter`` are multiples of this many values (QSGD's chunk).
     ``levels``: QSGD's ``s`` when the codec supports the shared-scale all-reduce, else ``None``.
     """
@@ -161,9 +163,11 @@ def select_mode(codec: Codec, world_size: int, mode: str = "auto") -> str:
 
 
 def _decode_sum(codec: Codec, parts: Tensor, n: int) -> Tensor:
-    total = codec.decode(parts[0], n).clone()
+    """Decode the ``W`` stacked payloads in one call, then sum them in rank order."""
+    values = codec.decode(parts, n)
+    total = values[0].clone()
     for r in range(1, parts.shape[0]):
-        total += codec.decode(parts[r], n)
+        total += values[r]
     return total
 
 
@@ -205,13 +209,14 @@ def allreduce_qsgd_mean(
     norms = codecs.qsgd_norms(buffer, bucket_size)
     traffic.all_reduce(norms, w)
     dist.all_reduce(norms, op=dist.ReduceOp.MAX, group=group)
-    _, lv = codecs.qsgd_quantize(buffer, levels, bucket_size, generator, norms=norms)
-    lv8 = lv.to(torch.int8)
+    _, lv8 = codecs.qsgd_quantize(
+        buffer, levels, bucket_size, generator, norms=norms, dtype=torch.int8
+    )
     traffic.all_reduce(lv8, w)
     fut = dist.all_reduce(lv8, group=group, async_op=True).get_future()
 
     def done(_: Future[Any]) -> Tensor:
-        mean = codecs.qsgd_dequantize(norms, lv8.to(torch.int64), levels, bucket_size).div_(w)
+        mean = codecs.qsgd_dequantize(norms, lv8, levels, bucket_size).div_(w)
         return buffer.copy_(mean)
 
     return fut.then(done)
@@ -242,7 +247,7 @@ def reduce_scatter_mean(
 
     def done(_: Future[Any]) -> Tensor:
         parts = out.view(w, -1)
-        full = torch.cat([codec.decode(parts[r], length) for r in range(w)])
+        full = codec.decode(parts, length).reshape(-1)  # the slices in rank order
         return buffer.copy_(full[:n].div_(w).view_as(buffer))
 
     return fut.then(done)
