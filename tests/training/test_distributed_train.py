@@ -24,6 +24,7 @@ from prunekit.training import NonFiniteLossError, recipe_from_dict, train
 
 SEED, BATCH, LR, EPOCHS = 1, 16, 0.05, 2
 DATA = {"name": "mnist1d", "num_samples": 400, "batch_size": BATCH}
+TOPK = {"method": "topk", "ratio": 0.1}
 
 
 def _sparse_recipe() -> dict:
@@ -99,6 +100,11 @@ def _ranks(rank, world_size, data, images, root):
     part = train(sparse, f"{root}/part", stop_after_epoch=1, **quiet)
     resumed = train(sparse, f"{root}/part", **quiet)
     dense_metrics = train(dense, f"{root}/dense", **quiet)
+    # top-k with error feedback: each rank's residual must survive the interruption
+    topk = recipe_from_dict({**_dense_recipe(), "communication": TOPK})
+    topk_full = train(topk, f"{root}/topk_full", **quiet)
+    train(topk, f"{root}/topk_part", stop_after_epoch=1, **quiet)
+    topk_resumed = train(topk, f"{root}/topk_part", **quiet)
     train(recipe_from_dict(_structured_recipe()), f"{root}/structured", **{**quiet, "data": images})
     # a NaN loss on rank 1 alone must stop both ranks (alone, rank 1 would leave rank 0 hanging)
     real_loss, calls = trainer.F.cross_entropy, []
@@ -123,6 +129,7 @@ def _ranks(rank, world_size, data, images, root):
         "writes": writes,
         "finals": buffer.getvalue(),
         "metrics": (full, part, resumed, dense_metrics),
+        "topk": (topk_full, topk_resumed),
         "stopped": stopped,
     }
 
@@ -198,6 +205,24 @@ def test_interrupted_two_rank_run_resumes_bitwise(two_ranks):
             assert torch.equal(v, rank["finals"]["part"][k]), k
     a, b = torch.load(root / "full" / "model.pt"), torch.load(root / "part" / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compressed_run_records_its_traffic_and_resumes_with_each_ranks_residual(two_ranks):
+    """The recipe's ``communication`` section compresses the exchange; the checkpoint keeps every
+    rank's own top-k residual, so an interrupted run resumes to the uninterrupted one bitwise."""
+    root, (r0, r1) = two_ranks
+    full, resumed = r0["topk"]
+    comm = full["communication"]
+    assert comm["method"] == "topk" and comm["mode"] == "allgather"
+    # fp32 ring all-reduce at W=2 sends 4 bytes per value; top-k 10% sends 8 bytes (int32 index
+    # + float32 value) per kept value to the one other rank: 4 / (0.1 * 8) = 5x
+    assert comm["ratio"] == pytest.approx(5.0, rel=0.02)
+    assert resumed["history"] == full["history"]
+    for rank in (r0, r1):
+        for k, v in rank["finals"]["topk_full"].items():
+            assert torch.equal(v, rank["finals"]["topk_part"][k]), k
+    saved = torch.load(root / "topk_part" / "checkpoint.pt", weights_only=False)["communication"]
+    assert len(saved) == 2  # one state per rank
 
 
 def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(two_ranks, data):

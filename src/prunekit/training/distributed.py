@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from prunekit.config import ConfigError
+from prunekit.distributed.compress import compress_gradients
+from prunekit.distributed.hooks import CommState
 from prunekit.training.guards import check_out_dir, resolve_device
 from prunekit.training.recipe import Recipe
 
@@ -36,8 +38,11 @@ __all__ = [
     "TORCHRUN_VARIABLES",
     "Ranks",
     "agree",
+    "attach_communication",
     "barrier",
     "broadcast_object",
+    "communication_metrics",
+    "gather_object",
     "join_process_group",
     "launch_train",
     "leave_process_group",
@@ -199,6 +204,53 @@ def sync_buffers(model: nn.Module, ranks: Ranks) -> None:
     if ranks.distributed:
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
+
+
+def attach_communication(
+    net: nn.Module, section: dict[str, Any] | None, ranks: Ranks
+) -> CommState | None:
+    """Register the recipe's gradient compression on the DDP model (``None`` when there is none).
+
+    A single process exchanges nothing, so the section is then ignored with a warning.
+    """
+    if section is None:
+        return None
+    if not isinstance(net, DistributedDataParallel):
+        logger.warning(
+            "communication.method %s ignored: a single process exchanges no gradients",
+            section.get("method"),
+        )
+        return None
+    config = {k: v for k, v in section.items() if k != "method"}
+    state = compress_gradients(net, str(section["method"]), **config)
+    if ranks.is_main:
+        logger.info("gradient exchange: %s, summed by %s", section["method"], state.mode)
+    return state
+
+
+def communication_metrics(state: CommState, ranks: Ranks) -> dict[str, Any]:
+    """What the gradient exchange cost, for ``metrics.json``: bytes every rank sent (summed over
+    ranks), what fp32 ring all-reduce would have sent, their ratio and the summation mode."""
+    sent = sum(gather_object(float(state.bytes_sent), ranks))
+    dense = sum(gather_object(float(state.bytes_dense), ranks))
+    return {
+        "communication": {
+            "method": state.method,
+            "mode": state.mode,
+            "bytes_sent": sent,
+            "bytes_dense": dense,
+            "ratio": dense / sent if sent > 0 else None,
+        }
+    }
+
+
+def gather_object(obj: Any, ranks: Ranks) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` for a single process)."""
+    if not ranks.distributed:
+        return [obj]
+    values: list[Any] = [None] * ranks.world_size
+    dist.all_gather_object(values, obj)
+    return values
 
 
 def barrier(ranks: Ranks) -> None:

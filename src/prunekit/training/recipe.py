@@ -5,6 +5,7 @@ Example::
     model: {name: lenet300_100}
     data: {name: mnist, batch_size: 128}
     pruning: {method: dpf, sparsity: 0.98}      # omit for dense training
+    communication: {method: qsgd, levels: 16}   # data-parallel runs: compressed gradients
     optimizer: {name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 0.0001}
     lr_schedule: {name: cosine}
     epochs: 20
@@ -204,6 +205,9 @@ class Recipe:
     data: DataSpec = field(default_factory=DataSpec)
     pruning: dict[str, Any] | None = None
     structured: StructuredSpec | None = None
+    #: data-parallel runs: the gradient compression (a codec of ``prunekit.distributed``) and its
+    #: config, e.g. ``{method: qsgd, levels: 16}``; ignored (with a warning) by a single process
+    communication: dict[str, Any] | None = None
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     lr_schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     epochs: int = 10
@@ -215,6 +219,8 @@ class Recipe:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.pruning is not None:
             validate_pruning(self.pruning)
+        if self.communication is not None:
+            validate_communication(self.communication)
         if self.pruning is not None and self.structured is not None:
             raise ConfigError(
                 "a recipe has either 'pruning' (sparse training) or 'structured' (OTO), not both"
@@ -261,12 +267,32 @@ def validate_pruning(section: dict[str, Any], total_steps: int = 1_000_000) -> N
     from_dict(cls.config_class, {**fields, "total_steps": total_steps}, where="pruning")
 
 
+def validate_communication(section: dict[str, Any]) -> None:
+    """Check a ``communication`` section against its codec's config class."""
+    from prunekit.distributed.compress import get_codec
+
+    if not isinstance(section, dict) or "method" not in section:
+        raise ConfigError("communication needs a 'method' key (e.g. communication: {method: qsgd})")
+    try:
+        entry = get_codec(str(section["method"]))
+    except ConfigError as exc:
+        raise ConfigError(f"communication.method: {exc}") from None
+    valid = [f.name for f in dataclasses.fields(entry.config_class)] + ["method"]
+    check_keys(section, valid, f"communication (method {section['method']})")
+    fields = {k: v for k, v in section.items() if k != "method"}
+    from_dict(entry.config_class, fields, where="communication")
+
+
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Build a :class:`Recipe` strictly from plain data."""
     if not isinstance(data, dict):
         raise ConfigError(f"a recipe must be a mapping, got {type(data).__name__}")
     data = copy.deepcopy(data)
-    check_keys(data, [*_SECTIONS, "pruning", "structured", "epochs", "seed", "name"], "recipe")
+    check_keys(
+        data,
+        [*_SECTIONS, "pruning", "structured", "communication", "epochs", "seed", "name"],
+        "recipe",
+    )
     if "model" not in data:
         raise ConfigError("recipe needs a 'model' section (e.g. model: {name: lenet300_100})")
     for key, cls in _SECTIONS.items():

@@ -48,8 +48,11 @@ from prunekit.training.checkpoint import (
 from prunekit.training.distributed import (
     Ranks,
     agree,
+    attach_communication,
     barrier,
     broadcast_object,
+    communication_metrics,
+    gather_object,
     join_process_group,
     leave_process_group,
     mean_across,
@@ -240,6 +243,7 @@ def _train(
 
     start_epoch, step, history, wall = 0, 0, [], 0.0
     reference_loss: float | None = None  # the first batch's loss: the divergence scale
+    saved_comm: list[dict[str, Any]] | None = None
     ckpt_path = out / CHECKPOINT_NAME
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
@@ -264,9 +268,13 @@ def _train(
             ckpt["wall_seconds"],
         )
         reference_loss = ckpt.get("reference_loss")
+        saved_comm = ckpt.get("communication")
         logger.info("resumed from %s at epoch %d (step %d)", ckpt_path, start_epoch, step)
     agree(step, "the checkpoint step to resume from", ranks)
     net = wrap_model(model, dev, ranks)  # after sparsify and resume: DDP sees masks and weights
+    comm = attach_communication(net, recipe.communication, ranks)
+    if comm is not None and saved_comm is not None:  # each rank's own residuals and RNG
+        comm.load_state_dict(saved_comm[ranks.rank])
     if ranks.distributed and ranks.is_main:
         b, w = recipe.data.batch_size, ranks.world_size
         logger.info("data parallel: %d ranks x batch %d = global batch %d", w, b, w * b)
@@ -364,6 +372,8 @@ def _train(
             acc,
             sparsity,
         )
+        # every rank's compression state (top-k residuals, RNG): gathered, so rank 0 saves them all
+        comm_states = None if comm is None else gather_object(comm.state_dict(), ranks)
         if ranks.is_main:
             save_checkpoint(
                 {
@@ -377,6 +387,7 @@ def _train(
                     "history": history,
                     "wall_seconds": wall,
                     "reference_loss": reference_loss,
+                    "communication": comm_states,
                 },
                 ckpt_path,
             )
@@ -396,7 +407,10 @@ def _train(
         if recipe.structured is not None and ranks.is_main
         else {}
     )
-    return _finish(recipe, model, pruner, data, history, wall, out, dev, structured, ranks)
+    communication = {} if comm is None else communication_metrics(comm, ranks)
+    return _finish(
+        recipe, model, pruner, data, history, wall, out, dev, structured, ranks, communication
+    )
 
 
 def _finish(
@@ -410,10 +424,11 @@ def _finish(
     device: torch.device,
     structured: dict[str, Any],
     ranks: Ranks,
+    communication: dict[str, Any],
 ) -> dict[str, Any]:
     """Finalize the pruner (every rank, so the replicas end identical), then on rank 0 alone
     evaluate, write every output file and return the metrics, which the other ranks receive."""
-    extra: dict[str, Any] = dict(structured)
+    extra: dict[str, Any] = {**structured, **communication}
     # before finalize: e.g. AC/DC's dense model of the pair (a file: rank 0 alone)
     if pruner is not None and ranks.is_main:
         extra.update(
