@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -21,7 +23,7 @@ def test_valid_recipe():
     [
         (
             {"epochs": 2, "epoch": 3},
-            "unknown key 'epoch' in recipe; valid keys: data, epochs, lr_schedule",
+            "unknown key 'epoch' in recipe; valid keys: communication, data, epochs, lr_schedule",
         ),
         (
             {"optimizer": {"name": "sgd", "learning_rate": 0.1}},
@@ -193,3 +195,25 @@ def test_hspg_recipe_is_lambda_driven_unless_a_cap_is_given():
     capped = optimizer({"optimizer": "hspg", "target_group_sparsity": 0.3})
     assert capped.capped and capped.target == 0.3
     assert optimizer({"optimizer": "hesso"}).target == 0.5  # DHSPG/HESSO still default to 0.5
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"levels": 4}, "communication needs a 'method' key"),
+        ({"method": "zip"}, "unknown gradient compression method 'zip'; available: natural, none"),
+        ({"method": "qsgd", "level": 4}, "unknown key 'level' in communication (method qsgd)"),
+        ({"method": "qsgd", "levels": 0}, "levels"),
+    ],
+)
+def test_invalid_communication_sections_name_the_problem(section, message):
+    data = {"model": {"name": "lenet300_100"}, "communication": section}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        recipe_from_dict(data)
+
+
+def test_communication_section_round_trips():
+    data = {"model": {"name": "lenet300_100"}, "communication": {"method": "qsgd", "levels": 8}}
+    recipe = recipe_from_dict(data)
+    assert recipe.communication == {"method": "qsgd", "levels": 8}
+    assert recipe_from_dict(recipe.to_dict()).communication == recipe.communication
