@@ -5,7 +5,8 @@ norm learned for the dense weights no longer match; CrAM (Peste et al., ICLR 202
 accuracies after re-estimating them on a few training batches. :func:`recalibrate_batchnorm_` resets
 the statistics and recomputes them as the plain average over the given batches (``momentum=None``),
 with gradients off and the model's modes and momenta restored afterwards. In data-parallel
-training, :func:`all_reduce_batchnorm_` then combines the statistics of every rank's batches.
+training, :func:`prunekit.distributed.sync.all_reduce_batchnorm_` then combines the statistics of
+every rank's batches.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-
-from prunekit.distributed.sync import is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -84,43 +82,3 @@ def recalibrate_batchnorm_(
             module.train(training)
     logger.info("re-estimated %d batch-norm layers on %d batches", len(norms), used)
     return used
-
-
-@torch.no_grad()
-def all_reduce_batchnorm_(model: nn.Module, batches_used: int, group: Any = None) -> int:
-    """Combine the statistics that :func:`recalibrate_batchnorm_` estimated on each rank's own
-    batches into those of all ranks' batches (data-parallel training); a no-op without a process
-    group. A collective: every rank must call it.
-
-    With ``momentum=None`` a rank that used ``n_r`` batches holds ``μ_r = (1/n_r) Σ_b μ_b`` (and
-    likewise the variances), so the statistics of all ``N = Σ_r n_r`` batches are
-    ``μ = Σ_r n_r μ_r / N``: the same as recalibrating one process on every rank's batches.
-
-    Args:
-        model: the model whose batch-norm layers were recalibrated (identical on every rank).
-        batches_used: ``n_r``, what :func:`recalibrate_batchnorm_` returned on this rank.
-        group: the process group (default: the world).
-
-    Returns:
-        ``N``, the number of batches over all ranks (``batches_used`` without a process group).
-    """
-    norms = [m for _, m in tracked_batchnorms(model)]
-    if not norms or not is_distributed(group):
-        return batches_used
-    device = norms[0].running_mean.device  # type: ignore[union-attr]
-    count = torch.tensor([float(batches_used)], device=device)
-    dist.all_reduce(count, group=group)
-    total = int(count.item())
-    if total == 0:
-        return 0
-    for m in norms:
-        for stat in (m.running_mean, m.running_var):
-            if stat is None:
-                continue
-            stat.mul_(batches_used)
-            dist.all_reduce(stat, group=group)
-            stat.div_(total)
-        if m.num_batches_tracked is not None:
-            m.num_batches_tracked.fill_(total)
-    logger.info("averaged %d batch-norm layers over %d batches on all ranks", len(norms), total)
-    return total

@@ -22,6 +22,7 @@ from prunekit.distributed.hooks import (
 )
 from prunekit.distributed.launch import WorkerError, free_port, run_workers
 from prunekit.distributed.sync import (
+    all_reduce_batchnorm_,
     all_reduce_mean_,
     broadcast_module_,
     broadcast_tensors_,
@@ -45,6 +46,7 @@ __all__ = [
     "TopKConfig",
     "TopKState",
     "WorkerError",
+    "all_reduce_batchnorm_",
     "all_reduce_mean_",
     "available_codecs",
     "broadcast_module_",

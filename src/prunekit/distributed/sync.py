@@ -22,6 +22,7 @@ call them unconditionally.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,7 +30,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from prunekit.core.batchnorm import tracked_batchnorms
+
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "all_reduce_batchnorm_",
     "all_reduce_mean_",
     "broadcast_module_",
     "broadcast_tensors_",
@@ -128,3 +134,43 @@ def replicas_identical(module: nn.Module, group: Any = None) -> list[str]:
     named: dict[str, Tensor] = dict(module.named_parameters())
     named.update(dict(module.named_buffers()))
     return differing_names(named, group=group)
+
+
+@torch.no_grad()
+def all_reduce_batchnorm_(model: nn.Module, batches_used: int, group: Any = None) -> int:
+    """Combine the statistics that :func:`recalibrate_batchnorm_` estimated on each rank's own
+    batches into those of all ranks' batches (data-parallel training); a no-op without a process
+    group. A collective: every rank must call it.
+
+    With ``momentum=None`` a rank that used ``n_r`` batches holds ``μ_r = (1/n_r) Σ_b μ_b`` (and
+    likewise the variances), so the statistics of all ``N = Σ_r n_r`` batches are
+    ``μ = Σ_r n_r μ_r / N``: the same as recalibrating one process on every rank's batches.
+
+    Args:
+        model: the model whose batch-norm layers were recalibrated (identical on every rank).
+        batches_used: ``n_r``, what :func:`recalibrate_batchnorm_` returned on this rank.
+        group: the process group (default: the world).
+
+    Returns:
+        ``N``, the number of batches over all ranks (``batches_used`` without a process group).
+    """
+    norms = [m for _, m in tracked_batchnorms(model)]
+    if not norms or not is_distributed(group):
+        return batches_used
+    device = norms[0].running_mean.device  # type: ignore[union-attr]
+    count = torch.tensor([float(batches_used)], device=device)
+    dist.all_reduce(count, group=group)
+    total = int(count.item())
+    if total == 0:
+        return 0
+    for m in norms:
+        for stat in (m.running_mean, m.running_var):
+            if stat is None:
+                continue
+            stat.mul_(batches_used)
+            dist.all_reduce(stat, group=group)
+            stat.div_(total)
+        if m.num_batches_tracked is not None:
+            m.num_batches_tracked.fill_(total)
+    logger.info("averaged %d batch-norm layers over %d batches on all ranks", len(norms), total)
+    return total
