@@ -62,6 +62,7 @@ _MANTISSA_BITS = 23
 _MANTISSA_MASK = (1 << _MANTISSA_BITS) - 1
 _MAX_FINITE_EXPONENT = 254
 _SIGN_BIT = -(1 << 31)  # the int32 0x80000000
+_UNIFORM_SCALE = 1 << 24  # QSGD's uniform draws: k/2²⁴, as torch.rand's float32 grid
 NATURAL_BITS = 9
 
 
@@ -280,9 +281,10 @@ def _qsgd_levels(
     scale = levels / torch.where(norms > 0, norms, torch.ones_like(norms))
     r = (c.abs() * scale.unsqueeze(1)).clamp_(max=levels)  # r_i = s|v_i|/‖v‖ ∈ [0, s]
     low = r.floor()
-    frac = r.sub_(low)  # r − ⌊r⌋, exact in float32
-    u = torch.rand(frac.shape, generator=generator, device=frac.device, dtype=frac.dtype)
-    mag = low.add_(u < frac)  # ⌊r⌋ + Bernoulli(r − ⌊r⌋), at most s
+    frac = r.sub_(low).mul_(_UNIFORM_SCALE)  # 2²⁴(r − ⌊r⌋), exact in float32
+    k = torch.empty(frac.shape, dtype=torch.int32, device=frac.device)
+    k.random_(generator=generator).bitwise_and_(_UNIFORM_SCALE - 1)  # uniform in [0, 2²⁴)
+    mag = low.add_(k < frac)  # ⌊r⌋ + Bernoulli(⌈2²⁴(r − ⌊r⌋)⌉/2²⁴), at most s
     return norms, mag.copysign_(c)
 
 
