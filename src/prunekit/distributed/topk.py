@@ -142,12 +142,11 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> Future[Tensor]:
             acc[off : off + size] += residual.to(acc.device).reshape(-1)
     k = min(n, max(1, math.ceil(state.config.ratio * n)))
     idx = acc.abs().topk(k, sorted=False).indices
-    values = acc[idx]
+    values = acc[idx]  # a copy: acc becomes the residual in place
     if views:
-        rest = acc.clone()
-        rest[idx] = 0
+        acc[idx] = 0
         for p, off, size in views:
-            state.residuals[state.name_of(p)] = rest[off : off + size].view(p.shape).clone()
+            state.residuals[state.name_of(p)] = acc[off : off + size].view(p.shape)  # views
     message = torch.cat([idx.to(torch.int32), values.view(torch.int32)])
     out = message.new_empty(w * message.numel())
     state.traffic.all_gather(message, w)
