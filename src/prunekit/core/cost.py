@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunekit.core.forward import eval_mode, example_args
 from prunekit.core.targets import DEFAULT_TYPES
 
 
@@ -39,7 +40,7 @@ def module_macs(
     """``module name → (MACs, weight elements)`` of every convolution and linear layer called in one
     forward pass (a module called twice adds up). ``MACs / weight elements`` is what each weight
     costs, which structured pruning uses to price a group of weight slices."""
-    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    inputs = example_args(example_inputs)
     out: dict[str, tuple[int, int]] = {}
     names = {m: n for n, m in model.named_modules()}
 
@@ -57,13 +58,10 @@ def module_macs(
     handles = [
         m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DEFAULT_TYPES)
     ]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        model(*inputs)
+        with eval_mode(model):
+            model(*inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return out
