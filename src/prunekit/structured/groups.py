@@ -27,6 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.fx.proxy import TraceError
 
 from prunekit.core.cost import module_macs
+from prunekit.core.forward import eval_mode, example_args
 from prunekit.distributed.sync import unwrap
 from prunekit.structured.channels import ChannelGraph, Flow, Member
 from prunekit.structured.heads import head_rule, resolve_sites, split_rule
@@ -160,14 +161,8 @@ def capture(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
         raise CaptureError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. {hint}"
         ) from exc
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
     return gm
 
 
@@ -180,7 +175,7 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
         example_inputs: a tensor or a tuple of positional inputs for one forward pass.
     """
     model = unwrap(model)
-    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    inputs = example_args(example_inputs)
     gm = capture(model, inputs)
     names: dict[int, str] = {}
     tensors: dict[str, Tensor] = {}

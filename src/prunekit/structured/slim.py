@@ -28,6 +28,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from prunekit.core.forward import eval_mode, example_args
 from prunekit.structured.folded import FoldedConv
 from prunekit.structured.groups import Group, find_groups
 from prunekit.structured.rules import BATCH_NORMS, CONVS
@@ -298,19 +299,12 @@ def _differ(ref: list[Tensor], got: list[Tensor], tol: float | None) -> str | No
 
 def _native_mismatch(model: nn.Module, new: nn.Module, inputs: tuple[Any, ...]) -> str | None:
     """The check in the models' own dtype (eval mode; the training flags are restored)."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    new.eval()
-    try:
+    with eval_mode(model, new):
         ref = _outputs(model, inputs)
         try:
             got = _outputs(new, inputs)
         except Exception as e:  # any failure of the slim forward is reported
             return f"slim forward failed: {type(e).__name__}: {e}"
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    new.train(model.training)
     return _differ(ref, got, None)
 
 
@@ -350,7 +344,7 @@ def slim_with_plan(
 ) -> tuple[nn.Module, SlimPlan]:
     """:func:`slim`, and the :class:`SlimPlan` it applied (whose ``spec()`` :func:`save_slim`
     writes)."""
-    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    inputs = example_args(example_inputs)
     groups = find_groups(model, inputs) if groups is None else groups
     plan = slim_plan(model, groups, fold_empty=True)
     if plan.folds:  # always verified: the model's own code may not run with an empty tensor
@@ -398,7 +392,7 @@ def emptiable(
     for a perturbation of them must still differ (floating-point inputs get Gaussian noise, integer
     inputs such as token ids are redrawn within their observed range).
     """
-    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    inputs = example_args(example_inputs)
     gen = torch.Generator().manual_seed(0)
     perturbed = tuple(_perturb(x, gen) for x in inputs)
     families: dict[tuple[tuple[str, int], ...], list[int]] = defaultdict(list)
