@@ -158,7 +158,6 @@ def test_grouped_conv_groups_keep_conv_groups_balanced():
     ("name", "tensor", "reason"),
     [
         ("mlp", "net.4.weight", "model output"),
-        ("squeeze_excite", "conv.weight", "Sigmoid|sigmoid"),
         ("embed_layernorm", "emb.weight", "LayerNorm"),
         ("tied", "hidden.weight", "shared"),
         ("tied", "mid.weight", "shared"),

@@ -110,7 +110,8 @@ class Conv1dNet(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    """Channel gating through a sigmoid: gated channels are pinned (sigmoid(0) != 0)."""
+    """Channel gating through a sigmoid: a zero channel of y times any gate is zero, so the gated
+    channel, its se1 column and se2 row form one group (see rules.join_rule)."""
 
     def __init__(self) -> None:
         super().__init__()

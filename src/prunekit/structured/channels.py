@@ -48,11 +48,21 @@ class Flow:
 
 @dataclass
 class ChannelGraph:
-    """Union-find over channel ids with members and pin reasons."""
+    """Union-find over channel ids with members and pin reasons.
+
+    Two kinds of pins: a *hard* pin (``pins``) says the channel can never be removed (it reaches the
+    output, an op mixes it, a tensor is shared); a *value* pin (``value_pins``) says only that the
+    tensor made at one node (its *site*) is not zero at this channel when the producers are
+    (``sigmoid(0) = 1/2``). A value pin is waived (:meth:`waive`) when that tensor's only use is as
+    the gate ``g`` of a product ``a · g`` whose other factor ``a`` is zero at the channel: the
+    product is zero whatever ``g`` is, and ``g``'s channel is removed with the group.
+    """
 
     parent: list[int] = field(default_factory=list)
     members: dict[int, list[Member]] = field(default_factory=lambda: defaultdict(list))
     pins: dict[int, str] = field(default_factory=dict)
+    #: channel id → {site (node name) → reason}
+    value_pins: dict[int, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))
     _owner: dict[tuple[str, int, int], int] = field(default_factory=dict)
 
     def fresh(self, n: int, pin: str | None = None) -> list[int]:
@@ -84,6 +94,30 @@ class ChannelGraph:
     def pin(self, ids: list[int], reason: str) -> None:
         for i in ids:
             self.pins.setdefault(i, reason)
+
+    def pin_value(self, ids: list[int], site: str, reason: str) -> None:
+        """The tensor made at node ``site`` is not zero at channels ``ids`` when they are zeroed."""
+        for i in ids:
+            self.value_pins[i].setdefault(site, reason)
+
+    def value_sites(self, ids: list[int]) -> set[str]:
+        """The sites of the value pins on ``ids``."""
+        return {site for i in ids for site in self.value_pins.get(i, {})}
+
+    def waive(self, ids: list[int], sites: set[str]) -> None:
+        """Drop the value pins of ``ids`` placed at ``sites`` (see the class docstring)."""
+        for i in ids:
+            pins = self.value_pins.get(i)
+            if pins:
+                for site in sites:
+                    pins.pop(site, None)
+
+    def reason(self, cid: int) -> str | None:
+        """Why channel ``cid`` is pinned (hard pins first), or ``None``."""
+        if cid in self.pins:
+            return self.pins[cid]
+        pins = self.value_pins.get(cid)
+        return next(iter(pins.values())) if pins else None
 
     def add_member(self, cid: int, member: Member) -> None:
         """Attach ``member`` to channel ``cid``; a slice already attached elsewhere joins the two

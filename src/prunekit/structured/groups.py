@@ -32,6 +32,7 @@ from prunekit.distributed.sync import unwrap
 from prunekit.structured.channels import ChannelGraph, Flow, Member
 from prunekit.structured.heads import head_rule, resolve_sites, split_rule
 from prunekit.structured.rules import (
+    Param,
     RuleContext,
     Value,
     fresh_flow,
@@ -190,15 +191,21 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
             tensors[name] = t
     shared = {names[i] for i, n in uses.items() if n > 1}
     calls: dict[str, int] = defaultdict(int)
+    reads: dict[str, int] = defaultdict(int)  # tensors read by get_attr: their uses
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] += 1
+        elif node.op == "get_attr":
+            read = _attr(gm, str(node.target))
+            if read is not None and id(read) in names:
+                reads[names[id(read)]] += len(node.users)
     for target, n in calls.items():
+        module = model.get_submodule(target)
+        owned = {names[id(t)] for t in [*module.parameters(), *module.buffers()] if id(t) in names}
         if n > 1:
-            module = model.get_submodule(target)
-            shared |= {
-                names[id(t)] for t in [*module.parameters(), *module.buffers()] if id(t) in names
-            }
+            shared |= owned
+        shared |= owned & reads.keys()  # also read directly: two uses
+    shared |= {name for name, n in reads.items() if n > 1}
 
     ctx = RuleContext(ChannelGraph(), names, shared)
     env: dict[fx.Node, Value] = {}
@@ -215,7 +222,12 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
         if node.op == "placeholder":
             env[node] = fresh_flow(ctx, node, "model input")
         elif node.op == "get_attr":
-            env[node] = None
+            attr = _attr(gm, str(node.target))
+            env[node] = (
+                Param(names[id(attr)], tuple(attr.shape))
+                if attr is not None and id(attr) in names
+                else None
+            )
         elif _has_heads(args):
             owner = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
             env[node] = head_rule(ctx, node, owner, args)
@@ -242,11 +254,18 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
         if not any(m.role == "out" for m in members):
             continue
         reasons = [ctx.graph.pins[cid] for cid in ids if cid in ctx.graph.pins]
+        reasons += [r for r in map(ctx.graph.reason, ids) if r is not None]
         counters = sorted({a for cid in ids for a in ctx.head_attrs.get(cid, ())})
         groups.append(
             Group(len(groups), members, reasons[0] if reasons else None, tensors, counters)
         )
     return groups
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Tensor | None:
+    owner, _, attr = target.rpartition(".")
+    t = getattr(gm.get_submodule(owner), attr, None)
+    return t if isinstance(t, Tensor) else None
 
 
 def _has_heads(args: list[Value]) -> bool:

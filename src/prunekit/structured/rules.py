@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -21,7 +22,17 @@ from torch import Tensor, fx, nn
 
 from prunekit.structured.channels import ChannelGraph, Flow, Member
 
-Value = Flow | tuple[Any, ...] | None
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter or buffer read directly in ``forward`` (an fx ``get_attr`` node, such as a layer
+    scale ``γ`` in ``γ · x``), by canonical name."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+Value = Flow | Param | tuple[Any, ...] | None
 ModuleRule = Callable[["RuleContext", fx.Node, nn.Module, list[Value]], Value]
 
 CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -97,10 +108,20 @@ def pin_all(ctx: RuleContext, values: Sequence[Value], reason: str) -> None:
 
 
 def unknown(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
-    """Fallback: the op is a boundary."""
+    """Fallback: the op is a boundary. An op none of whose inputs carries channels (random noise,
+    an ``arange``, a parameter reshaped) makes a tensor without channels: ``None``, which a rule that
+    meets it treats as untracked (a product with it passes only where it broadcasts over channels)."""
+    if not _carries_flow(inputs):
+        return None
     reason = f"op {describe(node)} is not understood (boundary)"
     pin_all(ctx, inputs, reason)
     return fresh_flow(ctx, node, reason)
+
+
+def _carries_flow(values: Sequence[Value]) -> bool:
+    return any(
+        isinstance(v, Flow) or (isinstance(v, tuple) and _carries_flow(list(v))) for v in values
+    )
 
 
 def describe(node: fx.Node) -> str:
@@ -240,6 +261,16 @@ def passthrough_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list
     )
 
 
+def pin_values(ctx: RuleContext, node: fx.Node, values: Sequence[Value], reason: str) -> None:
+    """Value pins (see :class:`~prunekit.structured.channels.ChannelGraph`) at site ``node``: the
+    tensor ``node`` makes is not zero at these channels when they are zeroed."""
+    for v in values:
+        if isinstance(v, Flow):
+            ctx.graph.pin_value(v.ids, node.name, reason)
+        elif isinstance(v, tuple):
+            pin_values(ctx, node, list(v), reason)
+
+
 def pinning_passthrough_rule(
     ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]
 ) -> Value:
@@ -268,7 +299,8 @@ def elementwise_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list
     f0 = value_at_zero(probe)
     if f0 != 0.0:
         shown = "could not be evaluated" if f0 is None else f"= {f0:g}"
-        pin_all(ctx, inputs, f"{node.target}: {m!r}(0) {shown}, not 0 (a zero channel is not zero)")
+        pin_values(ctx, node, inputs, f"{node.target}: {m!r}(0) {shown}, not 0 (a zero channel is "
+                   "not zero)")  # fmt: skip
     return passthrough_rule(ctx, node, m, inputs)
 
 
@@ -285,6 +317,11 @@ def flatten_module_rule(
 ) -> Value:
     assert isinstance(m, nn.Flatten)
     return flatten(ctx, node, inputs[0], m.start_dim, m.end_dim)
+
+
+def glu_module_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
+    assert isinstance(m, nn.GLU)
+    return glu(ctx, node, inputs[0], m.dim)
 
 
 def embedding_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
@@ -316,6 +353,7 @@ _MODULE_RULES: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], ModuleR
     (CHANNEL_MIXING_NORMS, normalize_rule),
     (nn.PReLU, prelu_rule),
     (nn.Flatten, flatten_module_rule),
+    (nn.GLU, glu_module_rule),
     (nn.Embedding, embedding_rule),
     (ELEMENTWISE_MODULES, elementwise_rule),
     (ZERO_PRESERVING_MODULES, passthrough_rule),
@@ -400,18 +438,102 @@ def reshape_rule(ctx: RuleContext, node: fx.Node, x: Value) -> Value:
 
 
 def join_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value], zero_absorbing: bool) -> Value:
-    """Elementwise binary op. Two aligned flows are unioned; a scalar operand passes the flow through
-    when ``x op c`` keeps zeros zero (mul, div), and pins it otherwise (add, sub)."""
+    """Elementwise binary op ``y = a ∘ b``.
+
+    * Two aligned flows are unioned: when both channels are zero, ``a ± b`` and ``a · b`` are zero.
+      For a product, one zero factor is enough: ``a · g`` is zero at a channel where ``a`` is,
+      whatever ``g`` is. So when ``g`` is not zero at zeroed channels (a *gate*, ``g = σ(…)`` with
+      ``σ(0) = 1/2``: squeeze-and-excitation, GLU) and ``g`` is used only by this product, its value
+      pins are waived (:func:`_gate`) and ``g``'s channel joins ``a``'s group, to be removed with it.
+    * A constant operand passes the flow through when ``x ∘ c`` keeps zeros zero (mul, div) and
+      value-pins it otherwise (add, sub: ``0 + c = c``).
+    * A parameter read in ``forward`` (:class:`Param`) with one entry per channel (layer scale
+      ``γ · x``, a bias ``x + β``) is sliced with the channel: for ``x · γ`` as a consumer (``in``:
+      ``0 · γ_c = 0``), for ``x ± β`` as a producer (``out``: ``0 + β_c = 0`` only when ``β_c = 0``).
+    * Any other tensor without channels (a per-sample random factor of stochastic depth / DropPath,
+      a scalar parameter) passes the flow of a product through when it has size 1 on the channel
+      dim: ``0 · r = 0`` for every sample and element.
+    Anything else is a boundary.
+    """
     flows = [v for v in inputs if isinstance(v, Flow)]
     scalars = [a for a in node.args if isinstance(a, int | float)]
     if len(flows) == 2 and len(flows[0].ids) == len(flows[1].ids) and _aligned(node, flows):
+        if zero_absorbing and _is_product(node):
+            _gate(ctx, node, flows)
         ctx.graph.union_all(flows[0].ids, flows[1].ids)
         return Flow(flows[0].dim, list(flows[0].ids))
     if len(flows) == 1 and len(node.args) == 2 and len(scalars) == 1:
         if not zero_absorbing:
-            ctx.graph.pin(flows[0].ids, f"{describe(node)} with a constant breaks zero-invariance")
+            ctx.graph.pin_value(
+                flows[0].ids, node.name, f"{describe(node)} with a constant breaks zero-invariance"
+            )
         return Flow(flows[0].dim, list(flows[0].ids))
+    if len(flows) == 1 and len(node.args) == 2 and not node.kwargs:
+        joined = _join_tensor(ctx, node, inputs, zero_absorbing)
+        if joined is not None:
+            return joined
     return unknown(ctx, node, inputs)
+
+
+def _is_product(node: fx.Node) -> bool:
+    return node.target in (operator.mul, operator.imul, torch.mul, "mul", "mul_")
+
+
+def _gate(ctx: RuleContext, node: fx.Node, flows: list[Flow]) -> None:
+    """Waive the value pins of the gate of the product ``node`` (see :func:`join_rule`).
+
+    The gate is the factor ``g`` whose channels carry value pins while the other factor's carry
+    none; only pins placed at nodes of ``g``'s *exclusive chain* are waived: the nodes from ``g``
+    back along first arguments, each used by exactly one node (so the non-zero tensor made at such
+    a site reaches nothing but this product). The product's channel is then zero when the other
+    factor's is, and ``g``'s channel, consumed only here, is removed with it.
+    """
+    sites = [ctx.graph.value_sites(f.ids) for f in flows]
+    if bool(sites[0]) == bool(sites[1]):  # no gate, or two: nothing is known to be zero
+        return
+    gate = 0 if sites[0] else 1
+    chain: set[str] = set()
+    arg = node.args[gate]
+    while isinstance(arg, fx.Node) and len(arg.users) == 1:
+        chain.add(arg.name)
+        arg = arg.args[0] if arg.args else None
+    ctx.graph.waive(flows[gate].ids, sites[gate] & chain)
+
+
+def _join_tensor(
+    ctx: RuleContext, node: fx.Node, inputs: list[Value], zero_absorbing: bool
+) -> Value:
+    """``x ∘ t`` for a flow ``x`` and a tensor ``t`` without channel ids (see :func:`join_rule`);
+    ``None`` when not handled."""
+    i = 0 if isinstance(inputs[0], Flow) else 1
+    x = inputs[i]
+    assert isinstance(x, Flow)
+    other, other_node = inputs[1 - i], node.args[1 - i]
+    out, x_shape = shape_of(node), shape_of(node.args[i])
+    t_shape = other.shape if isinstance(other, Param) else shape_of(other_node)
+    if (other is not None and not isinstance(other, Param)) or out is None or x_shape is None:
+        return None
+    if t_shape is None or len(t_shape) > len(out) or len(x_shape) > len(out):
+        return None
+    dim = x.dim + len(out) - len(x_shape)
+    if out[dim] != len(x.ids):  # x itself broadcast along its channels
+        return None
+    t_dim = dim - (len(out) - len(t_shape))
+    per_channel = t_dim >= 0 and t_shape[t_dim] != 1
+    product = _is_product(node)
+    if not per_channel:
+        if product:
+            return Flow(dim, list(x.ids))
+        if not zero_absorbing:  # the same value added to every channel
+            ctx.graph.pin_value(
+                x.ids, node.name, f"{describe(node)}: adding a tensor breaks zero-invariance"
+            )
+            return Flow(dim, list(x.ids))
+        return None
+    if not isinstance(other, Param) or not (product or not zero_absorbing):
+        return None
+    ctx.attach(x.ids, other.name, t_dim, "in" if product else "out")
+    return Flow(dim, list(x.ids))
 
 
 def _aligned(node: fx.Node, flows: list[Flow]) -> bool:
@@ -508,10 +630,24 @@ ELEMENTWISE_FUNCTIONS: tuple[Any, ...] = (
     F.softsign, F.softplus, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.logsigmoid,
 )  # fmt: skip
 ZERO_PRESERVING_FUNCTIONS: tuple[Any, ...] = (
-    F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
     F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate, torch.Tensor.contiguous,
 )  # fmt: skip
+#: Zero-preserving functions of optional libraries, ``(module, attribute)``, looked up (never
+#: imported) when the library is loaded: ``x · r / (1 − p)`` with a per-sample (``row``) or
+#: per-batch Bernoulli ``r`` keeps a zero channel zero in training and is the identity in eval.
+OPTIONAL_ZERO_PRESERVING: tuple[tuple[str, str], ...] = (
+    ("torchvision.ops.stochastic_depth", "stochastic_depth"),
+    ("timm.layers.drop", "drop_path"),
+)
+#: Ops that read only their input's shape, dtype and device (``x.new_empty(shape)``, ``zeros_like``):
+#: their output has no channels and they do not consume any.
+SHAPE_ONLY_FUNCTIONS: tuple[Any, ...] = (
+    torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like, torch.rand_like,
+    torch.randn_like,
+)  # fmt: skip
+SHAPE_ONLY_METHODS = {"new_empty", "new_zeros", "new_ones", "new_full"}
 PASS_METHODS = {"relu", "relu_", "contiguous", "clone", "detach", "float", "to", "tanh", "type_as"}
 SHAPE_METHODS = {"size", "dim", "numel"}
 
@@ -521,8 +657,10 @@ def function_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value
     target = node.target
     if node.op == "call_method":
         assert isinstance(target, str)
-        if target in SHAPE_METHODS:
+        if target in SHAPE_METHODS or target in SHAPE_ONLY_METHODS:
             return None
+        if target in ("chunk", "split"):
+            return split_rule(ctx, node, inputs[0], target)
         if target in PASS_METHODS:
             x = inputs[0]
             return Flow(x.dim, list(x.ids)) if isinstance(x, Flow) else None
@@ -543,7 +681,13 @@ def function_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value
         return unknown(ctx, node, inputs)
     if target in ELEMENTWISE_FUNCTIONS:
         return elementwise_function(ctx, node, inputs)
-    if target in ZERO_PRESERVING_FUNCTIONS:
+    if target in SHAPE_ONLY_FUNCTIONS:
+        return None
+    if target in (torch.chunk, torch.split):
+        return split_rule(ctx, node, inputs[0], "chunk" if target is torch.chunk else "split")
+    if target is F.glu:
+        return glu(ctx, node, inputs[0], _arg(node, 1, "dim", -1))
+    if target in ZERO_PRESERVING_FUNCTIONS or _optional_zero_preserving(target):
         x = inputs[0]
         return (
             Flow(x.dim, list(x.ids))
@@ -573,6 +717,46 @@ def function_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value
     return unknown(ctx, node, inputs)
 
 
+def _optional_zero_preserving(target: Any) -> bool:
+    for module, attr in OPTIONAL_ZERO_PRESERVING:
+        loaded = sys.modules.get(module)
+        if loaded is not None and getattr(loaded, attr, None) is target:
+            return True
+    return False
+
+
+def split_rule(ctx: RuleContext, node: fx.Node, x: Value, kind: str) -> Value:
+    """``chunk`` / ``split``: a tuple of flows, the channel ids cut in consecutive pieces when the
+    split is along the channel dim, each piece with all of them otherwise."""
+    meta = node.meta.get("tensor_meta")
+    in_shape = shape_of(node.args[0])
+    dim = _arg(node, 2, "dim", 0)
+    if not isinstance(x, Flow) or not isinstance(meta, list | tuple) or in_shape is None:
+        return unknown(ctx, node, [x])
+    dim %= len(in_shape)
+    sizes = [int(m.shape[dim]) for m in meta]
+    if dim != x.dim:
+        return tuple(Flow(x.dim, list(x.ids)) for _ in sizes)
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    return tuple(Flow(x.dim, x.ids[a : a + n]) for a, n in zip(starts, sizes, strict=True))
+
+
+def glu(ctx: RuleContext, node: fx.Node, x: Value, dim: int) -> Value:
+    """``glu(x) = a · σ(b)`` with ``x = [a, b]`` halved along ``dim`` (Dauphin et al., 2017). Along
+    the channel dim, ``a``'s channel ``c`` and ``b``'s channel ``c`` are joined: when ``a_c = 0`` the
+    output is ``0 · σ(b_c) = 0`` whatever ``b_c`` is, and ``b_c`` is used nowhere else, so both go
+    with the group (the gate of :func:`join_rule`, inside one op). Along another dim the output
+    keeps ``x``'s channels (zero where ``x`` is)."""
+    shape = shape_of(node.args[0])
+    if not isinstance(x, Flow) or shape is None:
+        return unknown(ctx, node, [x])
+    if dim % len(shape) != x.dim:
+        return Flow(x.dim, list(x.ids))
+    half = len(x.ids) // 2
+    ctx.graph.union_all(x.ids[:half], x.ids[half:])
+    return Flow(x.dim, x.ids[:half])
+
+
 def elementwise_function(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
     """:func:`elementwise_rule` for a call: ``f(0)`` with the call's constant arguments
     (``F.hardtanh(x, 0.5, 1.0)``); pinned if it is not zero or an argument is a tensor."""
@@ -585,7 +769,9 @@ def elementwise_function(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -
     f0 = value_at_zero(lambda z: target(z, *node.args[1:], **node.kwargs)) if constant else None
     if f0 != 0.0:
         shown = "could not be evaluated" if f0 is None else f"= {f0:g}"
-        ctx.graph.pin(x.ids, f"{describe(node)}(0) {shown}, not 0 (a zero channel is not zero)")
+        ctx.graph.pin_value(
+            x.ids, node.name, f"{describe(node)}(0) {shown}, not 0 (a zero channel is not zero)"
+        )
     return Flow(x.dim, list(x.ids))
 
 
