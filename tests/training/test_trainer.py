@@ -163,20 +163,21 @@ def test_acdc_run_writes_dense_pair(tmp_path, data):
     assert m["dense_pair_test_accuracy"] == pytest.approx(acc, abs=1e-6)
 
 
+#: each optimizer's section holds only its own config's keys (HSPG has no end, only HESSO periods)
+_SCHEDULES = {
+    "hspg": {"start": 0.1, "lambda_": 5.0},
+    "dhspg": {"start": 0.1, "end": 0.6},
+    "hesso": {"start": 0.1, "end": 0.6, "periods": 2},
+}
+
+
 def _structured_recipe(optimizer="hesso", epochs=2, **extra):
+    section = {"optimizer": optimizer, "target_group_sparsity": 0.5, **_SCHEDULES[optimizer]}
     return recipe_from_dict(
         {
             "model": {"name": "resnet20"},
             "data": {"name": "mnist", "batch_size": 64, "train_subset": 256, "test_subset": 200},
-            "structured": {
-                "optimizer": optimizer,
-                "target_group_sparsity": 0.5,
-                "start": 0.1,
-                "end": 0.6,
-                "periods": 2,
-                "lambda_": 5.0 if optimizer == "hspg" else None,
-                **extra,
-            },
+            "structured": {**section, **extra},
             "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
             "epochs": epochs,
             "seed": 1,

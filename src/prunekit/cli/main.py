@@ -12,6 +12,7 @@ from pathlib import Path
 from prunekit.config import ConfigError
 from prunekit.methods import available, get_method
 from prunekit.posttrain import HessianError, available_compressors, get_compressor
+from prunekit.structured.registry import available_structured, get_structured
 from prunekit.training.checkpoint import CheckpointError
 from prunekit.training.recipe import load_recipe
 from prunekit.training.trainer import DivergenceError, train
@@ -93,6 +94,10 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     print("post-training (prunekit compress, prunekit.compress):")
     for name in available_compressors():
         doc = (get_compressor(name).__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:9s} {doc}")
+    print("structured, Only-Train-Once (prunekit train with structured: {optimizer: NAME}):")
+    for name in available_structured():
+        doc = (get_structured(name).__doc__ or "").strip().splitlines()[0]
         print(f"  {name:9s} {doc}")
     return 0
 

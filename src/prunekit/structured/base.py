@@ -1,19 +1,51 @@
 """The machinery HSPG, DHSPG and HESSO share: the SGD/Adam step with some groups held at zero, the
-group bookkeeping and the optimizer state that a resume needs."""
+group bookkeeping, the optimizer state that a resume needs, and the range checks of their configs."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from prunekit.config import ConfigError
 from prunekit.structured.group_index import GroupIndex
 from prunekit.structured.groups import Group
 
 VARIANTS = ("sgd", "adam", "adamw")
+
+
+def check_unit_interval(name: str, value: float | None, *, closed: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is ``None`` or in ``[0, 1)`` (``[0, 1]`` with
+    ``closed``)."""
+    if value is None:
+        return
+    ok = 0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0
+    if not ok:
+        valid = "[0, 1]" if closed else "[0, 1)"
+        raise ConfigError(f"{name} must be in {valid}, got {value!r}")
+
+
+def check_non_negative(name: str, value: float | None) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is ``None`` or ``>= 0``."""
+    if value is not None and not value >= 0.0:
+        raise ConfigError(f"{name} must be >= 0, got {value!r}")
+
+
+def check_window(start: float, end: float) -> None:
+    """Raise :class:`ConfigError` unless ``0 <= start < end <= 1`` (fractions of training)."""
+    if not 0.0 <= start < end <= 1.0:
+        raise ConfigError(
+            f"start and end are fractions of training with 0 <= start < end <= 1, "
+            f"got start={start!r}, end={end!r}"
+        )
+
+
+def fraction_step(fraction: float, total_steps: int) -> int:
+    """A point of training given as a fraction of ``total_steps``, in steps."""
+    return round(fraction * total_steps)
 
 
 class GroupSparseOptimizer(Optimizer):
@@ -28,7 +60,17 @@ class GroupSparseOptimizer(Optimizer):
         betas, eps: Adam's.
         target_group_sparsity: fraction of the managed groups to bring to zero; ``None`` for none
             (HSPG's default: it is driven by ``λ``, and the target is only an optional cap).
+
+    Each registered subclass (:func:`~prunekit.structured.registry.register_structured`) has a
+    config dataclass (``config_class``) and builds itself from it with ``from_config``; the
+    optimizer's ``config`` is that config (``None`` when built from keyword arguments).
     """
+
+    #: the registry name (set by :func:`~prunekit.structured.registry.register_structured`)
+    name: ClassVar[str] = ""
+    #: the config dataclass of the subclass
+    config_class: ClassVar[type[Any]]
+    config: Any = None
 
     def __init__(
         self,
@@ -74,6 +116,30 @@ class GroupSparseOptimizer(Optimizer):
         device = self.index.sizes.device
         self.zero = torch.zeros(self.index.num_groups, dtype=torch.bool, device=device)
         self.num_steps = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        groups: Sequence[Group],
+        config: Any,
+        *,
+        total_steps: int,
+        model: nn.Module | None = None,
+        example: Any = None,
+        **update: Any,
+    ) -> GroupSparseOptimizer:
+        """The optimizer of ``config`` (an instance of ``config_class``) for a run of
+        ``total_steps`` steps; ``update`` is the update rule (``lr``, ``momentum``,
+        ``weight_decay``, ``nesterov``, ``variant``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _require_config(cls, config: Any) -> None:
+        if not isinstance(config, cls.config_class):
+            raise TypeError(
+                f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(config).__name__}"
+            )
 
     # ------------------------------------------------------------------ reporting
     def group_sparsity(self) -> float:
@@ -178,6 +244,9 @@ class GroupSparseOptimizer(Optimizer):
             "num_steps": self.num_steps,
             **self._extra_state(),
         }
+        if self.config is not None:
+            state["group_sparse"]["config"] = self.config.to_dict()
+            state["group_sparse"]["version"] = self.config.version
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -187,6 +256,8 @@ class GroupSparseOptimizer(Optimizer):
         if extra:
             self.zero = extra.pop("zero").to(self.zero.device)
             self.num_steps = int(extra.pop("num_steps"))
+            extra.pop("config", None)
+            extra.pop("version", None)
             self._load_extra_state(extra)
 
     def _extra_state(self) -> dict[str, Any]:

@@ -3,20 +3,78 @@ half-space projected gradient, which reaches a target group sparsity."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from prunekit.structured.base import GroupSparseOptimizer
+from prunekit.config import ConfigError, from_dict, to_dict
+from prunekit.structured.base import (
+    GroupSparseOptimizer,
+    check_non_negative,
+    check_unit_interval,
+    check_window,
+    fraction_step,
+)
 from prunekit.structured.groups import Group
+from prunekit.structured.registry import register_structured
 from prunekit.structured.selection import adaptive_lambda, half_space_mask, redundancy_score
 
 #: OTOv2 reference defaults of ``(amplify, hat_coeff)`` per update rule
 ADAPTIVE_DEFAULTS = {"sgd": (2.0, 10.0), "adam": (20.0, 1e3), "adamw": (20.0, 1e3)}
 
 
+@dataclass(kw_only=True)
+class DHSPGConfig:
+    """DHSPG's settings, as a recipe's ``structured: {optimizer: dhspg, ...}`` section holds them.
+
+    Attributes:
+        target_group_sparsity: the fraction ``s*`` of the groups brought to zero, in ``[0, 1)``.
+        start: when the redundant groups are chosen, as a fraction of training.
+        end: when ``N·s*`` groups are zero, as a fraction of training (``0 <= start < end <= 1``).
+        lambda_: base ``λ >= 0``; ``None`` (default) picks it from the redundant groups' norms.
+        epsilon: half-space control ``ε >= 0``.
+        margin: added to ``s*`` to size the redundant set, ``>= 0`` (the reference's 0.05).
+        amplify, hat_coeff: of the adaptive ``λ_g``, ``> 0``; ``None`` (default) takes the
+            reference's values for the update rule (2 and 10 for SGD, 20 and 1000 for Adam/AdamW).
+    """
+
+    target_group_sparsity: float = 0.5
+    start: float = 0.1
+    end: float = 0.6
+    lambda_: float | None = None
+    epsilon: float = 0.0
+    margin: float = 0.05
+    amplify: float | None = None
+    hat_coeff: float | None = None
+
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        check_unit_interval("target_group_sparsity", self.target_group_sparsity)
+        check_window(self.start, self.end)
+        check_non_negative("lambda_", self.lambda_)
+        check_non_negative("epsilon", self.epsilon)
+        check_non_negative("margin", self.margin)
+        for name in ("amplify", "hat_coeff"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(
+                    f"{name} must be > 0 (or None for the reference's), got {value!r}"
+                )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DHSPGConfig:
+        """Strict construction: unknown keys and wrong types raise :class:`ConfigError`."""
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+@register_structured("dhspg")
 class DHSPG(GroupSparseOptimizer):
     """Dual half-space projected gradient (OTOv2): target group sparsity ``s*`` of ``N`` groups.
 
@@ -47,6 +105,8 @@ class DHSPG(GroupSparseOptimizer):
         amplify, hat_coeff: of ``λ_g``; ``None`` takes the reference's values for the update
             rule (2 and 10 for SGD, 20 and 1000 for Adam/AdamW).
     """
+
+    config_class: ClassVar[type[DHSPGConfig]] = DHSPGConfig
 
     def __init__(
         self,
@@ -79,6 +139,38 @@ class DHSPG(GroupSparseOptimizer):
             else 0
         )
         self.redundant = torch.zeros_like(self.zero)
+
+    @classmethod
+    def from_config(
+        cls,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        groups: Sequence[Group],
+        config: Any,
+        *,
+        total_steps: int,
+        model: nn.Module | None = None,
+        example: Any = None,
+        **update: Any,
+    ) -> DHSPG:
+        """DHSPG selecting at ``round(start · total_steps)``, all zero by ``round(end ·
+        total_steps)``."""
+        del model, example
+        cls._require_config(config)
+        optimizer = cls(
+            params,
+            groups,
+            start_step=fraction_step(config.start, total_steps),
+            project_end=fraction_step(config.end, total_steps),
+            lambda_=config.lambda_,
+            epsilon=config.epsilon,
+            margin=config.margin,
+            amplify=config.amplify,
+            hat_coeff=config.hat_coeff,
+            target_group_sparsity=config.target_group_sparsity,
+            **update,
+        )
+        optimizer.config = config
+        return optimizer
 
     def _group_lrs(self) -> Tensor:
         """Mean ``lr`` over each group's entries (from each parameter's own param group)."""

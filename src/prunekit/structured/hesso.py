@@ -7,19 +7,109 @@ from __future__ import annotations
 import heapq
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from prunekit.structured.base import GroupSparseOptimizer
-from prunekit.structured.groups import Group
+from prunekit.config import ConfigError, from_dict, to_dict
+from prunekit.structured.base import (
+    GroupSparseOptimizer,
+    check_unit_interval,
+    check_window,
+    fraction_step,
+)
+from prunekit.structured.groups import Group, group_macs, macs_rates
+from prunekit.structured.registry import register_structured
 from prunekit.structured.selection import combine_terms, importance_terms
+from prunekit.structured.slim import emptiable
 
 HESSO_CRITERIA = ("magnitude", "avg_magnitude", "cosine", "taylor_first", "taylor_second")
 
 
+@dataclass(kw_only=True)
+class HESSOConfig:
+    """HESSO's settings, as a recipe's ``structured: {optimizer: hesso, ...}`` section holds them.
+
+    Attributes:
+        target_group_sparsity: the fraction ``s*`` of the groups brought to zero, in ``[0, 1)``
+            (unused with ``flops_removed``).
+        start, end: the pruning window as fractions of training, ``0 <= start < end <= 1``.
+        periods: number of pruning periods, ``>= 1`` (at most one per step of the window).
+        criteria: weights of the importance terms (keys from :data:`HESSO_CRITERIA`, values
+            ``>= 0``); ``None`` (default): equal weights.
+        flops_removed: remove this fraction of the MACs, in ``(0, 1)``, instead of
+            ``target_group_sparsity`` of the groups (groups priced by their MACs).
+        channel_multiple: with ``flops_removed``: keep every layer's width a multiple of this
+            (8 for onnxruntime's blocked layouts); ``>= 1``.
+        remove_branches: with ``flops_removed``: whole residual branches may go
+            (:func:`~prunekit.structured.slim.emptiable`); the slim model folds them.
+        max_layer_fraction: with ``flops_removed``: the most of any layer's channels that may go,
+            in ``(0, 1]``.
+        cost_power: with ``flops_removed``: how strongly cost discounts importance, in ``[0, 1]``.
+    """
+
+    target_group_sparsity: float = 0.5
+    start: float = 0.1
+    end: float = 0.6
+    periods: int = 10
+    criteria: dict[str, float] | None = None
+    flops_removed: float | None = None
+    channel_multiple: int = 1
+    remove_branches: bool = False
+    max_layer_fraction: float = 0.7
+    cost_power: float = 0.5
+
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        check_unit_interval("target_group_sparsity", self.target_group_sparsity)
+        check_window(self.start, self.end)
+        if not self.periods >= 1:
+            raise ConfigError(f"periods must be an integer >= 1, got {self.periods!r}")
+        if self.criteria is not None:
+            unknown = sorted(set(self.criteria) - set(HESSO_CRITERIA))
+            if unknown:
+                raise ConfigError(
+                    f"criteria {unknown} unknown; valid criteria: {', '.join(HESSO_CRITERIA)}"
+                )
+            if any(not w >= 0 for w in self.criteria.values()) or not any(
+                w > 0 for w in self.criteria.values()
+            ):
+                raise ConfigError(
+                    f"criteria weights must be >= 0 with one > 0, got {self.criteria!r}"
+                )
+        if self.flops_removed is not None and not 0.0 < self.flops_removed < 1.0:
+            raise ConfigError(f"flops_removed must be in (0, 1), got {self.flops_removed!r}")
+        if not self.channel_multiple >= 1:
+            raise ConfigError(
+                f"channel_multiple must be an integer >= 1, got {self.channel_multiple!r}"
+            )
+        if self.channel_multiple > 1 and self.flops_removed is None:
+            raise ConfigError(
+                f"channel_multiple={self.channel_multiple} needs flops_removed (it shapes the "
+                "units the FLOPs target removes)"
+            )
+        if self.remove_branches and self.flops_removed is None:
+            raise ConfigError("remove_branches needs flops_removed")
+        if not 0.0 < self.max_layer_fraction <= 1.0:
+            raise ConfigError(
+                f"max_layer_fraction must be in (0, 1], got {self.max_layer_fraction!r}"
+            )
+        check_unit_interval("cost_power", self.cost_power, closed=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HESSOConfig:
+        """Strict construction: unknown keys and wrong types raise :class:`ConfigError`."""
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+@register_structured("hesso")
 class HESSO(GroupSparseOptimizer):
     """Hybrid efficient structured sparse optimizer (OTOv3): no ``λ``; redundant groups decay to zero.
 
@@ -88,6 +178,8 @@ class HESSO(GroupSparseOptimizer):
             saves is computed exactly (a weight slice shared by two removed groups counts once),
             so ``cost_target`` is a fraction of the model's MACs.
     """
+
+    config_class: ClassVar[type[HESSOConfig]] = HESSOConfig
 
     def __init__(
         self,
@@ -166,6 +258,57 @@ class HESSO(GroupSparseOptimizer):
         if unknown:
             raise ValueError(f"unknown criteria {sorted(unknown)}; valid: {list(HESSO_CRITERIA)}")
         self.decaying = torch.zeros_like(self.zero)
+
+    @classmethod
+    def from_config(
+        cls,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        groups: Sequence[Group],
+        config: Any,
+        *,
+        total_steps: int,
+        model: nn.Module | None = None,
+        example: Any = None,
+        **update: Any,
+    ) -> HESSO:
+        """HESSO pruning over steps ``[round(start·T), round(end·T))`` of ``T = total_steps``, in
+        ``min(periods, window length)`` periods. With ``flops_removed`` the groups are priced by
+        their MACs on one example (``model`` and ``example`` are then needed)."""
+        cls._require_config(config)
+        start = fraction_step(config.start, total_steps)
+        end = fraction_step(config.end, total_steps)
+        cost: dict[str, Any] = {}
+        if config.flops_removed is not None:
+            if model is None or example is None:
+                raise ValueError(
+                    "HESSO with flops_removed prices groups by their MACs: from_config needs "
+                    "model and example"
+                )
+            one = example[:1] if isinstance(example, Tensor) else example
+            rates = macs_rates(model, one)
+            cost = {
+                "group_costs": group_macs(model, groups, one, rates),
+                "cost_target": config.flops_removed,
+                "cost_rates": rates,
+                "max_layer_fraction": config.max_layer_fraction,
+                "cost_power": config.cost_power,
+            }
+            if config.remove_branches:
+                cost["may_empty"] = emptiable(model, groups, one)
+        optimizer = cls(
+            params,
+            groups,
+            start_step=start,
+            pruning_steps=end - start,
+            periods=min(config.periods, max(1, end - start)),
+            criteria=config.criteria,
+            channel_multiple=config.channel_multiple,
+            target_group_sparsity=config.target_group_sparsity,
+            **cost,
+            **update,
+        )
+        optimizer.config = config
+        return optimizer
 
     def _per_prunable(self, what: str, values: Sequence[Any], groups: Sequence[Group]) -> list[Any]:
         """``values`` given per group (the prunable ones kept) or per prunable group."""

@@ -4,16 +4,62 @@ framework", NeurIPS 2021): half-space stochastic projected gradient for
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+from torch import Tensor, nn
 
-from prunekit.structured.base import GroupSparseOptimizer, unit_directions
+from prunekit.config import from_dict, to_dict
+from prunekit.structured.base import (
+    GroupSparseOptimizer,
+    check_non_negative,
+    check_unit_interval,
+    fraction_step,
+    unit_directions,
+)
 from prunekit.structured.groups import Group
+from prunekit.structured.registry import register_structured
 from prunekit.structured.selection import half_space_mask
 
 
+@dataclass(kw_only=True)
+class HSPGConfig:
+    """HSPG's settings, as a recipe's ``structured: {optimizer: hspg, ...}`` section holds them.
+
+    Attributes:
+        target_group_sparsity: an optional cap on the fraction of zero groups, in ``[0, 1)``;
+            ``None`` (default): no cap, the sparsity is whatever ``λ`` and ``ε`` give (OTOv1).
+        start: the subgradient phase, as a fraction of training in ``[0, 1)``; half-space steps
+            follow (the paper runs about a quarter of training there).
+        lambda_: group-lasso weight ``λ >= 0``.
+        epsilon: half-space control ``ε >= 0``.
+    """
+
+    target_group_sparsity: float | None = None
+    start: float = 0.1
+    lambda_: float = 1e-3
+    epsilon: float = 0.0
+
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        check_unit_interval("target_group_sparsity", self.target_group_sparsity)
+        check_unit_interval("start", self.start)
+        check_non_negative("lambda_", self.lambda_)
+        check_non_negative("epsilon", self.epsilon)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HSPGConfig:
+        """Strict construction: unknown keys and wrong types raise :class:`ConfigError`."""
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+@register_structured("hspg")
 class HSPG(GroupSparseOptimizer):
     """Half-space stochastic projected gradient (OTOv1), driven by ``λ``.
 
@@ -36,6 +82,8 @@ class HSPG(GroupSparseOptimizer):
         total_steps: the length of training, needed when ``subgradient_steps`` is not given.
         target_group_sparsity: an optional cap on the fraction of zero groups (``None``: none).
     """
+
+    config_class: ClassVar[type[HSPGConfig]] = HSPGConfig
 
     def __init__(
         self,
@@ -63,6 +111,33 @@ class HSPG(GroupSparseOptimizer):
             raise ValueError(f"subgradient_steps must be >= 0, got {subgradient_steps}")
         self.lambda_, self.epsilon, self.subgradient_steps = lambda_, epsilon, subgradient_steps
         self.capped = target_group_sparsity is not None
+
+    @classmethod
+    def from_config(
+        cls,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        groups: Sequence[Group],
+        config: Any,
+        *,
+        total_steps: int,
+        model: nn.Module | None = None,
+        example: Any = None,
+        **update: Any,
+    ) -> HSPG:
+        """HSPG with ``round(start · total_steps)`` subgradient steps."""
+        del model, example
+        cls._require_config(config)
+        optimizer = cls(
+            params,
+            groups,
+            lambda_=config.lambda_,
+            epsilon=config.epsilon,
+            subgradient_steps=fraction_step(config.start, total_steps),
+            target_group_sparsity=config.target_group_sparsity,
+            **update,
+        )
+        optimizer.config = config
+        return optimizer
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -10,14 +10,22 @@
 All three are ``torch.optim.Optimizer`` subclasses with SGD (momentum, weight decay, Nesterov) or
 Adam/AdamW updates (:class:`~prunekit.structured.base.GroupSparseOptimizer`), run on the device
 of the parameters, and keep zero groups exactly zero (their gradient, momentum and Adam moments
-are zeroed too). The per-group maths lives in :mod:`prunekit.structured.selection`. This module
-re-exports them.
+are zeroed too). The per-group maths lives in :mod:`prunekit.structured.selection`. Each has a
+config dataclass (:class:`HSPGConfig`, :class:`DHSPGConfig`, :class:`HESSOConfig`) and is
+registered by name (:mod:`prunekit.structured.registry`). This module re-exports them.
 """
 
 from prunekit.structured.base import VARIANTS, GroupSparseOptimizer, unit_directions
-from prunekit.structured.dhspg import DHSPG
-from prunekit.structured.hesso import HESSO, HESSO_CRITERIA
-from prunekit.structured.hspg import HSPG
+from prunekit.structured.dhspg import DHSPG, DHSPGConfig
+from prunekit.structured.hesso import HESSO, HESSO_CRITERIA, HESSOConfig
+from prunekit.structured.hspg import HSPG, HSPGConfig
+from prunekit.structured.registry import (
+    available_structured,
+    build_structured,
+    config_from_section,
+    get_structured,
+    register_structured,
+)
 
 __all__ = [
     "DHSPG",
@@ -25,6 +33,14 @@ __all__ = [
     "HESSO_CRITERIA",
     "HSPG",
     "VARIANTS",
+    "DHSPGConfig",
     "GroupSparseOptimizer",
+    "HESSOConfig",
+    "HSPGConfig",
+    "available_structured",
+    "build_structured",
+    "config_from_section",
+    "get_structured",
+    "register_structured",
     "unit_directions",
 ]

@@ -13,7 +13,8 @@ Example::
 
 Every section is a dataclass; an unknown key anywhere is an error naming it and the valid keys. The
 ``pruning`` section is checked against the method's own config class (``total_steps`` is filled in
-from ``epochs`` and the data).
+from ``epochs`` and the data), the ``structured`` section (``{optimizer: hesso, ...}``) against that
+optimizer's config class (:mod:`prunekit.structured.registry`).
 
 Files and ``--set`` values are read with YAML 1.2 scalar rules (:mod:`prunekit.training.yaml12`), so
 ``pattern: 2:4`` is the string ``"2:4"`` and ``lr: 1e-3`` is a float (YAML 1.1 made them the integer
@@ -135,68 +136,6 @@ class ScheduleSpec:
             )
 
 
-STRUCTURED_OPTIMIZERS = ("hspg", "dhspg", "hesso")
-
-
-@dataclass(kw_only=True)
-class StructuredSpec:
-    """Only-Train-Once structured pruning: which group-sparsity optimizer and its schedule.
-
-    ``start``/``end`` are fractions of training: HESSO prunes over ``[start, end)`` in ``periods``
-    periods (towards ``flops_removed`` of the MACs when given, else ``target_group_sparsity``); DHSPG selects its redundant groups at ``start`` and has them all at zero by ``end``; HSPG
-    runs subgradient steps until ``start`` and half-space steps afterwards (``lambda_`` drives it).
-    The update rule (SGD/Adam/AdamW), learning rate, momentum and weight decay come from the
-    recipe's ``optimizer`` section.
-    """
-
-    optimizer: str = "hesso"
-    #: DHSPG/HESSO: the group sparsity reached (default 0.5); HSPG: an optional cap (default none:
-    #: HSPG is driven by ``lambda_`` alone, as in the paper)
-    target_group_sparsity: float | None = None
-    start: float = 0.1
-    end: float = 0.6
-    periods: int = 10
-    lambda_: float | None = None
-    epsilon: float = 0.0
-    #: HESSO only: remove this fraction of the MACs instead of ``target_group_sparsity`` of the groups
-    flops_removed: float | None = None
-    #: with ``flops_removed``: keep every layer's width a multiple of this (8 for onnxruntime)
-    channel_multiple: int = 1
-    #: with ``flops_removed``: whole residual branches may go (``prunekit.structured.emptiable``);
-    #: the slim model folds them (depth as well as width)
-    remove_branches: bool = False
-
-    def __post_init__(self) -> None:
-        if self.remove_branches and self.flops_removed is None:
-            raise ConfigError("structured.remove_branches needs structured.flops_removed")
-        if self.channel_multiple < 1 or (self.channel_multiple > 1 and self.flops_removed is None):
-            raise ConfigError(
-                "structured.channel_multiple must be >= 1 and needs structured.flops_removed, "
-                f"got {self.channel_multiple}"
-            )
-        if self.flops_removed is not None and (
-            self.optimizer != "hesso" or not 0.0 < self.flops_removed < 1.0
-        ):
-            raise ConfigError(
-                "structured.flops_removed needs optimizer 'hesso' and a value in (0, 1), "
-                f"got {self.optimizer!r} and {self.flops_removed}"
-            )
-        if self.optimizer not in STRUCTURED_OPTIMIZERS:
-            raise ConfigError(
-                f"structured.optimizer {self.optimizer!r} unknown; available: {', '.join(STRUCTURED_OPTIMIZERS)}"
-            )
-        if self.target_group_sparsity is not None and not 0.0 <= self.target_group_sparsity < 1.0:
-            raise ConfigError(
-                f"structured.target_group_sparsity must be in [0, 1), got {self.target_group_sparsity}"
-            )
-        if not 0.0 <= self.start < self.end <= 1.0:
-            raise ConfigError(
-                f"structured needs 0 <= start < end <= 1, got {self.start}, {self.end}"
-            )
-        if self.periods < 1:
-            raise ConfigError(f"structured.periods must be >= 1, got {self.periods}")
-
-
 @dataclass(kw_only=True)
 class Recipe:
     """A validated recipe. ``pruning`` is the method's config minus ``total_steps``, plus ``method``."""
@@ -204,7 +143,11 @@ class Recipe:
     model: ModelSpec
     data: DataSpec = field(default_factory=DataSpec)
     pruning: dict[str, Any] | None = None
-    structured: StructuredSpec | None = None
+    #: Only-Train-Once structured pruning: ``{optimizer: hesso, <HESSOConfig fields>}`` (or
+    #: ``hspg`` / ``dhspg`` and their config's fields), validated against that optimizer's config;
+    #: without ``optimizer`` the section is for HESSO. Fractions of training become steps when
+    #: training starts; the update rule comes from the ``optimizer`` section.
+    structured: dict[str, Any] | None = None
     #: data-parallel runs: the gradient compression (a codec of ``prunekit.distributed``) and its
     #: config, e.g. ``{method: qsgd, levels: 16}``; ignored (with a warning) by a single process
     communication: dict[str, Any] | None = None
@@ -221,6 +164,8 @@ class Recipe:
             validate_pruning(self.pruning)
         if self.communication is not None:
             validate_communication(self.communication)
+        if self.structured is not None:
+            self.structured = validate_structured(self.structured)
         if self.pruning is not None and self.structured is not None:
             raise ConfigError(
                 "a recipe has either 'pruning' (sparse training) or 'structured' (OTO), not both"
@@ -229,7 +174,7 @@ class Recipe:
     @property
     def method(self) -> str:
         if self.structured is not None:
-            return self.structured.optimizer
+            return str(self.structured["optimizer"])
         return "dense" if self.pruning is None else str(self.pruning["method"])
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,7 +186,6 @@ _SECTIONS: dict[str, type] = {
     "data": DataSpec,
     "optimizer": OptimizerSpec,
     "lr_schedule": ScheduleSpec,
-    "structured": StructuredSpec,
 }
 
 
@@ -283,6 +227,15 @@ def validate_communication(section: dict[str, Any]) -> None:
     from_dict(entry.config_class, fields, where="communication")
 
 
+def validate_structured(section: dict[str, Any]) -> dict[str, Any]:
+    """Check a ``structured`` section against its optimizer's config class; return it with the
+    ``optimizer`` key filled in (HESSO when absent)."""
+    from prunekit.structured.registry import DEFAULT_STRUCTURED, config_from_section
+
+    config_from_section(section, where="structured")
+    return {"optimizer": DEFAULT_STRUCTURED, **section}
+
+
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Build a :class:`Recipe` strictly from plain data."""
     if not isinstance(data, dict):
@@ -301,6 +254,8 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
             if key == "model" and isinstance(value, str):
                 value = {"name": value}
             data[key] = from_dict(cls, value or {}, where=key)
+    if "structured" in data and data["structured"] is None:  # `structured:` alone: HESSO defaults
+        data["structured"] = {}
     return from_dict(Recipe, data, where="recipe")
 
 

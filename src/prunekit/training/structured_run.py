@@ -10,15 +10,11 @@ from torch.optim import Optimizer
 
 from prunekit.core.cost import count_macs, count_params
 from prunekit.structured import (
-    DHSPG,
-    HESSO,
-    HSPG,
     FoldedConv,
     Group,
     GroupSparseOptimizer,
-    emptiable,
-    group_macs,
-    macs_rates,
+    build_structured,
+    config_from_section,
     slim_with_plan,
 )
 from prunekit.structured.io import save_slim
@@ -28,55 +24,23 @@ from prunekit.training.recipe import Recipe
 def build_structured_optimizer(
     recipe: Recipe, model: nn.Module, groups: list[Group], total_steps: int, example: Tensor
 ) -> GroupSparseOptimizer:
-    """The recipe's HSPG / DHSPG / HESSO over ``groups``, with the recipe's update rule."""
-    spec, o = recipe.structured, recipe.optimizer
-    assert spec is not None
-    common: dict[str, Any] = dict(
+    """The recipe's structured optimizer over ``groups``: the ``structured`` section is its config
+    (:func:`~prunekit.structured.registry.config_from_section`), the ``optimizer`` section its
+    update rule."""
+    assert recipe.structured is not None
+    o = recipe.optimizer
+    return build_structured(
+        config_from_section(recipe.structured),
+        model.parameters(),
+        groups,
+        total_steps=total_steps,
+        model=model,
+        example=example,
         lr=o.lr,
         momentum=o.momentum,
         weight_decay=o.weight_decay,
         nesterov=o.nesterov,
         variant=o.name,
-    )
-    target = spec.target_group_sparsity
-    if spec.optimizer != "hspg":  # HSPG: None = no cap, driven by lambda_ (OTOv1)
-        common["target_group_sparsity"] = 0.5 if target is None else target
-    else:
-        common["target_group_sparsity"] = target
-    start, end = round(spec.start * total_steps), round(spec.end * total_steps)
-    if spec.optimizer == "hspg":
-        lam = 1e-3 if spec.lambda_ is None else spec.lambda_
-        return HSPG(
-            model.parameters(),
-            groups,
-            lambda_=lam,
-            epsilon=spec.epsilon,
-            subgradient_steps=start,
-            **common,
-        )
-    if spec.optimizer == "dhspg":
-        return DHSPG(model.parameters(), groups, start_step=start, project_end=end, lambda_=spec.lambda_,
-                     epsilon=spec.epsilon, **common)  # fmt: skip
-    periods = min(spec.periods, max(1, end - start))
-    cost: dict[str, Any] = {}
-    if spec.flops_removed is not None:
-        rates = macs_rates(model, example[:1])
-        cost = {
-            "group_costs": group_macs(model, groups, example[:1], rates),
-            "cost_target": spec.flops_removed,
-            "cost_rates": rates,
-            "channel_multiple": spec.channel_multiple,
-        }
-        if spec.remove_branches:
-            cost["may_empty"] = emptiable(model, groups, example[:1])
-    return HESSO(
-        model.parameters(),
-        groups,
-        start_step=start,
-        pruning_steps=end - start,
-        periods=periods,
-        **cost,
-        **common,
     )
 
 
