@@ -132,6 +132,10 @@ def head_rule(
         return unknown(ctx, node, inputs)
     if method in ("transpose", "permute"):
         return permute_rule(ctx, node, inputs, method)
+    if target in (torch.transpose, torch.permute):
+        return permute_rule(
+            ctx, node, inputs, "transpose" if target is torch.transpose else "permute"
+        )
     if target in (operator.matmul, torch.matmul):
         return _matmul(ctx, node, inputs)
     if target is F.scaled_dot_product_attention:

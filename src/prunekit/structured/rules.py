@@ -702,6 +702,10 @@ def function_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value
         return cat_rule(ctx, node, inputs)
     if target is operator.getitem:
         return getitem_rule(ctx, node, inputs)
+    if target in (torch.transpose, torch.permute):
+        return permute_rule(
+            ctx, node, inputs, "transpose" if target is torch.transpose else "permute"
+        )
     if target is operator.setitem:
         return setitem_rule(ctx, node, inputs)
     if target is torch.flatten:
