@@ -81,6 +81,16 @@ SCHEDULE = {
 UPDATE = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "variant": "sgd"}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and spares the shared cores (a second thread made these
+    tests ten times slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _fields(name):
     return [f.name for f in dataclasses.fields(get_structured(name).config_class)]
 
