@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from prunekit.config import ConfigError
 from prunekit.structured import (
@@ -155,6 +156,19 @@ def test_json_round_trip(name):
     }
 
 
+def _leaky_mlp():
+    """Leaky ReLU keeps a gradient on a zeroed channel's bias (ReLU would kill it at 0), so a zero
+    group stays zero only if the optimizer holds it there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(12, 32), nn.LeakyReLU(0.1), nn.Linear(32, 32), nn.LeakyReLU(0.1), nn.Linear(32, 2)
+    )
+    return model, torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
+
+
+MODELS = {"residual": lambda: ZOO["residual"](), "leaky_mlp": _leaky_mlp}
+
+
 def _batches(seed, steps, x):
     gen = torch.Generator().manual_seed(seed)
     return [x + 0.05 * torch.randn(x.shape, generator=gen) for _ in range(steps)]
@@ -175,10 +189,13 @@ def _step(model, opt, xb):
     opt.step()
 
 
+@pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("name", NAMES)
-def test_reaches_target_group_sparsity_and_keeps_zero_groups_zero(name):
+def test_reaches_target_group_sparsity_and_keeps_zero_groups_zero(name, model_name):
+    """No group is zero before ``start`` (fractions of training become steps), the target is
+    reached by ``end`` where the optimizer has one, and a zero group stays exactly zero."""
     torch.manual_seed(0)
-    model, x = ZOO["residual"]()
+    model, x = MODELS[model_name]()
     groups = find_groups(model, x)
     prunable = [g for g in groups if g.prunable]
     opt = _build(name, model, groups, x)
@@ -186,13 +203,18 @@ def test_reaches_target_group_sparsity_and_keeps_zero_groups_zero(name):
         **type(opt.config)().to_dict(),
         **SCHEDULE[name],
     }
+    target = round(0.5 * len(prunable))
+    start = round(SCHEDULE[name]["start"] * TOTAL)
+    end = round(SCHEDULE[name].get("end", 1.0) * TOTAL)
     seen: set[int] = set()
     for step, xb in enumerate(_batches(1, TOTAL, x)):
-        _step(model, opt, xb)
+        _step(model, opt, xb)  # the (step + 1)-th optimizer step
         zero = {i for i, g in enumerate(prunable) if g.is_zero()}
         assert seen <= zero, f"step {step}: groups {sorted(seen - zero)} left zero"
+        assert step >= start or not zero, f"step {step}: groups zero before start={start}"
+        assert step + 1 < end or len(zero) == target, f"step {step}: {len(zero)} zero by end"
         seen = zero
-    assert len(seen) == round(0.5 * len(prunable)), (len(seen), len(prunable))
+    assert len(seen) == target, (len(seen), len(prunable))
     assert opt.group_sparsity() == len(seen) / len(prunable)
 
 
