@@ -303,6 +303,8 @@ def _derived(rows: dict[str, dict[str, Any]], timing: dict[str, dict[str, Any]])
     the training run itself.
     """
     for row in rows.values():
+        for derived in ("delta_accuracy", "crossover_gbit"):
+            row.pop(derived, None)
         if "failed" in row:
             continue
         quiet = timing.get(_timing_key(row["model"], row["world_size"], row["hook"]), {})
@@ -313,7 +315,7 @@ def _derived(rows: dict[str, dict[str, Any]], timing: dict[str, dict[str, Any]])
             row[f"seconds_per_step_{gbit}gbit"] = row["seconds_per_step"] + row[
                 "bytes_per_step"
             ] / (gbit * GBIT)
-        if "test_accuracy" not in ref:
+        if "test_accuracy" not in ref or row["hook"] == "ddp":
             continue
         row["delta_accuracy"] = row["test_accuracy"] - ref["test_accuracy"]
         saved = ref["bytes_per_step"] - row["bytes_per_step"]
@@ -355,7 +357,7 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
         lines += [
             f"## {model} ({data})",
             "",
-            "| W | model | hook | mode | test acc (%) | Δ acc | bytes/step | ratio | s/step | t@1G (s) | t@10G (s) | crossover (Gbit/s) |",
+            "| W | model | hook | mode | test acc (%) | Δ acc | bytes/step | ratio | s/step | t@1G | t@10G | crossover (Gbit/s) |",
             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         order = list(HOOKS)
@@ -364,7 +366,8 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
         ):
             head = f"| {r['world_size']} | {r['sparse']} | {r['hook']} |"
             if "failed" in r:
-                lines.append(f"{head} – | failed: {r['failed'][:90]} | | | | | | | |")
+                why = r["failed"].split("callback: ")[-1][:100]  # the innermost error
+                lines.append(f"{head} – | failed: {why} | | | | | | | | |")
                 continue
             delta = r.get("delta_accuracy")
             lines.append(
