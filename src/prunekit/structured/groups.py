@@ -65,14 +65,27 @@ class Group:
         self.members = sorted(members, key=lambda m: (m.tensor, m.axis, m.index))
         self.reason = reason
         self._tensors = tensors
-        self._out: dict[tuple[str, int], Tensor] = {}
-        for (name, axis), idx in self.slices("out").items():
-            self._out[(name, axis)] = torch.tensor(idx, dtype=torch.long)
+        self._slices: dict[str | None, dict[tuple[str, int], list[int]]] = {}
+        self._out_index: dict[tuple[str, int], Tensor] | None = None
+
+    @property
+    def _out(self) -> dict[tuple[str, int], Tensor]:
+        """The producing slices' indices as tensors (made on first use: a zoo model has 10⁴–10⁵
+        groups and most are never zeroed)."""
+        if self._out_index is None:
+            self._out_index = {
+                key: torch.tensor(idx, dtype=torch.long) for key, idx in self.slices("out").items()
+            }
+        return self._out_index
 
     @property
     def prunable(self) -> bool:
         """Whether the group may be zeroed and removed (``reason`` says why not)."""
         return self.reason is None
+
+    def tensors_by_slice(self, role: str | None = None) -> dict[tuple[str, int], Tensor]:
+        """``(tensor name, axis) → tensor`` for the slices of the group (optionally of one role)."""
+        return {key: self._tensors[key[0]] for key in self.slices(role)}
 
     def tensors(self) -> dict[str, Tensor]:
         """The model's tensors this group slices, by name."""
@@ -84,12 +97,16 @@ class Group:
         return len(next(iter(self._out.values()))) if self._out else 0
 
     def slices(self, role: str | None = None) -> dict[tuple[str, int], list[int]]:
-        """``(tensor name, axis) → indices`` of the group's members (optionally of one role)."""
-        out: dict[tuple[str, int], list[int]] = defaultdict(list)
-        for m in self.members:
-            if role is None or m.role == role:
-                out[(m.tensor, m.axis)].append(m.index)
-        return dict(out)
+        """``(tensor name, axis) → indices`` of the group's members (optionally of one role); the
+        lists are shared between calls: do not modify them."""
+        cached = self._slices.get(role)
+        if cached is None:
+            out: dict[tuple[str, int], list[int]] = defaultdict(list)
+            for m in self.members:
+                if role is None or m.role == role:
+                    out[(m.tensor, m.axis)].append(m.index)
+            cached = self._slices[role] = dict(out)
+        return dict(cached)
 
     def out_tensors(self) -> list[Tensor]:
         """The producing slices, each as a view-free copy (for criteria and optimizers)."""

@@ -1,0 +1,79 @@
+"""Structured pruning on torchvision 0.28 classifiers: groups found, 30% of them zeroed, slim exact.
+
+For each model (random init, seeded; parameters that torchvision initialises to zero — ViT's head,
+biases — are drawn too, so no output is trivially zero): ``find_groups`` → zero a seeded random 30%
+of the prunable groups → ``slim``. The test then checks, itself: the slim model's output equals the
+masked model's within ``1e-4 × max |output|`` (float32, eval mode), parameters were removed, and the
+coverage — the share of groups that are prunable and the fraction of parameters left — is at least
+what the rules reach today (so a rule that stops applying fails here). Inputs are small (the cost is
+the channel bookkeeping, not the convolutions); the classifier has 10 classes.
+"""
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.structured import find_groups, slim
+
+#: name → (builder kwargs, input side, minimum prunable share of groups, maximum params left)
+MODELS = {
+    "resnet18": ({}, 32, 0.99, 0.51),
+    "mobilenet_v3_small": ({}, 32, 0.99, 0.52),  # SE gates (hardsigmoid) prunable
+    "efficientnet_b0": ({}, 32, 0.99, 0.51),  # SE gates (sigmoid) and stochastic depth
+    "inception_v3": ({"aux_logits": False, "init_weights": False}, 75, 0.99, 0.51),
+    "shufflenet_v2_x0_5": ({}, 32, 0.64, 0.73),  # channel shuffle pins the shuffled streams
+    "squeezenet1_0": ({}, 32, 0.99, 0.52),
+    "convnext_tiny": ({}, 32, 0.94, 0.74),  # the LayerNorm stream is kept, the MLPs go
+    "vit_b_32": ({"image_size": 32}, 32, 0.65, 0.72),  # heads and MLPs; the stream is kept
+}
+FRACTION = 0.3
+
+
+def _models():
+    importlib.import_module("tests.structured.torchvision_shim")  # before torchvision
+    return importlib.import_module("torchvision.models")
+
+
+def _build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    kwargs, side, _, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = _models().get_model(name, weights=None, num_classes=10, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    return model, torch.randn(2, 3, side, side, generator=gen)
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_zoo_model_slims_exactly_with_coverage(name):
+    model, x = _build(name)
+    _, _, min_share, max_left = MODELS[name]
+    groups = find_groups(model, x)
+    prunable = [g for g in groups if g.prunable]
+    share = len(prunable) / len(groups)
+    assert share >= min_share, f"{name}: prunable share {share:.3f} < {min_share}"
+
+    gen = torch.Generator().manual_seed(2)
+    chosen = torch.randperm(len(prunable), generator=gen)[: int(FRACTION * len(prunable))]
+    for i in chosen.tolist():
+        prunable[i].zero_()
+    small = slim(model, x, groups)
+
+    model.eval()
+    small.eval()
+    with torch.no_grad():
+        ref, got = model(x), small(x)
+    scale = float(ref.abs().max())
+    assert scale > 0
+    diff = float((got - ref).abs().max())
+    assert diff <= 1e-4 * scale, f"{name}: max |diff| {diff:.3g} at output scale {scale:.3g}"
+    left = _params(small) / _params(model)
+    assert left <= max_left, f"{name}: {left:.3f} of the parameters left > {max_left}"
