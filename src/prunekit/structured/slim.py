@@ -227,22 +227,37 @@ def apply_kept(
     """Slice ``model``'s tensors to the ``kept`` indices, fix module attributes and set the counted
     ``attributes`` (head counts; in place unless ``copy_model``): what :func:`slim` and
     :func:`~prunekit.structured.io.load_slim` do."""
-    new = copy.deepcopy(model) if copy_model else model
-    for path, value in (attributes or {}).items():
-        owner, _, attr = path.rpartition(".")
-        setattr(new.get_submodule(owner), attr, value)
-    touched: set[str] = set()
+    replaced: dict[str, Tensor] = {}
     for name, axes in kept.items():
         module_name, _, attr = name.rpartition(".")
-        module = new.get_submodule(module_name)
-        t: Tensor = getattr(module, attr)
+        t: Tensor = getattr(model.get_submodule(module_name), attr)
         sliced = t.detach()
         for entry in axes:
             index = torch.tensor(entry["kept"], dtype=torch.long, device=t.device)
             sliced = sliced.index_select(int(entry["axis"]), index)
         fresh = sliced if axes else sliced.clone()  # index_select already made a new tensor
-        if isinstance(t, nn.Parameter):
-            module._parameters[attr] = nn.Parameter(fresh, requires_grad=t.requires_grad)
+        replaced[name] = (
+            nn.Parameter(fresh, requires_grad=t.requires_grad)
+            if isinstance(t, nn.Parameter)
+            else fresh
+        )
+    if copy_model:  # the copy takes the sliced tensors directly (the full ones are never copied)
+        memo: dict[int, Any] = {}
+        for name, fresh in replaced.items():
+            module_name, _, attr = name.rpartition(".")
+            memo[id(getattr(model.get_submodule(module_name), attr))] = fresh
+        new = copy.deepcopy(model, memo)
+    else:
+        new = model
+    for path, value in (attributes or {}).items():
+        owner, _, attr = path.rpartition(".")
+        setattr(new.get_submodule(owner), attr, value)
+    touched: set[str] = set()
+    for name, fresh in replaced.items():
+        module_name, _, attr = name.rpartition(".")
+        module = new.get_submodule(module_name)
+        if isinstance(fresh, nn.Parameter):
+            module._parameters[attr] = fresh
         else:
             module._buffers[attr] = fresh
         touched.add(module_name)
@@ -360,6 +375,21 @@ def grouped_conv2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return y.squeeze(0) if unbatched else y
 
 
+def _double_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` in eval mode; each floating tensor is converted straight into
+    the copy (not copied in its own dtype first)."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point() and id(t) not in memo:
+            wide = t.detach().double()
+            memo[id(t)] = (
+                nn.Parameter(wide, requires_grad=t.requires_grad)
+                if isinstance(t, nn.Parameter)
+                else wide
+            )
+    return copy.deepcopy(model, memo).double().eval()
+
+
 def _fast_grouped_convs(model: nn.Module) -> nn.Module:
     """Route the grouped ``nn.Conv2d`` layers of ``model`` (a throw-away float64 copy) through
     :func:`grouped_conv2d`."""
@@ -388,10 +418,11 @@ def _mismatch(
     with ``rtol=1e-4, atol=1e-5``.
     """
     try:
-        wide = _fast_grouped_convs(copy.deepcopy(model).double().eval())
+        wide = _fast_grouped_convs(_double_copy(model))
         wide_inputs = _to_double(inputs)
         ref = _outputs(wide, wide_inputs)
-        got = _outputs(_fast_grouped_convs(copy.deepcopy(new).double().eval()), wide_inputs)
+        del wide
+        got = _outputs(_fast_grouped_convs(_double_copy(new)), wide_inputs)
     except Exception as e:  # the forward fixes a dtype, or the device lacks float64
         log.info("slim check in float64 failed (%s: %s); comparing in the model's dtype",
                  type(e).__name__, e)  # fmt: skip
