@@ -410,3 +410,25 @@ def test_inception_like_concat_in_the_wrong_order_is_refused(monkeypatch):
     _group_of(groups, "b1.weight", 1).zero_()
     with pytest.raises(SlimError):
         slim(model, x, groups)
+
+
+# ------------------------------------------------------------------ the float64 check's grouped conv
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1, "groups": 8},
+        {"in_channels": 4, "out_channels": 8, "kernel_size": 5, "padding": 2, "stride": 2,
+         "groups": 4},
+        {"in_channels": 12, "out_channels": 6, "kernel_size": (3, 1), "padding": (1, 0),
+         "dilation": 2, "groups": 3, "bias": False},
+    ],
+)  # fmt: skip
+def test_grouped_conv2d_equals_conv2d(cfg):
+    """slim's float64 check runs grouped convs as kh·kw einsums: the same sum as F.conv2d."""
+    from prunekit.structured.slim import grouped_conv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**cfg).double()
+    x = torch.randn(2, cfg["in_channels"], 9, 11, dtype=torch.double)
+    torch.testing.assert_close(grouped_conv2d(conv, x), conv(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grouped_conv2d(conv, x[0]), conv(x[0]), rtol=1e-12, atol=1e-12)
