@@ -90,6 +90,8 @@ class _ResidualDrop(nn.Module):
         self.kind = kind
         self.drop = {"droppath": _DropPath(0.7), "dropout": nn.Dropout(0.3),
                      "dropout2d": nn.Dropout2d(0.3)}.get(kind, nn.Identity())  # fmt: skip
+        if kind == "stochastic_depth":  # calls torchvision.ops.stochastic_depth, fx-wrapped
+            self.drop = _tv_ops().StochasticDepth(0.5, "row")
 
     def branch(self, x: Tensor) -> Tensor:
         y = self.conv1(x)
@@ -99,12 +101,7 @@ class _ResidualDrop(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.stem(x)
-        y = self.branch(h)
-        if self.kind == "stochastic_depth":
-            y = _tv_ops().stochastic_depth(y, 0.5, "row", self.training)
-        else:
-            y = self.drop(y)
-        h = F.relu(h + y)
+        h = F.relu(h + self.drop(self.branch(h)))
         return self.head(h.mean((2, 3)))
 
 
@@ -115,6 +112,9 @@ def test_stochastic_depth_and_dropout_keep_zero_channels(kind, train):
     model = _ResidualDrop(kind).train(train)
     _randomise_bn(model)
     x = torch.randn(4, 3, 6, 6)
+    if kind == "stochastic_depth":  # one call of the function itself, not traced through
+        calls = [n.target for n in R.trace(model).graph.nodes if n.op == "call_function"]
+        assert _tv_ops().stochastic_depth in calls
     groups = find_groups(model, x)  # traced in train mode when train: the random branch is in
     # the stream (stem + conv2 + bn2, joined by the residual add) and the inner channels
     stream = _group_of(groups, "stem.weight", 2)
