@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Member:
+class Member(NamedTuple):
     """One slice of one parameter or buffer that belongs to a channel.
 
     ``role`` is ``"out"`` for slices that *produce* the channel (zeroing all of them makes the
@@ -26,7 +26,7 @@ class Member:
 
     tensor: str
     axis: int
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like tuple.index (shadows it)
     role: str
 
 
@@ -122,7 +122,7 @@ class ChannelGraph:
     def add_member(self, cid: int, member: Member) -> None:
         """Attach ``member`` to channel ``cid``; a slice already attached elsewhere joins the two
         channels (module reuse and tied weights make one channel of two)."""
-        key = (member.tensor, member.axis, member.index)
+        key = member[:3]  # (tensor, axis, index)
         owner = self._owner.get(key)
         if owner is not None:
             self.union(owner, cid)

@@ -62,7 +62,7 @@ class Group:
         self.index = index
         #: ``(module attribute path, value)`` that removing this group lowers by one (head counts)
         self.counters = list(counters)
-        self.members = sorted(members, key=lambda m: (m.tensor, m.axis, m.index))
+        self.members = sorted(members)  # by tensor, axis, index (then role)
         self.reason = reason
         self._tensors = tensors
         self._slices: dict[str | None, dict[tuple[str, int], list[int]]] = {}
@@ -99,14 +99,13 @@ class Group:
     def slices(self, role: str | None = None) -> dict[tuple[str, int], list[int]]:
         """``(tensor name, axis) → indices`` of the group's members (optionally of one role); the
         lists are shared between calls: do not modify them."""
-        cached = self._slices.get(role)
-        if cached is None:
-            out: dict[tuple[str, int], list[int]] = defaultdict(list)
-            for m in self.members:
-                if role is None or m.role == role:
-                    out[(m.tensor, m.axis)].append(m.index)
-            cached = self._slices[role] = dict(out)
-        return dict(cached)
+        if not self._slices:  # every role in one pass over the members
+            by_role: dict[str | None, dict[tuple[str, int], list[int]]] = defaultdict(dict)
+            for tensor, axis, index, member_role in self.members:
+                for r in (None, member_role):
+                    by_role[r].setdefault((tensor, axis), []).append(index)
+            self._slices = dict(by_role)
+        return dict(self._slices.get(role, {}))
 
     def out_tensors(self) -> list[Tensor]:
         """The producing slices, each as a view-free copy (for criteria and optimizers)."""
