@@ -3,7 +3,9 @@
 For each model (random init, seeded; parameters that torchvision initialises to zero — ViT's head,
 biases — are drawn too, so no output is trivially zero): ``find_groups`` → zero a seeded random 30%
 of the prunable groups → ``slim``. The test then checks, itself: the slim model's output equals the
-masked model's within ``1e-4 × max |output|`` (float32, eval mode), parameters were removed, and the
+masked model's within ``1e-4 × max |output|`` (float32, eval mode) while zeroing itself moved the
+output by more than 1% of that scale (ConvNeXt's layer scale, 1e-6 at init, is set to 1 so that it
+does), parameters were removed, and the
 coverage — the share of groups that are prunable and the fraction of parameters left — is at least
 what the rules reach today (so a rule that stops applying fails here). Inputs are small (the cost is
 the channel bookkeeping, not the convolutions); the classifier has 10 classes.
@@ -64,9 +66,11 @@ def _build(name: str) -> tuple[nn.Module, torch.Tensor]:
     model = _get_model(name, kwargs)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in model.parameters():
+        for pname, p in model.named_parameters():
             if not p.any():
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            if pname.endswith("layer_scale"):  # ConvNeXt's 1e-6 would make any pruning invisible
+                p.fill_(1.0)
     return model, torch.randn(2, 3, side, side, generator=gen)
 
 
@@ -83,6 +87,10 @@ def test_zoo_model_slims_exactly_with_coverage(name):
     share = len(prunable) / len(groups)
     assert share >= min_share, f"{name}: prunable share {share:.3f} < {min_share}"
 
+    model.eval()
+    with torch.no_grad():
+        dense = model(x)
+    model.train()  # groups and slim as a training run sees the model
     gen = torch.Generator().manual_seed(2)
     chosen = torch.randperm(len(prunable), generator=gen)[: int(FRACTION * len(prunable))]
     for i in chosen.tolist():
@@ -95,6 +103,8 @@ def test_zoo_model_slims_exactly_with_coverage(name):
         ref, got = model(x), small(x)
     scale = float(ref.abs().max())
     assert scale > 0
+    # the zeroed groups must change the output, or the comparison below could not fail
+    assert float((ref - dense).abs().max()) > 0.01 * scale, f"{name}: zeroing changed nothing"
     diff = float((got - ref).abs().max())
     assert diff <= 1e-4 * scale, f"{name}: max |diff| {diff:.3g} at output scale {scale:.3g}"
     left = _params(small) / _params(model)
