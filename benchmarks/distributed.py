@@ -397,6 +397,7 @@ def plot(rows: dict[str, dict[str, Any]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     models = [m for m in MODELS if any(r["model"] == m for r in rows.values())]
     if not models:
@@ -414,15 +415,18 @@ def plot(rows: dict[str, dict[str, Any]]) -> None:
                 marker=markers[r["hook"]],
                 color=color,
                 facecolors="none" if r["sparse"] != "dense" else color,
-                label=f"{r['hook']}",
             )
         ax.set_xscale("log")
         ax.set_xlabel("bytes sent per rank per step (kB, log)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{model}: filled dense, hollow sparse; blue W=2, orange W=4")
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles, strict=True))
-        ax.legend(unique.values(), unique.keys(), fontsize=7)
+        shown = {r["hook"] for r in rows.values() if r["model"] == model and "failed" not in r}
+        handles = [
+            Line2D([], [], marker=markers[h], color="black", linestyle="none", label=h)
+            for h in HOOKS
+            if h in shown
+        ]
+        ax.legend(handles=handles, fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{RESULT_NAME}.png", dpi=120)
     plt.close(fig)
