@@ -171,6 +171,15 @@ def _decode_sum(codec: Codec, parts: Tensor, n: int) -> Tensor:
     return total
 
 
+def _all_gather_async(payload: Tensor, group: Any, traffic: Traffic) -> tuple[Tensor, Future[Any]]:
+    """Start the all-gather of every rank's ``payload`` (counted in ``traffic`` as it is sent);
+    returns the ``(W · len(payload),)`` output, filled once the future completes."""
+    w = group.size()
+    out = payload.new_empty(w * payload.numel())
+    traffic.all_gather(payload, w)
+    return out, dist.all_gather_single(out, payload, group=group, async_op=True).get_future()
+
+
 def allgather_mean(
     buffer: Tensor,
     codec: Codec,
@@ -182,9 +191,7 @@ def allgather_mean(
     w = group.size()
     n = buffer.numel()
     payload = codec.encode(buffer, generator)
-    out = payload.new_empty(w * payload.numel())
-    traffic.all_gather(payload, w)
-    fut = dist.all_gather_single(out, payload, group=group, async_op=True).get_future()
+    out, fut = _all_gather_async(payload, group, traffic)
 
     def done(_: Future[Any]) -> Tensor:
         mean = _decode_sum(codec, out.view(w, -1), n).div_(w)
@@ -240,10 +247,7 @@ def reduce_scatter_mean(
     traffic.all_to_all(send, w)
     dist.all_to_all_single(recv, send, group=group)
     mine = _decode_sum(codec, recv.view(w, -1), length)  # everyone's copy of my slice, summed
-    payload = codec.encode(mine, generator)
-    out = payload.new_empty(w * payload.numel())
-    traffic.all_gather(payload, w)
-    fut = dist.all_gather_single(out, payload, group=group, async_op=True).get_future()
+    out, fut = _all_gather_async(codec.encode(mine, generator), group, traffic)
 
     def done(_: Future[Any]) -> Tensor:
         parts = out.view(w, -1)

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from prunekit.config import ConfigError
 from prunekit.distributed.compress import compress_gradients
 from prunekit.distributed.hooks import CommState
+from prunekit.distributed.sync import broadcast_tensors_
 from prunekit.training.guards import check_out_dir, resolve_device
 from prunekit.training.recipe import Recipe
 
@@ -202,8 +203,7 @@ def sync_buffers(model: nn.Module, ranks: Ranks) -> None:
     before they are evaluated or saved.
     """
     if ranks.distributed:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
+        broadcast_tensors_(model.buffers(), src=0)
 
 
 def attach_communication(
@@ -231,8 +231,9 @@ def attach_communication(
 def communication_metrics(state: CommState, ranks: Ranks) -> dict[str, Any]:
     """What the gradient exchange cost, for ``metrics.json``: bytes every rank sent (summed over
     ranks), what fp32 ring all-reduce would have sent, their ratio and the summation mode."""
-    sent = sum(gather_object(float(state.bytes_sent), ranks))
-    dense = sum(gather_object(float(state.bytes_dense), ranks))
+    counts = gather_object((float(state.bytes_sent), float(state.bytes_dense)), ranks)
+    sent = sum(c[0] for c in counts)
+    dense = sum(c[1] for c in counts)
     return {
         "communication": {
             "method": state.method,
@@ -277,8 +278,7 @@ def agree(value: int, what: str, ranks: Ranks) -> None:
     """
     if not ranks.distributed:
         return
-    values: list[Any] = [None] * ranks.world_size
-    dist.all_gather_object(values, value)
+    values = gather_object(value, ranks)
     if len(set(values)) > 1:
         raise ConfigError(
             f"the ranks disagree on {what} ({values} by rank); every rank must see the same "
