@@ -10,11 +10,12 @@ module ties the head size to ``embed_dim / num_heads``, so a slimmed one is repl
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from prunekit.structured.channels import Flow, Member
+from prunekit.structured.channels import Flow
 from prunekit.structured.rules import RuleContext, Value, pin_all, shape_of
 
 
@@ -114,15 +115,14 @@ def mha_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value])
         elif isinstance(x, Flow):
             ctx.graph.pin(x.ids, f"{name}: channels not on the embedding dimension")
     head_ids = ctx.graph.fresh(heads)
-    for h, cid in enumerate(head_ids):
-        for block in range(3):
-            for r in range(block * inner + h * d, block * inner + (h + 1) * d):
-                for t in (weight, bias):
-                    if t is not None:
-                        ctx.graph.add_member(cid, Member(t, 0, r, "out"))
-        for c in range(h * d, (h + 1) * d):
-            if out_w is not None:
-                ctx.graph.add_member(cid, Member(out_w, 1, c, "in"))
+    rows = np.arange(inner)  # head h: rows h·d … (h+1)·d − 1 of each of the q, k and v blocks
+    per_row = np.repeat(head_ids, d)
+    for block in range(3):
+        for t in (weight, bias):
+            if t is not None:
+                ctx.graph.attach(per_row, t, 0, "out", block * inner + rows)
+    if out_w is not None:
+        ctx.graph.attach(per_row, out_w, 1, "in", rows)
     for t in (weight, bias, out_w):
         if t is not None and t in ctx.shared:
             ctx.graph.pin(head_ids, f"{t} is shared")

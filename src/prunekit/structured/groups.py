@@ -21,25 +21,26 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.fx.proxy import TraceError
 
 from prunekit.core.cost import module_macs
 from prunekit.core.forward import eval_mode, example_args
 from prunekit.distributed.sync import unwrap
-from prunekit.structured.channels import ChannelGraph, Flow, Member
+from prunekit.structured.channels import ROLES, ChannelGraph, Flow, Member, MemberTable
 from prunekit.structured.heads import head_rule, resolve_sites, split_rule
 from prunekit.structured.rules import (
     Param,
     RuleContext,
+    RuleTracer,
     Value,
     fresh_flow,
     function_rule,
     module_rule,
     pin_all,
-    trace,
+    propagate_shapes,
     unknown,
 )
 
@@ -49,12 +50,18 @@ class CaptureError(RuntimeError):
 
 
 class Group:
-    """One zero-invariant group: slices of parameters and buffers removed together."""
+    """One zero-invariant group: slices of parameters and buffers removed together.
+
+    The members of all groups live in one shared :class:`MemberTable`, sorted by group and then by
+    tensor, axis, index and role; a group holds its row range and builds Python objects for its
+    members only when asked.
+    """
 
     def __init__(
         self,
         index: int,
-        members: list[Member],
+        table: MemberTable,
+        rows: tuple[int, int],
         reason: str | None,
         tensors: dict[str, Tensor],
         counters: Sequence[tuple[str, int]] = (),
@@ -62,11 +69,24 @@ class Group:
         self.index = index
         #: ``(module attribute path, value)`` that removing this group lowers by one (head counts)
         self.counters = list(counters)
-        self.members = sorted(members)  # by tensor, axis, index (then role)
         self.reason = reason
+        self._table = table
+        self._rows = rows
         self._tensors = tensors
         self._slices: dict[str | None, dict[tuple[str, int], list[int]]] = {}
         self._out_index: dict[tuple[str, int], Tensor] | None = None
+
+    @property
+    def members(self) -> list[Member]:
+        """The group's slices, sorted by tensor, axis, index (then role)."""
+        t, (a, b) = self._table, self._rows
+        return [
+            Member(t.names[n], axis, index, ROLES[role])
+            for n, axis, index, role in zip(
+                t.tensor[a:b].tolist(), t.axis[a:b].tolist(), t.index[a:b].tolist(),
+                t.role[a:b].tolist(), strict=True,
+            )
+        ]  # fmt: skip
 
     @property
     def _out(self) -> dict[tuple[str, int], Tensor]:
@@ -161,14 +181,15 @@ def _fmt_slice(axis: int, idx: list[int]) -> str:
     return "[" + ", ".join([":"] * axis + [",".join(runs)]) + "]"
 
 
-def capture(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
+def capture(model: nn.Module, example_inputs: Sequence[Any]) -> fx.Graph:
     """Trace ``model`` with ``torch.fx`` and annotate every node with its output shape.
 
     The model runs once in eval mode without gradients; its state (batch-norm statistics, training
-    flag) is left as it was.
+    flag) is left as it was. The graph's ``get_attr`` and ``call_module`` targets are paths in
+    ``model``.
     """
     try:
-        gm = trace(model)
+        graph = RuleTracer().trace(model)
     except Exception as exc:
         hint = (
             "Structured pruning needs a forward without data-dependent Python control flow."
@@ -179,8 +200,8 @@ def capture(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. {hint}"
         ) from exc
     with eval_mode(model), torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
-    return gm
+        propagate_shapes(model, graph, example_inputs)
+    return graph
 
 
 def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> list[Group]:
@@ -193,7 +214,7 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
     """
     model = unwrap(model)
     inputs = example_args(example_inputs)
-    gm = capture(model, inputs)
+    graph = capture(model, inputs)
     names: dict[int, str] = {}
     tensors: dict[str, Tensor] = {}
     uses: dict[int, int] = defaultdict(int)
@@ -208,11 +229,11 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
     shared = {names[i] for i, n in uses.items() if n > 1}
     calls: dict[str, int] = defaultdict(int)
     reads: dict[str, int] = defaultdict(int)  # tensors read by get_attr: their uses
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] += 1
         elif node.op == "get_attr":
-            read = _attr(gm, str(node.target))
+            read = _attr(model, str(node.target))
             if read is not None and id(read) in names:
                 reads[names[id(read)]] += len(node.users)
     for target, n in calls.items():
@@ -233,22 +254,22 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
             return tuple(value(a) for a in arg)
         return None
 
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         args = [value(a) for a in node.args]
         if node.op == "placeholder":
             env[node] = fresh_flow(ctx, node, "model input")
         elif node.op == "get_attr":
-            attr = _attr(gm, str(node.target))
+            attr = _attr(model, str(node.target))
             env[node] = (
                 Param(names[id(attr)], tuple(attr.shape))
                 if attr is not None and id(attr) in names
                 else None
             )
         elif _has_heads(args):
-            owner = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+            owner = model.get_submodule(str(node.target)) if node.op == "call_module" else None
             env[node] = head_rule(ctx, node, owner, args)
         elif node.op == "call_module":
-            module = gm.get_submodule(str(node.target))
+            module = model.get_submodule(str(node.target))
             rule = module_rule(module)
             env[node] = (
                 rule(ctx, node, module, args) if rule is not None else unknown(ctx, node, args)
@@ -264,23 +285,55 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
             pin_all(ctx, args, "reaches the model output")
 
     resolve_sites(ctx, model)
-    groups: list[Group] = []
-    for ids in ctx.graph.classes().values():
-        members = [m for cid in ids for m in ctx.graph.members.get(cid, [])]
-        if not any(m.role == "out" for m in members):
-            continue
-        reasons = [ctx.graph.pins[cid] for cid in ids if cid in ctx.graph.pins]
-        reasons += [r for r in map(ctx.graph.reason, ids) if r is not None]
-        counters = sorted({a for cid in ids for a in ctx.head_attrs.get(cid, ())})
-        groups.append(
-            Group(len(groups), members, reasons[0] if reasons else None, tensors, counters)
+    return _assemble(ctx, tensors)
+
+
+def _assemble(ctx: RuleContext, tensors: dict[str, Tensor]) -> list[Group]:
+    """The groups of the classes of ``ctx.graph`` that have a producing member, ordered by their
+    smallest channel id (graph order), with the first reason a channel of each was pinned for."""
+    graph = ctx.graph
+    labels = graph.labels()
+    table = graph.members()
+    row_class = labels[table.ids]
+    roots = np.unique(row_class[table.role == ROLES.index("out")])
+    group_of = np.full(graph.size, -1, dtype=np.int64)
+    group_of[roots] = np.arange(len(roots))
+    row_group = group_of[row_class]
+    keep = np.flatnonzero(row_group >= 0)
+    rank = np.argsort(np.argsort(np.array(table.names, dtype=object))).astype(np.int64)
+    order = keep[
+        np.lexsort((
+            table.role[keep], table.index[keep], table.axis[keep], rank[table.tensor[keep]],
+            row_group[keep],
+        ))
+    ]  # fmt: skip
+    rows = MemberTable(
+        table.names, table.ids[order], table.tensor[order], table.axis[order],
+        table.index[order], table.role[order],
+    )  # fmt: skip
+    bounds = np.searchsorted(row_group[order], np.arange(len(roots) + 1)).tolist()
+    hard, value, texts = graph.first_pins()
+    reason = np.full(graph.size, -1, dtype=np.int64)
+    for first in (value, hard):  # hard pins win over value pins
+        pinned = np.flatnonzero(first >= 0)  # ascending: the first of a class is its smallest
+        classes, at = np.unique(labels[pinned], return_index=True)
+        reason[classes] = first[pinned[at]]
+    counters: dict[int, set[tuple[str, int]]] = defaultdict(set)
+    for cid, attrs in ctx.head_attrs.items():
+        counters[int(labels[cid])] |= attrs
+    root_reason = reason[roots].tolist()
+    return [
+        Group(
+            g, rows, (bounds[g], bounds[g + 1]), texts[r] if r >= 0 else None, tensors,
+            sorted(counters.get(root, ())),
         )
-    return groups
+        for g, (root, r) in enumerate(zip(roots.tolist(), root_reason, strict=True))
+    ]  # fmt: skip
 
 
-def _attr(gm: fx.GraphModule, target: str) -> Tensor | None:
+def _attr(model: nn.Module, target: str) -> Tensor | None:
     owner, _, attr = target.rpartition(".")
-    t = getattr(gm.get_submodule(owner), attr, None)
+    t = getattr(model.get_submodule(owner), attr, None)
     return t if isinstance(t, Tensor) else None
 
 

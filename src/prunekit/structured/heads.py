@@ -30,8 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from prunekit.structured.channels import Flow
-from prunekit.structured.rules import RuleContext, Value, permute_rule, shape_of, trace, unknown
+from prunekit.structured.channels import Flow, Ids, as_ids
+from prunekit.structured.rules import (
+    RuleContext,
+    Value,
+    join_runs,
+    permute_rule,
+    shape_of,
+    trace,
+    unknown,
+)
 
 #: Element-wise ops that keep a head flow (or the structural flow of the scores) as it is.
 _KEEP_METHODS = {"contiguous", "clone", "detach", "float", "to", "type_as"}
@@ -48,10 +56,10 @@ class HeadSite:
     heads: int
     head_size: int
     position: int  # index of the head-count (split) or merged-size (merge) entry in the shape args
-    ids: list[int]  # every channel id, head by head
+    ids: Ids  # every channel id, head by head
 
     @property
-    def reps(self) -> list[int]:
+    def reps(self) -> Ids:
         """One channel id per head."""
         return self.ids[:: self.head_size]
 
@@ -80,8 +88,8 @@ def split_rule(ctx: RuleContext, node: fx.Node, x: Flow) -> Flow | None:
     ):
         return None
     heads, size = out_shape[c], out_shape[c + 1]
-    ctx.head_sites.append(HeadSite(node, "split", heads, size, c, list(x.ids)))
-    return Flow(c + 1, list(x.ids), heads=c)
+    ctx.head_sites.append(HeadSite(node, "split", heads, size, c, x.ids))
+    return Flow(c + 1, x.ids, heads=c)
 
 
 def _merge(ctx: RuleContext, node: fx.Node, x: Flow, start: int, end: int) -> Value:
@@ -91,12 +99,8 @@ def _merge(ctx: RuleContext, node: fx.Node, x: Flow, start: int, end: int) -> Va
         return unknown(ctx, node, [x])
     heads = len(x.ids) // _head_size(node, x)
     size = len(x.ids) // heads
-    ids = (
-        list(x.ids)
-        if x.heads == start
-        else [x.ids[h * size + j] for j in range(size) for h in range(heads)]
-    )
-    ctx.head_sites.append(HeadSite(node, "merge", heads, size, start, list(x.ids)))
+    ids = x.ids if x.heads == start else x.ids.reshape(heads, size).T.ravel()
+    ctx.head_sites.append(HeadSite(node, "merge", heads, size, start, x.ids))
     return Flow(start, ids)
 
 
@@ -176,7 +180,7 @@ def _reshape_heads(ctx: RuleContext, node: fx.Node, x: Flow, inputs: list[Value]
 
 
 def _same(x: Flow) -> Flow:
-    return Flow(x.dim, list(x.ids), heads=x.heads, structural=x.structural)
+    return Flow(x.dim, x.ids, heads=x.heads, structural=x.structural)
 
 
 def _broadcast_ok(node: fx.Node, x: Flow) -> bool:
@@ -197,8 +201,7 @@ def _broadcast_ok(node: fx.Node, x: Flow) -> bool:
 
 
 def _join_heads(ctx: RuleContext, flow: Flow, size: int) -> None:
-    for h in range(0, len(flow.ids), size):
-        ctx.graph.union_all(flow.ids[h : h + size - 1], flow.ids[h + 1 : h + size])
+    join_runs(ctx, flow.ids, size)
 
 
 def _matmul(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
@@ -233,7 +236,7 @@ def _matmul(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
         size = len(b.ids) // len(a.ids)
         _join_heads(ctx, b, size)
         ctx.graph.union_all(a.ids, b.ids[::size])
-        return Flow(b.dim, list(b.ids), heads=b.heads)
+        return Flow(b.dim, b.ids, heads=b.heads)
     return unknown(ctx, node, inputs)
 
 
@@ -262,7 +265,7 @@ def _sdpa(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
     _join_heads(ctx, v, size_v)
     ctx.graph.union_all(q.ids[::size_qk], v.ids[::size_v])
     ctx.coupled.extend(q.ids[::size_qk])
-    return Flow(v.dim, list(v.ids), heads=v.heads)
+    return Flow(v.dim, v.ids, heads=v.heads)
 
 
 def _mask_ok(mask: fx.Node, q: Value) -> bool:
@@ -280,10 +283,11 @@ def resolve_sites(ctx: RuleContext, model: nn.Module) -> None:
     Sets ``ctx.head_attrs``: channel id (one per head) → ``(attribute path, value)``; removing that
     head lowers the attribute by one.
     """
-    coupled = {ctx.graph.find(i) for i in ctx.coupled}
+    labels = ctx.graph.labels()
+    coupled = set(labels[as_ids(ctx.coupled)].tolist())
     need: dict[str, list[HeadSite]] = {}
     for site in ctx.head_sites:
-        if site.kind == "split" and not all(ctx.graph.find(r) in coupled for r in site.reps):
+        if site.kind == "split" and not coupled.issuperset(labels[site.reps].tolist()):
             ctx.graph.pin(
                 site.ids,
                 f"{site.node.name}: split into ({site.heads}, {site.head_size}) outside attention",
@@ -305,7 +309,7 @@ def resolve_sites(ctx: RuleContext, model: nn.Module) -> None:
                     f"{owner or type(model).__name__!r} drives (write it as self.<attr> or -1)",
                 )
                 continue
-            for r in site.reps:
+            for r in site.reps.tolist():
                 for attr in attrs:
                     ctx.head_attrs.setdefault(r, set()).add((attr, site.heads))
 

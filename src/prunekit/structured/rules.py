@@ -12,15 +12,17 @@ import copy
 import math
 import operator
 import sys
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from prunekit.structured.channels import ChannelGraph, Flow, Member
+from prunekit.structured.channels import ChannelGraph, Flow, Ids
 
 
 @dataclass(frozen=True)
@@ -69,23 +71,18 @@ class RuleContext:
             return None
         return self.names.get(id(t), f"{module_name}.{attr}" if module_name else attr)
 
-    def attach(
-        self, ids: list[int], name: str | None, axis: int, role: str, stride: int = 1
-    ) -> None:
-        """Attach slice ``index // stride`` of tensor ``name`` along ``axis`` to each id (in order)."""
+    def attach(self, ids: Ids, name: str | None, axis: int, role: str) -> None:
+        """Attach slice ``i`` of tensor ``name`` along ``axis`` to channel ``ids[i]``."""
         if name is None:
             return
-        for index, cid in enumerate(ids):
-            self.graph.add_member(
-                cid, Member(name, axis, index // stride if stride > 1 else index, role)
-            )
+        self.graph.attach(ids, name, axis, role)
         if name in self.shared:
             self.graph.pin(ids, f"{name} is shared (tied weights or a module called twice)")
 
 
 def shape_of(node: Any) -> tuple[int, ...] | None:
-    meta = getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    """The shape of the tensor ``node`` makes (from :func:`propagate_shapes`), if it makes one."""
+    return node.meta.get("shape") if isinstance(node, fx.Node) else None
 
 
 def fresh_flow(
@@ -105,6 +102,12 @@ def pin_all(ctx: RuleContext, values: Sequence[Value], reason: str) -> None:
             ctx.graph.pin(v.ids, reason)
         elif isinstance(v, tuple):
             pin_all(ctx, list(v), reason)
+
+
+def join_runs(ctx: RuleContext, ids: Ids, size: int) -> None:
+    """Join each run of ``size`` consecutive ids (a norm group, a head)."""
+    runs = ids.reshape(-1, size)
+    ctx.graph.union_all(runs[:, :-1].ravel(), runs[:, 1:].ravel())
 
 
 def unknown(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
@@ -179,21 +182,19 @@ def grouped_conv(
     if shape is None:
         return unknown(ctx, node, [x])
     if a == 1:
-        ids = list(x.ids) if x is not None else ctx.graph.fresh(m.in_channels, "untracked input")
-        out_ids = [cid for cid in ids for _ in range(b)]
+        ids = x.ids if x is not None else ctx.graph.fresh(m.in_channels, "untracked input")
+        out_ids = np.repeat(ids, b)
         ctx.attach(out_ids, weight, 0, "out")
         ctx.attach(out_ids, bias, 0, "out")
         return Flow(1, out_ids)
-    if x is not None:
-        for s in range(a):
-            column = x.ids[s::a]
-            ctx.graph.union_all(column[:-1], column[1:])
+    if x is not None:  # x.ids[s::a] is column s of the (g, a) layout
+        by_group = x.ids.reshape(g, a)
+        ctx.graph.union_all(by_group[:-1].ravel(), by_group[1:].ravel())
         # weight column s belongs to x.ids[s] (and so to its whole class)
         ctx.attach(x.ids[:a], weight, 1, "in")
     out = Flow(1, ctx.graph.fresh(m.out_channels))
-    for t in range(b):
-        row = out.ids[t::b]
-        ctx.graph.union_all(row[:-1], row[1:])
+    by_group = out.ids.reshape(g, b)
+    ctx.graph.union_all(by_group[:-1].ravel(), by_group[1:].ravel())
     ctx.attach(out.ids, weight, 0, "out")
     ctx.attach(out.ids, bias, 0, "out")
     return out
@@ -234,31 +235,24 @@ def channel_norm_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: lis
     if not m.affine:
         ctx.graph.pin(x.ids, f"{name}: {type(m).__name__} without affine parameters")
     size = m.num_channels // m.num_groups if isinstance(m, nn.GroupNorm) else 1
-    for j in range(0, len(x.ids), size):
-        ctx.graph.union_all(x.ids[j : j + size - 1], x.ids[j + 1 : j + size])
+    join_runs(ctx, x.ids, size)
     ctx.attach(x.ids, ctx.tensor_name(name, "weight", m), 0, "out")
     ctx.attach(x.ids, ctx.tensor_name(name, "bias", m), 0, "out")
     ctx.attach(x.ids, ctx.tensor_name(name, "running_mean", m), 0, "aux")
     ctx.attach(x.ids, ctx.tensor_name(name, "running_var", m), 0, "aux")
-    return Flow(1, list(x.ids))
+    return Flow(1, x.ids)
 
 
 def normalize_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
     """LayerNorm / InstanceNorm mix channels (mean and variance across them): pinned."""
     x = inputs[0]
     pin_all(ctx, [x], f"{node.target}: {type(m).__name__} normalises across channels")
-    return (
-        Flow(x.dim, list(x.ids)) if isinstance(x, Flow) else fresh_flow(ctx, node, "normalisation")
-    )
+    return Flow(x.dim, x.ids) if isinstance(x, Flow) else fresh_flow(ctx, node, "normalisation")
 
 
 def passthrough_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
     x = inputs[0]
-    return (
-        Flow(x.dim, list(x.ids))
-        if isinstance(x, Flow)
-        else fresh_flow(ctx, node, "untracked input")
-    )
+    return Flow(x.dim, x.ids) if isinstance(x, Flow) else fresh_flow(ctx, node, "untracked input")
 
 
 def pin_values(ctx: RuleContext, node: fx.Node, values: Sequence[Value], reason: str) -> None:
@@ -393,6 +387,60 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+def propagate_shapes(root: nn.Module, graph: fx.Graph, inputs: Sequence[Any]) -> None:
+    """Run ``graph`` (traced from ``root``) on ``inputs`` and record on every node the shape of the
+    tensor it makes (``meta["shape"]``) or of the tensors of the tuple it makes
+    (``meta["shapes"]``).
+
+    A lean ``fx.Interpreter``: no ``GraphModule`` is compiled and nothing but shapes is recorded, and
+    each value is dropped after its last use. Call it under ``torch.no_grad()``.
+    """
+    env: dict[fx.Node, Any] = {}
+    last_use: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        for used in node.all_input_nodes:
+            last_use[used] = node
+    done: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+    for value_node, user in last_use.items():
+        done[user].append(value_node)
+    modules = dict(root.named_modules())
+    pending = list(inputs)
+    value: Any
+    for node in graph.nodes:
+        if node.op == "output":
+            break
+        if node.op == "placeholder":
+            if str(node.target).startswith("*"):
+                value, pending = tuple(pending), []
+            elif pending:
+                value = pending.pop(0)
+            elif node.args:  # a default value
+                value = node.args[0]
+            else:
+                raise TypeError(f"missing example input for {node.target!r}")
+        elif node.op == "get_attr":
+            value = root
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+        else:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+            if node.op == "call_module":
+                value = modules[str(node.target)](*args, **kwargs)
+            elif node.op == "call_function":
+                value = node.target(*args, **kwargs)
+            else:
+                value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        if isinstance(value, Tensor):
+            node.meta["shape"] = tuple(value.shape)
+        elif (
+            isinstance(value, list | tuple) and value and all(isinstance(v, Tensor) for v in value)
+        ):
+            node.meta["shapes"] = [tuple(v.shape) for v in value]
+        env[node] = value
+        for value_node in done.get(node, ()):
+            env.pop(value_node, None)
+
+
 def module_rule(module: nn.Module) -> ModuleRule | None:
     for types, rule in _MODULE_RULES:
         if isinstance(module, types):
@@ -409,12 +457,12 @@ def flatten(ctx: RuleContext, node: fx.Node, x: Value, start: int, end: int) -> 
     n = len(in_shape)
     start, end = start % n, end % n
     if x.dim < start:
-        return Flow(x.dim, list(x.ids))
+        return Flow(x.dim, x.ids)
     if x.dim > end:
-        return Flow(x.dim - (end - start), list(x.ids))
+        return Flow(x.dim - (end - start), x.ids)
     outer = math.prod(in_shape[start : x.dim])
     inner = math.prod(in_shape[x.dim + 1 : end + 1])
-    return Flow(start, [cid for _ in range(outer) for cid in x.ids for _ in range(inner)])
+    return Flow(start, np.tile(np.repeat(x.ids, inner), outer))
 
 
 def reshape_rule(ctx: RuleContext, node: fx.Node, x: Value) -> Value:
@@ -426,14 +474,14 @@ def reshape_rule(ctx: RuleContext, node: fx.Node, x: Value) -> Value:
     while p < min(len(in_shape), len(out_shape)) and in_shape[p] == out_shape[p]:
         p += 1
     if x.dim < p:
-        return Flow(x.dim, list(x.ids))
+        return Flow(x.dim, x.ids)
     for q in range(p + 1, len(in_shape) + 1):
         if math.prod(in_shape[p:q]) == out_shape[p] and tuple(in_shape[q:]) == tuple(
             out_shape[p + 1 :]
         ):
             if x.dim < q:
                 return flatten(ctx, node, x, p, q - 1)
-            return Flow(x.dim - (q - 1 - p), list(x.ids))
+            return Flow(x.dim - (q - 1 - p), x.ids)
     return unknown(ctx, node, [x])
 
 
@@ -461,13 +509,13 @@ def join_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value], zero_absorbi
         if zero_absorbing and _is_product(node):
             _gate(ctx, node, flows)
         ctx.graph.union_all(flows[0].ids, flows[1].ids)
-        return Flow(flows[0].dim, list(flows[0].ids))
+        return Flow(flows[0].dim, flows[0].ids)
     if len(flows) == 1 and len(node.args) == 2 and len(scalars) == 1:
         if not zero_absorbing:
             ctx.graph.pin_value(
                 flows[0].ids, node.name, f"{describe(node)} with a constant breaks zero-invariance"
             )
-        return Flow(flows[0].dim, list(flows[0].ids))
+        return Flow(flows[0].dim, flows[0].ids)
     if len(flows) == 1 and len(node.args) == 2 and not node.kwargs:
         joined = _join_tensor(ctx, node, inputs, zero_absorbing)
         if joined is not None:
@@ -523,17 +571,17 @@ def _join_tensor(
     product = _is_product(node)
     if not per_channel:
         if product:
-            return Flow(dim, list(x.ids))
+            return Flow(dim, x.ids)
         if not zero_absorbing:  # the same value added to every channel
             ctx.graph.pin_value(
                 x.ids, node.name, f"{describe(node)}: adding a tensor breaks zero-invariance"
             )
-            return Flow(dim, list(x.ids))
+            return Flow(dim, x.ids)
         return None
     if not isinstance(other, Param) or not (product or not zero_absorbing):
         return None
     ctx.attach(x.ids, other.name, t_dim, "in" if product else "out")
-    return Flow(dim, list(x.ids))
+    return Flow(dim, x.ids)
 
 
 def _aligned(node: fx.Node, flows: list[Flow]) -> bool:
@@ -553,13 +601,13 @@ def cat_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
     flows = [p for p in parts if isinstance(p, Flow)]
     dim %= len(out_shape)
     if all(f.dim == dim for f in flows):
-        return Flow(dim, [cid for f in flows for cid in f.ids])
+        return Flow(dim, np.concatenate([f.ids for f in flows]))
     if all(f.dim == flows[0].dim for f in flows) and all(
         len(f.ids) == len(flows[0].ids) for f in flows
     ):
         for f in flows[1:]:
             ctx.graph.union_all(flows[0].ids, f.ids)
-        return Flow(flows[0].dim, list(flows[0].ids))
+        return Flow(flows[0].dim, flows[0].ids)
     return unknown(ctx, node, list(parts))
 
 
@@ -573,7 +621,7 @@ def getitem_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
     # the channel dim survives unchanged when it and every dim before it are taken whole (``:``);
     # entries after it (integers, ``None``) do not move it
     if Ellipsis not in entries and all(e == slice(None) for e in entries[: src.dim + 1]):
-        return Flow(src.dim, list(src.ids))
+        return Flow(src.dim, src.ids)
     return unknown(ctx, node, [src])
 
 
@@ -598,7 +646,7 @@ def reduce_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
         reduced = {int(d) % len(in_shape) for d in raw}
         if x.dim not in reduced:
             shift = 0 if keepdim else sum(d < x.dim for d in reduced)
-            return Flow(x.dim - shift, list(x.ids))
+            return Flow(x.dim - shift, x.ids)
     return unknown(ctx, node, inputs)
 
 
@@ -620,7 +668,7 @@ def permute_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value], kind: str
         order = list(range(n))
         order[dims[0]], order[dims[1]] = order[dims[1]], order[dims[0]]
     heads = None if x.heads is None else order.index(x.heads)  # a head flow moves both its dims
-    return Flow(order.index(x.dim), list(x.ids), heads=heads, structural=x.structural)
+    return Flow(order.index(x.dim), x.ids, heads=heads, structural=x.structural)
 
 
 #: Element-wise functions: prunable through them only where f(0) = 0 for the call's own arguments.
@@ -663,7 +711,7 @@ def function_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value
             return split_rule(ctx, node, inputs[0], target)
         if target in PASS_METHODS:
             x = inputs[0]
-            return Flow(x.dim, list(x.ids)) if isinstance(x, Flow) else None
+            return Flow(x.dim, x.ids) if isinstance(x, Flow) else None
         if target == "flatten":
             return flatten(
                 ctx, node, inputs[0], _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
@@ -690,9 +738,7 @@ def function_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value
     if target in ZERO_PRESERVING_FUNCTIONS or _optional_zero_preserving(target):
         x = inputs[0]
         return (
-            Flow(x.dim, list(x.ids))
-            if isinstance(x, Flow)
-            else fresh_flow(ctx, node, "untracked input")
+            Flow(x.dim, x.ids) if isinstance(x, Flow) else fresh_flow(ctx, node, "untracked input")
         )
     if target in (operator.add, operator.iadd, torch.add, operator.sub, torch.sub):
         return join_rule(ctx, node, inputs, zero_absorbing=False)
@@ -732,15 +778,15 @@ def _optional_zero_preserving(target: Any) -> bool:
 def split_rule(ctx: RuleContext, node: fx.Node, x: Value, kind: str) -> Value:
     """``chunk`` / ``split``: a tuple of flows, the channel ids cut in consecutive pieces when the
     split is along the channel dim, each piece with all of them otherwise."""
-    meta = node.meta.get("tensor_meta")
+    shapes = node.meta.get("shapes")
     in_shape = shape_of(node.args[0])
     dim = _arg(node, 2, "dim", 0)
-    if not isinstance(x, Flow) or not isinstance(meta, list | tuple) or in_shape is None:
+    if not isinstance(x, Flow) or shapes is None or in_shape is None:
         return unknown(ctx, node, [x])
     dim %= len(in_shape)
-    sizes = [int(m.shape[dim]) for m in meta]
+    sizes = [int(shape[dim]) for shape in shapes]
     if dim != x.dim:
-        return tuple(Flow(x.dim, list(x.ids)) for _ in sizes)
+        return tuple(Flow(x.dim, x.ids) for _ in sizes)
     starts = [sum(sizes[:k]) for k in range(len(sizes))]
     return tuple(Flow(x.dim, x.ids[a : a + n]) for a, n in zip(starts, sizes, strict=True))
 
@@ -755,7 +801,7 @@ def glu(ctx: RuleContext, node: fx.Node, x: Value, dim: int) -> Value:
     if not isinstance(x, Flow) or shape is None:
         return unknown(ctx, node, [x])
     if dim % len(shape) != x.dim:
-        return Flow(x.dim, list(x.ids))
+        return Flow(x.dim, x.ids)
     half = len(x.ids) // 2
     ctx.graph.union_all(x.ids[:half], x.ids[half:])
     return Flow(x.dim, x.ids[:half])
@@ -776,7 +822,7 @@ def elementwise_function(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -
         ctx.graph.pin_value(
             x.ids, node.name, f"{describe(node)}(0) {shown}, not 0 (a zero channel is not zero)"
         )
-    return Flow(x.dim, list(x.ids))
+    return Flow(x.dim, x.ids)
 
 
 def _arg(node: fx.Node, pos: int, name: str, default: int) -> int:
