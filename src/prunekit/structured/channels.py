@@ -220,6 +220,11 @@ class ChannelGraph:
         code, key = _ROLE_CODE[role], (tensor, axis)
         owner = self._owner.get(key)
         need = int(index.max()) + 1
+        if owner is None and need == len(index) and np.array_equal(index, np.arange(need)):
+            # the common case, a whole tensor attached once: every slice is new
+            self._owner[key] = np.array(ids)
+            self._rows.append((tensor, axis, code, index, ids))
+            return
         if owner is None:
             owner = np.full(need, -1, dtype=np.int64)
         elif len(owner) < need:

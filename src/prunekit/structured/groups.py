@@ -16,9 +16,11 @@ Capture uses ``torch.fx`` tracing (a ``Tracer`` that keeps modules with a rule a
 
 from __future__ import annotations
 
+import gc
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,37 +51,53 @@ class CaptureError(RuntimeError):
     """The model could not be captured as a graph."""
 
 
+@dataclass
+class GroupStore:
+    """What the groups of one :func:`find_groups` call share: the member table sorted by group
+    (rows ``bounds[g] … bounds[g+1]`` are group ``g``'s, by tensor, axis, index and role), each
+    group's reason and head-count counters, and the model's tensors by name."""
+
+    table: MemberTable
+    bounds: list[int]
+    reasons: list[str | None]
+    counters: dict[int, list[tuple[str, int]]]
+    tensors: dict[str, Tensor]
+
+
 class Group:
     """One zero-invariant group: slices of parameters and buffers removed together.
 
-    The members of all groups live in one shared :class:`MemberTable`, sorted by group and then by
-    tensor, axis, index and role; a group holds its row range and builds Python objects for its
-    members only when asked.
+    A zoo model has 10⁴–10⁵ groups: each is an index into a shared :class:`GroupStore` and builds
+    Python objects for its members only when asked.
     """
 
-    def __init__(
-        self,
-        index: int,
-        table: MemberTable,
-        rows: tuple[int, int],
-        reason: str | None,
-        tensors: dict[str, Tensor],
-        counters: Sequence[tuple[str, int]] = (),
-    ):
+    __slots__ = ("_out_index", "_slices", "_store", "index")
+    _out_index: dict[tuple[str, int], Tensor]  # caches, set on first use
+    _slices: dict[str | None, dict[tuple[str, int], list[int]]]
+
+    def __init__(self, index: int, store: GroupStore):
         self.index = index
-        #: ``(module attribute path, value)`` that removing this group lowers by one (head counts)
-        self.counters = list(counters)
-        self.reason = reason
-        self._table = table
-        self._rows = rows
-        self._tensors = tensors
-        self._slices: dict[str | None, dict[tuple[str, int], list[int]]] = {}
-        self._out_index: dict[tuple[str, int], Tensor] | None = None
+        self._store = store
+
+    @property
+    def reason(self) -> str | None:
+        """Why the group cannot be removed (``None``: it can)."""
+        return self._store.reasons[self.index]
+
+    @property
+    def counters(self) -> list[tuple[str, int]]:
+        """``(module attribute path, value)`` that removing this group lowers by one (head
+        counts)."""
+        return self._store.counters.get(self.index, [])
+
+    @property
+    def _tensors(self) -> dict[str, Tensor]:
+        return self._store.tensors
 
     @property
     def members(self) -> list[Member]:
         """The group's slices, sorted by tensor, axis, index (then role)."""
-        t, (a, b) = self._table, self._rows
+        t, a, b = self._store.table, *self._store.bounds[self.index : self.index + 2]
         return [
             Member(t.names[n], axis, index, ROLES[role])
             for n, axis, index, role in zip(
@@ -92,11 +110,13 @@ class Group:
     def _out(self) -> dict[tuple[str, int], Tensor]:
         """The producing slices' indices as tensors (made on first use: a zoo model has 10⁴–10⁵
         groups and most are never zeroed)."""
-        if self._out_index is None:
+        try:
+            return self._out_index
+        except AttributeError:  # not made yet
             self._out_index = {
                 key: torch.tensor(idx, dtype=torch.long) for key, idx in self.slices("out").items()
             }
-        return self._out_index
+            return self._out_index
 
     @property
     def prunable(self) -> bool:
@@ -119,13 +139,15 @@ class Group:
     def slices(self, role: str | None = None) -> dict[tuple[str, int], list[int]]:
         """``(tensor name, axis) → indices`` of the group's members (optionally of one role); the
         lists are shared between calls: do not modify them."""
-        if not self._slices:  # every role in one pass over the members
+        try:
+            made = self._slices
+        except AttributeError:  # every role in one pass over the members, on first use
             by_role: dict[str | None, dict[tuple[str, int], list[int]]] = defaultdict(dict)
             for tensor, axis, index, member_role in self.members:
                 for r in (None, member_role):
                     by_role[r].setdefault((tensor, axis), []).append(index)
-            self._slices = dict(by_role)
-        return dict(self._slices.get(role, {}))
+            made = self._slices = dict(by_role)
+        return dict(made.get(role, {}))
 
     def out_tensors(self) -> list[Tensor]:
         """The producing slices, each as a view-free copy (for criteria and optimizers)."""
@@ -245,6 +267,12 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
     shared |= {name for name, n in reads.items() if n > 1}
 
     ctx = RuleContext(ChannelGraph(), names, shared)
+    modules = dict(model.named_modules())
+
+    def submodule(target: str) -> nn.Module:
+        found = modules.get(target)
+        return found if found is not None else model.get_submodule(target)
+
     env: dict[fx.Node, Value] = {}
 
     def value(arg: Any) -> Value:
@@ -266,10 +294,10 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
                 else None
             )
         elif _has_heads(args):
-            owner = model.get_submodule(str(node.target)) if node.op == "call_module" else None
+            owner = submodule(str(node.target)) if node.op == "call_module" else None
             env[node] = head_rule(ctx, node, owner, args)
         elif node.op == "call_module":
-            module = model.get_submodule(str(node.target))
+            module = submodule(str(node.target))
             rule = module_rule(module)
             env[node] = (
                 rule(ctx, node, module, args) if rule is not None else unknown(ctx, node, args)
@@ -295,18 +323,16 @@ def _assemble(ctx: RuleContext, tensors: dict[str, Tensor]) -> list[Group]:
     labels = graph.labels()
     table = graph.members()
     row_class = labels[table.ids]
-    roots = np.unique(row_class[table.role == ROLES.index("out")])
+    has_out = np.zeros(graph.size, dtype=bool)
+    has_out[row_class[table.role == ROLES.index("out")]] = True
+    roots = np.flatnonzero(has_out)
     group_of = np.full(graph.size, -1, dtype=np.int64)
     group_of[roots] = np.arange(len(roots))
     row_group = group_of[row_class]
     keep = np.flatnonzero(row_group >= 0)
     rank = np.argsort(np.argsort(np.array(table.names, dtype=object))).astype(np.int64)
-    order = keep[
-        np.lexsort((
-            table.role[keep], table.index[keep], table.axis[keep], rank[table.tensor[keep]],
-            row_group[keep],
-        ))
-    ]  # fmt: skip
+    order = keep[_member_order(row_group[keep], rank[table.tensor[keep]], table.axis[keep],
+                               table.index[keep], table.role[keep])]  # fmt: skip
     rows = MemberTable(
         table.names, table.ids[order], table.tensor[order], table.axis[order],
         table.index[order], table.role[order],
@@ -320,15 +346,30 @@ def _assemble(ctx: RuleContext, tensors: dict[str, Tensor]) -> list[Group]:
         reason[classes] = first[pinned[at]]
     counters: dict[int, set[tuple[str, int]]] = defaultdict(set)
     for cid, attrs in ctx.head_attrs.items():
-        counters[int(labels[cid])] |= attrs
-    root_reason = reason[roots].tolist()
-    return [
-        Group(
-            g, rows, (bounds[g], bounds[g + 1]), texts[r] if r >= 0 else None, tensors,
-            sorted(counters.get(root, ())),
-        )
-        for g, (root, r) in enumerate(zip(roots.tolist(), root_reason, strict=True))
-    ]  # fmt: skip
+        counters[int(group_of[labels[cid]])] |= attrs
+    store = GroupStore(
+        rows, bounds, [texts[r] if r >= 0 else None for r in reason[roots].tolist()],
+        {g: sorted(attrs) for g, attrs in counters.items() if g >= 0}, tensors,
+    )  # fmt: skip
+    enabled = gc.isenabled()
+    gc.disable()  # 10⁴–10⁵ small objects at once: collections would only rescan them
+    try:
+        return [Group(g, store) for g in range(len(roots))]
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _member_order(*keys: np.ndarray) -> np.ndarray:
+    """The order that sorts rows by ``keys`` (most significant first; non-negative integers): one
+    stable sort of a packed 64-bit key when the keys fit, else ``np.lexsort``."""
+    spans = [int(k.max()) + 1 if len(k) else 1 for k in keys]
+    if math.prod(spans) < 2**62:
+        packed = np.zeros(len(keys[0]), dtype=np.int64)
+        for k, span in zip(keys, spans, strict=True):
+            packed = packed * span + k
+        return np.argsort(packed, kind="stable")
+    return np.lexsort(keys[::-1])
 
 
 def _attr(model: nn.Module, target: str) -> Tensor | None:

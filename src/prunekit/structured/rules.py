@@ -289,13 +289,30 @@ def elementwise_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list
     its arguments (``Hardtanh(0.5, 1.0)(0) = 0.5``, ``Threshold(0.1, 2.0)(0) = 2``): ``f(0)`` is
     evaluated on the module itself (a copy in eval mode, so a random activation draws nothing) and
     the channels are pinned with the value unless it is exactly zero."""
-    probe = copy.deepcopy(m).eval()
-    f0 = value_at_zero(probe)
+    f0 = _module_value_at_zero(m)
     if f0 != 0.0:
         shown = "could not be evaluated" if f0 is None else f"= {f0:g}"
         pin_values(ctx, node, inputs, f"{node.target}: {m!r}(0) {shown}, not 0 (a zero channel is "
                    "not zero)")  # fmt: skip
     return passthrough_rule(ctx, node, m, inputs)
+
+
+_VALUE_AT_ZERO: dict[tuple[type[nn.Module], str], float | None] = {}
+
+
+def _module_value_at_zero(m: nn.Module) -> float | None:
+    """``m(0)`` on a copy in eval mode; for the built-in activations (no state beyond their
+    arguments, all shown by ``extra_repr``) remembered per type and arguments."""
+    key = (type(m), m.extra_repr())
+    builtin = type(m) in ELEMENTWISE_MODULES and not (
+        m._parameters or m._buffers or m._forward_hooks or m._forward_pre_hooks
+    )
+    if builtin and key in _VALUE_AT_ZERO:
+        return _VALUE_AT_ZERO[key]
+    f0 = value_at_zero(copy.deepcopy(m).eval())
+    if builtin:
+        _VALUE_AT_ZERO[key] = f0
+    return f0
 
 
 def prelu_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
