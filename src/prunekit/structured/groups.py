@@ -53,11 +53,12 @@ class CaptureError(RuntimeError):
 
 @dataclass
 class GroupStore:
-    """What the groups of one :func:`find_groups` call share: the member table sorted by group
-    (rows ``bounds[g] … bounds[g+1]`` are group ``g``'s, by tensor, axis, index and role), each
-    group's reason and head-count counters, and the model's tensors by name."""
+    """What the groups of one :func:`find_groups` call share: the member table and the order that
+    sorts it by group (rows ``order[bounds[g] : bounds[g+1]]`` are group ``g``'s, by tensor, axis
+    and index), each group's reason and head-count counters, and the model's tensors by name."""
 
     table: MemberTable
+    order: np.ndarray
     bounds: list[int]
     reasons: list[str | None]
     counters: dict[int, list[tuple[str, int]]]
@@ -97,12 +98,14 @@ class Group:
     @property
     def members(self) -> list[Member]:
         """The group's slices, sorted by tensor, axis, index (then role)."""
-        t, a, b = self._store.table, *self._store.bounds[self.index : self.index + 2]
+        store = self._store
+        t, (a, b) = store.table, store.bounds[self.index : self.index + 2]
+        rows = store.order[a:b]
         return [
             Member(t.names[n], axis, index, ROLES[role])
             for n, axis, index, role in zip(
-                t.tensor[a:b].tolist(), t.axis[a:b].tolist(), t.index[a:b].tolist(),
-                t.role[a:b].tolist(), strict=True,
+                t.tensor[rows].tolist(), t.axis[rows].tolist(), t.index[rows].tolist(),
+                t.role[rows].tolist(), strict=True,
             )
         ]  # fmt: skip
 
@@ -203,7 +206,11 @@ def _fmt_slice(axis: int, idx: list[int]) -> str:
     return "[" + ", ".join([":"] * axis + [",".join(runs)]) + "]"
 
 
-def capture(model: nn.Module, example_inputs: Sequence[Any]) -> fx.Graph:
+def capture(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    modules: dict[str, nn.Module] | None = None,
+) -> fx.Graph:
     """Trace ``model`` with ``torch.fx`` and annotate every node with its output shape.
 
     The model runs once in eval mode without gradients; its state (batch-norm statistics, training
@@ -222,7 +229,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any]) -> fx.Graph:
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. {hint}"
         ) from exc
     with eval_mode(model), torch.no_grad():
-        propagate_shapes(model, graph, example_inputs)
+        propagate_shapes(model, graph, example_inputs, modules)
     return graph
 
 
@@ -236,7 +243,13 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
     """
     model = unwrap(model)
     inputs = example_args(example_inputs)
-    graph = capture(model, inputs)
+    modules = dict(model.named_modules())
+    graph = capture(model, inputs, modules)
+
+    def submodule(target: str) -> nn.Module:
+        found = modules.get(target)
+        return found if found is not None else model.get_submodule(target)
+
     names: dict[int, str] = {}
     tensors: dict[str, Tensor] = {}
     uses: dict[int, int] = defaultdict(int)
@@ -259,7 +272,9 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
             if read is not None and id(read) in names:
                 reads[names[id(read)]] += len(node.users)
     for target, n in calls.items():
-        module = model.get_submodule(target)
+        if n == 1 and not reads:
+            continue
+        module = submodule(target)
         owned = {names[id(t)] for t in [*module.parameters(), *module.buffers()] if id(t) in names}
         if n > 1:
             shared |= owned
@@ -267,11 +282,6 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
     shared |= {name for name, n in reads.items() if n > 1}
 
     ctx = RuleContext(ChannelGraph(), names, shared)
-    modules = dict(model.named_modules())
-
-    def submodule(target: str) -> nn.Module:
-        found = modules.get(target)
-        return found if found is not None else model.get_submodule(target)
 
     env: dict[fx.Node, Value] = {}
 
@@ -329,14 +339,10 @@ def _assemble(ctx: RuleContext, tensors: dict[str, Tensor]) -> list[Group]:
     group_of = np.full(graph.size, -1, dtype=np.int64)
     group_of[roots] = np.arange(len(roots))
     row_group = group_of[row_class]
-    keep = np.flatnonzero(row_group >= 0)
+    row_group[row_group < 0] = len(roots)  # rows of classes without producers: last, dropped
     rank = np.argsort(np.argsort(np.array(table.names, dtype=object))).astype(np.int64)
-    order = keep[_member_order(row_group[keep], rank[table.tensor[keep]], table.axis[keep],
-                               table.index[keep], table.role[keep])]  # fmt: skip
-    rows = MemberTable(
-        table.names, table.ids[order], table.tensor[order], table.axis[order],
-        table.index[order], table.role[order],
-    )  # fmt: skip
+    # a (tensor, axis, index) slice has one row, so the role never breaks a tie
+    order = _member_order(row_group, rank[table.tensor], table.axis, table.index)
     bounds = np.searchsorted(row_group[order], np.arange(len(roots) + 1)).tolist()
     hard, value, texts = graph.first_pins()
     reason = np.full(graph.size, -1, dtype=np.int64)
@@ -348,7 +354,7 @@ def _assemble(ctx: RuleContext, tensors: dict[str, Tensor]) -> list[Group]:
     for cid, attrs in ctx.head_attrs.items():
         counters[int(group_of[labels[cid]])] |= attrs
     store = GroupStore(
-        rows, bounds, [texts[r] if r >= 0 else None for r in reason[roots].tolist()],
+        table, order, bounds, [texts[r] if r >= 0 else None for r in reason[roots].tolist()],
         {g: sorted(attrs) for g, attrs in counters.items() if g >= 0}, tensors,
     )  # fmt: skip
     enabled = gc.isenabled()

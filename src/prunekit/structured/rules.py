@@ -375,6 +375,7 @@ _MODULE_RULES: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], ModuleR
 def register_module_rule(module_type: type[nn.Module], rule: ModuleRule) -> None:
     """Teach group discovery how channels flow through ``module_type`` (checked before built-ins)."""
     _MODULE_RULES.insert(0, (module_type, rule))
+    _RULE_OF_TYPE.clear()
 
 
 class _AssignableProxy(fx.Proxy):
@@ -404,13 +405,19 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def propagate_shapes(root: nn.Module, graph: fx.Graph, inputs: Sequence[Any]) -> None:
+def propagate_shapes(
+    root: nn.Module,
+    graph: fx.Graph,
+    inputs: Sequence[Any],
+    modules: dict[str, nn.Module] | None = None,
+) -> None:
     """Run ``graph`` (traced from ``root``) on ``inputs`` and record on every node the shape of the
     tensor it makes (``meta["shape"]``) or of the tensors of the tuple it makes
     (``meta["shapes"]``).
 
     A lean ``fx.Interpreter``: no ``GraphModule`` is compiled and nothing but shapes is recorded, and
-    each value is dropped after its last use. Call it under ``torch.no_grad()``.
+    each value is dropped after its last use. Call it under ``torch.no_grad()``. ``modules``:
+    ``dict(root.named_modules())`` if already made.
     """
     env: dict[fx.Node, Any] = {}
     last_use: dict[fx.Node, fx.Node] = {}
@@ -420,7 +427,7 @@ def propagate_shapes(root: nn.Module, graph: fx.Graph, inputs: Sequence[Any]) ->
     done: dict[fx.Node, list[fx.Node]] = defaultdict(list)
     for value_node, user in last_use.items():
         done[user].append(value_node)
-    modules = dict(root.named_modules())
+    modules = dict(root.named_modules()) if modules is None else modules
     pending = list(inputs)
     value: Any
     for node in graph.nodes:
@@ -458,11 +465,17 @@ def propagate_shapes(root: nn.Module, graph: fx.Graph, inputs: Sequence[Any]) ->
             env.pop(value_node, None)
 
 
+_RULE_OF_TYPE: dict[type[nn.Module], ModuleRule | None] = {}
+
+
 def module_rule(module: nn.Module) -> ModuleRule | None:
-    for types, rule in _MODULE_RULES:
-        if isinstance(module, types):
-            return rule
-    return None
+    """The rule for ``module``'s type: the first registered for it or a base class."""
+    kind = type(module)
+    if kind not in _RULE_OF_TYPE:
+        _RULE_OF_TYPE[kind] = next(
+            (rule for types, rule in _MODULE_RULES if issubclass(kind, types)), None
+        )
+    return _RULE_OF_TYPE[kind]
 
 
 # ------------------------------------------------------------------- function and method rules
