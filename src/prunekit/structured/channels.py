@@ -203,7 +203,7 @@ class ChannelGraph:
         for site in sites:
             if site in self._value:
                 pinned, reason = self._value[site]
-                self._value[site] = (np.setdiff1d(pinned, ids), reason)
+                self._value[site] = (pinned[~_isin_sorted(np.sort(ids), pinned)], reason)
 
     def attach(
         self, ids: Ids | Sequence[int], tensor: str, axis: int, role: str, index: Ids | None = None
@@ -276,7 +276,14 @@ class ChannelGraph:
         return MemberTable(list(names), ids, tensor, axis, index, role)
 
 
-def _meets(sorted_ids: Ids, ids: Ids) -> bool:
-    """Whether any of ``ids`` is in ``sorted_ids`` (sorted, unique)."""
+def _isin_sorted(sorted_ids: Ids, ids: Ids) -> npt.NDArray[np.bool_]:
+    """For each of ``ids``, whether it is in ``sorted_ids`` (sorted)."""
+    if not len(sorted_ids):
+        return np.zeros(len(ids), dtype=bool)
     at = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
-    return bool((sorted_ids[at] == ids).any())
+    return sorted_ids[at] == ids
+
+
+def _meets(sorted_ids: Ids, ids: Ids) -> bool:
+    """Whether any of ``ids`` is in ``sorted_ids`` (sorted)."""
+    return bool(_isin_sorted(sorted_ids, ids).any())
