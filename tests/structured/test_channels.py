@@ -52,7 +52,7 @@ def test_fresh_ids_are_consecutive_and_flows_hold_read_only_arrays() -> None:
     assert g.fresh(3).tolist() == [0, 1, 2]
     ids = g.fresh(2)
     assert ids.tolist() == [3, 4] and g.size == 5
-    flow = Flow(1, [4, 3])
+    flow = Flow(1, np.array([4, 3]))
     assert flow.ids.dtype == np.int64 and not flow.ids.flags.writeable
 
 
