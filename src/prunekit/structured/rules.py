@@ -405,6 +405,20 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+def _load(arg: Any, env: dict[fx.Node, Any]) -> Any:
+    """``arg`` with every node replaced by its value (``fx.node.map_arg`` without pytree)."""
+    if isinstance(arg, fx.Node):
+        return env[arg]
+    if isinstance(arg, tuple | list):
+        values = [_load(a, env) for a in arg]
+        return type(arg)(*values) if hasattr(arg, "_fields") else type(arg)(values)
+    if isinstance(arg, dict):
+        return {k: _load(v, env) for k, v in arg.items()}
+    if isinstance(arg, slice):
+        return slice(_load(arg.start, env), _load(arg.stop, env), _load(arg.step, env))
+    return arg
+
+
 def propagate_shapes(
     root: nn.Module,
     graph: fx.Graph,
@@ -447,7 +461,7 @@ def propagate_shapes(
             for part in str(node.target).split("."):
                 value = getattr(value, part)
         else:
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+            args, kwargs = _load(node.args, env), _load(node.kwargs, env)
             if node.op == "call_module":
                 value = modules[str(node.target)](*args, **kwargs)
             elif node.op == "call_function":
