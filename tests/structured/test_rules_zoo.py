@@ -432,3 +432,103 @@ def test_grouped_conv2d_equals_conv2d(cfg):
     x = torch.randn(2, cfg["in_channels"], 9, 11, dtype=torch.double)
     torch.testing.assert_close(grouped_conv2d(conv, x), conv(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grouped_conv2d(conv, x[0]), conv(x[0]), rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------- chunk, channel shuffle
+class _ChunkTwoWays(nn.Module):
+    """``a, b = h.chunk(2)`` along the channels, each half to its own conv: the slim model cuts at
+    ``C' / 2``, so both halves must lose the same positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.left, self.right = nn.Conv2d(4, 5, 1), nn.Conv2d(4, 5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = F.relu(self.conv(x)).chunk(2, dim=1)
+        return self.left(a) + self.right(b)
+
+
+def test_chunk_joins_the_same_position_of_every_piece():
+    torch.manual_seed(0)
+    model, x = _ChunkTwoWays(), torch.randn(2, 3, 6, 6)
+    groups = find_groups(model, x)
+    group = _group_of(groups, "conv.weight", 1)
+    assert group.prunable
+    assert group.slices("out")[("conv.weight", 0)] == [1, 5]  # position 1 of each half
+    assert group.slices("in") == {("left.weight", 1): [1], ("right.weight", 1): [1]}
+    small = _zero_and_slim(model, x, group)
+    assert small.conv.out_channels == 6
+
+
+def _channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    """ShuffleNet's, as torchvision writes it (sizes read from the tensor at run time)."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, c, h, w)
+
+
+class _Shuffle(nn.Module):
+    def __init__(self, variant: str = "runtime") -> None:
+        super().__init__()
+        self.variant = variant
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.bn(self.conv(x)))
+        if self.variant == "runtime":
+            h = _channel_shuffle(h, 2)
+        else:  # the group size written as a literal: it cannot follow pruning
+            b, c, hh, ww = h.size()
+            h = torch.transpose(h.view(b, 2, 4, hh, ww), 1, 2).contiguous().view(b, c, hh, ww)
+        return self.out(h)
+
+
+def test_channel_shuffle_joins_each_position_across_the_shuffled_groups():
+    torch.manual_seed(0)
+    model, x = _Shuffle(), torch.randn(2, 3, 6, 6)
+    _randomise_bn(model)
+    groups = find_groups(model, x)
+    assert all(g.prunable for g in groups if ("conv.weight", 0) in g.slices())
+    group = _group_of(groups, "conv.weight", 1)
+    # input position g·4 + j goes to output position 2j + g: positions 1 and 5 (j = 1) go together
+    # and are consumed by columns 2 and 3 of the next conv
+    assert group.slices("out")[("conv.weight", 0)] == [1, 5]
+    assert group.slices("in") == {("out.weight", 1): [2, 3]}
+    small = _zero_and_slim(model, x, group)
+    assert small.conv.out_channels == 6
+
+
+def test_channel_shuffle_with_a_literal_group_size_is_pinned():
+    model, x = _Shuffle("literal"), torch.randn(2, 3, 6, 6)
+    groups = find_groups(model, x)
+    pinned = _group_of(groups, "conv.weight", 1)
+    assert not pinned.prunable and "split into (2, 4)" in (pinned.reason or "")
+
+
+def test_shuffle_without_the_join_is_refused_by_slim(monkeypatch):
+    """The join is what makes the shuffle exact: without it, one position of one shuffled group is
+    removed and slim's own check refuses the result."""
+    from prunekit.structured import heads
+
+    real = heads._is_shuffle
+
+    def no_join(ctx, site):
+        joins = ctx.graph.union_all
+        ctx.graph.union_all = lambda a, b: None
+        try:
+            return real(ctx, site)
+        finally:
+            ctx.graph.union_all = joins
+
+    monkeypatch.setattr(heads, "_is_shuffle", no_join)
+    torch.manual_seed(0)
+    model, x = _Shuffle(), torch.randn(2, 3, 6, 6)
+    _randomise_bn(model)
+    groups = find_groups(model, x)
+    _group_of(groups, "conv.weight", 1).zero_()
+    with pytest.raises(SlimError):
+        slim(model, x, groups)

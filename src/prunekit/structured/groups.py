@@ -283,7 +283,7 @@ def find_groups(model: nn.Module, example_inputs: Sequence[Any] | Tensor) -> lis
 
     ctx = RuleContext(ChannelGraph(), names, shared)
 
-    env: dict[fx.Node, Value] = {}
+    env: dict[fx.Node, Value] = ctx.values
 
     def value(arg: Any) -> Value:
         if isinstance(arg, fx.Node):

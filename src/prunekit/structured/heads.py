@@ -17,7 +17,10 @@ the head's output ``softmax(·) @ v_h`` is exactly zero, so the head, its q/k/v 
 projection's columns can be removed. A view/reshape whose head count is a literal must get the new
 count after slimming: the module attribute that holds it is found by tracing again with the attribute
 changed (``self.num_heads`` → the literal follows it). When no attribute drives the literal (a
-hard-coded ``2``), or the split is not part of attention, the channels are pinned with the reason.
+hard-coded ``2``), or the split is not part of attention, the channels are pinned with the reason —
+except a *channel shuffle* (ShuffleNet): a split into a literal number of groups whose size is read
+from the tensor at run time, transposed and merged back, only permutes the channels; the same
+position of every group is joined so that the slim model's shuffle permutes the kept channels alike.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -286,12 +290,22 @@ def resolve_sites(ctx: RuleContext, model: nn.Module) -> None:
     labels = ctx.graph.labels()
     coupled = set(labels[as_ids(ctx.coupled)].tolist())
     need: dict[str, list[HeadSite]] = {}
+    shuffles: list[Ids] = []  # sorted ids of each channel-shuffle split
     for site in ctx.head_sites:
         if site.kind == "split" and not coupled.issuperset(labels[site.reps].tolist()):
+            if _is_shuffle(ctx, site):
+                shuffles.append(np.sort(site.ids))
+                continue
             ctx.graph.pin(
                 site.ids,
                 f"{site.node.name}: split into ({site.heads}, {site.head_size}) outside attention",
             )
+            continue
+        if site.kind == "merge" and any(_same_ids(site.ids, ids) for ids in shuffles):
+            width = _shape_args(site.node)[site.position]
+            if width != -1 and not _channel_count(ctx, width, site.ids):
+                ctx.graph.pin(site.ids, f"{site.node.name}: the merged width of a channel "
+                              "shuffle is not the channel count of its input")  # fmt: skip
             continue
         problem, literal = _check_site(site)
         if problem is not None:
@@ -312,6 +326,70 @@ def resolve_sites(ctx: RuleContext, model: nn.Module) -> None:
             for r in site.reps.tolist():
                 for attr in attrs:
                     ctx.head_attrs.setdefault(r, set()).add((attr, site.heads))
+
+
+def _is_shuffle(ctx: RuleContext, site: HeadSite) -> bool:
+    """A split into a literal number of groups whose size follows the channel count, as ShuffleNet's
+    ``x.view(b, g, C // g, h, w)`` (with ``C`` read from ``x.size()``), before a transpose and a
+    merge: the channels are only permuted. The slim model computes ``C' // g``, so every group must
+    lose the same positions: channel ``j`` of each group is joined (one group of the channel
+    graph removes position ``j`` of all ``g``), and the permuted order stays the original's."""
+    args = _shape_args(site.node)
+    if len(args) <= site.position + 1 or not isinstance(args[site.position], int):
+        return False
+    count, size = args[site.position], args[site.position + 1]
+    if count < 2 or not (size == -1 or _channel_count(ctx, size, site.ids, divisor=count)):
+        return False
+    join_columns = site.ids.reshape(site.heads, site.head_size)
+    ctx.graph.union_all(join_columns[:-1].ravel(), join_columns[1:].ravel())
+    return True
+
+
+def _channel_count(ctx: RuleContext, arg: Any, ids: Ids, divisor: int = 1) -> bool:
+    """Whether ``arg`` is, at run time, the channel count (``// divisor``) of a tensor whose
+    channels are ``ids``: ``t.size(d)``, ``t.size()[d]`` or ``t.shape[d]`` on its channel dim."""
+    if not isinstance(arg, fx.Node):
+        return False
+    if divisor != 1:
+        return (
+            arg.op == "call_function"
+            and arg.target is operator.floordiv
+            and isinstance(arg.args[1], int)
+            and arg.args[1] == divisor
+            and _channel_count(ctx, arg.args[0], ids)
+        )
+    if arg.op == "call_method" and arg.target == "size" and len(arg.args) == 2:
+        tensor, dim = arg.args
+    elif arg.op == "call_function" and arg.target is operator.getitem:
+        source, dim = arg.args
+        if not isinstance(source, fx.Node):
+            return False
+        if (source.op == "call_method" and source.target == "size" and len(source.args) == 1) or (
+            source.op == "call_function"
+            and source.target is getattr
+            and source.args[1:] == ("shape",)
+        ):
+            tensor = source.args[0]
+        else:
+            return False
+    else:
+        return False
+    if not isinstance(tensor, fx.Node):
+        return False
+    flow, shape = ctx.values.get(tensor), shape_of(tensor)
+    return (
+        isinstance(flow, Flow)
+        and flow.heads is None
+        and shape is not None
+        and isinstance(dim, int)
+        and dim % len(shape) == flow.dim
+        and _same_ids(flow.ids, ids)
+    )
+
+
+def _same_ids(a: Ids, b: Ids) -> bool:
+    """Whether ``a`` and ``b`` hold the same ids (in any order)."""
+    return len(a) == len(b) and bool(np.array_equal(np.sort(a), np.sort(b)))
 
 
 def _check_site(site: HeadSite) -> tuple[str | None, bool]:

@@ -64,6 +64,7 @@ class RuleContext:
     head_sites: list[Any] = field(default_factory=list)  # heads.HeadSite: splits and merges
     coupled: list[int] = field(default_factory=list)  # one id per head joined by attention
     head_attrs: dict[int, set[tuple[str, int]]] = field(default_factory=dict)
+    values: dict[fx.Node, Any] = field(default_factory=dict)  # each node's Value, filled in order
 
     def tensor_name(self, module_name: str, attr: str, module: nn.Module) -> str | None:
         t = getattr(module, attr, None)
@@ -821,7 +822,13 @@ def _optional_zero_preserving(target: Any) -> bool:
 
 def split_rule(ctx: RuleContext, node: fx.Node, x: Value, kind: str) -> Value:
     """``chunk`` / ``split``: a tuple of flows, the channel ids cut in consecutive pieces when the
-    split is along the channel dim, each piece with all of them otherwise."""
+    split is along the channel dim, each piece with all of them otherwise.
+
+    Along the channel dim the pieces of the slim model are cut at ``C' / n``: they stay aligned
+    with the removed channels only if every piece loses as many, so the ``i``-th channels of all
+    pieces are joined (one group removes channel ``i`` of each). Pieces of different sizes, or sizes
+    given as a list, are literals that would not follow: pinned.
+    """
     shapes = node.meta.get("shapes")
     in_shape = shape_of(node.args[0])
     dim = _arg(node, 2, "dim", 0)
@@ -832,7 +839,15 @@ def split_rule(ctx: RuleContext, node: fx.Node, x: Value, kind: str) -> Value:
     if dim != x.dim:
         return tuple(Flow(x.dim, x.ids) for _ in sizes)
     starts = [sum(sizes[:k]) for k in range(len(sizes))]
-    return tuple(Flow(x.dim, x.ids[a : a + n]) for a, n in zip(starts, sizes, strict=True))
+    pieces = tuple(Flow(x.dim, x.ids[a : a + n]) for a, n in zip(starts, sizes, strict=True))
+    sections = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
+    if len(set(sizes)) > 1 or (kind == "split" and isinstance(sections, list | tuple)):
+        ctx.graph.pin(x.ids, f"{node.name}: {kind} into sizes {sizes}, which would not follow "
+                      "pruning")  # fmt: skip
+    else:
+        for piece in pieces[1:]:
+            ctx.graph.union_all(pieces[0].ids, piece.ids)
+    return pieces
 
 
 def glu(ctx: RuleContext, node: fx.Node, x: Value, dim: int) -> Value:
