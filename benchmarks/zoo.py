@@ -47,7 +47,7 @@ wide_resnet101, convnext_base) at up to a minute, 6 Swins + MaxViT at ~4 min. Ru
 ``--max-minutes`` in pieces if needed; rows accumulate.
 
 Usage: ``python benchmarks/zoo.py [--models resnet18 ...] [--rerun] [--max-minutes M]
-[--timeout S] [--max-gb G]``
+[--timeout S] [--max-gb G] [--worker-gb G] [--tables-only]``
 """
 
 from __future__ import annotations
@@ -453,14 +453,23 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     done = [r for r in rows if "skipped" not in r]
     exact = sum(bool(r.get("exact")) for r in done)
     tp_ok = sum(bool(r.get("tp_output_ok")) for r in done)
+    folded = (
+        ", ".join(
+            f"{r['model']} ({(r['params_left_draws'][0] - r['params_left']) * r['params']:.0f} fewer)"
+            for r in done
+            if "params_left_draws" in r and not r.get("params_left_formula_ok", True)
+        )
+        or "none"
+    )
     return (
         "# prunekit structured pruning on the torchvision classifiers, with Torch-Pruning\n\n"
         f"Random init, 2 images (side in *input*), 1000 classes, eval mode. prunekit: a seeded "
         f"random {FRACTION:.0%} of the prunable groups zeroed, then `slim`; *exact*: slim's float64 "
         f"check passed and `max |slim − masked| / max |masked|` ≤ {REL_TOL:g} in float32. "
         f"*params left (prunekit)*: mean (range) over {DRAWS} random draws of {FRACTION:.0%} of the "
-        "prunable groups, computed from the groups' slices and equal to the slim model's count on "
-        "the draw that is slimmed. "
+        "prunable groups, computed from the groups' slices; on the draw that is slimmed it equals "
+        "the slim model's count except where slim folds a layer left without channels into a "
+        f"constant (its biases become a buffer): {folded}. "
         f"Torch-Pruning {env.get('torch_pruning', '?')}: `MetaPruner` + `MagnitudeImportance(p=2)` "
         f"at ratio {FRACTION}, classifier ignored; *(broken)* = the pruned model no longer runs or "
         "returns another shape; not checked for exactness. *prunable groups*: prunable / all except the "
@@ -490,6 +499,9 @@ def main() -> None:
         "--worker-gb", type=float, default=8.0, help="memory cap of each model's process"
     )
     p.add_argument("--max-gb", type=float, default=4.0, help="skip larger estimated working sets")
+    p.add_argument(
+        "--tables-only", action="store_true", help="run nothing: rewrite zoo.md from zoo.json"
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -506,6 +518,10 @@ def main() -> None:
     todo = args.models or names
     path = RESULTS / f"{NAME}.json"
     rows = {r["model"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
+    if args.tables_only:
+        payload = json.loads(path.read_text())
+        write_results(NAME, payload, markdown(payload["rows"], payload["environment"]))
+        return
     env = environment()
     env["torchvision"] = importlib.metadata.version("torchvision")
     env["torch_pruning"] = importlib.metadata.version("torch-pruning")
