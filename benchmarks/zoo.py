@@ -33,17 +33,16 @@ Each model runs in a fresh subprocess on one thread (the machine is shared), wit
 timeout; a failure in either library is a row with the error, never a crash of the script. Models
 whose working set is estimated above ``--max-gb`` (6 × their float32 weights: the model, the slim
 copy, float64 copies for the check, Torch-Pruning's copy) are skipped and listed; with the 4 GB
-default these are convnext_large, regnet_y_128gf, vit_h_14, vit_l_16 and vit_l_32. Rows accumulate
-in ``results/zoo.json``: a recorded model is skipped unless ``--rerun``.
+default these are convnext_large, regnet_y_128gf, vit_h_14, vit_l_16 and vit_l_32, run on this
+24 GB machine with ``--models ... --max-gb 17 --worker-gb 20 --timeout 1500``. Rows accumulate in
+``results/zoo.json``: a recorded model is skipped unless ``--rerun``.
 
-Cost (2 shared cores, one thread, measured): the 8 validation models (resnet18, mobilenet_v2,
-mobilenet_v3_small, efficientnet_b0, shufflenet_v2_x0_5, squeezenet1_0, regnet_y_400mf, densenet121)
-took 1–10 s each, 65 s in all with the process starts; larger CNNs 6–15 s (resnet50 6 s,
-inception_v3 7 s, efficientnet_b3 8 s, vgg16 15 s), ViT-B 13–19 s. Swin (v1, v2) and MaxViT take
-2–5 min each, nearly all of it Torch-Pruning growing until the 8 GB cap stops it (MemoryError);
-prunekit needs 7–12 s there. The full run (75 models after the skips) is estimated at 45–60 min:
-~60 CNNs at ~10 s, ~10 of the largest (regnet_y_32gf, efficientnet_b7 / v2_l, resnext101,
-wide_resnet101, convnext_base) at up to a minute, 6 Swins + MaxViT at ~4 min. Run it with
+Timing: discovery and Torch-Pruning's construction are each the faster of two runs, after one
+warm-up forward of the model, so neither pays the process's first-call costs for the other.
+
+Cost (2 shared cores, one thread, measured): the whole run of the 75 models under 4 GB took about
+30 min: CNNs 2–20 s each, Swin (v1, v2) and MaxViT 2–5 min each, nearly all of it Torch-Pruning
+growing until the 8 GB cap stops it (MemoryError); prunekit needs 3–10 s there. Run it with
 ``--max-minutes`` in pieces if needed; rows accumulate.
 
 Usage: ``python benchmarks/zoo.py [--models resnet18 ...] [--rerun] [--max-minutes M]
