@@ -37,7 +37,7 @@ default these are convnext_large, regnet_y_128gf, vit_h_14, vit_l_16 and vit_l_3
 24 GB machine with ``--models ... --max-gb 17 --worker-gb 20 --timeout 1500``. Rows accumulate in
 ``results/zoo.json``: a recorded model is skipped unless ``--rerun``.
 
-Timing: discovery and Torch-Pruning's construction are each the faster of two runs, after one
+Timing: discovery and Torch-Pruning's construction are each the fastest of three runs, after one
 warm-up forward of the model, so neither pays the process's first-call costs for the other.
 
 Cost (2 shared cores, one thread, measured): the whole run of the 75 models under 4 GB took about
@@ -78,7 +78,8 @@ from common import RESULTS, environment, write_results
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "zoo"
 FRACTION = 0.3
-TIMING_REPEATS = 2  # discovery and Torch-Pruning's graph: the faster of two runs
+TIMING_KEYS = ("discovery_s", "tp_graph_s", "tp_dependency_graph_s")
+TIMING_REPEATS = 3  # discovery and Torch-Pruning's graph: the fastest of three runs
 DRAWS = 20  # random selections whose parameters left are averaged (one is slimmed)
 CLASSES = 1000
 BATCH = 2
@@ -263,11 +264,9 @@ def run_prunekit(models: Any, name: str, row: dict[str, Any]) -> None:
     row["params_left_formula_ok"] = abs(row["params_left"] - left[0]) < 1e-12
 
 
-def run_torch_pruning(models: Any, name: str, row: dict[str, Any]) -> None:
-    import torch_pruning as tp
-
-    model, x = build(models, name)
-    before = count(model)
+def time_torch_pruning(tp: Any, model: nn.Module, x: torch.Tensor, row: dict[str, Any]) -> Any:
+    """Torch-Pruning's ``DependencyGraph`` alone and its ``MetaPruner`` construction (graph and all
+    groups), timed; the pruner is returned."""
     heads = [
         m
         for m in model.modules()
@@ -276,21 +275,43 @@ def run_torch_pruning(models: Any, name: str, row: dict[str, Any]) -> None:
     ]
     outs = heads[-1:]  # the classifier (a 1×1 conv in SqueezeNet)
     num_heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    row["tp_dependency_graph_s"], _ = timed(
+        lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    )
+    row["tp_graph_s"], pruner = timed(
+        lambda: tp.pruner.MetaPruner(
+            model,
+            x,
+            importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=FRACTION,
+            ignored_layers=outs,
+            num_heads=num_heads,
+        )
+    )
+    return pruner
+
+
+def run_timing(models: Any, name: str, row: dict[str, Any]) -> None:
+    """Timings only (``--timing-only``): discovery and Torch-Pruning's construction, as in a full
+    run, on a fresh model each."""
+    import torch_pruning as tp
+
+    from prunekit.structured import find_groups
+
+    model, x = build(models, name)
+    row["discovery_s"], _ = timed(lambda: find_groups(model, x))
+    model, x = build(models, name)
+    time_torch_pruning(tp, model, x, row)
+
+
+def run_torch_pruning(models: Any, name: str, row: dict[str, Any]) -> None:
+    import torch_pruning as tp
+
+    model, x = build(models, name)
+    before = count(model)
     stage = "graph"
     try:
-        row["tp_dependency_graph_s"], _ = timed(
-            lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x)
-        )
-        row["tp_graph_s"], pruner = timed(
-            lambda: tp.pruner.MetaPruner(
-                model,
-                x,
-                importance=tp.importance.MagnitudeImportance(p=2),
-                pruning_ratio=FRACTION,
-                ignored_layers=outs,
-                num_heads=num_heads,
-            )
-        )
+        pruner = time_torch_pruning(tp, model, x, row)
         stage = "prune"
         t = time.perf_counter()
         pruner.step()
@@ -309,7 +330,7 @@ def run_torch_pruning(models: Any, name: str, row: dict[str, Any]) -> None:
         row["tp_error"] = f"pruned forward: {last_line(exc)}"
 
 
-def worker(name: str, out: Path, max_gb: float) -> None:
+def worker(name: str, out: Path, max_gb: float, timing_only: bool = False) -> None:
     """One model, both libraries; the row goes to ``out`` as JSON (written after each part).
 
     The process's data segment is capped at ``max_gb`` (``RLIMIT_DATA``: heap and anonymous
@@ -322,10 +343,12 @@ def worker(name: str, out: Path, max_gb: float) -> None:
     models = _torchvision_models()
     row: dict[str, Any] = {"model": name, "input": input_side(name), "kwargs": builder_kwargs(name)}
     start = time.perf_counter()
-    for part, fn, key in (
-        ("prunekit", run_prunekit, "error"),
-        ("torch-pruning", run_torch_pruning, "tp_error"),
-    ):
+    parts: tuple[tuple[str, Callable[[Any, str, dict[str, Any]], None], str], ...] = (
+        (("timing", run_timing, "error"),)
+        if timing_only
+        else (("prunekit", run_prunekit, "error"), ("torch-pruning", run_torch_pruning, "tp_error"))
+    )
+    for part, fn, key in parts:
         try:
             fn(models, name, row)
         except Exception as exc:  # recorded in the row
@@ -335,11 +358,13 @@ def worker(name: str, out: Path, max_gb: float) -> None:
         out.write_text(json.dumps(row))
 
 
-def run_one(name: str, timeout: float, worker_gb: float) -> dict[str, Any]:
+def run_one(
+    name: str, timeout: float, worker_gb: float, timing_only: bool = False
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "row.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--out", str(out)]
-        cmd += ["--worker-gb", str(worker_gb)]
+        cmd += ["--worker-gb", str(worker_gb)] + (["--timing-only"] if timing_only else [])
         start = time.perf_counter()
         try:
             proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
@@ -452,6 +477,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     done = [r for r in rows if "skipped" not in r]
     exact = sum(bool(r.get("exact")) for r in done)
     tp_ok = sum(bool(r.get("tp_output_ok")) for r in done)
+    timed_rows = sum("timing" in r for r in done)
     folded = (
         ", ".join(
             f"{r['model']} ({(r['params_left_draws'][0] - r['params_left']) * r['params']:.0f} fewer)"
@@ -477,7 +503,14 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         "shapes, every channel group); *slim s*: `slim` including its float64 check; *TP graph + "
         "groups s*: `MetaPruner(...)` construction, which builds the DependencyGraph and enumerates "
         "all groups; *TP dependency graph s*: `DependencyGraph().build_dependency` alone. One "
-        "thread, one subprocess per model.\n\n"
+        "thread, one subprocess per model"
+        + (
+            f"; the timing columns of {timed_rows} models come from a separate `--timing-only` run "
+            "on a quiet machine (same protocol, nothing else running)"
+            if timed_rows
+            else ""
+        )
+        + ".\n\n"
         f"{len(done)} models run: prunekit exact on {exact}, Torch-Pruning's pruned model valid on "
         f"{tp_ok}.\n\n"
         + speed_summary(done)
@@ -501,11 +534,17 @@ def main() -> None:
     p.add_argument(
         "--tables-only", action="store_true", help="run nothing: rewrite zoo.md from zoo.json"
     )
+    p.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="time discovery and Torch-Pruning's construction again on recorded models where both "
+        "ran (run it on a quiet machine); only the timing columns change",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.worker, args.out, args.worker_gb)
+        worker(args.worker, args.out, args.worker_gb, args.timing_only)
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
@@ -525,6 +564,21 @@ def main() -> None:
     env["torchvision"] = importlib.metadata.version("torchvision")
     env["torch_pruning"] = importlib.metadata.version("torch-pruning")
     start = time.perf_counter()
+    if args.timing_only:
+        for name in todo:
+            row = rows.get(name, {})
+            if row.get("discovery_s") is None or row.get("tp_graph_s") is None:
+                continue
+            log.info("%s (timing) ...", name)
+            timing = run_one(name, args.timeout, args.worker_gb, timing_only=True)
+            if "error" in timing:
+                log.warning("%s: %s", name, timing["error"])
+                continue
+            row.update({k: timing[k] for k in TIMING_KEYS})
+            row["timing"] = "timing-only run"
+            ordered = [rows[n] for n in names if n in rows]
+            write_results(NAME, {"environment": env, "rows": ordered}, markdown(ordered, env))
+        return
     for name in todo:
         if name in rows and not args.rerun:
             continue
