@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from prunekit.core.cost import count_macs
-from prunekit.core.forward import eval_mode, example_args
+from prunekit.core.forward import count_correct, eval_mode, example_args
 
 
 def _mixed() -> nn.Module:
@@ -55,3 +55,22 @@ def test_count_macs_leaves_a_frozen_layer_frozen():
     before = _flags(model)
     assert count_macs(model, torch.randn(1, 4)) == 4 * 4 + 4 * 2
     assert _flags(model) == before
+
+
+def test_count_correct_counts_each_slice_in_eval_mode_and_restores_flags():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3))
+    model.train()
+    model[1].eval()  # a frozen batch norm keeps its own flag
+    x, y = torch.randn(23, 4), torch.randint(0, 3, (23,))
+    with torch.no_grad():
+        model.eval()
+        hits = (model(x).argmax(1) == y).tolist()  # reference, computed here in one batch
+        model.train()
+        model[1].eval()
+    assert count_correct(model, x, y, batch_size=5) == sum(hits)
+    for start in range(0, 23, 2):  # every slice, batches overshooting it or not
+        for stop in range(start, 24):
+            assert count_correct(model, x, y, start, stop, batch_size=4) == sum(hits[start:stop])
+    assert count_correct(model, x, y, 9, 9) == 0
+    assert model.training and model[2].training and not model[1].training

@@ -1,6 +1,6 @@
-"""Running a model once on example inputs, as graph capture, MAC counting and the slim check do:
-the inputs as positional arguments, and eval mode for the duration with every submodule's own
-training flag restored afterwards."""
+"""Running a model on inputs without training it: example inputs as positional arguments (graph
+capture, MAC counting, the slim check), eval mode for the duration with every submodule's own
+training flag restored afterwards, and counting top-1 hits (evaluation, sharded or not)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -32,3 +33,24 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+@torch.no_grad()
+def count_correct(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    start: int = 0,
+    stop: int | None = None,
+    batch_size: int = 1000,
+) -> int:
+    """Top-1 hits of ``model`` on ``x[start:stop]`` against ``y`` (labels on the CPU), in batches
+    moved to the model's device, in eval mode (:func:`eval_mode`)."""
+    stop = len(x) if stop is None else stop
+    device = next(model.parameters()).device
+    correct = 0
+    with eval_mode(model):
+        for i in range(start, stop, batch_size):
+            j = min(stop, i + batch_size)
+            correct += int((model(x[i:j].to(device)).argmax(1).cpu() == y[i:j]).sum())
+    return correct

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from prunekit.config import ConfigError
+from prunekit.core.forward import count_correct
 from prunekit.distributed.compress import compress_gradients
 from prunekit.distributed.hooks import CommState
 from prunekit.distributed.sync import broadcast_tensors_
@@ -179,15 +180,9 @@ def sharded_accuracy(
     counts are all-reduced, ``acc = Σ_r correct_r / Σ_r n_r``."""
     n = len(x)
     lo, hi = n * ranks.rank // ranks.world_size, n * (ranks.rank + 1) // ranks.world_size
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for i in range(lo, hi, batch_size):
-        j = min(hi, i + batch_size)
-        correct += int((model(x[i:j].to(device)).argmax(1).cpu() == y[i:j]).sum())
-    model.train(was_training)
+    correct = count_correct(model, x, y, lo, hi, batch_size)
     if ranks.distributed:
+        device = next(model.parameters()).device
         t = torch.tensor([correct], dtype=torch.int32, device=_device_of_group(device))
         dist.all_reduce(t)
         correct = int(t.item())

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from prunekit.api import sparsify
 from prunekit.atomic import write_text_atomic
+from prunekit.core.forward import count_correct
 from prunekit.core.report import format_report, sparsity_report
 from prunekit.data import ArrayDataset, BatchIterator, load_dataset
 from prunekit.methods.base import Pruner
@@ -155,18 +156,9 @@ def load_data(recipe: Recipe) -> ArrayDataset:
     return data.subset(d.train_subset, d.test_subset)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
     """Top-1 accuracy of ``model`` on ``(x, y)``."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        out = model(x[i : i + batch_size].to(device))
-        correct += int((out.argmax(1).cpu() == y[i : i + batch_size]).sum())
-    model.train(was_training)
-    return correct / max(1, len(x))
+    return count_correct(model, x, y, batch_size=batch_size) / max(1, len(x))
 
 
 def train(
