@@ -15,7 +15,7 @@ from torch import nn
 from prunekit.core import count_macs, count_params
 from prunekit.data import BatchIterator, load_mnist
 from prunekit.models import build_model
-from prunekit.structured import HESSO, emptiable, find_groups, group_macs, macs_rates, slim
+from prunekit.structured import HESSO, find_groups, flops_target, slim
 
 from .shared import MODELS, PRUNE_END, PRUNE_START, SHAPE, accuracy, train_loop
 
@@ -57,19 +57,19 @@ def accuracy_runs(oto_cls: Any, tp: Any, args: argparse.Namespace) -> list[dict[
         groups = find_groups(model, x1)
         cost: dict[str, Any] = {}
         if args.flops_removed is not None:  # HESSO's target in FLOPs: groups priced by their MACs
-            rates = macs_rates(model, x1)
-            cost = {
-                "group_costs": group_macs(model, groups, x1, rates),
-                "cost_target": args.flops_removed,
-                "cost_rates": rates,
-                "channel_multiple": args.channel_multiple,
+            optional = {
+                "max_layer_fraction": args.max_layer_fraction,
+                "cost_power": args.cost_power,
             }
-            if args.empty_branches:
-                cost["may_empty"] = emptiable(model, groups, x1)
-            if args.max_layer_fraction is not None:
-                cost["max_layer_fraction"] = args.max_layer_fraction
-            if args.cost_power is not None:
-                cost["cost_power"] = args.cost_power
+            cost = flops_target(
+                model,
+                groups,
+                x1,
+                args.flops_removed,
+                remove_branches=args.empty_branches,
+                **{k: v for k, v in optional.items() if v is not None},
+            )
+            cost["channel_multiple"] = args.channel_multiple
         start, pruning = round(PRUNE_START * steps), round((PRUNE_END - PRUNE_START) * steps)
         opt = HESSO(
             model.parameters(),

@@ -22,6 +22,7 @@ from prunekit.structured.groups import (
     group_macs,
     macs_rates,
 )
+from prunekit.structured.hesso import flops_target
 from prunekit.structured.optim import (
     DHSPG,
     HESSO,
@@ -75,6 +76,7 @@ __all__ = [
     "config_from_section",
     "emptiable",
     "find_groups",
+    "flops_target",
     "get_structured",
     "group_macs",
     "macs_rates",

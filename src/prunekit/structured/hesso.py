@@ -109,6 +109,33 @@ class HESSOConfig:
         return to_dict(self)
 
 
+def flops_target(
+    model: nn.Module,
+    groups: Sequence[Group],
+    example: Any,
+    flops_removed: float,
+    *,
+    remove_branches: bool = False,
+    max_layer_fraction: float = 0.7,
+    cost_power: float = 0.5,
+) -> dict[str, Any]:
+    """The :class:`HESSO` arguments that make it remove ``flops_removed`` of the MACs: each group
+    priced by the MACs it saves on ``example`` (:func:`group_macs`), exact MACs of the selected set
+    (``cost_rates``) and, with ``remove_branches``, the groups whose layers may be emptied
+    (:func:`emptiable`)."""
+    rates = macs_rates(model, example)
+    cost: dict[str, Any] = {
+        "group_costs": group_macs(model, groups, example, rates),
+        "cost_target": flops_removed,
+        "cost_rates": rates,
+        "max_layer_fraction": max_layer_fraction,
+        "cost_power": cost_power,
+    }
+    if remove_branches:
+        cost["may_empty"] = emptiable(model, groups, example)
+    return cost
+
+
 @register_structured("hesso")
 class HESSO(GroupSparseOptimizer):
     """Hybrid efficient structured sparse optimizer (OTOv3): no ``λ``; redundant groups decay to zero.
@@ -285,16 +312,15 @@ class HESSO(GroupSparseOptimizer):
                     "model and example"
                 )
             one = example[:1] if isinstance(example, Tensor) else example
-            rates = macs_rates(model, one)
-            cost = {
-                "group_costs": group_macs(model, groups, one, rates),
-                "cost_target": config.flops_removed,
-                "cost_rates": rates,
-                "max_layer_fraction": config.max_layer_fraction,
-                "cost_power": config.cost_power,
-            }
-            if config.remove_branches:
-                cost["may_empty"] = emptiable(model, groups, one)
+            cost = flops_target(
+                model,
+                groups,
+                one,
+                config.flops_removed,
+                remove_branches=config.remove_branches,
+                max_layer_fraction=config.max_layer_fraction,
+                cost_power=config.cost_power,
+            )
         optimizer = cls(
             params,
             groups,
