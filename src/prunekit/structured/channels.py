@@ -15,7 +15,7 @@ channel ids; per-id Python work made discovery 10–30× slower.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,10 +43,9 @@ class Member(NamedTuple):
     role: str
 
 
-def as_ids(ids: Ids | Sequence[int] | Iterable[int]) -> Ids:
+def as_ids(ids: Ids | Sequence[int]) -> Ids:
     """``ids`` as a read-only one-dimensional int64 array (shared, never copied when it is one)."""
-    out = np.asarray(ids if isinstance(ids, np.ndarray | Sequence) else list(ids), dtype=np.int64)
-    out = out.reshape(-1)
+    out = np.asarray(ids, dtype=np.int64).reshape(-1)
     if out.flags.writeable:
         out.flags.writeable = False
     return out
@@ -144,9 +143,6 @@ class ChannelGraph:
             self.pin(ids, pin)
         return ids
 
-    def union(self, a: int, b: int) -> None:
-        self.union_all([a], [b])
-
     def union_all(self, a: Ids | Sequence[int], b: Ids | Sequence[int]) -> None:
         """Join ``a[i]`` with ``b[i]`` for every ``i``."""
         a, b = as_ids(a), as_ids(b)
@@ -167,9 +163,6 @@ class ChannelGraph:
                 a = b = np.zeros(0, dtype=np.int64)
             self._labels = connected_components(self.size, a, b)
         return self._labels
-
-    def find(self, i: int) -> int:
-        return int(self.labels()[i])
 
     def pin(self, ids: Ids | Sequence[int], reason: str) -> None:
         ids = as_ids(ids)
