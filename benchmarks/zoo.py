@@ -556,6 +556,8 @@ def main() -> None:
     todo = args.models or names
     path = RESULTS / f"{NAME}.json"
     rows = {r["model"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
+    if (args.tables_only or args.timing_only) and not rows:
+        raise SystemExit(f"{path} has no rows yet: run the benchmark first")
     if args.tables_only:
         payload = json.loads(path.read_text())
         write_results(NAME, payload, markdown(payload["rows"], payload["environment"]))
