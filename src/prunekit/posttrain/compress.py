@@ -5,6 +5,12 @@ calls them in, group them into units (:mod:`~prunekit.posttrain.sequential`), an
 in forward order collect the layer Hessians ``H = 2XᵀX/n`` from the calibration inputs the unit
 sees, compress each target matrix with the method's rule, and move on. Hessians live for one
 unit only. If anything fails, every target weight is restored and every hook removed.
+
+Bad input fails with one line before any work where it can be seen up front (the model: not a
+module, already quantized, NaN/inf weights; the calibration set: one batch instead of an iterable,
+empty, NaN; the labels), and otherwise names the calibration item and the layer it failed on (an
+item the model cannot consume, NaN or inf reaching a layer): see :mod:`.checks` and
+:func:`~prunekit.posttrain.sequential.blame_item`.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunekit.config import ConfigError
 from prunekit.core.batchnorm import recalibrate_batchnorm_, tracked_batchnorms
 from prunekit.core.targets import Target, require_values, select_targets
-from prunekit.posttrain.calibration import Call, model_device, prepare_calibration
+from prunekit.posttrain.calibration import Call, batch_size, model_device, prepare_calibration
+from prunekit.posttrain.checks import check_model, check_target_weights
 from prunekit.posttrain.layers import LayerView, view_of
 from prunekit.posttrain.methods import Compressor, MFACConfig, get_compressor
 from prunekit.posttrain.mfac_model import mfac_prune_model
@@ -31,7 +39,9 @@ from prunekit.posttrain.report import CompressionReport, LayerReport, QuantGrid
 from prunekit.posttrain.sequential import (
     HookSet,
     Unit,
+    blame_item,
     capture_inputs,
+    check_layer_inputs,
     eval_mode,
     execution_order,
     feed_unit,
@@ -79,21 +89,31 @@ def compress(
         A :class:`~prunekit.posttrain.report.CompressionReport` (``print`` it for a table).
 
     Raises:
-        prunekit.ConfigError: invalid config. prunekit.NoPrunableLayersError: no target.
-        HessianError: a layer's Hessian stayed singular under the maximal damping (the message
-            names the layer); the model is then left exactly as it was.
+        prunekit.ConfigError: invalid config; a model that is not a module, already quantized or
+            has NaN/inf weights; calibration that is one batch instead of an iterable of batches,
+            empty, holds NaN, or that the model cannot consume (the message names the item);
+            labels that do not match the calibration items.
+        prunekit.NoPrunableLayersError: no target.
+        HessianError: a layer's Hessian stayed singular under the maximal damping, or a layer's
+            input holds NaN or inf (the message names the layer and the item).
+        TypeError: a calibration item is none of tensor, tuple/list or mapping.
+
+    On any error the model is left exactly as it was.
     """
     cls = get_compressor(method)
     compressor = cls(cls.config_class.from_dict(config))
     cfg = compressor.config
+    check_model(model)
     if labels is not None and not cls.global_method:
-        raise ValueError(f"labels are used by method='mfac' only, not by {method!r}")
+        raise ConfigError(f"labels are used by method='mfac' only, not by {method!r}")
     targets = select_targets(model, cfg.targets, cfg.ignore)
     require_values(targets, f"compress(method={method!r})")
+    check_target_weights(targets)
     _check_overrides(cfg.overrides, targets)
     report = CompressionReport(method=method, config=cfg.to_dict())
     targets, views = _usable(model, targets, report)
     calls = prepare_calibration(calibration, model_device(model))
+    label_list = None if labels is None else _check_labels(labels, calls)
     # the backup lives on the CPU: no second copy of the weights on an accelerator
     backup = {t.name: t.param.detach().to("cpu", copy=True) for t in targets}
     backup_bn = _batchnorm_state(model) if cfg.recalibrate_batchnorm else None
@@ -101,6 +121,7 @@ def compress(
     try:
         with eval_mode(model), _no_kv_cache(model):
             if isinstance(cfg, MFACConfig):
+                check_layer_inputs(model, targets, calls)
                 mfac_prune_model(
                     model,
                     targets,
@@ -112,7 +133,7 @@ def compress(
                     fisher_block=cfg.fisher_block,
                     damp=cfg.damp,
                     steps=cfg.steps,
-                    labels=None if labels is None else list(labels),
+                    labels=label_list,
                 )
             else:
                 _run(model, compressor, targets, views, calls, report, progress)
@@ -165,7 +186,34 @@ def _check_overrides(overrides: dict[str, float], targets: list[Target]) -> None
     ]
     if unused:
         names = [t.name for t in targets]
-        raise ValueError(f"overrides keys matched no target: {unused}; targets: {names}")
+        raise ConfigError(f"overrides keys matched no target: {unused}; targets: {names}")
+
+
+def _check_labels(labels: Any, calls: Sequence[Call]) -> list[Tensor]:
+    """The M-FAC labels as a list, one integer tensor per calibration item, each with the item's
+    batch size.
+
+    Raises:
+        ConfigError: a single tensor instead of a sequence, a count, dtype or batch size that
+            does not match the calibration items.
+    """
+    if isinstance(labels, Tensor) or not isinstance(labels, Sequence):
+        raise ConfigError(
+            "labels must be a sequence of tensors, one per calibration item, got "
+            f"{type(labels).__name__}; wrap a single batch's labels as [y]"
+        )
+    if len(labels) != len(calls):
+        raise ConfigError(f"labels: {len(labels)} tensors for {len(calls)} calibration items")
+    for i, (y, call) in enumerate(zip(labels, calls, strict=True)):
+        if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex():
+            what = f"dtype {y.dtype}" if isinstance(y, Tensor) else type(y).__name__
+            raise ConfigError(f"labels[{i}] must be a tensor of class indices (int64), got {what}")
+        n = batch_size(call)
+        if n is not None and (y.dim() == 0 or y.shape[0] != n):
+            raise ConfigError(
+                f"labels[{i}] has shape {tuple(y.shape)} but calibration item {i} has batch size {n}"
+            )
+    return list(labels)
 
 
 def _usable(
@@ -193,7 +241,7 @@ def _usable(
             report.skipped[t.name] = why
             logger.warning("%s left unchanged: %s", t.name, why)
     if not kept:
-        raise ValueError(f"no target can be compressed: {report.skipped}")
+        raise ConfigError(f"no target can be compressed: {report.skipped}")
     return kept, views
 
 
@@ -261,15 +309,17 @@ def _run(
         with HookSet() as hooks:
             _collect(hooks, unit, views, accs)
             if unit.module is model:
-                for call in calls:
-                    run_call(model, call)
+                for j, call in enumerate(calls):
+                    run_call(model, call, j)
             elif unit.chained or chain_next:
                 if cache is None:
                     cache = capture_inputs(model, unit.module, calls)
-                for args, kwargs in cache:
-                    unit.module(*fresh(args), **kwargs)
+                for j, (args, kwargs) in enumerate(cache):
+                    with blame_item(j, calls[j]):
+                        unit.module(*fresh(args), **kwargs)
             else:
                 feed_unit(model, unit, calls)
+        _check_unit_inputs(model, unit, accs, calls)
         for t in unit.targets:
             grids: list[QuantGrid] = []
             report.layers.append(
@@ -278,7 +328,7 @@ def _run(
             if grids:
                 report.grids[t.name] = grids
         del accs
-        cache = run_block(unit, cache) if chain_next and cache is not None else None
+        cache = run_block(unit, cache, calls) if chain_next and cache is not None else None
         if bn_between and i + 1 < len(units):
             recalibrate_batchnorm_(_Caller(model), [(call,) for call in calls])
 
@@ -306,11 +356,49 @@ def _collect(
         def add(module: nn.Module, args: Any, t: Target = t) -> None:
             if not args or not isinstance(args[0], Tensor):
                 raise TypeError(f"{t.name}: expected a tensor as the layer's first input")
-            x = views[t.name].inputs(args[0].detach())
+            try:
+                x = views[t.name].inputs(args[0].detach())
+            except ValueError as exc:
+                raise ValueError(f"{t.name} {exc}") from None
             for g, acc in enumerate(accs[t.name]):
                 acc.add(x[g])
 
         hooks.pre(t.module, add)
+
+
+def _check_unit_inputs(
+    model: nn.Module,
+    unit: Unit,
+    accs: dict[str, list[HessianAccumulator]],
+    calls: Sequence[Call],
+) -> None:
+    """Refuse, before any target of ``unit`` is compressed, a target that received no samples or
+    NaN/inf, whatever the method. A non-finite input shows in the Hessian (one check per target,
+    no per-batch synchronisation); only then does a diagnostic forward find the item.
+
+    Raises:
+        ConfigError: the calibration items gave a target no samples (batches of size 0).
+        NonFiniteInput: a target received NaN or inf (naming it and the item).
+        HessianError: ``2XᵀX/n`` overflowed although every input was finite.
+    """
+    for t in unit.targets:
+        for acc in accs[t.name]:
+            if acc.n_samples == 0:
+                raise ConfigError(
+                    f"{t.name}: the calibration items gave this layer no input samples (batches "
+                    "of size 0?); pass non-empty batches"
+                )
+            if not acc.is_finite():
+                check_layer_inputs(model, [t], calls)
+                raise HessianError(
+                    f"{t.name}: its Hessian 2XᵀX/n overflowed to inf although its inputs are "
+                    "finite; scale the calibration inputs down"
+                    + (
+                        " (or compress the model in float64)"
+                        if t.param.dtype != torch.float64
+                        else ""
+                    )
+                )
 
 
 def _compress_target(

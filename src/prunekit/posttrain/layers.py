@@ -67,7 +67,11 @@ class LayerView:
             w.copy_(matrices_to_weight(matrices.to(device=w.device), tuple(w.shape)))
 
     def inputs(self, x: Tensor) -> Tensor:
-        """The layer's input batch as ``(groups, n, d_in)``, one row per output position."""
+        """The layer's input batch as ``(groups, n, d_in)``, one row per output position.
+
+        Raises:
+            ValueError: ``x`` has a shape the layer does not take (the message gives it).
+        """
         return self._inputs(x)
 
 
@@ -93,6 +97,8 @@ def _linear_view(module: nn.Module) -> LayerView:
     d_in = module.in_features
 
     def inputs(x: Tensor) -> Tensor:
+        if x.dim() == 0 or x.shape[-1] != d_in:
+            raise ValueError(f"takes inputs of {d_in} features, got shape {tuple(x.shape)}")
         return x.reshape(1, -1, d_in)
 
     return LayerView(module, 1, d_in, d_in, inputs)
@@ -117,6 +123,11 @@ def _conv_view(module: nn.Module) -> LayerView:
     positions = kernel[0] * kernel[1]
 
     def inputs(x: Tensor) -> Tensor:
+        if x.dim() not in ((2, 3) if one_d else (3, 4)) or x.shape[-2 if one_d else -3] != c_in:
+            raise ValueError(
+                f"takes {'(N, C, L)' if one_d else '(N, C, H, W)'} inputs with C={c_in}, "
+                f"got shape {tuple(x.shape)}"
+            )
         if one_d:
             x = x.unsqueeze(-2)
         if x.dim() == 3:  # unbatched input

@@ -228,13 +228,17 @@ def available_compressors() -> list[str]:
 
 
 def get_compressor(name: str) -> type[Compressor]:
-    """The method registered under ``name``; an unknown name lists the known ones."""
-    try:
-        return _COMPRESSORS[name]
-    except KeyError:
-        raise ValueError(
+    """The method registered under ``name``.
+
+    Raises:
+        ConfigError: ``name`` is not a registered name (the message lists them).
+    """
+    method = _COMPRESSORS.get(name) if isinstance(name, str) else None
+    if method is None:
+        raise ConfigError(
             f"unknown post-training method {name!r}; available: {', '.join(available_compressors())}"
-        ) from None
+        )
+    return method
 
 
 def _rtn_kept(compressor: Compressor, W: Tensor) -> Tensor:

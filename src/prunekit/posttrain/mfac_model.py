@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunekit.config import ConfigError
 from prunekit.core.targets import Target
-from prunekit.posttrain.calibration import Call
+from prunekit.posttrain.calibration import Call, batch_size
 from prunekit.posttrain.layers import LayerView
 from prunekit.posttrain.mfac import BlockFisherInverse, mfac_prune_step
 from prunekit.posttrain.report import CompressionReport, LayerReport
@@ -36,13 +37,6 @@ from prunekit.posttrain.sequential import HookSet
 logger = logging.getLogger(__name__)
 
 __all__ = ["mfac_prune_model", "split_calls"]
-
-
-def _batch_size(call: Call) -> int | None:
-    sizes = {
-        t.shape[0] for t in (*call[0], *call[1].values()) if isinstance(t, Tensor) and t.dim() > 0
-    }
-    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _slice(obj: Any, sl: slice) -> Any:
@@ -65,7 +59,7 @@ def split_calls(
     out: list[Call] = []
     out_labels: list[Tensor] = []
     for i, call in enumerate(calls):
-        n = _batch_size(call)
+        n = batch_size(call)
         if n is None:
             raise ValueError(
                 f"mfac needs {m} gradients (ngrads) but got {len(calls)} calibration items whose "
@@ -115,7 +109,20 @@ def _loss(output: Any, label: Tensor | None) -> Tensor:
             f"{getattr(logits, 'shape', type(logits).__name__)}"
         )
     flat = logits.reshape(-1, logits.shape[-1])
-    target = flat.detach().argmax(1) if label is None else label.to(flat.device).reshape(-1)
+    if label is None:
+        return F.cross_entropy(flat, flat.detach().argmax(1))
+    target = label.to(flat.device).reshape(-1)
+    if target.numel() != flat.shape[0]:
+        raise ConfigError(
+            f"labels of shape {tuple(label.shape)} do not match the model's logits of shape "
+            f"{tuple(logits.shape)} (one class index per row of logits)"
+        )
+    out_of_range = (target >= flat.shape[1]) | ((target < 0) & (target != -100))
+    if bool(out_of_range.any()):
+        raise ConfigError(
+            f"labels hold class {int(target[out_of_range][0])} but the model's logits have "
+            f"{flat.shape[1]} classes (0 … {flat.shape[1] - 1}; -100 is ignored)"
+        )
     return F.cross_entropy(flat, target)
 
 

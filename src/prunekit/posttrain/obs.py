@@ -117,6 +117,12 @@ class HessianAccumulator:
         self._h.addmm_(x2.T, x2, alpha=2.0 / n_new)
         self.n_samples = n_new
 
+    def is_finite(self) -> bool:
+        """Whether the running ``2 XᵀX / n`` holds no NaN or inf (false as soon as one input
+        did, or the products overflowed); checked once, not per batch, to keep ``add`` free of
+        host synchronisation."""
+        return bool(torch.isfinite(self._h).all())
+
     @property
     def hessian(self) -> Tensor:
         """The current average ``2 XᵀX / n`` (a copy)."""

@@ -16,14 +16,15 @@ Two ways to feed a unit its calibration inputs:
   branches), at the cost of the forward up to the unit.
 
 All hooks are owned by a :class:`HookSet` and removed when its ``with`` block exits, also on an
-exception.
+exception. Every forward on a calibration item runs under :func:`blame_item`: what fails there is
+reported as one line naming the item.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +32,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from prunekit.config import ConfigError
 from prunekit.core.targets import Target
-from prunekit.posttrain.calibration import Call
+from prunekit.posttrain.calibration import Call, describe, first_non_finite
+from prunekit.posttrain.checks import NonFiniteInput, check_finite_input
+from prunekit.posttrain.obs import HessianError
 
-__all__ = ["HookSet", "StopForward", "Unit", "plan_units"]
+__all__ = ["HookSet", "StopForward", "Unit", "blame_item", "plan_units"]
 
 
 class StopForward(Exception):
@@ -96,11 +100,64 @@ class Unit:
     chained: bool = False
 
 
-def run_call(model: nn.Module, call: Call) -> None:
-    """One forward of ``model`` on a calibration call; a :class:`StopForward` ends it quietly."""
+@contextmanager
+def blame_item(index: int, call: Call | None = None) -> Iterator[None]:
+    """Errors raised while calibration item ``index`` (``call``) runs, as one line naming it.
+
+    :class:`StopForward`, :class:`~prunekit.config.ConfigError`, out-of-memory errors and
+    :class:`~prunekit.posttrain.obs.HessianError` pass through, a :class:`NonFiniteInput` with the
+    item named (and whether the item itself is to blame); any other exception (the model cannot
+    consume the item: a shape or dtype it does not take, an argument it does not know) becomes a
+    :class:`~prunekit.config.ConfigError` naming the item, its input shapes and the first line of
+    what was raised, which stays chained as the cause.
+    """
+    try:
+        yield
+    except NonFiniteInput as exc:
+        if exc.item is not None:
+            raise
+        raise NonFiniteInput(exc.layer, exc.count, index, _non_finite_hint(call)) from None
+    except (StopForward, ConfigError, HessianError, MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        raise ConfigError(_item_failure(index, call, exc)) from exc
+
+
+def _non_finite_hint(call: Call | None) -> str:
+    """What to do about a non-finite layer input: clean the item, or find the overflow."""
+    where = None if call is None else first_non_finite(call)
+    if where is not None:
+        return f"the item holds inf in {where}: drop or clean that batch"
+    return (
+        "the item itself is finite, so the model overflows before this layer (float16? compress "
+        "the model in float32)"
+    )
+
+
+def _item_failure(index: int, call: Call | None, exc: Exception) -> str:
+    """One line: the item, its input shapes, the first line of what the forward raised, and a
+    hint when a tuple item looks like an ``(inputs, labels)`` pair."""
+    lines = str(exc).strip().splitlines()
+    said = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    shapes = "" if call is None else f" ({describe(call)})"
+    hint = ""
+    if isinstance(exc, TypeError) and call is not None and len(call[0]) > 1:
+        hint = (
+            "; a tuple item is the model's positional inputs (for a DataLoader of "
+            "(inputs, labels) pairs pass [x for x, _ in loader])"
+        )
+    return f"calibration item {index}{shapes} cannot be run through the model: {said}{hint}"
+
+
+def run_call(model: nn.Module, call: Call, index: int = 0) -> None:
+    """One forward of ``model`` on calibration item ``index``; a :class:`StopForward` ends it
+    quietly, another failure is reported by :func:`blame_item`."""
     args, kwargs = call
-    with suppress(StopForward):
-        model(*args, **kwargs)
+    try:
+        with blame_item(index, call):
+            model(*args, **kwargs)
+    except StopForward:
+        pass
 
 
 def execution_order(
@@ -120,8 +177,8 @@ def execution_order(
                     order.append(t)
 
             hooks.pre(t.module, seen)
-        for call in calls:
-            run_call(model, call)
+        for i, call in enumerate(calls):
+            run_call(model, call, i)
             if len(order) == len(targets):
                 break
     return order, [t for t in targets if t not in order]
@@ -271,13 +328,13 @@ def capture_inputs(model: nn.Module, module: nn.Module, calls: Sequence[Call]) -
 
     with HookSet() as hooks:
         hooks.pre(module, grab, with_kwargs=True)
-        for call in calls:
+        for i, call in enumerate(calls):
             n = len(captured)
-            run_call(model, call)
+            run_call(model, call, i)
             if len(captured) == n:
                 raise RuntimeError(
-                    f"{type(module).__name__} was not called by the model's forward on a "
-                    "calibration item; it cannot be compressed sequentially"
+                    f"{type(module).__name__} was not called by the model's forward on "
+                    f"calibration item {i}; it cannot be compressed sequentially"
                 )
     return captured
 
@@ -290,8 +347,8 @@ def feed_unit(model: nn.Module, unit: Unit, calls: Sequence[Call]) -> None:
 
     with HookSet() as hooks:
         hooks.post(unit.module, stop)
-        for call in calls:
-            run_call(model, call)
+        for i, call in enumerate(calls):
+            run_call(model, call, i)
 
 
 def fresh(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -302,12 +359,38 @@ def fresh(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return args
 
 
-def run_block(unit: Unit, inputs: Sequence[Call]) -> list[Call]:
-    """Run a chained block on cached inputs; its outputs as the next block's inputs."""
+def run_block(
+    unit: Unit, inputs: Sequence[Call], calls: Sequence[Call] | None = None
+) -> list[Call]:
+    """Run a chained block on cached inputs; its outputs as the next block's inputs (``calls``:
+    the calibration items the inputs come from, named in an error)."""
     outputs: list[Call] = []
-    for args, kwargs in inputs:
-        hidden = first_output(unit.module(*fresh(args), **kwargs))
+    for i, (args, kwargs) in enumerate(inputs):
+        with blame_item(i, None if calls is None else calls[i]):
+            hidden = first_output(unit.module(*fresh(args), **kwargs))
         if hidden is None:
             raise RuntimeError(f"block {unit.name} returned no tensor to pass on")
         outputs.append(((hidden, *args[1:]), kwargs))
     return outputs
+
+
+def check_layer_inputs(model: nn.Module, targets: Sequence[Target], calls: Sequence[Call]) -> None:
+    """One forward on every calibration item with every target's input checked: a NaN or inf
+    there raises :class:`NonFiniteInput` naming the layer and the item (for methods that do not
+    collect layer inputs themselves, like M-FAC).
+
+    Raises:
+        NonFiniteInput: a target received NaN or inf.
+        ConfigError: the model cannot consume an item (see :func:`blame_item`).
+    """
+    with HookSet() as hooks:
+        for t in targets:
+
+            def check(module: nn.Module, args: Any, t: Target = t) -> None:
+                if args and isinstance(args[0], Tensor):
+                    check_finite_input(t.name, args[0])
+
+            hooks.pre(t.module, check)
+        with torch.no_grad():
+            for i, call in enumerate(calls):
+                run_call(model, call, i)
