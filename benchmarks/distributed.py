@@ -56,11 +56,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import prunekit
+from prunekit.app import evaluate
 from prunekit.data import load_dataset
 from prunekit.distributed import compress_gradients, run_workers
 from prunekit.models import build_model
 from prunekit.schedules import cosine
-from prunekit.training.trainer import evaluate
 
 from common import RESULTS, environment, write_results
 

@@ -30,9 +30,8 @@ from typing import Any
 
 import torch
 
+from prunekit.app import DivergenceError, Recipe, load_data, load_recipe, train
 from prunekit.methods import available
-from prunekit.training import Recipe, load_recipe, train
-from prunekit.training.trainer import DivergenceError, load_data
 
 from common import RESULTS, environment, write_results
 
@@ -298,7 +297,8 @@ def main() -> None:
     rerun: set[tuple[Any, ...]] = set()
     started = time.strftime("%Y%m%d-%H%M%S")  # --rerun trains in a fresh directory
     for model in [] if args.table_only else args.models:
-        data = load_data(load_recipe(ROOT / "recipes" / model / "dense.yaml"))
+        dense = load_recipe(ROOT / "recipes" / model / "dense.yaml")
+        data = load_data(dense.data, dense.seed)
         for method in args.methods:
             for sparsity in [0.0] if method == "dense" else (args.sparsities or SPARSITIES[model]):
                 if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:

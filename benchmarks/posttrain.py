@@ -39,15 +39,11 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.training import load_recipe, train
-from prunekit.training.compress_run import (
-    CalibrationSpec,
-    FinetuneSpec,
-    calibration_batches,
-    sparse_finetune,
-)
-from prunekit.training.guards import build_recipe_model
-from prunekit.training.trainer import evaluate, load_data
+from prunekit.app import evaluate, load_data, load_recipe, train
+from prunekit.app.compress_recipe import CalibrationSpec, FinetuneSpec
+from prunekit.app.compression import sparse_finetune
+from prunekit.app.data import calibration_batches
+from prunekit.app.model import build_recipe_model
 
 from common import RESULTS, environment, write_results
 
@@ -121,8 +117,9 @@ def dense_model(name: str) -> tuple[nn.Module, Any, float]:
     if not (out / "model.pt").exists():
         logging.info("training dense %s into %s", name, out)
         train(recipe, out, progress=False, device="cpu")
-    data = load_data(recipe)
-    model = build_recipe_model(recipe, data)
+    data = load_data(recipe.data, recipe.seed)
+    assert recipe.model.name is not None
+    model = build_recipe_model(recipe.model.name, recipe.model.kwargs, data)
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     model.eval()
     return model, data, evaluate(model, data.x_test, data.y_test)
@@ -137,9 +134,12 @@ def finetune_one_epoch(model: nn.Module, data: Any, lr: float = 0.01) -> float:
 def run_mnist(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     done = {(r["model"], r["method"], r["setting"]) for r in rows if r.get("part") == "mnist"}
     deadline = time.monotonic() + 60 * args.max_minutes
+    spec = CalibrationSpec(samples=CALIBRATION)
     for name in args.models:
         dense, data, dense_acc = dense_model(name)
-        cal = calibration_batches(data, CalibrationSpec(samples=CALIBRATION), torch.device("cpu"))
+        cal = calibration_batches(
+            data, CALIBRATION, spec.batch_size, spec.seed, torch.device("cpu")
+        )
         xs, ys = [x for x, _ in cal], [y for _, y in cal]
         for method, label, kw in settings(args.methods):
             if (name, method, label) in done:

@@ -12,29 +12,19 @@ or compress a trained model after the fact, with no retraining::
     report = prunekit.compress(model, calibration_batches, method="sparsegpt", sparsity=0.5)
 """
 
-from typing import Any
-
 from prunekit import methods, optim, posttrain
 from prunekit.api import sparsify
 from prunekit.config import ConfigError
 from prunekit.core import MaskMode, NoPrunableLayersError, select_targets, sparsity_report
 from prunekit.methods import Pruner, available
 from prunekit.posttrain import CompressionReport, compress
+from prunekit.serialization import CheckpointError, load_sparse, save_sparse
 
 __version__ = "0.1.0"  # the one place: pyproject.toml reads it
 
 
-def __getattr__(name: str) -> Any:
-    # the sparse export lives with the training stack; importing prunekit must not load it
-    # (matplotlib, tqdm) unless asked for
-    if name in ("load_sparse", "save_sparse"):
-        from prunekit.training import checkpoint
-
-        return getattr(checkpoint, name)
-    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
-
-
 __all__ = [
+    "CheckpointError",
     "CompressionReport",
     "ConfigError",
     "MaskMode",

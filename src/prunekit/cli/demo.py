@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prunekit.training.recipe import recipe_from_dict
-from prunekit.training.trainer import load_data, train
+from prunekit.app.data import load_data
+from prunekit.app.recipe import recipe_from_dict
+from prunekit.app.training import train
 
 
 def demo_recipes(epochs: int, sparsity: float) -> dict[str, dict[str, Any]]:
@@ -36,16 +37,27 @@ def demo_recipes(epochs: int, sparsity: float) -> dict[str, dict[str, Any]]:
 
 
 def run_demo(
-    out: Path, epochs: int = 20, sparsity: float = 0.98, progress: bool = True
+    out: Path,
+    epochs: int = 20,
+    sparsity: float = 0.98,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train both recipes, print a comparison table and return the metrics."""
     recipes = demo_recipes(epochs, sparsity)
     first = recipe_from_dict(recipes["dense"])
-    data = load_data(first)
+    data = load_data(first.data, first.seed)
     results = []
     for name, r in recipes.items():
         results.append(
-            train(recipe_from_dict(r), out / name, progress=progress, data=data, device="cpu")
+            train(
+                recipe_from_dict(r),
+                out / name,
+                progress=progress,
+                data=data,
+                device="cpu",
+                overwrite=overwrite,
+            )
         )
     print()
     print(f"LeNet-300-100 on MNIST, {epochs} epochs each (outputs in {out}/)")

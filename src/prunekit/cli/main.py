@@ -8,25 +8,41 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+from prunekit.app.divergence import DivergenceError
+from prunekit.app.launch import launch_train
+from prunekit.app.recipe import load_recipe
+from prunekit.app.run_dir import MANIFEST, RunDir
+from prunekit.app.training import train
 from prunekit.config import ConfigError
 from prunekit.methods import available, get_method
 from prunekit.posttrain import HessianError, available_compressors, get_compressor
+from prunekit.serialization import CheckpointError
+from prunekit.structured.io import SlimSpecError
 from prunekit.structured.registry import available_structured, get_structured
-from prunekit.training.checkpoint import CheckpointError
-from prunekit.training.recipe import load_recipe
-from prunekit.training.trainer import DivergenceError, train
+
+
+def _outputs_line(out: str, metrics: dict[str, Any]) -> str:
+    """What the run directory holds now, or that a complete run was left as it was."""
+    names = [n for n in RunDir(out, "train").existing_outputs() if n != MANIFEST]
+    listed = ", ".join(f"{n}/" if (Path(out) / n).is_dir() else n for n in names)
+    if metrics.get("outputs_unchanged"):
+        return f"{out} holds this run, complete; its outputs are left as they are: {listed}"
+    return f"outputs in {out}: {listed}"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
+    options = {
+        "resume": not args.no_resume,
+        "overwrite": args.overwrite,
+        "progress": not args.quiet,
+    }
     if args.nproc is None:
-        metrics = train(
-            recipe, args.out, resume=not args.no_resume, progress=not args.quiet, device=args.device
-        )
+        metrics = train(recipe, args.out, device=args.device, **options)
     else:
         from prunekit.distributed import WorkerError
-        from prunekit.training.distributed import launch_train
 
         try:
             metrics = launch_train(
@@ -34,9 +50,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 args.out,
                 args.nproc,
                 device=args.device,
-                resume=not args.no_resume,
-                progress=not args.quiet,
                 level=logging.getLogger().getEffectiveLevel(),
+                **options,
             )
         except WorkerError as exc:  # the failing rank's exception, not its whole traceback
             lines = [line for line in str(exc).splitlines() if line.strip()]
@@ -44,43 +59,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 2
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
         return 0
-    summary = {
-        k: metrics[k]
-        for k in (
-            "method",
-            "model",
-            "global_sparsity",
-            "compression",
-            "test_accuracy",
-            "wall_seconds",
-        )
-    }
-    print(json.dumps(summary, indent=2))
-    print(
-        f"outputs in {args.out}: model_sparse.pt, metrics.json, report.md, accuracy.png, layer_sparsity.png"
-    )
+    keys = ("method", "model", "global_sparsity", "compression", "test_accuracy", "wall_seconds")
+    print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
+    print(_outputs_line(args.out, metrics))
     return 0
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from prunekit.training.compress_run import compress_run, load_compress_recipe
+    from prunekit.app.compress_recipe import load_compress_recipe
+    from prunekit.app.compression import compress_run
 
     recipe = load_compress_recipe(args.recipe, args.set)
-    metrics = compress_run(recipe, args.out, device=args.device, progress=not args.quiet)
+    metrics = compress_run(
+        recipe, args.out, device=args.device, progress=not args.quiet, overwrite=args.overwrite
+    )
     keys = (
         "method",
         "model",
+        "input_global_sparsity",
+        "input_test_accuracy",
         "global_sparsity",
-        "dense_test_accuracy",
         "test_accuracy",
         "finetuned_test_accuracy",
         "compress_seconds",
     )
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
-    files = "model.pt, model_sparse.pt, metrics.json, report.md, layer_error.png"
-    if "quantized_file_bytes" in metrics:
-        files += ", model_quantized.pt"
-    print(f"outputs in {args.out}: {files}")
+    print(_outputs_line(args.out, metrics))
     return 0
 
 
@@ -105,7 +109,13 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from prunekit.cli.demo import run_demo
 
-    run_demo(Path(args.out), epochs=args.epochs, sparsity=args.sparsity, progress=not args.quiet)
+    run_demo(
+        Path(args.out),
+        epochs=args.epochs,
+        sparsity=args.sparsity,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
@@ -129,7 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a recipe entry",
     )
     p.add_argument(
-        "--no-resume", action="store_true", help="ignore an existing checkpoint in --out"
+        "--no-resume",
+        action="store_true",
+        help="start this run again even if --out holds its unfinished checkpoint",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of another run in --out (otherwise refused)",
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
@@ -150,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--sparsity", type=float, default=0.98)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
@@ -163,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of another run in --out (otherwise refused)",
+    )
     p.set_defaults(func=_cmd_compress)
 
     p = sub.add_parser("methods", help="list the registered sparse-training methods")
@@ -179,8 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     # OSError: a missing data file, a full disk ...: one line too, not a traceback
-    except (ConfigError, CheckpointError, DivergenceError, HessianError, OSError) as exc:
-        print(f"prunekit: error: {exc}", file=sys.stderr)
+    except (
+        ConfigError,
+        CheckpointError,
+        DivergenceError,
+        HessianError,
+        SlimSpecError,
+        OSError,
+    ) as exc:
+        print(f"prunekit: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

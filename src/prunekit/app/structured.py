@@ -1,13 +1,14 @@
-"""The Only-Train-Once path of the trainer: group-sparsity optimizer in, slim model out."""
+"""The Only-Train-Once path of a training run: group-sparsity optimizer in, slim model out."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from prunekit.app.recipe import Recipe
+from prunekit.app.run_dir import RunDir
 from prunekit.core.cost import count_macs, count_params
 from prunekit.structured import (
     FoldedConv,
@@ -18,7 +19,6 @@ from prunekit.structured import (
     slim_with_plan,
 )
 from prunekit.structured.io import save_slim
-from prunekit.training.recipe import Recipe
 
 
 def build_structured_optimizer(
@@ -49,14 +49,14 @@ def finish_structured(
     optimizer: Optimizer,
     groups: list[Group],
     example: Tensor,
-    out: Path,
+    run: RunDir,
     evaluate: Any,
 ) -> dict[str, Any]:
     """Build, check and save the slim model; return its metrics (before/after parameters, MACs and
     accuracy of the group-sparse and the slim model, which must agree)."""
     one = example[:1]
     small, plan = slim_with_plan(model, one, groups)  # raises SlimError if the outputs differ
-    save_slim(small, plan.spec(), out / "slim")
+    run.write_with("slim", lambda path: save_slim(small, plan.spec(), path))
     acc_sparse, acc_slim = evaluate(model), evaluate(small)
     params, macs = count_params(model), count_macs(model, one)
     slim_params, slim_macs = count_params(small), count_macs(small, one)

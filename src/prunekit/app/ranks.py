@@ -1,27 +1,22 @@
-"""Data-parallel ``prunekit train``: the process group, the model wrapper and gathered metrics.
+"""Where a process stands in a run: its rank, its device, and what ranks exchange.
 
-Synchronous data parallelism (Li et al. 2020, "PyTorch Distributed: Experiences on Accelerating Data
-Parallel Training"): ``W`` ranks hold identical replicas, rank ``r`` computes the gradient
-``g_r = ∇ (1/b) Σ_{i∈B_r} ℓ_i`` of its own batch ``B_r`` (``b`` examples, a shard of the epoch,
-:func:`prunekit.data.shard_indices`), and :class:`~torch.nn.parallel.DistributedDataParallel`
-all-reduces ``g = (1/W) Σ_r g_r`` = the gradient of the mean loss over the global batch
-``B = ∪_r B_r`` of ``W × b`` examples. Every rank then takes the same optimizer (and pruner) step, so
-the replicas stay identical without ever exchanging weights.
+Data parallelism (the maths is in :mod:`prunekit.app.launch`) needs every rank to agree on
+what it reads and decides; the helpers here are those agreements.
 
 :func:`join_process_group` finds the group: one already initialised (``prunekit.distributed.
 run_workers``, a caller's own), or the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), which it initialises itself (``nccl`` on
-``cuda:LOCAL_RANK``, ``gloo`` on CPU). Without either it is a single process and nothing changes.
-:func:`launch_train` is ``prunekit train --nproc N``: N local ranks through ``run_workers``.
+``cuda:LOCAL_RANK``, ``gloo`` on CPU). Without either it is a single process and every collective
+here is the identity. The launcher that starts local ranks is :mod:`prunekit.app.launch`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -33,8 +28,6 @@ from prunekit.core.forward import count_correct
 from prunekit.distributed.compress import compress_gradients
 from prunekit.distributed.hooks import CommState
 from prunekit.distributed.sync import broadcast_tensors_
-from prunekit.training.guards import check_out_dir, resolve_device
-from prunekit.training.recipe import Recipe
 
 __all__ = [
     "TORCHRUN_VARIABLES",
@@ -44,17 +37,22 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "communication_metrics",
+    "default_device",
     "gather_object",
     "join_process_group",
-    "launch_train",
     "leave_process_group",
     "mean_across",
+    "on_main",
+    "resolve_device",
     "sharded_accuracy",
     "sync_buffers",
+    "under_torchrun",
     "wrap_model",
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: the environment ``torchrun`` sets in every rank
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -80,8 +78,37 @@ class Ranks:
         return self.rank == 0
 
 
-def _under_torchrun() -> bool:
+def under_torchrun() -> bool:
     return all(v in os.environ for v in TORCHRUN_VARIABLES)
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a :class:`torch.device` that works here (``None``: CUDA when available, else CPU).
+
+    Raises:
+        ConfigError: an unknown device string, or a device this machine does not have.
+    """
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"device {device!r} is not a device name ({exc}); use cpu, cuda or cuda:N"
+        ) from None
+    try:
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError without CUDA
+        raise ConfigError(
+            f"device {str(dev)!r} is not available on this machine ({' '.join(str(exc).split())}); "
+            "use --device cpu or another device"
+        ) from None
+    return dev
 
 
 def _rank_device(device: str | torch.device | None, local_rank: int) -> torch.device:
@@ -109,7 +136,7 @@ def join_process_group(device: str | torch.device | None) -> tuple[Ranks, torch.
     """This process's :class:`Ranks` and device, initialising the group under ``torchrun``.
 
     A single process (no group, no ``torchrun`` environment, or ``WORLD_SIZE=1``) gets
-    ``Ranks()`` and :func:`~prunekit.training.guards.resolve_device` of ``device``, as before.
+    ``Ranks()`` and :func:`resolve_device` of ``device``.
 
     Raises:
         ConfigError: a device this rank cannot use (see ``_rank_device``).
@@ -123,7 +150,7 @@ def join_process_group(device: str | torch.device | None) -> tuple[Ranks, torch.
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         return Ranks(rank, world, local), dev
-    if not _under_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
         return Ranks(), resolve_device(device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ["LOCAL_RANK"])
@@ -281,83 +308,21 @@ def agree(value: int, what: str, ranks: Ranks) -> None:
         )
 
 
-def _train_rank(
-    rank: int,
-    world_size: int,
-    recipe: Recipe,
-    out: str,
-    device: str | None,
-    resume: bool,
-    progress: bool,
-    level: int,
-) -> dict[str, Any]:
-    """One rank of :func:`launch_train` (module level: it is pickled into the spawned process)."""
-    from prunekit.training.trainer import train
+def on_main(fn: Callable[[], T], ranks: Ranks) -> T:
+    """``fn()`` run by rank 0 alone (file system work), its result on every rank.
 
-    os.environ["LOCAL_RANK"] = str(rank)
-    logging.basicConfig(
-        level=level if rank == 0 else max(level, logging.WARNING),
-        format=f"%(levelname)s rank {rank} %(name)s: %(message)s",
-    )
-    del world_size
-    return train(recipe, out, resume=resume, progress=progress and rank == 0, device=device)
-
-
-def launch_train(
-    recipe: Recipe,
-    out: str | Path,
-    nproc: int,
-    *,
-    device: str | None = None,
-    resume: bool = True,
-    progress: bool = True,
-    level: int = logging.WARNING,
-) -> dict[str, Any]:
-    """``prunekit train --nproc N``: run ``recipe`` on ``nproc`` local ranks, return rank 0's metrics.
-
-    Each rank uses ``max(1, cores // nproc)`` threads; ``gloo`` on CPU, ``nccl`` with one GPU per
-    rank when ``device`` is CUDA (or unset on a machine with GPUs). ``nproc == 1`` trains in this
-    process.
-
-    Raises:
-        ConfigError: ``nproc < 1``, a launch from inside ``torchrun``, too few GPUs, a bad device or
-            ``out`` (all checked before any rank starts).
-        prunekit.distributed.WorkerError: a rank failed (its traceback in the message).
+    If it raises, every rank raises that same error, so no rank waits on the others forever.
     """
-    from prunekit.distributed import run_workers
-    from prunekit.training.trainer import train
-
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be >= 1 (number of local ranks), got {nproc}")
-    if _under_torchrun() or (dist.is_available() and dist.is_initialized()):
-        raise ConfigError(
-            "--nproc starts its own ranks; under torchrun (or in a process group) leave it out"
-        )
-    if nproc == 1:
-        return train(recipe, out, resume=resume, progress=progress, device=device)
-    check_out_dir(Path(out))
-    dev = resolve_device(device)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    if backend == "nccl" and torch.cuda.device_count() < nproc:
-        raise ConfigError(
-            f"--nproc {nproc} on CUDA needs one GPU per rank (nccl) but "
-            f"{torch.cuda.device_count()} are visible; use --nproc <= {torch.cuda.device_count()} "
-            "or --device cpu"
-        )
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, (cores or 1) // nproc)
-    logger.info("launching %d ranks (%s, %d threads each)", nproc, backend, threads)
-    results = run_workers(
-        _train_rank,
-        nproc,
-        recipe,
-        str(out),
-        None if device is None else str(dev.type),
-        resume,
-        progress,
-        level,
-        backend=backend,
-        threads=threads,
-        timeout=24 * 3600.0,
-    )
-    return dict(results[0])
+    if not ranks.distributed:
+        return fn()
+    result: Any = None
+    error: Exception | None = None
+    if ranks.is_main:
+        try:
+            result = fn()
+        except Exception as exc:
+            error = exc
+    result, error = broadcast_object((result, error), ranks)
+    if error is not None:
+        raise error
+    return cast(T, result)

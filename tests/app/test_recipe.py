@@ -3,8 +3,8 @@ import re
 import pytest
 import yaml
 
+from prunekit.app import load_recipe, recipe_from_dict
 from prunekit.config import ConfigError
-from prunekit.training import load_recipe, recipe_from_dict
 
 BASE = {
     "model": {"name": "lenet300_100"},
@@ -73,7 +73,7 @@ def test_load_recipe_with_overrides(tmp_path):
 def test_shipped_recipes_are_valid():
     from pathlib import Path
 
-    from prunekit.training.compress_run import load_compress_recipe
+    from prunekit.app.compress_recipe import load_compress_recipe
 
     files = sorted(Path(__file__).resolve().parents[2].joinpath("recipes").rglob("*.yaml"))
     assert len(files) >= 8
@@ -127,7 +127,7 @@ def test_yaml_scalars_follow_yaml_1_2(tmp_path):
 
 
 def test_yaml12_scalar_table():
-    from prunekit.training.yaml12 import load_yaml
+    from prunekit.app.yaml12 import load_yaml
 
     cases = {
         "2:4": "2:4",
@@ -177,10 +177,10 @@ def test_unreadable_recipes_and_overrides_are_config_errors(tmp_path):
 def test_hspg_recipe_is_lambda_driven_unless_a_cap_is_given():
     import torch
 
+    from prunekit.app.recipe import recipe_from_dict
+    from prunekit.app.structured import build_structured_optimizer
     from prunekit.models import build_model
     from prunekit.structured import find_groups
-    from prunekit.training.recipe import recipe_from_dict
-    from prunekit.training.structured_run import build_structured_optimizer
 
     def optimizer(structured):
         recipe = recipe_from_dict(

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from prunekit.app import NonFiniteLossError, recipe_from_dict, train
 from prunekit.cli.main import main
 from prunekit.data import ArrayDataset, BatchIterator, load_dataset
 from prunekit.data.datasets import shard_indices
 from prunekit.distributed import run_workers
 from prunekit.models import build_model
-from prunekit.training import NonFiniteLossError, recipe_from_dict, train
 
 SEED, BATCH, LR, EPOCHS = 1, 16, 0.05, 2
 DATA = {"name": "mnist1d", "num_samples": 400, "batch_size": BATCH}
@@ -75,7 +75,8 @@ def _state(model: torch.nn.Module) -> dict:
 
 def _ranks(rank, world_size, data, images, root):
     """Every train() call of the checks, in one 2-rank process group; returns what each rank saw."""
-    import prunekit.training.trainer as trainer
+    import prunekit.app.loop as trainer
+    import prunekit.app.training as train_module
 
     writes: list[str] = []  # files this rank put in place (the atomic helpers end in os.replace)
     real_replace = os.replace
@@ -86,14 +87,14 @@ def _ranks(rank, world_size, data, images, root):
 
     os.replace = replace
     finals = {}  # each run's final model on this rank, keyed by its out directory
-    real_finish = trainer._finish
+    real_finish = train_module.finish
 
     def finish(*args):
         metrics = real_finish(*args)
-        finals[os.path.basename(args[6])] = _state(args[1])
+        finals[os.path.basename(args[5].path)] = _state(args[2].model)
         return metrics
 
-    trainer._finish = finish
+    train_module.finish = finish
     sparse, dense = recipe_from_dict(_sparse_recipe()), recipe_from_dict(_dense_recipe())
     quiet = {"progress": False, "data": data, "device": "cpu"}
     full = train(sparse, f"{root}/full", **quiet)
@@ -276,10 +277,10 @@ def test_cli_nproc_trains_end_to_end(tmp_path, capsys):
     ],
 )
 def test_cli_nproc_errors_are_one_line(tmp_path, capsys, monkeypatch, extra, message):
-    import prunekit.training.distributed as distributed
+    import prunekit.app.launch as launch
 
     # a machine with one GPU, whatever this one has
-    monkeypatch.setattr(distributed, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(launch, "resolve_device", lambda device: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(_dense_recipe()))

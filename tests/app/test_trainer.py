@@ -4,15 +4,14 @@ import math
 import pytest
 import torch
 
-from prunekit.config import ConfigError
-from prunekit.training import (
-    CheckpointError,
+from prunekit.app import (
     NonFiniteLossError,
     load_checkpoint,
     recipe_from_dict,
     train,
 )
-from prunekit.training.trainer import load_data
+from prunekit.app.data import load_data
+from prunekit.config import ConfigError
 
 
 def _recipe(method="dpf", epochs=3, **pruning):
@@ -30,7 +29,8 @@ def _recipe(method="dpf", epochs=3, **pruning):
 
 @pytest.fixture(scope="module")
 def data():
-    return load_data(_recipe())
+    recipe = _recipe()
+    return load_data(recipe.data, recipe.seed)
 
 
 @pytest.mark.parametrize("method", ["dpf", "acdc", "rigl", "cram"])
@@ -83,7 +83,7 @@ def test_outputs_and_metrics(tmp_path, data):
 
 def _patch_loss(monkeypatch, transform):
     """The trainer's loss becomes ``transform(loss, call number)``; returns the real function."""
-    import prunekit.training.trainer as trainer
+    import prunekit.app.loop as trainer
 
     real = trainer.F.cross_entropy
     calls = {"n": 0}
@@ -100,7 +100,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path, data, monkeyp
     recipe = _recipe("gmp", epochs=3, update_every=5)
     train(recipe, tmp_path, progress=False, data=data, device="cpu", stop_after_epoch=1)
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    import prunekit.training.trainer as trainer
+    import prunekit.app.loop as trainer
 
     real = _patch_loss(monkeypatch, lambda out, n: out * math.nan if n > 5 else out)
     with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
@@ -117,7 +117,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path, data, monkeyp
 
 
 def test_nan_loss_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path, data, monkeypatch):
-    import prunekit.training.trainer as trainer
+    import prunekit.app.loop as trainer
 
     real = trainer.F.cross_entropy
     monkeypatch.setattr(trainer.F, "cross_entropy", lambda *a, **k: real(*a, **k) * math.nan)
@@ -135,8 +135,13 @@ def test_resume_with_other_recipe_is_refused(tmp_path, data):
         device="cpu",
         stop_after_epoch=1,
     )
-    with pytest.raises(CheckpointError, match="different recipe"):
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(
+        ConfigError,
+        match=r"holds an unfinished run that differs \(recipe.pruning.method 'gmp' -> 'dpf'",
+    ):
         train(_recipe("dpf", epochs=2), tmp_path, progress=False, data=data, device="cpu")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_acdc_run_writes_dense_pair(tmp_path, data):
@@ -276,7 +281,7 @@ def test_clip_grad_norm_bounds_every_update(tmp_path, data):
 
 def test_exploded_finite_loss_stops_with_last_good_checkpoint_intact(tmp_path, data, monkeypatch):
     """A loss of ~1e15 that never turns NaN must not be checkpointed as a good epoch."""
-    from prunekit.training import DivergenceError
+    from prunekit.app import DivergenceError
 
     recipe = _recipe("gmp", epochs=3, update_every=5)
     train(recipe, tmp_path, progress=False, data=data, device="cpu", stop_after_epoch=1)
@@ -334,7 +339,7 @@ def test_clip_norm_excludes_pruned_coordinates(tmp_path, data, monkeypatch, clos
 def test_divergence_criterion():
     """Diverged: not finite, or above 1000 x max(1, first batch loss) (the floor keeps a tiny
     first loss from making every later loss look exploded)."""
-    from prunekit.training.guards import divergence
+    from prunekit.app.divergence import divergence
 
     assert divergence(2300.0, 2.3) is None and divergence(2301.0, 2.3) is not None
     assert divergence(999.0, 0.01) is None and divergence(1001.0, 0.01) is not None

@@ -16,7 +16,7 @@ Every section is a dataclass; an unknown key anywhere is an error naming it and 
 from ``epochs`` and the data), the ``structured`` section (``{optimizer: hesso, ...}``) against that
 optimizer's config class (:mod:`prunekit.structured.registry`).
 
-Files and ``--set`` values are read with YAML 1.2 scalar rules (:mod:`prunekit.training.yaml12`), so
+Files and ``--set`` values are read with YAML 1.2 scalar rules (:mod:`prunekit.app.yaml12`), so
 ``pattern: 2:4`` is the string ``"2:4"`` and ``lr: 1e-3`` is a float (YAML 1.1 made them the integer
 124 and a string).
 """
@@ -32,11 +32,11 @@ from typing import Any
 
 import yaml
 
+from prunekit.app.yaml12 import load_yaml
 from prunekit.config import ConfigError, check_keys, from_dict, to_dict
 from prunekit.data import DATASETS
 from prunekit.methods.registry import get_method
 from prunekit.models import available_models
-from prunekit.training.yaml12 import load_yaml
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 #: ``train+val``: all 60k MNIST training images; ``train``: the first 50k (MNIST only)
@@ -46,11 +46,27 @@ LR_SCHEDULES = ("constant", "cosine", "linear", "step")
 
 @dataclass(kw_only=True)
 class ModelSpec:
-    name: str
+    """The network: a registered architecture ``name`` (with ``kwargs``), optionally starting from
+    trained ``weights`` (a state-dict file or a prunekit model file); or ``run``, the final model of a
+    prunekit run directory, whose architecture comes from the recipe that run recorded."""
+
+    name: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    run: str | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in available_models():
+        if (self.run is None) == (self.name is None):
+            raise ConfigError(
+                "model needs exactly one of 'name' (an architecture, optionally with 'weights': a "
+                "state-dict file) or 'run' (a prunekit output directory)"
+            )
+        if self.run is not None and (self.kwargs or self.weights is not None):
+            raise ConfigError(
+                "model.run takes the architecture and weights from that run; remove model.kwargs "
+                "and model.weights"
+            )
+        if self.name is not None and self.name not in available_models():
             raise ConfigError(
                 f"model.name {self.name!r} unknown; available: {', '.join(available_models())}"
             )
@@ -59,6 +75,11 @@ class ModelSpec:
             raise ConfigError(
                 f"model.kwargs may not set {', '.join(fixed)}: it comes from the data set"
             )
+
+    @property
+    def label(self) -> str:
+        """The architecture's name, or the run it comes from."""
+        return self.name if self.name is not None else f"run {self.run}"
 
 
 @dataclass(kw_only=True)
@@ -172,6 +193,17 @@ class Recipe:
             )
 
     @property
+    def sparsity_target(self) -> float | None:
+        """The sparsity a ``pruning`` section asks for (``None`` for dense and structured runs)."""
+        if self.pruning is None:
+            return None
+        if "sparsity" in self.pruning:
+            return float(self.pruning["sparsity"])
+        config = get_method(str(self.pruning["method"])).config_class
+        default = {f.name: f.default for f in dataclasses.fields(config)}.get("sparsity")
+        return float(default) if isinstance(default, int | float) else None
+
+    @property
     def method(self) -> str:
         if self.structured is not None:
             return str(self.structured["optimizer"])
@@ -236,8 +268,15 @@ def validate_structured(section: dict[str, Any]) -> dict[str, Any]:
     return {"optimizer": DEFAULT_STRUCTURED, **section}
 
 
-def recipe_from_dict(data: dict[str, Any]) -> Recipe:
-    """Build a :class:`Recipe` strictly from plain data."""
+def recipe_from_dict(data: dict[str, Any], *, recorded: bool = False) -> Recipe:
+    """Build a :class:`Recipe` strictly from plain data.
+
+    Args:
+        data: the recipe as written by a user (a YAML file), or as recorded by a run.
+        recorded: ``data`` comes from :meth:`Recipe.to_dict` (a checkpoint, a model file's
+            metadata), where a ``None`` section means "absent"; in a user's file ``structured:``
+            alone means HESSO with its defaults.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"a recipe must be a mapping, got {type(data).__name__}")
     data = copy.deepcopy(data)
@@ -254,8 +293,11 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
             if key == "model" and isinstance(value, str):
                 value = {"name": value}
             data[key] = from_dict(cls, value or {}, where=key)
-    if "structured" in data and data["structured"] is None:  # `structured:` alone: HESSO defaults
-        data["structured"] = {}
+    if "structured" in data and data["structured"] is None:
+        if recorded:
+            del data["structured"]
+        else:  # `structured:` alone in a file: HESSO with its defaults
+            data["structured"] = {}
     return from_dict(Recipe, data, where="recipe")
 
 

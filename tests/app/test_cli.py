@@ -77,15 +77,15 @@ def _read_only_dir(tmp_path):
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
     """A recipe file, and a 64-example synthetic data set in place of MNIST (fast)."""
-    import prunekit.training.trainer as trainer
+    import prunekit.app.training as trainer
     from prunekit.data import ArrayDataset
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
     loads = []
 
-    def load_data(recipe):
-        loads.append(recipe)
+    def load_data(spec, seed):
+        loads.append(spec)
         return ArrayDataset("mnist", x, y, x[:32], y[:32], 10)
 
     monkeypatch.setattr(trainer, "load_data", load_data)

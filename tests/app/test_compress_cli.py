@@ -8,7 +8,7 @@ import yaml
 
 from prunekit.cli.main import main
 from prunekit.posttrain.export import load_quantized
-from prunekit.training.checkpoint import load_sparse
+from prunekit.serialization import load_sparse
 
 TINY_DATA = {"name": "mnist", "train_subset": 512, "test_subset": 256, "batch_size": 64}
 
