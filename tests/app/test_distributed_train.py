@@ -17,6 +17,7 @@ import yaml
 
 from prunekit.app import NonFiniteLossError, recipe_from_dict, train
 from prunekit.cli.main import main
+from prunekit.config import ConfigError
 from prunekit.data import ArrayDataset, BatchIterator, load_dataset
 from prunekit.data.datasets import shard_indices
 from prunekit.distributed import run_workers
@@ -107,6 +108,7 @@ def _ranks(rank, world_size, data, images, root):
     train(topk, f"{root}/topk_part", stop_after_epoch=1, **quiet)
     topk_resumed = train(topk, f"{root}/topk_part", **quiet)
     train(recipe_from_dict(_structured_recipe()), f"{root}/structured", **{**quiet, "data": images})
+    train(dense, f"{root}/interrupted", stop_after_epoch=1, **quiet)  # left unfinished at W=2
     # a NaN loss on rank 1 alone must stop both ranks (alone, rank 1 would leave rank 0 hanging)
     real_loss, calls = trainer.F.cross_entropy, []
 
@@ -256,6 +258,10 @@ def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(two_ranks, data):
     assert abs(history[-1]["test_accuracy"] - acc) <= 1 / len(data.x_test)
 
 
+def _files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
 def test_cli_nproc_trains_end_to_end(tmp_path, capsys):
     recipe = {**_dense_recipe(), "epochs": 1, "pruning": {"method": "gmp", "sparsity": 0.5}}
     path = tmp_path / "r.yaml"
@@ -267,6 +273,35 @@ def test_cli_nproc_trains_end_to_end(tmp_path, capsys):
     assert (metrics["world_size"], metrics["global_batch_size"]) == (2, 2 * BATCH)
     assert metrics["global_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert "test_accuracy" in capsys.readouterr().out
+    # the complete 2-rank run, run again without --nproc: left as it is (metrics.json used to be
+    # rewritten with world_size 1 and the traffic record deleted)
+    before = _files(out)
+    assert main(argv) == 0
+    assert "left as they are" in capsys.readouterr().out
+    assert _files(out) == before
+    # ... and with another learning rate: another run, refused, files unchanged
+    assert main([*argv, "--set", "optimizer.lr=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe.optimizer.lr 0.05 -> 0.01" in err and err.count("\n") == 1, err
+    assert _files(out) == before
+
+
+def test_an_interrupted_two_rank_run_resumes_only_with_two_ranks(two_ranks, data, tmp_path, capsys):
+    """Resuming at another world size would cut the schedule short (and a top-k run would index
+    residuals of ranks that do not exist): refused, in one line, before any rank starts."""
+    root, _ = two_ranks
+    run = root / "interrupted"
+    before = _files(run)
+    with pytest.raises(ConfigError, match=r"interrupted at world size 2.*--nproc 2"):
+        train(recipe_from_dict(_dense_recipe()), run, progress=False, device="cpu", data=data)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_dense_recipe()))
+    argv = ["train", "--recipe", str(path), "--out", str(run), "--quiet", "--device", "cpu"]
+    assert main([*argv, "--nproc", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "interrupted at world size 2; resume it with --nproc 2, not 3" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert _files(run) == before
 
 
 @pytest.mark.parametrize(
@@ -287,6 +322,21 @@ def test_cli_nproc_errors_are_one_line(tmp_path, capsys, monkeypatch, extra, mes
     assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # refused before anything was created or spawned
+
+
+def test_cli_nproc_beyond_the_cores_is_one_line_before_spawning(tmp_path, capsys, monkeypatch):
+    import prunekit.distributed as distributed
+
+    spawned = []
+    monkeypatch.setattr(distributed, "run_workers", lambda *a, **k: spawned.append(a))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_dense_recipe()))
+    argv = ["train", "--recipe", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert main([*argv, "--nproc", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "--nproc 1000 on" in err and "use at most" in err and err.count("\n") == 1
+    assert spawned == [] and not (tmp_path / "o").exists()
 
 
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(two_ranks):

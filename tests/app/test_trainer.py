@@ -114,6 +114,10 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path, data, monkeyp
     lower = recipe_from_dict({k: v for k, v in spec.items() if v is not None})
     m = train(lower, tmp_path, progress=False, data=data, device="cpu")
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
+    # the outputs say the run was trained at 0.05 for one epoch, then at 0.025
+    change = {"epoch": 1, "key": "optimizer.lr", "from": 0.05, "to": 0.025}
+    assert m["recipe_changes"] == [change]
+    assert "from epoch 2: `optimizer.lr` 0.05 → 0.025" in (tmp_path / "report.md").read_text()
 
 
 def test_nan_loss_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path, data, monkeypatch):
@@ -344,3 +348,43 @@ def test_divergence_criterion():
     assert divergence(2300.0, 2.3) is None and divergence(2301.0, 2.3) is not None
     assert divergence(999.0, 0.01) is None and divergence(1001.0, 0.01) is not None
     assert "loss is nan" in divergence(math.nan, 2.3) and "loss is inf" in divergence(math.inf, 2.3)
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward; a NaN gradient backward (a finite loss whose backward overflows)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.nan
+
+
+def test_a_non_finite_gradient_skips_the_step_and_the_run_goes_on(tmp_path, data, monkeypatch):
+    """As torch's AMP grad scaler does: the optimizer step of that batch is skipped (weights and
+    momentum untouched, or NaN would reach every weight), counted and reported."""
+    _patch_loss(monkeypatch, lambda out, n: _NanGradient.apply(out) if n == 4 else out)
+    real_step, steps = torch.optim.SGD.step, []
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", counted)
+    m = train(_recipe("gmp", epochs=1, update_every=5), tmp_path, progress=False, data=data)
+    assert m["skipped_steps"] == 1 and m["steps"] == 1024 // 64
+    assert len(steps) == m["steps"] - 1
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert "| steps skipped (non-finite gradient) | 1 |" in (tmp_path / "report.md").read_text()
+
+
+def test_non_finite_gradients_on_every_step_stop_the_run(tmp_path, data, monkeypatch):
+    from prunekit.app import loop
+
+    monkeypatch.setattr(loop, "MAX_CONSECUTIVE_SKIPS", 3)
+    _patch_loss(monkeypatch, lambda out, n: _NanGradient.apply(out))
+    with pytest.raises(NonFiniteLossError, match="not finite for 3 steps in a row"):
+        train(_recipe("gmp", epochs=1, update_every=5), tmp_path, progress=False, data=data)

@@ -108,7 +108,7 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
         text = " ".join(str(exc).split())
         why = (
             "it holds pickled Python objects (a whole model?), not tensors: save model.state_dict()"
-            if "Weights only load failed" in text
+            if "Unsupported global" in text or "This file can still be loaded" in text
             else "it is truncated, corrupt or not a torch file"
         )
         raise ConfigError(f"{where} cannot be read as a state dict: {why}") from None
