@@ -120,7 +120,7 @@ def _compress_run(
         "data": fingerprint(data),
     }
     if run.open(identity, overwrite=overwrite, resume=False).status == "complete":
-        logger.warning("%s holds this run, complete: its outputs are left as they are", run.path)
+        logger.info("%s holds this run, complete: its outputs are left as they are", run.path)
         return {**run.read_metrics(), "outputs_unchanged": True}
     model = build_recipe_model(source.name, source.kwargs, data)
     assert source.state is not None  # the compress recipe requires trained weights

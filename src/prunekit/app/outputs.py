@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ def finish(
     device: torch.device,
     ranks: Ranks,
     extra: dict[str, Any],
-    fresh_model: Any,
+    fresh_model: Callable[[], nn.Module],
 ) -> dict[str, Any]:
     """Finalize, evaluate and write the outputs (see the module docstring).
 

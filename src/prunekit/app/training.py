@@ -134,7 +134,7 @@ def _train(
     source = resolve_source(recipe.model)
     opening = on_main(lambda: _open(run, recipe, ranks, data, source, resume, overwrite), ranks)
     if opening.status == "complete":
-        logger.warning("%s holds this run, complete: its outputs are left as they are", run.path)
+        logger.info("%s holds this run, complete: its outputs are left as they are", run.path)
         return {**on_main(run.read_metrics, ranks), "outputs_unchanged": True}
 
     batches = BatchIterator(
