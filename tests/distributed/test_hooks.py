@@ -358,7 +358,12 @@ def _ring(op: str, nbytes: int, world: int) -> float:
 
 
 def _closed_form(method: str, mode: str, world: int) -> float:
-    """Bytes one rank sends per call for the N-entry bucket, from the papers' formats."""
+    """Bytes one rank sends per call for the N-entry bucket, from the papers' formats, plus the
+    all-reduced float32 flag "this rank's bucket is non-finite" (in every mode)."""
+    return _payload(method, mode, world) + 2 * (world - 1) / world * 4
+
+
+def _payload(method: str, mode: str, world: int) -> float:
     qsgd = lambda n: 4 * math.ceil(n / D) + math.ceil(n * math.ceil(math.log2(2 * S + 1)) / 8)  # noqa: E731
     natural = lambda n: math.ceil(9 * n / 8)  # noqa: E731
     if mode == "allgather":

@@ -8,6 +8,10 @@ A codec is a name mapped to ``(config dataclass, state class, hook function)``::
 
 Built in: ``none`` (DDP's fp32 all-reduce, counted), ``qsgd``, ``natural``, ``topk``. Register
 another with :func:`register_codec`; tests enumerate :func:`available_codecs`.
+
+A NaN/±Inf gradient on any rank reaches every rank as NaN and is counted in
+``state.skipped_steps`` / ``state.last_step_skipped``; skip ``optimizer.step()`` on such a step
+(every rank sees the same). The contract is in :mod:`prunekit.distributed.hooks`.
 """
 
 from __future__ import annotations
@@ -102,11 +106,41 @@ def compress_gradients(
         method: a name of :func:`available_codecs`.
         process_group: group to average over (``None``: the model's default group).
         **config: the method's config fields (unknown keys raise :class:`ConfigError`).
+
+    Raises:
+        ConfigError: an unknown method or config; ``ddp_model`` is not a
+            ``DistributedDataParallel``, or already has a communication hook (DDP takes one).
     """
     entry = get_codec(method)
     cfg: Any = from_dict(entry.config_class, config, method)
+    _check_model(ddp_model, method)
     state = entry.state_class.from_config(cfg, process_group=process_group)
     if isinstance(state, TopKState):
         state.bind(ddp_model.module)
-    ddp_model.register_comm_hook(state, entry.hook)
+    try:
+        ddp_model.register_comm_hook(state, entry.hook)
+    except RuntimeError as exc:  # a hook torch registered for itself (a built-in one)
+        if "only be called once" not in str(exc):
+            raise
+        raise ConfigError(_twice(method)) from None
     return state
+
+
+def _check_model(ddp_model: Any, method: str) -> None:
+    """``ddp_model`` is a DDP model that has no communication hook yet (one-line errors)."""
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise ConfigError(
+            f"compress_gradients needs a torch.nn.parallel.DistributedDataParallel model, got "
+            f"{type(ddp_model).__name__}: wrap it first, "
+            f"compress_gradients(DistributedDataParallel(model), {method!r}, ...)"
+        )
+    if getattr(ddp_model, "_comm_hooks", None):
+        raise ConfigError(_twice(method))
+
+
+def _twice(method: str) -> str:
+    return (
+        f"this DistributedDataParallel model already has a communication hook; DDP takes one, so "
+        f"call compress_gradients once per model (for {method!r}, wrap the module in a new "
+        "DistributedDataParallel)"
+    )

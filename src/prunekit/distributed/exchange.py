@@ -19,6 +19,19 @@ bucket of ``n`` values):
 Every rank decodes the same bytes with the same arithmetic in the same order, so the averaged
 gradients are bitwise identical on all ranks in every mode.
 
+Non-finite buckets: a codec cannot encode NaN or ±Inf, and a rank that raised inside a hook would
+leave the others averaging garbage (or waiting). So before anything is encoded all ranks agree on
+one flag, "this rank's bucket cannot be encoded" (:attr:`Codec.rejects`: a NaN/±Inf entry; for
+QSGD also a chunk norm that overflows float32, as entries from about 10¹⁹ up make it, which would
+turn into NaN levels), by an all-reduce MAX of one float32 (:func:`any_nonfinite`; in
+``allreduce`` mode it travels as one more entry of the MAX-reduced chunk norms). When it is set
+on any rank, every rank skips the exchange (nothing is quantized, no random number is drawn) and
+the hook decides what the bucket becomes (:mod:`prunekit.distributed.hooks`). The flag costs
+``2(W − 1)/W · 4`` bytes per bucket in every mode, so it is left out of :func:`mode_bytes`, whose
+comparison it cannot change. In ``reduce_scatter`` the decoded sum of finite slices can still
+overflow float32; it is saturated at ``±(2 − 2⁻²³)·2¹²⁷`` before it is re-compressed (as natural
+compression saturates at ``2¹²⁷``), so no rank raises while the others wait.
+
 The last collective of each mode is asynchronous (the hook returns its future, decoded in a
 ``then`` callback); the first stage of ``allreduce`` (norms) and of ``reduce_scatter``
 (``all_to_all_single``) runs synchronously inside the hook, because its result is needed to
@@ -50,6 +63,7 @@ __all__ = [
     "Traffic",
     "allgather_mean",
     "allreduce_qsgd_mean",
+    "any_nonfinite",
     "mode_bytes",
     "reduce_scatter_mean",
     "select_mode",
@@ -61,6 +75,11 @@ MODES = ("allgather", "allreduce", "reduce_scatter", "none")
 Future = torch.futures.Future
 
 
+def _nonfinite_flag(t: Tensor) -> Tensor:
+    """``[1.0]`` when ``t`` holds a NaN or ±Inf, else ``[0.0]`` (float32, on ``t``'s device)."""
+    return torch.isfinite(t).all().logical_not().to(torch.float32).reshape(1)
+
+
 @dataclass(frozen=True)
 class Codec:
     """A wire format: ``encode(v, generator) -> uint8``, ``decode(payload, n) -> float32``.
@@ -69,6 +88,8 @@ class Codec:
 
     ``align``: slices for ``reduce_scatter`` are multiples of this many values (QSGD's chunk).
     ``levels``: QSGD's ``s`` when the codec supports the shared-scale all-reduce, else ``None``.
+    ``rejects(v)``: ``[1.0]`` (float32) when ``v`` cannot be encoded, else ``[0.0]``; by default
+    when ``v`` holds a NaN or ±Inf.
     """
 
     encode: Callable[[Tensor, torch.Generator | None], Tensor]
@@ -76,6 +97,7 @@ class Codec:
     payload_bytes: Callable[[int], int]
     align: int = 1
     levels: int | None = None
+    rejects: Callable[[Tensor], Tensor] = _nonfinite_flag
 
 
 def qsgd_codec(levels: int, bucket_size: int) -> Codec:
@@ -86,6 +108,7 @@ def qsgd_codec(levels: int, bucket_size: int) -> Codec:
         payload_bytes=lambda n: codecs.qsgd_payload_bytes(n, levels, bucket_size),
         align=bucket_size,
         levels=levels,
+        rejects=lambda v: _nonfinite_flag(codecs.qsgd_norms(v, bucket_size)),
     )
 
 
@@ -123,7 +146,8 @@ def _slice_len(n: int, world_size: int, align: int) -> int:
 
 
 def mode_bytes(codec: Codec, n: int, world_size: int) -> dict[str, float]:
-    """Bytes one rank sends for a bucket of ``n`` values in each mode available to ``codec``."""
+    """Bytes one rank sends for a bucket of ``n`` values in each mode available to ``codec``
+    (payloads; the non-finite flag, the same ``2(W − 1)/W · 4`` bytes in every mode, is left out)."""
     w = world_size
     out = {
         "allgather": float((w - 1) * codec.payload_bytes(n)),
@@ -162,6 +186,30 @@ def select_mode(codec: Codec, world_size: int, mode: str = "auto") -> str:
     return next(m for m in MODES if m in costs and costs[m] == best)  # allgather first
 
 
+#: largest finite float32, where a decoded sum that overflowed is saturated before re-encoding
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def any_nonfinite(
+    buffer: Tensor,
+    group: Any,
+    traffic: Traffic,
+    rejects: Callable[[Tensor], Tensor] = _nonfinite_flag,
+) -> bool:
+    """Whether any rank's ``buffer`` holds a NaN or ±Inf (or whatever ``rejects`` flags, e.g. a
+    codec's :attr:`Codec.rejects`): all-reduce MAX of the 1-element flag ``rejects(buffer)``.
+
+    Every rank of ``group`` must call it for the same bucket (it is a collective); all get the
+    same answer. One rank: no collective, the local answer.
+    """
+    flag = rejects(buffer)
+    w = group.size()
+    if w > 1:
+        traffic.all_reduce(flag, w)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item() > 0)
+
+
 def _decode_sum(codec: Codec, parts: Tensor, n: int) -> Tensor:
     """Decode the ``W`` stacked payloads in one call, then sum them in rank order."""
     values = codec.decode(parts, n)
@@ -186,8 +234,11 @@ def allgather_mean(
     generator: torch.Generator | None,
     group: Any,
     traffic: Traffic,
-) -> Future[Tensor]:
-    """Average ``buffer`` over ranks by all-gathering every rank's payload (written in place)."""
+) -> Future[Tensor] | None:
+    """Average ``buffer`` over ranks by all-gathering every rank's payload (written in place);
+    ``None``, having encoded nothing, when any rank's buffer is rejected (:func:`any_nonfinite`)."""
+    if any_nonfinite(buffer, group, traffic, codec.rejects):
+        return None
     w = group.size()
     n = buffer.numel()
     payload = codec.encode(buffer, generator)
@@ -207,15 +258,24 @@ def allreduce_qsgd_mean(
     generator: torch.Generator | None,
     group: Any,
     traffic: Traffic,
-) -> Future[Tensor]:
-    """Shared-scale QSGD: MAX-reduce the chunk norms, SUM-reduce the int8 levels."""
+) -> Future[Tensor] | None:
+    """Shared-scale QSGD: MAX-reduce the chunk norms, SUM-reduce the int8 levels.
+
+    The non-finite flag rides on the norms: the MAX-reduced message is ``[‖v₁‖, …, ‖v_C‖, flag]``
+    with ``flag = 1`` when one of this rank's chunk norms is NaN/±Inf (the codec's
+    :attr:`Codec.rejects`). Returns ``None``, having quantized nothing, when any rank's flag is set.
+    """
     levels = codec.levels
     w = group.size()
     if levels is None or not allreduce_available(codec, w):
         raise ValueError(f"shared-scale all-reduce needs QSGD with W·s <= 127 (W={w})")
-    norms = codecs.qsgd_norms(buffer, bucket_size)
-    traffic.all_reduce(norms, w)
-    dist.all_reduce(norms, op=dist.ReduceOp.MAX, group=group)
+    own = codecs.qsgd_norms(buffer, bucket_size)
+    message = torch.cat([own, _nonfinite_flag(own)])
+    traffic.all_reduce(message, w)
+    dist.all_reduce(message, op=dist.ReduceOp.MAX, group=group)
+    if bool(message[-1] > 0):
+        return None
+    norms = message[:-1]
     _, lv8 = codecs.qsgd_quantize(
         buffer, levels, bucket_size, generator, norms=norms, dtype=torch.int8
     )
@@ -235,8 +295,11 @@ def reduce_scatter_mean(
     generator: torch.Generator | None,
     group: Any,
     traffic: Traffic,
-) -> Future[Tensor]:
-    """Compressed reduce-scatter (``all_to_all_single``) then compressed all-gather."""
+) -> Future[Tensor] | None:
+    """Compressed reduce-scatter (``all_to_all_single``) then compressed all-gather; ``None``,
+    having encoded nothing, when any rank's buffer is rejected (:func:`any_nonfinite`)."""
+    if any_nonfinite(buffer, group, traffic, codec.rejects):
+        return None
     w = group.size()
     n = buffer.numel()
     length = _slice_len(n, w, codec.align)
@@ -247,6 +310,7 @@ def reduce_scatter_mean(
     traffic.all_to_all(send, w)
     dist.all_to_all_single(recv, send, group=group)
     mine = _decode_sum(codec, recv.view(w, -1), length)  # everyone's copy of my slice, summed
+    mine.clamp_(-_FLOAT32_MAX, _FLOAT32_MAX)  # a sum of finite values that overflowed → ±max
     out, fut = _all_gather_async(codec.encode(mine, generator), group, traffic)
 
     def done(_: Future[Any]) -> Tensor:

@@ -14,9 +14,45 @@ of Horváth et al. 2019) is in :mod:`prunekit.distributed.codecs`.
 Randomness: one ``torch.Generator`` per state, created on the gradient's device at the first
 call and seeded ``seed + rank`` (independent noise per rank); its state is part of
 :meth:`CommState.state_dict`, so a resumed run draws the same noise as an uninterrupted one.
+
+Non-finite gradients, the same contract for every method and summation mode (the rule of
+``torch.amp.GradScaler``: a step with a NaN/±Inf gradient is skipped on every rank):
+
+* Before anything is encoded the ranks agree whether some rank's bucket holds a NaN or ±Inf (for
+  QSGD also: a chunk norm that overflows float32, entries from about 10¹⁹ up): one all-reduce MAX
+  of a 1-element flag per bucket (:func:`~prunekit.distributed.exchange.any_nonfinite`; in QSGD's
+  ``allreduce`` mode the flag rides on the MAX-reduced norms). If it is set, every rank
+  skips the exchange of that bucket and its hook returns the bucket filled with NaN — the same on
+  every rank; no rank raises, so DDP and the next step carry on.
+* A bucket whose *average* is non-finite is also filled with NaN: a float32 overflow of finite
+  values, or, for ``none`` (which exchanges no flag: the fp32 sum carries any rank's NaN/±Inf to
+  every rank), any non-finite input. The average is bitwise identical on every rank, so the ranks
+  agree without communicating.
+* :attr:`CommState.skipped_steps` counts the backward passes that had at least one such bucket —
+  once per backward, however many buckets — and is saved by :meth:`CommState.state_dict`;
+  :attr:`CommState.last_step_skipped` tells whether the latest backward was one (reset by the
+  first bucket of the next backward); one warning is logged per skipped step.
+* A backward in which a bucket was skipped before its exchange leaves the codec state as it was
+  before that backward: once its last bucket is done, the top-k residuals and the generator are
+  restored (buckets exchanged earlier in that backward had already advanced them), so the next step
+  is exactly the one a run without the skipped step would take. A step found non-finite only
+  after the exchange (overflow) keeps its state updates: they are found in the completion
+  callbacks, after the hook returned.
+
+Other buckets of a skipped step hold ordinary averages, so a training loop skips the whole step,
+on every rank alike::
+
+    loss.backward()
+    if state.last_step_skipped:  # or: some p.grad is not torch.isfinite everywhere
+        optimizer.zero_grad()
+    else:
+        optimizer.step()
 """
 
 import logging
+import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -138,6 +174,10 @@ class CommState:
         config: the method's config dataclass.
         mode: how compressed values are summed, resolved for this world size.
         calls: number of buckets this state has exchanged.
+        skipped_steps: backward passes in which some bucket was non-finite on some rank, so that
+            every rank got it as NaN (see the module docstring); once per backward.
+        last_step_skipped: whether the latest backward was such a step; set during it, reset by
+            the first bucket of the next one.
     """
 
     method: ClassVar[str] = ""
@@ -148,9 +188,20 @@ class CommState:
         self.process_group = process_group
         self.traffic = Traffic()
         self.calls = 0
+        self.skipped_steps = 0
+        self.last_step_skipped = False
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
+        self._reset_step()
         self.mode = self._resolve_mode()
+
+    def _reset_step(self) -> None:
+        """The per-backward bookkeeping of the non-finite contract (not persisted)."""
+        self._step = 0  # backward passes seen: a bucket of index 0 starts one
+        self._skipped_at = -1  # the backward last counted in skipped_steps
+        self._aborted = False  # this backward skipped a bucket before exchanging it
+        self._saved: dict[str, Any] | None = None  # the codec state when this backward began
+        self._lock = threading.Lock()  # completion callbacks may run on the backend's threads
 
     @classmethod
     def from_config(cls, config: Any, process_group: Any = None) -> "CommState":
@@ -222,11 +273,13 @@ class CommState:
             "bytes_sent": self.traffic.bytes_sent,
             "bytes_dense": self.traffic.bytes_dense,
             "calls": self.calls,
+            "skipped_steps": self.skipped_steps,
             "generator": None if gen is None else gen.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the method must match)."""
+        """Restore :meth:`state_dict` (the method must match; one saved before ``skipped_steps``
+        existed restores it as 0)."""
         if state.get("method") != self.method:
             raise ValueError(f"state_dict is for {state.get('method')!r}, not {self.method!r}")
         self.config = from_dict(self.config_class, state["config"], self.method)
@@ -234,12 +287,16 @@ class CommState:
         self.traffic.bytes_sent = float(state["bytes_sent"])
         self.traffic.bytes_dense = float(state["bytes_dense"])
         self.calls = int(state["calls"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self._generator = None
         self._generator_state = state["generator"]
 
+    _UNPICKLED: ClassVar[tuple[str, ...]] = ("process_group", "_generator", "_lock", "_saved")
+
     def __getstate__(self) -> dict[str, Any]:
-        """Everything but the process group (not picklable), as torch's ``PowerSGDState``."""
-        out = {k: v for k, v in self.__dict__.items() if k not in ("process_group", "_generator")}
+        """Everything but the process group (not picklable, as torch's ``PowerSGDState``), the
+        lock and the per-backward bookkeeping."""
+        out = {k: v for k, v in self.__dict__.items() if k not in self._UNPICKLED}
         if self._generator is not None:
             out["_generator_state"] = self._generator.get_state()
         return out
@@ -247,17 +304,92 @@ class CommState:
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore; the process group becomes the default group."""
         self.__dict__.update(state)
+        self.__dict__.setdefault("skipped_steps", 0)  # pickled before the counter existed
+        self.__dict__.setdefault("last_step_skipped", False)
+        self._reset_step()
         self._generator = None
         self.process_group = None
         logger.info("%s restored on the default process group", type(self).__name__)
         if dist.is_available() and dist.is_initialized():
             self.mode = self._resolve_mode()
 
+    # -- one bucket inside the non-finite contract ----------------------------------------------
+    def _run(
+        self, bucket: dist.GradBucket, average: Callable[[Tensor], Future[Tensor] | None]
+    ) -> Future[Tensor]:
+        """Average ``bucket`` with ``average(buffer)`` under the non-finite contract.
+
+        ``average`` returns the future of the averaged buffer, or ``None`` when the ranks agreed
+        that some rank's bucket is non-finite (then no rank exchanged anything): the bucket becomes
+        NaN, the step is counted, and the backward's state changes are undone at its last bucket.
+        """
+        buffer = self._begin(bucket)
+        step, index = self._step, bucket.index()
+        try:
+            fut = average(buffer)
+            if fut is None:
+                self._aborted = True
+                self._note_skipped(step, index)
+                return _done(buffer.fill_(math.nan))
+            return fut.then(lambda f: self._finish(f.value(), step, index))
+        finally:
+            if bucket.is_last():
+                self._close_step()
+
     def _begin(self, bucket: dist.GradBucket) -> Tensor:
         buffer = bucket.buffer()
+        if bucket.index() == 0:  # DDP hands buckets over in index order: a new backward
+            self._open_step()
         self.calls += 1
         self.traffic.dense(buffer.numel(), self.world_size)
         return buffer
+
+    def _open_step(self) -> None:
+        self._step += 1
+        self._aborted = False
+        self.last_step_skipped = False
+        self._saved = self._save_step()
+
+    def _close_step(self) -> None:
+        """After the backward's last bucket: undo its state changes if a bucket was skipped."""
+        if self._aborted and self._saved is not None:
+            self._restore_step(self._saved)
+        self._saved = None
+
+    def _save_step(self) -> dict[str, Any]:
+        """What a skipped backward leaves unchanged: the generator (subclasses add theirs)."""
+        gen = self._generator.get_state() if self._generator is not None else self._generator_state
+        return {"generator": gen}
+
+    def _restore_step(self, saved: dict[str, Any]) -> None:
+        self._generator = None  # recreated from the saved state at its next use
+        self._generator_state = saved["generator"]
+
+    def _finish(self, result: Tensor, step: int, index: int) -> Tensor:
+        """The averaged bucket, or all NaN when the average is non-finite (it is bitwise the same
+        on every rank, so every rank decides alike without communicating)."""
+        if not bool(torch.isfinite(result).all()):
+            self._note_skipped(step, index)
+            result.fill_(math.nan)
+        return result
+
+    def _note_skipped(self, step: int, index: int) -> None:
+        """Count backward ``step`` as skipped (once, whichever bucket comes first) and warn."""
+        with self._lock:
+            if self._skipped_at == step:
+                return
+            self._skipped_at = step
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+            count = self.skipped_steps
+        logger.warning(
+            "%s gradient exchange: a rank's gradients are NaN/Inf, or their average overflows "
+            "(bucket %d): every rank gets that bucket as NaN; skip optimizer.step() on every rank "
+            "for this step (%d skipped so far)",
+            self.method or type(self).__name__,
+            index,
+            count,
+        )
 
 
 def _done(buffer: Tensor) -> Future[Tensor]:
@@ -272,6 +404,13 @@ class NoneState(CommState):
     method = "none"
     config_class = NoneConfig
 
+    def _all_reduce(self, buffer: Tensor) -> Future[Tensor]:
+        w = self.world_size
+        buffer.mul_(1.0 / w)
+        self.traffic.all_reduce(buffer, w)
+        fut = dist.all_reduce(buffer, group=self.group, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
 
 def none_hook(state: NoneState, bucket: dist.GradBucket) -> Future[Tensor]:
     """DDP's default exchange: ``buffer ·= 1/W`` then all-reduce SUM, bitwise equal to no hook.
@@ -279,20 +418,21 @@ def none_hook(state: NoneState, bucket: dist.GradBucket) -> Future[Tensor]:
     DDP without a hook multiplies each gradient by the reciprocal ``1/W`` as it copies it into the
     bucket (``Reducer::mark_variable_ready_dense``); torch's ``allreduce_hook`` divides by ``W``
     instead, which differs in the last bit when ``W`` is not a power of two. This hook multiplies.
+
+    No non-finite flag is exchanged: a NaN/±Inf on any rank makes the fp32 sum non-finite on every
+    rank, so the summed bucket is checked instead (all NaN, counted in ``skipped_steps``).
     """
-    buffer = state._begin(bucket)
-    group = state.group
-    w = state.world_size
-    buffer.mul_(1.0 / w)
-    state.traffic.all_reduce(buffer, w)
-    fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
+    return state._run(bucket, state._all_reduce)
 
 
 class _CodecState(CommState):
     def _exchange(self, bucket: dist.GradBucket) -> Future[Tensor]:
-        buffer = self._begin(bucket)
-        if self.mode == "none":
+        return self._run(bucket, self._average)
+
+    def _average(self, buffer: Tensor) -> Future[Tensor] | None:
+        """The future of the bucket averaged in ``self.mode``; ``None`` when some rank's bucket is
+        non-finite (agreed by every rank; nothing was encoded)."""
+        if self.mode == "none":  # one rank: nothing to exchange (a NaN is found in _finish)
             return _done(buffer)
         codec = self.codec()
         if codec is None:  # pragma: no cover - subclasses define a codec

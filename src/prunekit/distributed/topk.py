@@ -11,7 +11,14 @@ so ``e_new + scatter(sent) = g + e_old`` exactly. The code is biased; the residu
 SGD converge. Residuals are kept per parameter (by name), not per bucket: after its first
 iteration DDP rebuilds its buckets, and bucket ``i`` may then hold other parameters.
 
-Bytes (see :mod:`prunekit.distributed.exchange`): ``(W − 1)·8k`` per bucket.
+Bytes (see :mod:`prunekit.distributed.exchange`): ``(W − 1)·8k`` per bucket, plus the non-finite
+flag's ``2(W − 1)/W · 4``.
+
+Non-finite gradients (:mod:`prunekit.distributed.hooks`): the flag is agreed before ``a`` is formed,
+so a bucket that is non-finite on some rank touches no residual, and a backward with such a bucket
+gets back the residuals it started with. Residuals are replaced, never written in place, so the
+dict of them saved at the first bucket is enough; but it keeps the old residual tensors alive until
+the last bucket, up to one more residual-sized buffer during the backward.
 """
 
 import logging
@@ -24,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from prunekit.config import ConfigError, from_dict
+from prunekit.distributed import exchange
 from prunekit.distributed.hooks import CommState, Future, _done
 
 __all__ = ["TopKConfig", "TopKState", "topk_hook"]
@@ -114,6 +122,13 @@ class TopKState(CommState):
         super().__setstate__(state)
         self._names = {}
 
+    def _save_step(self) -> dict[str, Any]:
+        return {**super()._save_step(), "residuals": dict(self.residuals)}
+
+    def _restore_step(self, saved: dict[str, Any]) -> None:
+        super()._restore_step(saved)
+        self.residuals = saved["residuals"]
+
 
 def _views(bucket: dist.GradBucket, buffer: Tensor) -> list[tuple[Tensor, int, int]]:
     """``(parameter, offset, numel)`` of each gradient view in the flat buffer."""
@@ -129,9 +144,16 @@ def _views(bucket: dist.GradBucket, buffer: Tensor) -> list[tuple[Tensor, int, i
 
 def topk_hook(state: TopKState, bucket: dist.GradBucket) -> Future[Tensor]:
     """Average the bucket from every rank's top-k entries of gradient + residual."""
-    buffer = state._begin(bucket)
-    if state.mode == "none":
+    return state._run(bucket, lambda buffer: _topk_mean(state, bucket, buffer))
+
+
+def _topk_mean(state: TopKState, bucket: dist.GradBucket, buffer: Tensor) -> Future[Tensor] | None:
+    """The future of the averaged bucket; ``None``, residuals untouched, when some rank's bucket
+    is non-finite."""
+    if state.mode == "none":  # one rank: nothing to exchange (a NaN is found in _finish)
         return _done(buffer)
+    if exchange.any_nonfinite(buffer, state.group, state.traffic):
+        return None
     w = state.world_size
     n = buffer.numel()
     acc = buffer.detach().reshape(-1).to(torch.float32, copy=True)

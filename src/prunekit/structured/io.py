@@ -12,7 +12,15 @@ the previous export in the directory loadable and unchanged.
 
 Loading trusts nothing in the spec: the version, every tensor name, axis and index and every
 attribute are checked against the fresh model (only head counts that a view/reshape follows, lowered,
-may be set), and the weights must match the rebuilt shapes. Anything else is a :class:`SlimSpecError`.
+may be set), and the weights must match the rebuilt shapes and be finite (a NaN/±Inf is allowed
+only where the fresh model's own tensor of that name has one, as a −inf attention-mask buffer).
+Anything else is a :class:`SlimSpecError`.
+
+A failed load leaves the fresh model exactly as it was: the spec and the weights file are read and
+checked first; the model is slimmed only after every module's bindings (attributes, parameters,
+buffers, submodules) are recorded, and they are put back on any error. That is a complete undo
+because slimming only rebinds — it slices into new tensors and never writes into the old ones —
+and the weights are copied into the model only after they have passed every check.
 """
 
 from __future__ import annotations
@@ -172,24 +180,58 @@ def _read_spec(src: Path, model: nn.Module) -> dict[str, Any]:
 def load_slim(fresh_model: nn.Module, directory: str | Path) -> nn.Module:
     """Rebuild the slim model on ``fresh_model`` (a new instance of the original class) and load it.
 
+    ``fresh_model`` is slimmed in place and returned. On any error it is left exactly as it was
+    (same modules, attributes and tensors, bitwise).
+
     Raises:
         SlimSpecError: the spec or the weights are not a slim export of this model (see the module
             docstring for what is checked).
     """
     src = Path(directory)
     spec = _read_spec(src, fresh_model)
-    model = apply_kept(fresh_model, spec["kept"], attributes=spec.get("attributes"),
-                       broadcast_folds=spec.get("broadcast_folds", True))  # fmt: skip
     path = src / spec["weights"]
+    state = _read_weights(path, fresh_model)
+    bindings = _bindings(fresh_model)
+    try:
+        model = apply_kept(fresh_model, spec["kept"], attributes=spec.get("attributes"),
+                           broadcast_folds=spec.get("broadcast_folds", True))  # fmt: skip
+        _check_weights(path, state, model.state_dict())
+        model.load_state_dict(state)
+    except BaseException:
+        _restore(bindings)
+        raise
+    return model
+
+
+def _read_weights(path: Path, fresh_model: nn.Module) -> dict[Any, Any]:
+    """The weights file as a dict, refused unless its tensors are finite (see the module docstring)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SlimSpecError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
-    expected = model.state_dict()
-    if not isinstance(state, dict) or set(state) != set(expected):
-        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+    if not isinstance(state, dict):
+        raise SlimSpecError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
+    fresh: dict[str, torch.Tensor] | None = None
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or bool(torch.isfinite(t).all()):
+            continue
+        fresh = fresh_model.state_dict(keep_vars=True) if fresh is None else fresh
+        own = fresh.get(name)
+        if isinstance(own, torch.Tensor) and not bool(torch.isfinite(own).all()):
+            continue  # a constant the model itself holds non-finite (a −inf mask buffer)
+        bad = int((~torch.isfinite(t)).sum())
         raise SlimSpecError(
-            f"{path} holds tensors {found}, the rebuilt slim model {sorted(expected)}"
+            f"{path}: {name} holds {bad} NaN/Inf of {t.numel()} values; refusing to load "
+            "non-finite weights"
+        )
+    return state
+
+
+def _check_weights(path: Path, state: dict[Any, Any], expected: dict[str, torch.Tensor]) -> None:
+    """``state`` has exactly the rebuilt model's tensor names and shapes."""
+    if set(state) != set(expected):
+        raise SlimSpecError(
+            f"{path} holds tensors {sorted(state)}, the rebuilt slim model {sorted(expected)}"
         )
     for name, t in expected.items():
         got = state[name]
@@ -198,5 +240,30 @@ def load_slim(fresh_model: nn.Module, directory: str | Path) -> nn.Module:
             raise SlimSpecError(
                 f"{path}: {name} has shape {shape} but the spec gives {tuple(t.shape)}"
             )
-    model.load_state_dict(state)
-    return model
+
+
+#: one module's attribute dict, and the contents of the dicts in it (``_parameters``, …)
+_Binding = tuple[nn.Module, dict[str, Any], dict[str, dict[Any, Any]]]
+
+
+def _bindings(model: nn.Module) -> list[_Binding]:
+    """What :func:`~prunekit.structured.slim.apply_kept` may rebind in ``model``: every module's
+    attributes and the contents of its registries (parameters, buffers, submodules, hooks)."""
+    out = []
+    for module in model.modules():
+        attrs = dict(vars(module))
+        registries = {k: dict(v) for k, v in attrs.items() if isinstance(v, dict)}
+        out.append((module, attrs, registries))
+    return out
+
+
+def _restore(bindings: list[_Binding]) -> None:
+    """Put back :func:`_bindings` (the registries are refilled in place: same dict objects)."""
+    for module, attrs, registries in bindings:
+        current = vars(module)
+        current.clear()
+        current.update(attrs)
+        for key, contents in registries.items():
+            registry = attrs[key]
+            registry.clear()
+            registry.update(contents)
