@@ -268,7 +268,7 @@ def test_rank_deficient_hessian_escalates_damping_and_reports_it(caplog):
     assert "↑" in report.table()
 
 
-def test_dead_inputs_are_reported_and_not_counted_as_sparsity():
+def test_dead_inputs_are_reported_zeroed_and_counted_as_sparsity():
     torch.manual_seed(0)
     model = MLP()
     batches = _batches()
@@ -278,7 +278,7 @@ def test_dead_inputs_are_reported_and_not_counted_as_sparsity():
     assert report.layer("fc1").dead_inputs == 2
     w = model.fc1.weight
     assert (w[:, [2, 7]] == 0).all()
-    assert (w == 0).sum(1).tolist() == [2 + 5] * 16  # round(0.5·10 live) + the 2 dead
+    assert (w == 0).sum(1).tolist() == [6] * 16  # round(0.5·12): the 2 dead + 4 pruned
 
 
 def test_non_finite_calibration_raises_naming_the_layer_and_restores_the_model():

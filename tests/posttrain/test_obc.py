@@ -196,7 +196,7 @@ def test_layer_scope_keeps_the_layer_total_and_is_optimal_per_row():
     assert float(db.losses[0]) < err_row
 
 
-def test_dead_inputs_are_zeroed_and_not_counted():
+def test_dead_inputs_are_zeroed_and_counted():
     d_in = 20
     X, W = _layer(5, d_in, 80, seed=11)
     X[:, [3, 11]] = 0.0
@@ -204,8 +204,9 @@ def test_dead_inputs_are_zeroed_and_not_counted():
     assert db.dead.tolist() == [3, 11]
     Wl = db.weights[0]
     assert (Wl[:, [3, 11]] == 0).all()
-    assert ((Wl == 0).sum(dim=1) == 2 + 9).all()  # 9 = round(0.5 · 18 live inputs)
-    assert not (db.order[:, :9] == 3).any() and not (db.order[:, :9] == 11).any()
+    assert ((Wl == 0).sum(dim=1) == 10).all()  # round(0.5 · 20): the 2 dead + 8 removed
+    assert (db.counts == 8).all()
+    assert not (db.order[:, :8] == 3).any() and not (db.order[:, :8] == 11).any()
 
 
 def _brute_force_obq(X, w, scale, zero, maxq):

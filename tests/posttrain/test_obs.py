@@ -144,7 +144,7 @@ def test_non_psd_hessian_raises_after_the_cap():
         sparsegpt_prune(torch.randn(3, 5, dtype=torch.float64), H, 0.5)
 
 
-def test_dead_inputs_reported_zeroed_and_not_free_sparsity():
+def test_dead_inputs_reported_zeroed_and_counted_as_sparsity():
     d_out, d_in = 6, 20
     X = _correlated(100, d_in, seed=11)
     dead_cols = [3, 11]
@@ -157,8 +157,9 @@ def test_dead_inputs_reported_zeroed_and_not_free_sparsity():
     Wp = sparsegpt_prune(W, H, s, block_size=8)
     assert (Wp[:, dead_cols] == 0).all()
     live = [j for j in range(d_in) if j not in dead_cols]
-    # The requested sparsity applies to the 18 live inputs: 9 pruned among them per row.
-    assert ((Wp[:, live] == 0).sum(dim=1) == round(s * len(live))).all()
+    # The 2 dead weights count toward round(0.5 · 20) = 10 zeros per row: 8 pruned among the live.
+    assert ((Wp == 0).sum(dim=1) == 10).all()
+    assert ((Wp[:, live] == 0).sum(dim=1) == 8).all()
 
 
 def _sequential_obs_nm(W, H_d, n, m):

@@ -38,7 +38,14 @@ class CompressConfig:
     """Fields shared by every post-training method.
 
     Attributes:
-        sparsity: fraction of (live) weights pruned in every target layer, in ``[0, 1)``.
+        sparsity: target fraction of zeros in every target layer, in ``[0, 1)``, counting the
+            zeros it already has (zero weights, and the weights of dead inputs, inputs that are
+            zero on every calibration sample, which are zeroed): a unit with ``z`` of its ``d``
+            weights already zero gets ``max(0, round(sparsity·d) − z)`` new zeros, so it ends
+            with ``max(z, round(sparsity·d))`` and never loses one. The unit is an output row
+            for magnitude, Wanda, SparseGPT and OBC (``mask_scope="row"``), the layer for
+            SparseGPT ``mask_scope="block"`` and OBC ``mask_scope="layer"``, and all targets
+            together for M-FAC.
         pattern: ``"unstructured"`` or ``"N:M"`` (keep N of every M consecutive inputs; the
             sparsity is then ``1 − N/M``).
         bits: bits per weight of an asymmetric min-max grid, 2–8; ``None`` = no quantization.
@@ -263,15 +270,18 @@ class MagnitudeConfig(CompressConfig):
 
 @register_compressor("magnitude")
 class Magnitude(Compressor):
-    """Per-row magnitude pruning, no update: the baseline every second-order method must beat."""
+    """Per-row magnitude pruning, no update: the baseline every second-order method must beat.
+
+    The data enter only through the dead inputs (``H_jj = 0``), whose weights are zeroed and
+    counted toward the row's target like any other existing zero."""
 
     config_class = MagnitudeConfig
     uses_hessian = False
 
     def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
         cfg = self.config
-        if sparsity > 0:
-            W = obs.magnitude_prune(W, sparsity, cfg.nm)
+        if sparsity > 0:  # dead inputs (H_jj = 0): zeroed, counted as zeros of the row
+            W = obs.magnitude_prune(W, sparsity, cfg.nm, dead=H.diagonal() == 0)
         return _rtn_kept(self, W)
 
 

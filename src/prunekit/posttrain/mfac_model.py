@@ -7,6 +7,13 @@ blocks of ``fisher_block`` consecutive weights), and the weights of smallest OBS
 (:func:`~prunekit.posttrain.mfac.mfac_prune_step`). As in the paper, pruning is gradual:
 ``steps`` steps to the target, with the gradients recomputed at the current weights each time.
 
+Existing zeros count toward the target: the zero weights of the targets, and the weights of their
+dead inputs (zero on every calibration sample; they are zeroed first), ``E`` of the ``d`` target
+weights in all, are pruned from the start (frozen at 0, their gradients dropped from the Fisher),
+and the targets end with ``max(E, round(sparsity · d))`` zeros: ``max(0, round(sparsity · d) −
+E)`` new ones, chosen globally, so a layer may end above or below ``sparsity`` but never loses a
+zero it had.
+
 Labels: with ``labels`` (one tensor per calibration item) the loss is the cross-entropy with them
 (the empirical Fisher); without, with the model's own predictions (argmax pseudo-labels), which
 needs an output of shape ``(N, C)``.
@@ -29,7 +36,7 @@ from torch import Tensor, nn
 from prunekit.config import ConfigError
 from prunekit.core.targets import Target
 from prunekit.posttrain.calibration import Call, batch_size
-from prunekit.posttrain.layers import LayerView
+from prunekit.posttrain.layers import LayerView, matrices_to_weight
 from prunekit.posttrain.mfac import BlockFisherInverse, mfac_prune_step
 from prunekit.posttrain.report import CompressionReport, LayerReport
 from prunekit.posttrain.sequential import HookSet
@@ -183,10 +190,23 @@ def mfac_prune_model(
     sizes = [p.numel() for p in params]
     d = sum(sizes)
     dense = [p.detach().clone() for p in params]
-    pruned = torch.zeros(d, dtype=torch.bool, device=params[0].device)
-    total = math.floor(sparsity * d + 0.5)
+    dead_inputs, dead = _dead_inputs(model, targets, views, calls)
+    with torch.no_grad():  # their weights multiply inputs that are always 0
+        for p, mask in zip(params, dead, strict=True):
+            p.masked_fill_(mask, 0.0)
+    # existing zeros (zero weights, dead inputs) stay zero and count toward the target
+    pruned = torch.cat([p.detach().reshape(-1) == 0 for p in params])
+    existing = int(pruned.sum())
+    total = max(existing, math.floor(sparsity * d + 0.5))
+    rate = sparsity - existing * (1.0 - sparsity) / (d - existing) if d > existing else 0.0
     for step in range(1, steps + 1):
-        goal = math.floor(sparsity * step / steps * d + 0.5) if step < steps else total
+        # gradual: from the existing zeros to the target, the rest pruned at the rate that
+        # reaches it (rate = sparsity when nothing is zero yet)
+        goal = (
+            existing + math.floor(rate * step / steps * (d - existing) + 0.5)
+            if step < steps
+            else total
+        )
         n_prune = goal - int(pruned.sum())
         if n_prune <= 0:
             continue
@@ -199,7 +219,7 @@ def mfac_prune_model(
                 p.copy_(chunk.view_as(p))
         logger.info("mfac step %d/%d: %d of %d weights pruned", step, steps, int(pruned.sum()), d)
     errors = _relative_errors(model, targets, views, dense, calls)
-    for t, err in zip(targets, errors, strict=True):
+    for t, err, n_dead in zip(targets, errors, dead_inputs, strict=True):
         w = t.param.detach()
         report.layers.append(
             LayerReport(
@@ -210,10 +230,48 @@ def mfac_prune_model(
                 rel_error=err,
                 damp=damp,
                 damp_escalated=False,
-                dead_inputs=0,
+                dead_inputs=n_dead,
                 seconds=0.0,
             )
         )
+
+
+def _dead_inputs(
+    model: nn.Module,
+    targets: Sequence[Target],
+    views: dict[str, LayerView],
+    calls: Sequence[Call],
+) -> tuple[list[int], list[Tensor]]:
+    """Per target: the number of its dead inputs (zero on every calibration sample, summed over
+    the groups of a grouped convolution) and the bool mask, shaped like the weight, of the
+    weights that multiply them."""
+    seen: list[Tensor | None] = [None] * len(targets)  # (groups, d_in): nonzero somewhere
+    with HookSet() as hooks:
+        for i, t in enumerate(targets):
+
+            def record(m: nn.Module, args: Any, i: int = i, v: LayerView = views[t.name]) -> None:
+                nz = (v.inputs(args[0].detach()) != 0).any(dim=1)
+                prev = seen[i]
+                seen[i] = nz if prev is None else prev | nz
+
+            hooks.pre(t.module, record)
+        with torch.no_grad():
+            for args, kwargs in calls:
+                model(*args, **kwargs)
+    counts, masks = [], []
+    for t, nz in zip(targets, seen, strict=True):
+        w = t.param
+        if nz is None:  # not reached by the forward: nothing is known to be dead
+            counts.append(0)
+            masks.append(torch.zeros_like(w, dtype=torch.bool))
+            continue
+        dead = ~nz.to(w.device)
+        mats = views[t.name].matrices(w)
+        counts.append(int(dead.sum()))
+        masks.append(
+            matrices_to_weight(dead.unsqueeze(1).expand(mats.shape).contiguous(), tuple(w.shape))
+        )
+    return counts, masks
 
 
 def _relative_errors(

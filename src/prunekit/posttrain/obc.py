@@ -7,7 +7,8 @@ Every row is compressed on its own, greedily and exactly. With ``H⁻¹`` the in
 damped Hessian restricted to the row's weights that are still free, one step
 
 1. picks the free weight ``p`` with the smallest OBS cost — pruning (OBC):
-   ``w_p² / [H⁻¹]_pp``; quantization (OBQ): ``(q(w_p) - w_p)² / [H⁻¹]_pp``;
+   ``w_p² / [H⁻¹]_pp``, a weight that is already 0 first (so the zeros a row has count toward
+   its target, see :func:`obc_database`); quantization (OBQ): ``(q(w_p) - w_p)² / [H⁻¹]_pp``;
 2. fixes it (``w_p ← 0`` or ``q(w_p)``) and updates the free weights optimally,
    ``δ = -((w_p - target_p) / [H⁻¹]_pp) · H⁻¹[:, p]``; the step's loss is
    ``(w_p - target_p)² / (2 [H⁻¹]_pp)``;
@@ -72,11 +73,14 @@ class ObcDatabase:
             (undamped) ``H = 2XᵀX/n``, i.e. ``||X Wᵀ - X Ŵᵀ||² / n``, the mean squared error
             per calibration sample. With ``damp = 0`` it equals the sum of the OBS step losses.
         order: ``(d_out, d_in)`` int64, ``order[r, t]`` the input removed from row ``r`` at
-            step ``t``; ``-1`` after the last step run (dead inputs never appear).
+            step ``t``; ``-1`` after the last step run (dead inputs never appear). Rows run in
+            lockstep, so a row whose count is below the batch's largest has steps past it.
         step_losses: ``(d_out, d_in)``, the OBS loss of each step under the damped ``H``
             (``w_p² / (2 [H⁻¹]_pp)``), ``nan`` after the last step run.
-        counts: ``(d_out, n_levels)`` int64, live weights removed from each row at each level.
-        dead: indices of dead inputs (``H_jj = 0``): zeroed in every level, not counted.
+        counts: ``(d_out, n_levels)`` int64, greedy steps of each row at each level: the live
+            weights it fixes at 0, its existing zero weights first (free steps).
+        dead: indices of dead inputs (``H_jj = 0``): zeroed in every level, and counted as
+            zeros of every row.
     """
 
     levels: list[float]
@@ -207,12 +211,21 @@ def _greedy_prune_rows(
     if nm is not None:
         n, m = nm
         zeros_in_group = dead.reshape(d // m, m).sum(1).unsqueeze(0).repeat(b, 1)
+        # a row past its last count goes on over all its free weights (never a full group's
+        # weight before that), so that every row of the batch eliminates one weight per step
+        last = None if snap_counts is None else snap_counts.max(dim=1).values
     for t in range(n_steps):
         diag = torch.diagonal(free.hinv, dim1=1, dim2=2)
+        # a weight that is exactly 0 (an existing zero) is taken first, at no cost: δ = 0
+        zero = free.w == 0
         blocked = free.fixed
         if nm is not None:
-            blocked = blocked | (zeros_in_group.gather(1, free.cols // m) >= m - n)
-        p = (free.w.square() / diag).masked_fill(blocked, math.inf).argmin(dim=1)
+            full = zeros_in_group.gather(1, free.cols // m) >= m - n
+            if last is not None:
+                full &= (last > t).unsqueeze(1)
+            blocked = blocked | (full & ~zero)
+        score = (free.w.square() / diag).masked_fill(zero, -1.0)
+        p = score.masked_fill(blocked, math.inf).argmin(dim=1)
         q = free.cols[ar, p]
         order[:, t] = q
         if nm is not None:
@@ -248,30 +261,40 @@ def obc_database(
     Each row is pruned greedily, one weight at a time (see the module docstring: smallest
     ``w_p² / [H⁻¹]_pp``, OBS update ``δ = -(w_p / [H⁻¹]_pp) H⁻¹[:, p]``, exact rank-1
     elimination of ``p`` from ``H⁻¹``), and the row is snapshotted whenever its number of
-    removed live weights reaches the count of a level. Dead inputs (``H_jj = 0``) are zeroed
-    first and not counted: with ``n_live`` live inputs a level ``s`` removes
-    ``round(s · n_live)`` of them.
+    steps reaches the count of a level.
+
+    Existing zeros count toward a level, as in the OBC reference (whose greedy score puts them
+    first): dead inputs (``H_jj = 0``, ``n_dead`` of them) are zeroed up front, and a weight
+    that is exactly 0 is always the next step (its OBS update is ``δ = 0``: it changes
+    nothing but ``H⁻¹``). A level ``s`` takes ``k = min(n_live, max(0, round(s · d_in) −
+    n_dead))`` steps per row, so a row with ``z_r`` zeros (dead inputs included) ends with
+    ``max(z_r, round(s · d_in))`` zeros: its zero weights go first, and a row that already
+    has more zeros than the level only eliminates zeros (its weights are unchanged).
 
     Allocation across rows (``mask_scope``):
 
-    * ``"row"`` (default): every row removes exactly ``round(s · n_live)`` weights; one pass up
-      to the largest count gives every level.
+    * ``"row"`` (default): every row takes exactly ``k`` steps; one pass up to the largest
+      count gives every level.
     * ``"layer"``: as in the OBC reference code (``prune_blocked``), the per-step losses of all
-      rows are sorted together and the ``d_out · round(s · n_live)`` smallest are taken; a row's
-      count is the number of its steps among them, so rows may differ but the layer total is
-      exact. This needs every row's full trace first, so it runs a full pass for the losses and
-      a second pass (identical arithmetic, hence identical order) that snapshots each row at
-      its own count.
+      rows are sorted together and the ``d_out · k`` smallest are taken; a row's count is the
+      number of its steps among them, so rows may differ but the layer total is exact. The
+      steps of existing zero weights (cost 0) come first, so with ``Z`` zeros in all the
+      layer ends with ``max(Z, d_out · round(s · d_in))`` zeros. This needs
+      every row's full trace first, so it runs a full pass for the losses and a second pass
+      (identical arithmetic, hence identical order) that snapshots each row at its own count.
 
     N:M (``nm=(n, m)``, groups of ``m`` consecutive inputs): the greedy step only considers
-    groups that still have fewer than ``m - n`` zeros (dead inputs count as zeros) and runs
-    until every group has ``m - n``; ``levels`` is then ignored and the database holds the one
+    groups that still have fewer than ``m - n`` zeros (dead inputs count as zeros), and the
+    existing zero weights, which are eliminated in any group; a row takes
+    ``Σ_groups max(m − n − dead_g, zeros_g)`` steps, so every group has at least ``m − n``
+    zeros and keeps all it had. ``levels`` is then ignored and the database holds the one
     level ``(m - n) / m``.
 
     Args:
         W: weights, shape ``(d_out, d_in)``; not modified.
         H: layer Hessian ``2 XᵀX / n``, shape ``(d_in, d_in)``.
-        levels: sparsity levels in ``[0, 1]`` (fractions of the live inputs of a row).
+        levels: sparsity levels in ``[0, 1]``: target fractions of zeros per row (per layer
+            with ``mask_scope="layer"``), existing zeros included.
         damp: relative damping, see :func:`~prunekit.posttrain.obs.prepare_hessian`.
         nm: ``(n, m)`` semi-structured pattern, e.g. ``(2, 4)``.
         row_batch: rows processed together (memory ``row_batch · d_in²`` floats); ``None``
@@ -301,17 +324,24 @@ def obc_database(
             _check_sparsity(s, None, d_in)
     Wc, hinv0, dead, dead_idx = _prepare(W, H, damp)
     dtype = Wc.dtype
-    n_live = d_in - int(dead.sum())
+    n_dead = int(dead.sum())
+    n_live = d_in - n_dead
     batch = _row_batch(row_batch, d_out, d_in, dtype)
     dev = W.device
 
     if nm is not None:
         n, m = nm
         dead_per_group = dead.reshape(d_in // m, m).sum(1)
-        n_steps = int((m - n - dead_per_group).clamp(min=0).sum())
-        counts = torch.full((d_out, 1), n_steps, dtype=torch.long, device=dev)
+        zero_per_group = ((Wc == 0) & ~dead).reshape(d_out, d_in // m, m).sum(2)
+        need = (m - n - dead_per_group).clamp(min=0).unsqueeze(0)
+        counts = torch.maximum(need, zero_per_group).sum(1, keepdim=True)
+        n_steps = int(counts.max())
     else:
-        per_row = torch.tensor([_n_pruned(s, n_live) for s in levels], dtype=torch.long, device=dev)
+        per_row = torch.tensor(
+            [min(n_live, max(0, _n_pruned(s, d_in) - n_dead)) for s in levels],
+            dtype=torch.long,
+            device=dev,
+        )
         counts = per_row.unsqueeze(0).repeat(d_out, 1)
         n_steps = int(per_row.max())
         if mask_scope == "layer":
@@ -347,13 +377,18 @@ def obc_database(
 def _layer_counts(
     Wc: Tensor, hinv0: Tensor, dead: Tensor, n_live: int, per_row: Tensor, batch: int
 ) -> Tensor:
-    """Per-row counts of ``mask_scope="layer"``: global selection of the smallest step losses."""
+    """Per-row counts of ``mask_scope="layer"``: global selection of the smallest step losses.
+
+    The steps of existing zero weights (a row's first steps) come first whatever their loss (0,
+    as a weight whose loss underflows to 0 may also have)."""
     d_out = Wc.shape[0]
     trace = torch.empty(d_out, n_live, dtype=Wc.dtype, device=Wc.device)
     for r1 in range(0, d_out, batch):
         r2 = min(r1 + batch, d_out)
         _, trace[r1:r2], _ = _greedy_prune_rows(Wc[r1:r2].clone(), hinv0, dead, n_live, None, None)
-    ranked = torch.argsort(trace.flatten(), stable=True)
+    zero_steps = ((Wc == 0) & ~dead).sum(dim=1)
+    first = torch.arange(n_live, device=Wc.device).unsqueeze(0) < zero_steps.unsqueeze(1)
+    ranked = torch.argsort(trace.masked_fill(first, -1.0).flatten(), stable=True)
     row_of = ranked // max(n_live, 1)
     counts = torch.zeros(d_out, per_row.numel(), dtype=torch.long, device=Wc.device)
     for lv, k in enumerate(per_row.tolist()):
@@ -375,8 +410,8 @@ def obc_prune(
     Args:
         W: weights, shape ``(d_out, d_in)``; not modified.
         H: layer Hessian ``2 XᵀX / n``.
-        sparsity: fraction of live weights removed per row (``"row"``) or per layer
-            (``"layer"``); ignored for N:M.
+        sparsity: target fraction of zeros per row (``"row"``) or per layer (``"layer"``),
+            existing zeros and dead inputs included (see :func:`obc_database`); ignored for N:M.
         damp, nm, row_batch, mask_scope: see :func:`obc_database`.
 
     Returns:

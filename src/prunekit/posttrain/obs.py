@@ -275,39 +275,86 @@ def _check_sparsity(sparsity: float, nm: tuple[int, int] | None, d_in: int) -> N
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
 
 
-def _prune_mask(scores: Tensor, sparsity: float, nm: tuple[int, int] | None) -> Tensor:
-    """Boolean mask (True = pruned) of the lowest scores, per row or per N:M group.
+def _lowest(scores: Tensor, k: Tensor | int) -> Tensor:
+    """Boolean mask of the ``k`` lowest scores along the last dimension.
 
-    Unstructured: the ``round(sparsity·d_in)`` lowest scores of every row. N:M (``n`` nonzeros
-    kept out of every ``m`` consecutive inputs): the ``m - n`` lowest scores of every group.
+    ``k`` is one count for every slice, or a tensor of counts of shape ``scores.shape[:-1]``;
+    a count must not exceed the slice length. Equal counts take the plain ``topk`` path.
+    """
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if isinstance(k, Tensor):
+        if k.numel() == 0:
+            return mask
+        k_max = int(k.max())
+        if int(k.min()) != k_max:
+            idx = torch.topk(scores, k_max, dim=-1, largest=False).indices  # ascending
+            take = torch.arange(k_max, device=scores.device) < k.unsqueeze(-1)
+            return mask.scatter_(-1, idx, take)
+        k = k_max
+    return mask.scatter_(-1, torch.topk(scores, k, dim=-1, largest=False).indices, True)
+
+
+def _existing_zeros(W: Tensor, dead: Tensor | None) -> Tensor:
+    """``(d_out, d_in)`` bool: the zeros a layer already has, zero weights and the weights of
+    dead inputs (``dead``: bool ``(d_in,)``; those weights multiply inputs that are always 0)."""
+    zeros = W == 0
+    return zeros if dead is None else zeros | dead.to(W.device).unsqueeze(0)
+
+
+def _prune_mask(
+    scores: Tensor, sparsity: float, nm: tuple[int, int] | None, zeros: Tensor | None = None
+) -> Tensor:
+    """Boolean mask (True = zero) of a row-wise method, counting the zeros already there.
+
+    ``zeros`` (bool, like ``scores``) are the row's existing zeros: always in the mask, and
+    counted. Unstructured: row ``r`` with ``z_r`` of them gets ``max(0, round(sparsity·d_in) −
+    z_r)`` more, its lowest other scores, so it ends with ``max(z_r, round(sparsity·d_in))``
+    zeros. N:M (``n`` nonzeros kept out of every ``m`` consecutive inputs): a group with ``z``
+    existing zeros gets its ``max(0, m − n − z)`` lowest other scores.
     """
     d_out, d_in = scores.shape
     _check_sparsity(sparsity, nm, d_in)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if zeros is None:
+        zeros = torch.zeros_like(scores, dtype=torch.bool)
+    free = scores.masked_fill(zeros, math.inf)
     if nm is not None:
         n, m = nm
-        groups = scores.reshape(d_out, d_in // m, m)
-        idx = torch.topk(groups, m - n, dim=2, largest=False).indices
-        return mask.reshape(d_out, d_in // m, m).scatter_(2, idx, True).reshape(d_out, d_in)
-    k = _n_pruned(sparsity, d_in)
-    idx = torch.topk(scores, k, dim=1, largest=False).indices
-    return mask.scatter_(1, idx, True)
+        shape = (d_out, d_in // m, m)
+        zg = zeros.reshape(shape)
+        k = (m - n - zg.sum(dim=2)).clamp(min=0)
+        return (_lowest(free.reshape(shape), k) | zg).reshape(d_out, d_in)
+    k = (_n_pruned(sparsity, d_in) - zeros.sum(dim=1)).clamp(min=0)
+    return _lowest(free, k) | zeros
 
 
-def magnitude_prune(W: Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> Tensor:
+def magnitude_prune(
+    W: Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    dead: Tensor | None = None,
+) -> Tensor:
     """Magnitude pruning per output row, score ``|W_ij|``, no update.
+
+    Existing zeros count toward the target (see :func:`_prune_mask`): a row with ``z_r`` zeros
+    (zero weights, and the weights of ``dead`` inputs, which are zeroed) ends with
+    ``max(z_r, round(sparsity·d_in))`` zeros; with N:M, every group of ``m`` keeps at most
+    ``n`` nonzeros and all the zeros it had.
 
     Args:
         W: weights, shape ``(d_out, d_in)``.
-        sparsity: fraction pruned in every row (``round(sparsity·d_in)`` weights); ignored for N:M.
+        sparsity: target fraction of zeros in every row, existing zeros included; ignored for N:M.
         nm: ``(n, m)``: keep at most ``n`` nonzeros in each ``m`` consecutive inputs.
+        dead: bool ``(d_in,)``, inputs that are zero on every calibration sample (e.g.
+            ``diag(H) == 0``); ``None``: no input is known to be dead.
 
     Returns:
         The pruned weights (a new tensor).
     """
     if W.dim() != 2:
         raise ValueError(f"W must have shape (d_out, d_in), got {tuple(W.shape)}")
-    mask = _prune_mask(W.abs(), sparsity, nm)
+    if dead is not None and dead.shape != (W.shape[1],):
+        raise ValueError(f"dead must be a bool mask of shape ({W.shape[1]},), got {dead.shape}")
+    mask = _prune_mask(W.abs(), sparsity, nm, _existing_zeros(W, dead))
     return W.masked_fill(mask, 0.0)
 
 
@@ -316,12 +363,17 @@ def wanda_prune(
 ) -> Tensor:
     """Wanda (Sun et al., ICLR 2024): score ``S_ij = |W_ij| · ||X_j||₂``, per output row, no update.
 
+    Existing zeros count toward the target (see :func:`_prune_mask`): a row with ``z_r`` zeros
+    (zero weights, and the weights of dead inputs, ``||X_j||₂ = 0``, which are zeroed) ends with
+    ``max(z_r, round(sparsity·d_in))`` zeros; with N:M, every group of ``m`` keeps at most
+    ``n`` nonzeros and all the zeros it had.
+
     Args:
         W: weights, shape ``(d_out, d_in)``.
         input_norms: ``||X_j||₂`` over the calibration samples, shape ``(d_in,)``
             (e.g. ``sqrt(n · diag(H) / 2)`` for ``H = 2XᵀX/n``; any positive scale gives the
             same mask).
-        sparsity: fraction pruned in every row; ignored for N:M.
+        sparsity: target fraction of zeros in every row, existing zeros included; ignored for N:M.
         nm: ``(n, m)``: keep at most ``n`` nonzeros in each ``m`` consecutive inputs.
 
     Returns:
@@ -333,8 +385,29 @@ def wanda_prune(
             f"{tuple(input_norms.shape)}"
         )
     scores = W.abs().to(_compute_dtype(W)) * input_norms.to(_compute_dtype(W)).unsqueeze(0)
-    mask = _prune_mask(scores, sparsity, nm)
+    mask = _prune_mask(scores, sparsity, nm, _existing_zeros(W, input_norms == 0))
     return W.masked_fill(mask, 0.0)
+
+
+def _rate(sparsity: float, zeros: Tensor, d: Tensor | int) -> Tensor:
+    """``s' = s − z(1 − s)/(d − z)``: the fraction of the ``d − z`` nonzero weights to prune
+    so that ``z`` existing zeros plus them make ``s·d`` (``s' = s`` exactly for ``z = 0``;
+    ``0`` where ``d = z``)."""
+    z = zeros.to(torch.float64)
+    c = (torch.as_tensor(d, device=zeros.device) - zeros).to(torch.float64)
+    return torch.where(c > 0, sparsity - z * (1.0 - sparsity) / c.clamp(min=1.0), 0.0)
+
+
+def _schedule(rate: Tensor, extra: Tensor, cand: Tensor, before: Tensor, unit: int = 1) -> Tensor:
+    """How many of ``extra`` new zeros should be chosen among the first ``before`` of ``cand``
+    candidates: ``unit · round(rate · before / unit)``, kept within
+    ``[max(0, extra − (cand − before)), min(extra, before)]`` (so the rest always fits, and it
+    reaches ``extra`` at ``before = cand``). With no existing zero (``rate = s``) and
+    ``unit = 1`` this is ``round(s · before)``, the split of dense layers."""
+    b = before.to(torch.float64)
+    g = unit * torch.floor(rate * (b / unit) + 0.5).to(torch.long)
+    lo = (extra - (cand - before)).clamp(min=0)
+    return torch.maximum(lo, torch.minimum(g, torch.minimum(extra, before)))
 
 
 def inverse_hessian_cholesky(h_damped: Tensor) -> Tensor:
@@ -455,16 +528,30 @@ def sparsegpt_prune(
     Mask selection is adaptive (per block, from the already-updated weights) with the OBS
     score ``w_j² / U_jj²`` (= ``w_j² / [H_F⁻¹]_jj`` for the columns ``F`` not yet visited).
 
-    * Unstructured: per output row, ``round(sparsity · n_live)`` of the ``n_live`` live inputs
-      are pruned in total; the count is split over the blocks by cumulative rounding, and
-      inside a block each row prunes its lowest scores. Dead inputs (``H_jj = 0``) are not
-      counted: their weights are zeroed *in addition*. With ``mask_scope="block"`` (the
-      reference implementation's choice) the lowest ``d_out · k_block`` scores of the whole
-      block are pruned instead, so rows may end with different sparsities; the layer total
-      is still ``d_out · round(sparsity · n_live)``.
+    Existing zeros count toward the target, as in the SparseGPT reference (whose score puts them
+    first): a row's zeros ``Z_r`` are its zero weights and the weights of dead inputs
+    (``H_jj = 0``, zeroed first since they multiply inputs that are always 0). They are always
+    in the mask, and only the rest of the target is pruned among the nonzero weights:
+
+    * Unstructured, ``mask_scope="row"``: row ``r`` with ``z_r = |Z_r|`` gets
+      ``a_r = max(0, round(sparsity · d_in) − z_r)`` new zeros, so it ends with
+      ``max(z_r, round(sparsity · d_in))`` zeros (a row already sparser than the target keeps
+      its zeros and loses nothing more). ``a_r`` is split over the blocks by cumulative
+      rounding over the row's ``c_r = d_in − z_r`` nonzero weights at the rate
+      ``s_r = s − z_r (1 − s) / c_r`` (``round(s_r · x)`` by the ``x``-th of them; ``s_r = s``
+      for a dense row, the split ``round(s · column)`` of a layer without zeros), and inside a
+      block each row prunes its lowest scores.
+    * Unstructured, ``mask_scope="block"`` (the reference implementation's choice): the same
+      count for the whole layer, ``max(0, d_out · round(sparsity · d_in) − Σ_r z_r)`` new
+      zeros, the lowest scores of each block over all rows, so rows may end with different
+      sparsities; the layer ends with ``max(Σ_r z_r, d_out · round(sparsity · d_in))`` zeros.
     * N:M (``nm=(n, m)``): in each group of ``m`` consecutive inputs at most ``n`` nonzeros
-      remain; the ``m - n`` lowest scores are chosen when the group is reached. Dead inputs
-      are zeros and count toward the pattern (they are picked first).
+      remain; a group with ``z`` existing zeros keeps them all and gets ``max(0, m − n − z)``
+      more, its lowest scores when the group is reached.
+
+    (The reference counts the zeros within each block's share of the budget only, so zeros in
+    excess of a share are left free, absorb OBS updates and become nonzero; here every existing
+    zero stays zero.)
 
     Joint pruning and quantization (``bits`` given), as in the SparseGPT reference: the column
     compressor returns the *quantized* value of every kept weight and 0 for a pruned one, so
@@ -479,7 +566,8 @@ def sparsegpt_prune(
     Args:
         W: weights, shape ``(d_out, d_in)``; not modified.
         H: layer Hessian ``2 XᵀX / n``, shape ``(d_in, d_in)``.
-        sparsity: fraction of live weights pruned per row (ignored for N:M).
+        sparsity: target fraction of zeros per row (per layer with ``mask_scope="block"``),
+            existing zeros included (ignored for N:M).
         block_size: columns per lazy-update block (a multiple of ``m`` for N:M).
         nm: ``(n, m)`` semi-structured pattern, e.g. ``(2, 4)``.
         damp: relative damping, see :func:`prepare_hessian`.
@@ -501,7 +589,7 @@ def sparsegpt_prune(
         raise ValueError(
             f"W must be (d_out, d_in) and H (d_in, d_in), got {tuple(W.shape)} and {tuple(H.shape)}"
         )
-    d_in = W.shape[1]
+    d_out, d_in = W.shape
     _check_sparsity(sparsity, nm, d_in)
     if mask_scope not in ("row", "block"):
         raise ValueError(f"mask_scope must be 'row' or 'block', got {mask_scope!r}")
@@ -518,24 +606,40 @@ def sparsegpt_prune(
 
     U = inverse_hessian_cholesky(h_d)
     u_diag = torch.diagonal(U)
-    live_before = torch.cat(
-        [torch.zeros(1, dtype=torch.long, device=W.device), torch.cumsum(~dead, 0)]
-    ).tolist()
+    # existing zeros (zero weights, dead inputs): always pruned, and counted toward the target
+    zeros = Wc == 0
+    cand_before = torch.cat(  # nonzero weights of each row before every column
+        [torch.zeros(d_out, 1, dtype=torch.long, device=W.device), torch.cumsum(~zeros, 1)], 1
+    )
+    cand = cand_before[:, -1]
+    if mask_scope == "row":  # per row: max(0, round(s·d_in) − z_r) new zeros
+        extra = (_n_pruned(sparsity, d_in) - (d_in - cand)).clamp(min=0)
+        rate = _rate(sparsity, d_in - cand, d_in)
+    else:  # per layer: max(0, d_out·round(s·d_in) − Z) new zeros
+        layer_zeros = d_out * d_in - cand.sum()
+        extra = (d_out * _n_pruned(sparsity, d_in) - layer_zeros).clamp(min=0)
+        rate = _rate(sparsity, layer_zeros, d_out * d_in)
+    chosen = torch.zeros_like(extra)  # new zeros chosen so far (per row, or for the layer)
     mask = torch.zeros_like(Wc, dtype=torch.bool)  # pruned weights, chosen as the sweep goes
 
     def choose_unstructured(W1: Tensor, i1: int, i2: int) -> None:
-        dead1 = dead[i1:i2]
-        k = _n_pruned(sparsity, live_before[i2]) - _n_pruned(sparsity, live_before[i1])
-        k = max(0, min(k, int((~dead1).sum())))
+        zeros1 = zeros[:, i1:i2]
         scores = W1.square() / u_diag[i1:i2].square().unsqueeze(0)
-        scores[:, dead1] = math.inf
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        scores.masked_fill_(zeros1, math.inf)
         if mask_scope == "row":
-            mask1.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, True)
+            room = cand_before[:, i2] - cand_before[:, i1]
+            goal = _schedule(rate, extra, cand, cand_before[:, i2])
+            k = torch.minimum(goal - chosen, room).clamp(min=0)
+            mask1 = _lowest(scores, k)
         else:
-            flat = torch.topk(scores.flatten(), k * W1.shape[0], largest=False).indices
+            room = cand_before[:, i2].sum() - cand_before[:, i1].sum()
+            goal = _schedule(rate, extra, cand.sum(), cand_before[:, i2].sum(), unit=d_out)
+            k = torch.minimum(goal - chosen, room).clamp(min=0)
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            flat = torch.topk(scores.flatten(), int(k), largest=False).indices
             mask1.view(-1)[flat] = True
-        mask[:, i1:i2] = mask1 | dead1
+        chosen.add_(k)
+        mask[:, i1:i2] = mask1 | zeros1
 
     i_block = [0]
 
@@ -556,10 +660,11 @@ def sparsegpt_prune(
         j = i_block[0] + i
         if nm is not None and j % nm[1] == 0:
             n, m = nm
+            zeros1 = zeros[:, j : j + m]
             g = W1[:, i : i + m].square() / u_diag[j : j + m].square().unsqueeze(0)
-            g[:, dead[j : j + m]] = -math.inf
-            idx = torch.topk(g, m - n, dim=1, largest=False).indices
-            mask.scatter_(1, j + idx, True)
+            g.masked_fill_(zeros1, math.inf)
+            k = (m - n - zeros1.sum(dim=1)).clamp(min=0)
+            mask[:, j : j + m] = _lowest(g, k) | zeros1
         q = W1[:, i].masked_fill(mask[:, j], 0.0)
         return q if quant is None else quant(W1, i, j, q)
 

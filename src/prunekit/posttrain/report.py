@@ -25,7 +25,7 @@ class LayerReport:
             larger than the configured value when it was escalated.
         damp_escalated: whether the damping had to be raised.
         dead_inputs: inputs that were zero on every calibration sample (their weights are zeroed
-            and not counted toward the requested sparsity).
+            and count, like the layer's other existing zeros, toward the requested sparsity).
         seconds: wall time of this layer's compression (Hessian collection excluded).
     """
 
