@@ -123,6 +123,17 @@ def _ranks(rank, world_size, data, images, root):
         stopped = "not stopped"
     except NonFiniteLossError as exc:
         stopped = str(exc)
+    # a finite loss whose gradient is NaN on rank 1 alone, under QSGD: both ranks skip that step
+    calls.clear()
+
+    def nan_gradient(*args, **kwargs):
+        calls.append(1)
+        out = real_loss(*args, **kwargs)
+        return _NanGradient.apply(out) if rank == 1 and len(calls) == 3 else out
+
+    trainer.F.cross_entropy = nan_gradient
+    qsgd = recipe_from_dict({**_dense_recipe(), "communication": {"method": "qsgd"}})
+    skipped = train(qsgd, f"{root}/skipped", **quiet)
     trainer.F.cross_entropy = real_loss
     # tensors as bytes: a tensor sent through the result queue is shared memory whose owner (this
     # process) may have exited before the parent reads it
@@ -134,7 +145,20 @@ def _ranks(rank, world_size, data, images, root):
         "metrics": (full, part, resumed, dense_metrics),
         "topk": (topk_full, topk_resumed),
         "stopped": stopped,
+        "skipped": skipped,
     }
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient: a finite loss whose backward overflows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.nan
 
 
 @pytest.fixture(scope="module")
@@ -354,3 +378,17 @@ def test_structured_two_rank_run_writes_the_slim_model(two_ranks):
     a, b = r0["finals"]["structured"], r1["finals"]["structured"]
     assert any("running_mean" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(two_ranks):
+    """Under QSGD, rank 1's NaN gradient is agreed on: both ranks skip that optimizer step (the
+    replicas stay identical and finite), the run goes on, and the skip is counted."""
+    root, (r0, r1) = two_ranks
+    for rank in (r0, r1):
+        assert rank["skipped"]["skipped_steps"] == 1
+        assert rank["skipped"]["communication"]["method"] == "qsgd"
+    a, b = r0["finals"]["skipped"], r1["finals"]["skipped"]
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.isfinite(a[k]).all(), k
+    saved = torch.load(root / "skipped" / "model.pt", weights_only=True)
+    assert all(torch.equal(saved[k], a[k]) for k in saved)

@@ -21,6 +21,7 @@ parameters at construction, so masks drawn from a rank's own global RNG would di
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Any
 
@@ -310,6 +311,8 @@ def assert_same(a: Any, b: Any, where: str, close: bool = False) -> None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{where}: {m}")
         else:
             assert torch.equal(a, b), f"{where} differs"
+    elif close and isinstance(a, float):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), f"{where}: {a!r} != {b!r}"
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
@@ -366,7 +369,9 @@ def test_equals_single_process_on_the_union_of_shards(world: int, name: str) -> 
     assert got["levels"] == ref["levels"]
     assert got["state"].keys() == ref["state"].keys()
     for k, v in ref["state"].items():
-        exact = k.endswith("_mask") or k.endswith(".zero") or not isinstance(v, Tensor)
+        # masks, integer state and generator bytes are exact; floats computed from the weights
+        # (DHSPG's λ, a median of group norms) are as close as the weights they come from
+        exact = k.endswith("_mask") or k.endswith(".zero") or not isinstance(v, Tensor | float)
         if "generator" in k:  # CPU generator state: bytes
             exact = True
         assert_same(got["state"][k], v, f"{name} {k}", close=not exact)
