@@ -89,3 +89,15 @@ QUICK: dict[str, dict[str, Any]] = {
     "cram": {},
     "constant": {},
 }
+
+
+class NanGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient backward: a finite loss whose backward overflows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad * float("nan")

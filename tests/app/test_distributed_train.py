@@ -22,6 +22,7 @@ from prunekit.data import ArrayDataset, BatchIterator, load_dataset
 from prunekit.data.datasets import shard_indices
 from prunekit.distributed import run_workers
 from prunekit.models import build_model
+from tests.helpers import NanGradient
 
 SEED, BATCH, LR, EPOCHS = 1, 16, 0.05, 2
 DATA = {"name": "mnist1d", "num_samples": 400, "batch_size": BATCH}
@@ -129,7 +130,7 @@ def _ranks(rank, world_size, data, images, root):
     def nan_gradient(*args, **kwargs):
         calls.append(1)
         out = real_loss(*args, **kwargs)
-        return _NanGradient.apply(out) if rank == 1 and len(calls) == 3 else out
+        return NanGradient.apply(out) if rank == 1 and len(calls) == 3 else out
 
     trainer.F.cross_entropy = nan_gradient
     qsgd = recipe_from_dict({**_dense_recipe(), "communication": {"method": "qsgd"}})
@@ -147,18 +148,6 @@ def _ranks(rank, world_size, data, images, root):
         "stopped": stopped,
         "skipped": skipped,
     }
-
-
-class _NanGradient(torch.autograd.Function):
-    """Identity forward, NaN gradient: a finite loss whose backward overflows."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * math.nan
 
 
 @pytest.fixture(scope="module")

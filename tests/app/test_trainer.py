@@ -12,6 +12,7 @@ from prunekit.app import (
 )
 from prunekit.app.data import load_data
 from prunekit.config import ConfigError
+from tests.helpers import NanGradient
 
 
 def _recipe(method="dpf", epochs=3, **pruning):
@@ -350,22 +351,10 @@ def test_divergence_criterion():
     assert "loss is nan" in divergence(math.nan, 2.3) and "loss is inf" in divergence(math.inf, 2.3)
 
 
-class _NanGradient(torch.autograd.Function):
-    """Identity forward; a NaN gradient backward (a finite loss whose backward overflows)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * math.nan
-
-
 def test_a_non_finite_gradient_skips_the_step_and_the_run_goes_on(tmp_path, data, monkeypatch):
     """As torch's AMP grad scaler does: the optimizer step of that batch is skipped (weights and
     momentum untouched, or NaN would reach every weight), counted and reported."""
-    _patch_loss(monkeypatch, lambda out, n: _NanGradient.apply(out) if n == 4 else out)
+    _patch_loss(monkeypatch, lambda out, n: NanGradient.apply(out) if n == 4 else out)
     real_step, steps = torch.optim.SGD.step, []
 
     def counted(self, *args, **kwargs):
@@ -385,6 +374,6 @@ def test_non_finite_gradients_on_every_step_stop_the_run(tmp_path, data, monkeyp
     from prunekit.app import loop
 
     monkeypatch.setattr(loop, "MAX_CONSECUTIVE_SKIPS", 3)
-    _patch_loss(monkeypatch, lambda out, n: _NanGradient.apply(out))
+    _patch_loss(monkeypatch, lambda out, n: NanGradient.apply(out))
     with pytest.raises(NonFiniteLossError, match="not finite for 3 steps in a row"):
         train(_recipe("gmp", epochs=1, update_every=5), tmp_path, progress=False, data=data)
