@@ -1,7 +1,8 @@
 """Atomic file writes: a temporary file in the target's directory, flushed to disk, then renamed.
 
 A reader sees the old file or the new one, never a half-written one; a failed write (disk full, an
-exception in the writer) leaves the old file untouched and no temporary file behind.
+exception in the writer) leaves the old file untouched and no temporary file behind. The directory
+is flushed after the rename, so a file recorded as written is there after a crash.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)  # the rename itself survives a crash
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

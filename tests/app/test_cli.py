@@ -112,6 +112,10 @@ def _fails_with_one_line(capsys, argv, message):
         (["--set", "data.test_subset=0"], "data.test_subset must be >= 1"),
         (["--set", "model.kwargs.depth=3"], "'lenet300_100' refuses model.kwargs \\{'depth': 3\\}"),
         (["--device", "gpu7"], "device 'gpu7' is not a device name"),
+        (["--device", "meta"], "device 'meta' holds no data"),
+        (["--set", "seed=99999999999999999999999"], "seed must be in \\[0, 2\\*\\*63\\)"),
+        (["--set", "lr_schedule.warmup_epochs=-1"], "warmup_epochs must be >= 0"),
+        (["--set", "model.weights=missing.pt"], "model.weights missing.pt not found"),
     ],
 )
 def test_cli_user_errors_are_one_line(tmp_path, capsys, tiny, extra, message):

@@ -1,10 +1,14 @@
 """RunDir: the overwrite rule, resume identity and completion, without training anything."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
-from prunekit.app.run_dir import MANIFEST, RunDir, differences
+from prunekit.app.run_dir import LOCK, MANIFEST, REPLACED, RunDir, differences, portable
 from prunekit.config import ConfigError
 
 IDENTITY = {"recipe": {"optimizer": {"lr": 0.05}, "epochs": 3}, "world_size": 1, "data": "abc"}
@@ -49,8 +53,19 @@ def test_another_run_is_refused_naming_the_difference_and_the_files(tmp_path):
     with pytest.raises(ConfigError, match=r"recipe.epochs 3 -> 4; report.md\); choose another"):
         _open(tmp_path, _with(recipe__epochs=4))
     assert (tmp_path / "report.md").read_text() == "first"
-    _, opening = _open(tmp_path, _with(recipe__epochs=4), overwrite=True)
+    # --overwrite sets the old outputs aside; a failure before the first checkpoint puts them back
+    run, opening = _open(tmp_path, _with(recipe__epochs=4), overwrite=True)
     assert opening.status == "new" and not (tmp_path / "report.md").exists()
+    run.write_text("metrics.json", "{}")
+    run.abandon()
+    assert (tmp_path / "report.md").read_text() == "first"
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / REPLACED).exists()
+    assert json.loads((tmp_path / MANIFEST).read_text())["identity"] == IDENTITY
+    # ... and once the new run has its first checkpoint they are gone
+    run, _ = _open(tmp_path, _with(recipe__epochs=4), overwrite=True)
+    run.save("checkpoint.pt", {"epoch": 1})
+    run.checkpoint_saved()
+    assert not (tmp_path / REPLACED).exists() and not (tmp_path / "report.md").exists()
 
 
 def test_only_resumable_keys_may_change_on_resume(tmp_path):
@@ -59,7 +74,11 @@ def test_only_resumable_keys_may_change_on_resume(tmp_path):
     _, opening = _open(tmp_path, changed, resumable=("recipe.optimizer.lr",))
     assert opening.status == "resume"
     assert opening.changes == {"recipe.optimizer.lr": (0.05, 0.01)}
-    assert json.loads((tmp_path / MANIFEST).read_text())["identity"] == changed  # the latest
+    # recorded only once the resumed run has checkpointed: a failed resume changes nothing
+    assert json.loads((tmp_path / MANIFEST).read_text())["identity"] == IDENTITY
+    run, _ = _open(tmp_path, changed, resumable=("recipe.optimizer.lr",))
+    run.checkpoint_saved()
+    assert json.loads((tmp_path / MANIFEST).read_text())["identity"] == changed
     with pytest.raises(ConfigError, match=r"recipe.epochs 3 -> 5"):
         _open(
             tmp_path,
@@ -90,25 +109,66 @@ def test_another_kind_and_unrecorded_outputs_are_refused(tmp_path):
         ConfigError, match=r"holds a compress run .*layer_error.png.*not a train run"
     ):
         _open(tmp_path / "c")
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "model.pt").write_text("weights of an older run")
-    (tmp_path / "old" / "notes.txt").write_text("the user's own file")
-    with pytest.raises(ConfigError, match=r"recorded nothing \(model.pt\)"):
-        _open(tmp_path / "old")
-    _open(tmp_path / "old", overwrite=True)
-    assert not (tmp_path / "old" / "model.pt").exists()
-    assert (tmp_path / "old" / "notes.txt").exists()  # never another file
+    old = tmp_path / "old"
+    (old / "slim").mkdir(parents=True)
+    (old / "slim" / "important.txt").write_text("the user's own folder")
+    (old / "model.pt").write_text("weights of an older run, or the user's")
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    for overwrite in (False, True):  # files no run recorded are never touched
+        with pytest.raises(ConfigError, match=r"holds model.pt, slim, which no prunekit run"):
+            _open(old, overwrite=overwrite)
+        assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+    assert not (old / LOCK).exists()
 
 
-def test_a_damaged_record_is_one_line(tmp_path):
+def test_a_damaged_record_is_one_line_and_overwrite_replaces_it(tmp_path):
     _open(tmp_path)
     (tmp_path / MANIFEST).write_text("{not json")
     with pytest.raises(ConfigError, match=r"run.json is damaged"):
         _open(tmp_path)
+    (tmp_path / MANIFEST).unlink()
+    (tmp_path / MANIFEST).mkdir()  # not even a file
+    with pytest.raises(ConfigError, match=r"run.json is damaged .*--overwrite"):
+        _open(tmp_path)
+    run, opening = _open(tmp_path, overwrite=True)
+    assert opening.status == "new"
+    run.complete()  # the damaged record, set aside, is deleted with the new run complete
+    assert not (tmp_path / REPLACED).exists()
+    (tmp_path / MANIFEST).write_text(json.dumps({"version": 99, "kind": "train", "identity": {}}))
+    with pytest.raises(ConfigError, match=r"newer prunekit \(record version 99"):
+        _open(tmp_path)
 
 
-def test_abandon_removes_what_a_failed_new_run_wrote_and_the_directory_it_made(tmp_path):
-    run, _ = _open(tmp_path / "new")
+def test_a_directory_in_use_by_a_live_process_is_refused(tmp_path):
+    run, _ = _open(tmp_path)
+    run.close()
+    other = {"pid": os.getppid(), "host": socket.gethostname()}  # alive, not this process
+    (tmp_path / LOCK).write_text(json.dumps(other))
+    with pytest.raises(
+        ConfigError, match=f"in use by another prunekit process \\(pid {other['pid']}"
+    ):
+        _open(tmp_path)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    (tmp_path / LOCK).write_text(json.dumps({**other, "pid": int(dead.stdout)}))
+    run, opening = _open(tmp_path)  # a stale lock: its process is gone
+    assert (
+        opening.status == "resume"
+        and json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    )
+    run.close()
+    assert not (tmp_path / LOCK).exists()
+
+
+def test_the_identity_ignores_the_name_and_paths_whose_content_is_fingerprinted():
+    recipe = {"name": "a", "model": {"run": "runs/x"}, "data": {"root": "/d", "batch_size": 8}}
+    other = {"name": "b", "model": {"run": "/abs/runs/x"}, "data": {"root": "d", "batch_size": 8}}
+    assert portable(recipe) == portable(other) == {"data": {"batch_size": 8}}
+
+
+def test_abandon_removes_what_a_failed_new_run_wrote_and_the_directories_it_made(tmp_path):
+    run, _ = _open(tmp_path / "new" / "a" / "b")
     run.write_text("report.md", "partial")
     run.abandon()
     assert not (tmp_path / "new").exists()
@@ -123,6 +183,11 @@ def test_abandon_removes_what_a_failed_new_run_wrote_and_the_directory_it_made(t
     run, _ = _open(tmp_path / "mine")
     run.abandon()
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_an_empty_out_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--out '' is not a run directory"):
+        RunDir("", "train").check_writable()
 
 
 def test_only_the_kinds_own_outputs_can_be_written(tmp_path):

@@ -78,12 +78,47 @@ def test_compress_reads_dense_and_pruning_runs_and_records_their_recipe(tmp_path
     assert "dense test accuracy" not in report  # the input of a pruning run is not dense
 
 
-def test_compress_into_the_run_it_reads_is_refused(tmp_path, runs, capsys):
+def test_a_run_into_what_it_reads_is_refused_even_with_overwrite(
+    tmp_path, runs, capsys, monkeypatch
+):
+    """``compress`` or ``train`` whose ``--out`` is (or holds) its own source would replace it."""
     before = _files(runs / "dense")
-    recipe = _compress_file(tmp_path / "c.yaml", {"run": str(runs / "dense")})
-    assert main(["compress", "--recipe", str(recipe), "--out", str(runs / "dense")]) == 2
-    _one_line(capsys, "is the run this recipe reads its model from")
+    monkeypatch.chdir(runs)
+    weights = {"name": "lenet300_100", "weights": str(runs / "dense" / "model.pt")}
+    for model, out in (
+        ({"run": str(runs / "dense")}, str(runs / "dense")),
+        ({"run": "dense"}, str(runs / "dense")),  # relative source, absolute --out
+        (weights, "dense"),  # a weights file inside --out
+    ):
+        recipe = _compress_file(tmp_path / "c.yaml", model, data=DATA)
+        for overwrite in ([], ["--overwrite"]):
+            assert main(["compress", "--recipe", str(recipe), "--out", out, *overwrite]) == 2
+            _one_line(capsys, "holds what this run reads \\(model.(run|weights) ")
+    train = _recipe_file(tmp_path / "t.yaml", pruning={"method": "constant"})
+    argv = ["train", "--recipe", str(train), "--out", "dense", "--set", "model={run: dense}"]
+    assert main([*argv, "--overwrite"]) == 2
+    _one_line(capsys, "holds what this run reads \\(model.run dense\\)")
     assert _files(runs / "dense") == before
+
+
+def test_overwrite_then_a_failure_leaves_the_old_run_as_it_was(tmp_path, runs, capsys):
+    """``--overwrite`` sets the old outputs aside; a new run failing before its first checkpoint
+    (bad weights, a bad compress config) puts them back."""
+    out = tmp_path / "out"
+    recipe = _compress_file(tmp_path / "c.yaml", {"run": str(runs / "dense")})
+    assert main(["compress", "--recipe", str(recipe), "--out", str(out), "--quiet"]) == 0
+    before = _files(out)
+    bad = ["--set", "compress.ignore=[nosuch]", "--overwrite", "--quiet"]
+    assert main(["compress", "--recipe", str(recipe), "--out", str(out), *bad]) == 2
+    _one_line(capsys, "matched no")
+    assert _files(out) == before
+    train = ["train", "--recipe", str(runs / "dense.yaml"), "--out", str(out), "--overwrite"]
+    assert main([*train, "--set", "model.weights=nowhere.pt"]) == 2
+    _one_line(capsys, "model.weights nowhere.pt not found")
+    assert _files(out) == before
+    assert main([*train, "--set", "model.kwargs.depth=3"]) == 2  # found when the model is built
+    _one_line(capsys, "refuses model.kwargs")
+    assert _files(out) == before
 
 
 def test_train_into_a_compress_output_is_refused_unless_overwrite(tmp_path, runs, capsys):
@@ -106,9 +141,68 @@ def test_a_complete_run_is_left_as_it_is_and_another_recipe_is_refused(runs, cap
     argv = ["train", "--recipe", str(runs / "gmp.yaml"), "--out", str(out), "--quiet"]
     assert main(argv) == 0
     assert "left as they are" in capsys.readouterr().out
+    assert main([*argv, "--set", "name=renamed"]) == 0  # a name changes nothing
+    assert "left as they are" in capsys.readouterr().out
     assert main([*argv, "--set", "optimizer.lr=0.01"]) == 2
     _one_line(capsys, "holds a complete run that differs \\(recipe.optimizer.lr 0.1 -> 0.01")
     assert _files(out) == before
+
+
+def test_a_complete_compress_read_through_another_path_is_the_same_run(
+    tmp_path, runs, capsys, monkeypatch
+):
+    monkeypatch.chdir(runs)
+    out = tmp_path / "out"
+    for source in (str(runs / "dense"), "dense"):
+        recipe = _compress_file(tmp_path / "c.yaml", {"run": source})
+        assert main(["compress", "--recipe", str(recipe), "--out", str(out), "--quiet"]) == 0
+    assert "left as they are" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_a_damaged_metrics_file_of_a_complete_run_is_one_line(tmp_path, runs, capsys):
+    out = tmp_path / "copy"
+    out.mkdir()
+    for f in (runs / "dense").iterdir():
+        if f.is_file():
+            (out / f.name).write_bytes(f.read_bytes())
+    (out / "metrics.json").write_text("{bad")
+    argv = ["train", "--recipe", str(runs / "dense.yaml"), "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    _one_line(capsys, "metrics.json is missing or damaged .* pass --overwrite")
+
+
+def test_a_run_directory_with_damaged_metadata_is_one_line_naming_the_file(tmp_path, runs, capsys):
+    import torch as t
+
+    from prunekit.serialization import load_sparse, save_sparse
+
+    state = load_sparse(runs / "dense" / "model_sparse.pt")
+    meta = read_sparse_metadata(runs / "dense" / "model_sparse.pt")
+    cases = {
+        "kwargs": {**meta, "kwargs": [1, 2]},
+        "name": {**meta, "model": "resnet9000"},
+        "recipe": {**meta, "recipe": {**meta["recipe"], "optimizer": {"betas": 1}}},
+    }
+    for name, bad in cases.items():
+        run = tmp_path / name
+        run.mkdir()
+        save_sparse(state, run / "model_sparse.pt", bad)
+        recipe = _compress_file(tmp_path / "c.yaml", {"run": str(run)})
+        assert main(["compress", "--recipe", str(recipe), "--out", str(tmp_path / "o")]) == 2
+        _one_line(capsys, f"{re.escape(str(run / 'model_sparse.pt'))} records")
+    del t
+
+
+def test_a_pruning_runs_checkpoint_is_accepted_as_weights_with_its_masks_applied(tmp_path, runs):
+    """A training checkpoint holds each weight and its mask: the model computes with w ⊙ m."""
+    ckpt = runs / "gmp" / "checkpoint.pt"
+    model_section = {"name": "lenet300_100", "weights": str(ckpt)}
+    recipe = _compress_file(tmp_path / "c.yaml", model_section, data=DATA)
+    out = tmp_path / "out"
+    assert main(["compress", "--recipe", str(recipe), "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    trained = json.loads((runs / "gmp" / "metrics.json").read_text())
+    assert metrics["input_global_sparsity"] == pytest.approx(trained["global_sparsity"], abs=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from prunekit.app import (
+    CheckpointError,
     NonFiniteLossError,
     load_checkpoint,
     recipe_from_dict,
@@ -113,8 +114,19 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path, data, monkeyp
     spec = recipe.to_dict()
     spec["optimizer"]["lr"] = recipe.optimizer.lr / 2
     lower = recipe_from_dict({k: v for k, v in spec.items() if v is not None})
+    real_step, lrs = torch.optim.SGD.step, []
+
+    def spy(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
     m = train(lower, tmp_path, progress=False, data=data, device="cpu")
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
+    # the resumed steps use the new rate on the same cosine: 0.025 · ½(1 + cos(π t / T))
+    steps = 1024 // 64
+    expected = [0.025 * 0.5 * (1 + math.cos(math.pi * t / (3 * steps))) for t in (steps, steps + 1)]
+    assert lrs[:2] == pytest.approx(expected, rel=1e-12)
     # the outputs say the run was trained at 0.05 for one epoch, then at 0.025
     change = {"epoch": 1, "key": "optimizer.lr", "from": 0.05, "to": 0.025}
     assert m["recipe_changes"] == [change]
@@ -377,3 +389,42 @@ def test_non_finite_gradients_on_every_step_stop_the_run(tmp_path, data, monkeyp
     _patch_loss(monkeypatch, lambda out, n: NanGradient.apply(out))
     with pytest.raises(NonFiniteLossError, match="not finite for 3 steps in a row"):
         train(_recipe("gmp", epochs=1, update_every=5), tmp_path, progress=False, data=data)
+
+
+def test_a_skip_streak_carries_across_epochs(tmp_path, data, monkeypatch):
+    """The streak of skipped steps is part of the run's progress, not of one epoch: 20 skips in
+    a row stop a run of 16-step epochs in its second epoch."""
+    from prunekit.app import loop
+
+    monkeypatch.setattr(loop, "MAX_CONSECUTIVE_SKIPS", 20)
+    _patch_loss(monkeypatch, lambda out, n: NanGradient.apply(out))
+    with pytest.raises(NonFiniteLossError, match="not finite for 20 steps in a row \\(epoch 2"):
+        train(_recipe("gmp", epochs=3, update_every=5), tmp_path, progress=False, data=data)
+
+
+def test_no_resume_starts_an_unfinished_run_again(tmp_path, data):
+    recipe = _recipe("gmp", epochs=2, update_every=5)
+    full = train(recipe, tmp_path / "full", progress=False, data=data, device="cpu")
+    train(recipe, tmp_path / "r", progress=False, data=data, device="cpu", stop_after_epoch=1)
+    again = train(recipe, tmp_path / "r", progress=False, data=data, device="cpu", resume=False)
+    assert again["history"] == full["history"]  # from epoch 0, as a fresh run
+    with pytest.raises(ConfigError, match="differs"):  # and it does not leave the old one's
+        train(_recipe("dpf", epochs=2), tmp_path / "r", progress=False, data=data, resume=False)
+
+
+def test_a_resume_on_other_data_is_refused(tmp_path, data):
+    recipe = _recipe("gmp", epochs=2, update_every=5)
+    train(recipe, tmp_path, progress=False, data=data, device="cpu", stop_after_epoch=1)
+    other = data.subset(1000, None)
+    with pytest.raises(ConfigError, match=r"data.hash .*data.train 1024 -> 1000"):
+        train(recipe, tmp_path, progress=False, data=other, device="cpu")
+
+
+def test_a_checkpoint_of_another_model_is_one_line(tmp_path, data):
+    recipe = _recipe("gmp", epochs=2, update_every=5)
+    train(recipe, tmp_path, progress=False, data=data, device="cpu", stop_after_epoch=1)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    ckpt["model"] = {"conv.weight": torch.zeros(1)}
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"does not fit this run .*--no-resume"):
+        train(recipe, tmp_path, progress=False, data=data, device="cpu")

@@ -34,7 +34,7 @@ from prunekit.app.loop import evaluate
 from prunekit.app.model import Source, build_recipe_model, load_state, resolve_source
 from prunekit.app.ranks import resolve_device
 from prunekit.app.recipe import DataSpec, ModelSpec, Recipe
-from prunekit.app.run_dir import RunDir
+from prunekit.app.run_dir import RunDir, portable
 from prunekit.config import ConfigError
 from prunekit.core import sparsity_report
 from prunekit.data import ArrayDataset, BatchIterator
@@ -76,20 +76,15 @@ def compress_run(
     dev = resolve_device(device)
     source = resolve_source(recipe.model)
     run = RunDir(out_dir, "compress")
-    if recipe.model.run is not None and _same_path(Path(recipe.model.run), run.path):
-        raise ConfigError(
-            f"--out {run.path} is the run this recipe reads its model from (model.run); "
-            "choose another --out"
-        )
+    if source.path is not None:
+        run.refuse_inside(source.path, source.what)
     try:
         return _compress_run(recipe, source, run, dev, progress, overwrite)
     except BaseException:
         run.abandon()
         raise
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve()
+    finally:
+        run.close()
 
 
 def _training_recipe(recipe: CompressRecipe, source: Source) -> Recipe:
@@ -115,8 +110,8 @@ def _compress_run(
     train_recipe = _training_recipe(recipe, source)
     data = load_data(train_recipe.data, train_recipe.seed)
     identity = {
-        "recipe": recipe.to_dict(),
-        "source": source.fingerprint(),
+        "recipe": portable(recipe.to_dict()),
+        "model": source.identity(),
         "data": fingerprint(data),
     }
     if run.open(identity, overwrite=overwrite, resume=False).status == "complete":

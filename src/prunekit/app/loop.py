@@ -88,6 +88,8 @@ class Progress:
     wall_seconds: float = 0.0
     reference_loss: float | None = None
     skipped_steps: int = 0
+    #: optimizer steps skipped in a row, across epochs and resumes
+    skipped_in_a_row: int = 0
     recipe_changes: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
@@ -99,6 +101,7 @@ class Progress:
             wall_seconds=ckpt["wall_seconds"],
             reference_loss=ckpt.get("reference_loss"),
             skipped_steps=ckpt.get("skipped_steps", 0),
+            skipped_in_a_row=ckpt.get("skipped_in_a_row", 0),
             recipe_changes=ckpt.get("recipe_changes", []),
         )
 
@@ -208,14 +211,14 @@ def _epoch(
     bar: tqdm,
 ) -> None:
     t0 = time.perf_counter()
-    loss_sum, skipped_in_a_row = 0.0, 0
+    loss_sum = 0.0
     for x, y in batches.epoch(epoch):
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         loss_value, stepped = _step(ctx, x, y, epoch, progress, run)
-        skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
-        if skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+        progress.skipped_in_a_row = 0 if stepped else progress.skipped_in_a_row + 1
+        if progress.skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS:
             raise NonFiniteLossError(
-                f"gradients were not finite for {skipped_in_a_row} steps in a row (epoch "
+                f"gradients were not finite for {progress.skipped_in_a_row} steps in a row (epoch "
                 f"{epoch + 1}, step {progress.step}); stopped. {_kept(run, progress)}: lower the "
                 "learning rate (or set optimizer.clip_grad_norm) and resume."
             )
@@ -338,4 +341,5 @@ def _checkpoint(ctx: _Context, progress: Progress, run: RunDir, comm: CommState 
             },
             run.checkpoint,
         )
+        run.checkpoint_saved()
     barrier(ctx.ranks)

@@ -21,7 +21,7 @@ from prunekit.app.data import digest
 from prunekit.app.recipe import ModelSpec, Recipe, recipe_from_dict
 from prunekit.config import ConfigError
 from prunekit.data import ArrayDataset
-from prunekit.models import build_model
+from prunekit.models import available_models, build_model
 from prunekit.serialization import SPARSE_FORMAT, CheckpointError, load_sparse, read_sparse_metadata
 
 __all__ = [
@@ -51,12 +51,20 @@ class Source:
     state: dict[str, Tensor] | None = None
     recipe: Recipe | None = None
     where: str = ""
+    #: the file or run directory the weights come from, and the recipe key that names it
+    path: Path | None = None
+    what: str = ""
 
     def fingerprint(self) -> str | None:
         """A content hash of the starting weights (``None`` for a fresh initialisation)."""
         if self.state is None:
             return None
         return digest(*(self.state[k] for k in sorted(self.state)))
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs start from the same model: architecture and weights' content
+        (not the path they were read from)."""
+        return {"name": self.name, "kwargs": self.kwargs, "weights": self.fingerprint()}
 
 
 def resolve_source(spec: ModelSpec) -> Source:
@@ -77,16 +85,26 @@ def resolve_source(spec: ModelSpec) -> Source:
         recorded, name = meta.get("recipe"), meta.get("model")
         if not isinstance(recorded, dict) or not isinstance(name, str):
             raise ConfigError(f"{sparse} does not record its architecture and training recipe")
-        recipe = recipe_from_dict(recorded, recorded=True)
+        try:
+            recipe = recipe_from_dict(recorded, recorded=True)
+        except ConfigError as exc:
+            raise ConfigError(f"{sparse} records a recipe this prunekit refuses: {exc}") from None
         kwargs = meta.get("kwargs", recipe.model.kwargs)
+        if name not in available_models() or not isinstance(kwargs, dict):
+            raise ConfigError(
+                f"{sparse} records model {_short(name)} with kwargs {_short(kwargs)}, not a "
+                f"registered architecture; available: {', '.join(available_models())}"
+            )
         where = f"model.run {run}"
         _check_finite(state, where)
-        return Source(name, dict(kwargs), state, recipe, where)
+        return Source(name, dict(kwargs), state, recipe, where, run, "model.run")
     assert spec.name is not None
     if spec.weights is None:
         return Source(spec.name, dict(spec.kwargs))
     where = f"model.weights {spec.weights}"
-    return Source(spec.name, dict(spec.kwargs), load_weights(spec.weights), None, where)
+    state = load_weights(spec.weights)
+    path = Path(spec.weights)
+    return Source(spec.name, dict(spec.kwargs), state, None, where, path, "model.weights")
 
 
 def load_weights(path: str | Path) -> dict[str, Tensor]:
@@ -119,6 +137,8 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
             raise ConfigError(f"model.weights: {exc}") from None
     elif isinstance(obj, dict) and obj.get("format") == "prunekit-checkpoint":
         obj = obj.get("model")
+    if isinstance(obj, dict):
+        obj = _apply_masks(obj)
     if (
         not isinstance(obj, dict)
         or not obj
@@ -130,6 +150,26 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
         )
     _check_finite(obj, where)
     return obj
+
+
+def _apply_masks(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict saved with prunekit's masks attached (a training checkpoint, or a model
+    mid-``sparsify``): each ``X_mask`` buffer folded into ``X`` (``X ⊙ mask``, the weights the
+    model computes with) and dropped."""
+    masks = [k for k in state if k.endswith("_mask") and k[: -len("_mask")] in state]
+    if not masks:
+        return state
+    out = dict(state)
+    for key in masks:
+        mask, target = out.pop(key), key[: -len("_mask")]
+        if isinstance(mask, Tensor) and isinstance(out[target], Tensor):
+            out[target] = out[target] * mask.to(out[target].dtype)
+    return out
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _check_finite(state: dict[str, Tensor], where: str) -> None:

@@ -101,6 +101,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ConfigError(
             f"device {device!r} is not a device name ({exc}); use cpu, cuda or cuda:N"
         ) from None
+    if dev.type == "meta":
+        raise ConfigError("device 'meta' holds no data; use --device cpu, cuda or cuda:N")
     try:
         torch.empty(1, device=dev)
     except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError without CUDA

@@ -155,6 +155,14 @@ class ScheduleSpec:
             raise ConfigError(
                 f"lr_schedule.name {self.name!r} unknown; available: {', '.join(LR_SCHEDULES)}"
             )
+        if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
+            raise ConfigError(f"lr_schedule.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not all(0 < m <= 1 for m in self.milestones):
+            raise ConfigError(
+                f"lr_schedule.milestones are fractions of training in (0, 1], got {self.milestones}"
+            )
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ConfigError(f"lr_schedule.gamma must be positive, got {self.gamma}")
 
 
 @dataclass(kw_only=True)
@@ -181,6 +189,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.pruning is not None:
             validate_pruning(self.pruning)
         if self.communication is not None:
@@ -310,6 +320,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         path, raw = item.split("=", 1)
         keys = path.split(".")
         node = data
+        if len(keys) > 1 and isinstance(data.get("model"), str) and keys[0] == "model":
+            data["model"] = {"name": data["model"]}  # `model: NAME` is short for {name: NAME}
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):

@@ -5,12 +5,18 @@ code that writes in it, and it keeps four promises:
 
 * **Nothing is overwritten by another run.** ``run.json`` records the run's kind and identity (its
   recipe, world size, a fingerprint of its data and of the weights it starts from) and whether it
-  is complete. A directory holding another run's outputs (another identity, another kind, or
-  prunekit outputs with no record) is refused with one line naming the difference and the files,
-  unless ``overwrite`` (``--overwrite``), which removes those outputs first.
+  is complete. A directory holding another run's outputs (another identity, another kind) is
+  refused with one line naming the difference and the files, unless ``overwrite``
+  (``--overwrite``): the old outputs are then moved aside into ``.prunekit-replaced/`` and deleted
+  only once the new run has its first checkpoint (or is complete); a new run that fails before
+  that puts them back. Files with prunekit's names that no run recorded (an older prunekit's run,
+  or the user's own) are never touched, even with ``overwrite``.
+* **One process at a time.** ``.prunekit.lock`` (pid and host) is held while a run works in the
+  directory; a second command on it is refused while that process lives.
 * **A resume matches.** The same identity with an unfinished record resumes from its checkpoint;
   only the keys in ``resumable`` (e.g. the learning rate, to get past a diverged epoch) may
-  change, and the change is reported. Another world size, recipe or data set is an error.
+  change, and the change is reported (and recorded once the resumed run has checkpointed, so a
+  failed resume changes nothing). Another world size, recipe or data set is an error.
 * **A complete run is left as it is**: running it again writes nothing and returns its metrics.
 * **Every file is written atomically**, and a run that fails before anything worth keeping (no
   checkpoint) removes what it wrote, the record and the directory if it created it.
@@ -21,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,14 +40,18 @@ from prunekit.atomic import save_atomic, write_text_atomic
 from prunekit.config import ConfigError
 from prunekit.serialization import save_sparse
 
-__all__ = ["MANIFEST", "OUTPUTS", "Opening", "RunDir", "differences"]
+__all__ = ["MANIFEST", "OUTPUTS", "Opening", "RunDir", "differences", "portable"]
 
 logger = logging.getLogger(__name__)
 
 Kind = Literal["train", "compress"]
 
 MANIFEST = "run.json"
+#: the version of ``run.json`` this prunekit writes (a newer one is refused)
+RECORD_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
+LOCK = ".prunekit.lock"
+REPLACED = ".prunekit-replaced"
 #: the files and folders each kind of run writes (a superset: some are written by some runs only)
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "train": (
@@ -75,8 +87,25 @@ def differences(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, An
     return {} if old == new else {prefix.rstrip("."): (old, new)}
 
 
+def portable(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe dict without what does not change the result: its ``name``, and the paths whose
+    content the identity fingerprints instead (``model`` is replaced by the resolved architecture
+    and a hash of its weights; ``data.root`` by a hash of the data)."""
+    out = json.loads(json.dumps(dict(recipe)))
+    out.pop("name", None)
+    out.pop("model", None)
+    if isinstance(out.get("data"), dict):
+        out["data"].pop("root", None)
+    return out
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _describe(diff: Mapping[str, tuple[Any, Any]], limit: int = 3) -> str:
-    items = [f"{k} {old!r} -> {new!r}" for k, (old, new) in list(diff.items())[:limit]]
+    items = [f"{k} {_short(old)} -> {_short(new)}" for k, (old, new) in list(diff.items())[:limit]]
     more = f" and {len(diff) - limit} more" if len(diff) > limit else ""
     return "; ".join(items) + more
 
@@ -90,6 +119,16 @@ class Opening:
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 class RunDir:
     """The output directory of one run (see the module docstring).
 
@@ -99,11 +138,15 @@ class RunDir:
     """
 
     def __init__(self, path: str | Path, kind: Kind) -> None:
+        self._given = str(path)  # Path("") is "."
         self.path = Path(path)
         self.kind = kind
-        self._created = False  # this process created the directory
+        self._created: list[Path] = []  # directories this process created, deepest first
         self._started = False  # this process started the run (status "new")
         self._written: list[str] = []
+        self._pending: dict[str, Any] | None = None  # identity to record at the next checkpoint
+        self._replaced = False  # another run's outputs are set aside in REPLACED
+        self._locked = False
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -118,15 +161,22 @@ class RunDir:
         """Create the directory and make sure files can be written in it, before any work.
 
         Raises:
-            ConfigError: it names a file, or cannot be created or written to.
+            ConfigError: it is empty, names a file, or cannot be created or written to.
         """
         out = self.path
+        if not self._given.strip():
+            raise ConfigError(
+                f"--out {self._given!r} is not a run directory; name a directory (e.g. runs/x)"
+            )
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output directory {out} is a file; choose a directory for --out")
         try:
-            if not out.exists():
-                out.mkdir(parents=True)
-                self._created = True
+            missing, p = [], out
+            while not p.exists():
+                missing.append(p)
+                p = p.parent
+            out.mkdir(parents=True, exist_ok=True)
+            self._created = missing
             with tempfile.TemporaryFile(dir=out, prefix=".prunekit-write-test."):
                 pass
         except OSError as exc:
@@ -134,26 +184,71 @@ class RunDir:
                 f"output directory {out} is not writable ({exc.strerror or exc}); choose another --out"
             ) from None
 
-    def _record(self) -> dict[str, Any] | None:
+    def _lock(self) -> None:
+        """Take ``.prunekit.lock``, or refuse while another live process holds it."""
+        path = self.path / LOCK
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(path.read_text(encoding="utf-8"))
+                    pid, host = int(holder["pid"]), str(holder["host"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    pid, host = -1, "?"
+                if host == me["host"] and (pid == me["pid"] or not _pid_alive(pid)):
+                    path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise ConfigError(
+                    f"{self.path} is in use by another prunekit process (pid {pid} on {host}); "
+                    f"wait for it to end, or delete {path} if that process is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._locked = True
+            return
+
+    def _read_record(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The run record, or why ``run.json`` is not one (``(None, None)``: no record)."""
         path = self.path / MANIFEST
-        if not path.exists():
-            return None
+        if not path.exists() and not path.is_symlink():
+            return None, None
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(
-                f"{path} is damaged ({type(exc).__name__}); choose another --out, or pass "
-                "--overwrite to replace that run"
-            ) from None
-        if not isinstance(record, dict) or "kind" not in record or "identity" not in record:
-            raise ConfigError(
-                f"{path} is not a prunekit run record; choose another --out, or pass --overwrite"
+            return None, f"is damaged ({type(exc).__name__})"
+        if not (isinstance(record, dict) and isinstance(record.get("identity"), dict)):
+            return None, "is not a prunekit run record"
+        if record.get("kind") not in OUTPUTS:
+            return None, f"records an unknown kind of run ({_short(record.get('kind'))})"
+        if (
+            not isinstance(record.get("version", 1), int)
+            or record.get("version", 1) > RECORD_VERSION
+        ):
+            return None, (
+                f"was written by a newer prunekit (record version {_short(record.get('version'))}"
+                f", this one reads <= {RECORD_VERSION})"
             )
-        return record
+        return record, None
+
+    def refuse_inside(self, source: Path, what: str) -> None:
+        """Refuse a run whose ``source`` (a file or directory it reads) is this directory or lies
+        inside it: the run would replace what it reads.
+
+        Raises:
+            ConfigError: naming ``what`` (e.g. ``model.run``).
+        """
+        out, src = self.path.resolve(), source.resolve()
+        if src == out or out in src.parents:
+            raise ConfigError(
+                f"--out {self.path} holds what this run reads ({what} {source}); choose another "
+                "--out"
+            )
 
     def existing_outputs(self) -> list[str]:
         """The names prunekit runs write that exist in the directory now."""
-        return [n for n in _OWNED if (self.path / n).exists()]
+        return [n for n in _OWNED if (self.path / n).exists() or (self.path / n).is_symlink()]
 
     def open(
         self,
@@ -165,7 +260,7 @@ class RunDir:
         same_when_complete: tuple[str, ...] = (),
     ) -> Opening:
         """Claim the directory for the run ``identity`` describes (call :meth:`check_writable`
-        first).
+        first; release it with :meth:`close` or :meth:`abandon`).
 
         Args:
             identity: what makes two runs the same run (JSON-ready; nested dicts compared by key).
@@ -176,40 +271,66 @@ class RunDir:
                 complete (its outputs are then left as they are), e.g. the world size.
 
         Raises:
-            ConfigError: the directory holds another run's outputs (and not ``overwrite``), or a
-                resume that does not match.
+            ConfigError: the directory is in use, holds another run's outputs (and not
+                ``overwrite``), files no run recorded, or a resume that does not match.
         """
         identity = json.loads(json.dumps(identity))  # the form it has once read back
-        record = self._record()
+        self._lock()
+        try:
+            return self._open(identity, overwrite, resume, resumable, same_when_complete)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(
+        self,
+        identity: dict[str, Any],
+        overwrite: bool,
+        resume: bool,
+        resumable: tuple[str, ...],
+        same_when_complete: tuple[str, ...],
+    ) -> Opening:
+        record, problem = self._read_record()
         existing = self.existing_outputs()
-        if record is not None and not overwrite:
-            same_kind = record["kind"] == self.kind
-            diff = differences(record["identity"], identity) if same_kind else {}
-            done = record.get("status") == "complete"
-            if same_kind and done and diff and all(k in same_when_complete for k in diff):
-                logger.warning("%s is complete (%s)", self.path, _describe(diff))
-                return Opening("complete", diff)
-            if same_kind and not diff:
-                if done:
-                    return Opening("complete")
-                if resume:
-                    return Opening("resume")
-                self._clear()
-                return self._start(identity)
-            if same_kind and not done and resume and all(k in resumable for k in diff):
-                logger.warning("resuming %s with changed %s", self.path, _describe(diff))
-                self._write_record(identity, "running")
-                return Opening("resume", diff)
-            raise ConfigError(self._conflict(record, diff, existing))
-        if existing and not overwrite:
+        if (self.path / REPLACED).exists():
             raise ConfigError(
-                f"{self.path} holds outputs of a prunekit run that recorded nothing "
-                f"({', '.join(existing)}); choose another --out, or pass --overwrite to replace them"
+                f"{self.path / REPLACED} holds the outputs an interrupted --overwrite set aside; "
+                "move them back or delete that folder, then run again"
             )
-        if overwrite and (record is not None or existing):
-            logger.warning("--overwrite: removing %s from %s", ", ".join(existing), self.path)
-            self._clear()
-        return self._start(identity)
+        if problem is not None:
+            if not overwrite:
+                raise ConfigError(
+                    f"{self.path / MANIFEST} {problem}; choose another --out, or pass --overwrite "
+                    "to replace that run"
+                )
+            return self._start(identity, replace=existing)
+        if record is None:
+            if existing:
+                raise ConfigError(
+                    f"{self.path} holds {', '.join(existing)}, which no prunekit run recorded (an "
+                    "older prunekit's run, or your own files); move them away or choose another "
+                    "--out"
+                )
+            return self._start(identity, replace=[])
+        if overwrite:
+            return self._start(identity, replace=existing)
+        same_kind = record["kind"] == self.kind
+        diff = differences(record["identity"], identity) if same_kind else {}
+        done = record.get("status") == "complete"
+        if same_kind and done and all(k in same_when_complete for k in diff):
+            if diff:
+                logger.info("%s is complete (%s)", self.path, _describe(diff))
+            self._release()
+            return Opening("complete", diff)
+        if same_kind and not diff and not done:
+            if resume:
+                return Opening("resume")
+            return self._start(identity, replace=existing)  # --no-resume: this run again
+        if same_kind and not done and resume and all(k in resumable for k in diff):
+            logger.warning("resuming %s with changed %s", self.path, _describe(diff))
+            self._pending = identity  # recorded once the resumed run has checkpointed
+            return Opening("resume", diff)
+        raise ConfigError(self._conflict(record, diff, existing))
 
     def _conflict(
         self, record: dict[str, Any], diff: dict[str, tuple[Any, Any]], existing: list[str]
@@ -229,21 +350,27 @@ class RunDir:
         state = "a complete" if record.get("status") == "complete" else "an unfinished"
         return f"{self.path} holds {state} run that differs ({_describe(diff)}; {files}); {fix}"
 
-    def _clear(self) -> None:
-        for name in _OWNED:
-            path = self.path / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-
-    def _start(self, identity: dict[str, Any]) -> Opening:
+    def _start(self, identity: dict[str, Any], replace: list[str]) -> Opening:
+        """A new run: ``replace`` (the outputs of the run it replaces) set aside, then recorded."""
+        if replace:
+            aside = self.path / REPLACED
+            aside.mkdir()
+            for name in replace:
+                os.replace(self.path / name, aside / name)
+            self._replaced = True
+            logger.warning("replacing %s in %s", ", ".join(replace), self.path)
         self._started = True
         self._write_record(identity, "running")
         return Opening("new")
 
-    def _write_record(self, identity: dict[str, Any], status: str) -> None:
-        record = {"kind": self.kind, "status": status, "identity": identity}
+    def _write_record(self, identity: dict[str, Any], status: str, **extra: Any) -> None:
+        record = {
+            "version": RECORD_VERSION,
+            "kind": self.kind,
+            "status": status,
+            "identity": identity,
+            **extra,
+        }
         write_text_atomic(self.path / MANIFEST, json.dumps(record, indent=1))
 
     # -- writing outputs -------------------------------------------------------------------------
@@ -277,23 +404,66 @@ class RunDir:
         return write(self._mark(name))
 
     def read_metrics(self) -> dict[str, Any]:
-        """The metrics a complete run wrote."""
-        metrics = json.loads((self.path / "metrics.json").read_text(encoding="utf-8"))
-        return dict(metrics)
+        """The metrics a complete run wrote.
+
+        Raises:
+            ConfigError: ``metrics.json`` is missing or damaged.
+        """
+        path = self.path / "metrics.json"
+        try:
+            metrics = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            metrics = exc
+        if not isinstance(metrics, dict):
+            why = type(metrics).__name__
+            raise ConfigError(
+                f"{path} is missing or damaged ({why}) although {self.path} is recorded complete; "
+                "pass --overwrite to run it again"
+            )
+        return metrics
 
     def written(self) -> list[str]:
         """The outputs this process wrote, in order (each once)."""
         return list(dict.fromkeys(self._written))
 
+    def checkpoint_saved(self) -> None:
+        """After each checkpoint: record a resume's changed identity, and delete the outputs of
+        the run this one replaced (the new run can now be resumed instead)."""
+        if self._pending is not None:
+            self._write_record(self._pending, "running")
+            self._pending = None
+        self._drop_replaced()
+
+    def _drop_replaced(self) -> None:
+        if self._replaced:
+            shutil.rmtree(self.path / REPLACED, ignore_errors=True)
+            self._replaced = False
+
     def complete(self) -> None:
-        """Record the run as complete: running it again leaves its outputs as they are."""
-        record = self._record()
+        """Record the run as complete (running it again leaves its outputs as they are) and
+        release the directory."""
+        record, _ = self._read_record()
         assert record is not None, "complete() before open()"
-        self._write_record(record["identity"], "complete")
+        identity = self._pending if self._pending is not None else record["identity"]
+        outputs = [n for n in self.existing_outputs() if n != MANIFEST]
+        self._write_record(identity, "complete", outputs=outputs)
+        self._pending = None
+        self._drop_replaced()
+        self._release()
+
+    def _release(self) -> None:
+        if self._locked:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self._locked = False
+
+    def close(self) -> None:
+        """Release the directory (idempotent)."""
+        self._release()
 
     def abandon(self) -> None:
         """After an error: if this process started the run and left no checkpoint to resume
-        from, remove what it wrote, the record, and the directory if it created it."""
+        from, remove what it wrote and its record, put back the outputs it was replacing, and
+        remove the directories it created (only if empty)."""
         if self._started and not self.checkpoint.exists():
             for name in [*self.written(), MANIFEST]:
                 path = self.path / name
@@ -301,6 +471,13 @@ class RunDir:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
-        if self._created:
-            with contextlib.suppress(OSError):  # only if empty: never another file
-                self.path.rmdir()
+            aside = self.path / REPLACED
+            if self._replaced and aside.is_dir():
+                for item in aside.iterdir():
+                    os.replace(item, self.path / item.name)
+                aside.rmdir()
+                self._replaced = False
+        self._release()
+        for directory in self._created:  # deepest first; only if empty: never another file
+            with contextlib.suppress(OSError):
+                directory.rmdir()

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from prunekit.api import sparsify
-from prunekit.app.checkpoint import load_checkpoint
+from prunekit.app.checkpoint import CheckpointError, load_checkpoint
 from prunekit.app.data import fingerprint, load_data
 from prunekit.app.loop import Progress, Trainable, evaluate, fit
 from prunekit.app.model import (
@@ -54,7 +54,7 @@ from prunekit.app.ranks import (
     wrap_model,
 )
 from prunekit.app.recipe import Recipe, recipe_from_dict
-from prunekit.app.run_dir import Opening, RunDir
+from prunekit.app.run_dir import Opening, RunDir, portable
 from prunekit.app.structured import build_structured_optimizer, finish_structured
 from prunekit.data import ArrayDataset, BatchIterator
 from prunekit.structured import find_groups
@@ -114,6 +114,8 @@ def train(
             run.abandon()
         raise
     finally:
+        if ranks.is_main:
+            run.close()
         leave_process_group(ranks)
 
 
@@ -132,11 +134,8 @@ def _train(
     torch.manual_seed(recipe.seed)
     data = data if data is not None else load_data(recipe.data, recipe.seed)
     source = resolve_source(recipe.model)
-    opening = on_main(lambda: _open(run, recipe, ranks, data, source, resume, overwrite), ranks)
-    if opening.status == "complete":
-        logger.info("%s holds this run, complete: its outputs are left as they are", run.path)
-        return {**on_main(run.read_metrics, ranks), "outputs_unchanged": True}
-
+    if (read := source.path) is not None:
+        on_main(lambda: run.refuse_inside(read, source.what), ranks)
     batches = BatchIterator(
         data.x_train,
         data.y_train,
@@ -145,7 +144,12 @@ def _train(
         rank=ranks.rank,
         world_size=ranks.world_size,
     )
+    # everything that can refuse the recipe is built before the directory is claimed
     t = build_trainable(recipe, source, data, dev, recipe.epochs * len(batches))
+    opening = on_main(lambda: _open(run, recipe, ranks, data, source, resume, overwrite), ranks)
+    if opening.status == "complete":
+        logger.info("%s holds this run, complete: its outputs are left as they are", run.path)
+        return {**on_main(run.read_metrics, ranks), "outputs_unchanged": True}
     progress, saved_comm = (
         _restore(t, run, opening) if opening.status == "resume" else (Progress(), None)
     )
@@ -206,10 +210,10 @@ def _open(
 ) -> Opening:
     """Claim the run directory for this run (rank 0)."""
     identity = {
-        "recipe": recipe.to_dict(),
+        "recipe": portable(recipe.to_dict()),
+        "model": source.identity(),
         "world_size": ranks.world_size,
         "data": fingerprint(data),
-        "weights": source.fingerprint(),
     }
     return run.open(
         identity,
@@ -253,12 +257,19 @@ def _restore(
     if not run.checkpoint.exists():
         return Progress(), None
     ckpt = load_checkpoint(run.checkpoint)
-    if t.pruner is not None:
-        t.pruner.load_state_dict(ckpt["pruner"])
-    t.model.load_state_dict(ckpt["model"])
-    t.optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"])
-    progress = Progress.from_checkpoint(ckpt)
+    try:
+        if t.pruner is not None:
+            t.pruner.load_state_dict(ckpt["pruner"])
+        t.model.load_state_dict(ckpt["model"])
+        t.optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        progress = Progress.from_checkpoint(ckpt)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        why = " ".join(str(exc).split())[:120]
+        raise CheckpointError(
+            f"{run.checkpoint} does not fit this run ({type(exc).__name__}: {why}); it was not "
+            "written by this recipe: --no-resume starts the run again"
+        ) from None
     progress.recipe_changes += [
         {"epoch": progress.epoch, "key": key.removeprefix("recipe."), "from": old, "to": new}
         for key, (old, new) in opening.changes.items()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -202,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     # OSError: a missing data file, a full disk ...: one line too, not a traceback
+    except BrokenPipeError:  # `prunekit ... | head`: the reader left, the run itself succeeded
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
+        return 0
     except (
         ConfigError,
         CheckpointError,
@@ -214,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "prunekit: interrupted; run the same command again to resume from the last checkpoint",
+            "prunekit: interrupted; run the same command again to resume (from the last "
+            "checkpoint, if an epoch had completed)",
             file=sys.stderr,
         )
         return 130
