@@ -1,8 +1,6 @@
 """RunDir: the overwrite rule, resume identity and completion, without training anything."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 
@@ -15,9 +13,13 @@ IDENTITY = {"recipe": {"optimizer": {"lr": 0.05}, "epochs": 3}, "world_size": 1,
 
 
 def _open(path, identity=IDENTITY, kind="train", **kwargs):
+    """Open a run directory as a command would, then let go of its lock (as a command that
+    ends, or is killed, does): the next call here is the next command."""
     run = RunDir(path, kind)
     run.check_writable()
-    return run, run.open(identity, **kwargs)
+    opening = run.open(identity, **kwargs)
+    run.close()
+    return run, opening
 
 
 def _with(**changes):
@@ -121,42 +123,83 @@ def test_another_kind_and_unrecorded_outputs_are_refused(tmp_path):
     assert not (old / LOCK).exists()
 
 
-def test_a_damaged_record_is_one_line_and_overwrite_replaces_it(tmp_path):
-    _open(tmp_path)
-    (tmp_path / MANIFEST).write_text("{not json")
-    with pytest.raises(ConfigError, match=r"run.json is damaged"):
-        _open(tmp_path)
-    (tmp_path / MANIFEST).unlink()
-    (tmp_path / MANIFEST).mkdir()  # not even a file
-    with pytest.raises(ConfigError, match=r"run.json is damaged .*--overwrite"):
-        _open(tmp_path)
-    run, opening = _open(tmp_path, overwrite=True)
-    assert opening.status == "new"
-    run.complete()  # the damaged record, set aside, is deleted with the new run complete
-    assert not (tmp_path / REPLACED).exists()
-    (tmp_path / MANIFEST).write_text(json.dumps({"version": 99, "kind": "train", "identity": {}}))
-    with pytest.raises(ConfigError, match=r"newer prunekit \(record version 99"):
-        _open(tmp_path)
-
-
-def test_a_directory_in_use_by_a_live_process_is_refused(tmp_path):
-    run, _ = _open(tmp_path)
-    run.close()
-    other = {"pid": os.getppid(), "host": socket.gethostname()}  # alive, not this process
-    (tmp_path / LOCK).write_text(json.dumps(other))
-    with pytest.raises(
-        ConfigError, match=f"in use by another prunekit process \\(pid {other['pid']}"
+def test_a_record_this_prunekit_cannot_vouch_for_is_never_replaced(tmp_path):
+    """Damaged, foreign or newer: refused in one line, even with --overwrite."""
+    (tmp_path / "model.pt").write_text("precious")
+    for content, message in (
+        ("{not json", "run.json is damaged"),
+        ("[" * 100_000, r"run.json is damaged \(RecursionError\)"),
+        (json.dumps({"experiment": "x"}), "is not a prunekit run record"),
+        (json.dumps({"version": 99, "kind": "train", "identity": {}}), "newer prunekit"),
     ):
-        _open(tmp_path)
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+        (tmp_path / MANIFEST).write_text(content)
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError, match=message):
+                _open(tmp_path, overwrite=overwrite)
+            assert (tmp_path / MANIFEST).read_text() == content
+            assert (tmp_path / "model.pt").read_text() == "precious"
+
+
+def test_overwrite_moves_only_the_files_the_record_lists(tmp_path):
+    run, _ = _open(tmp_path)
+    run.write_text("report.md", "old")
+    run.complete()
+    (tmp_path / "layer_error.png").write_text("the user's own file, a prunekit name")
+    run, _ = _open(tmp_path, _with(recipe__epochs=9), overwrite=True)
+    assert sorted(p.name for p in (tmp_path / REPLACED).iterdir()) == ["report.md", MANIFEST]
+    run.complete()
+    assert (tmp_path / "layer_error.png").read_text().startswith("the user's own")
+
+
+def test_a_run_inside_another_run_is_refused(tmp_path):
+    _open(tmp_path / "outer")
+    with pytest.raises(ConfigError, match="lies inside the run directory"):
+        RunDir(tmp_path / "outer" / "slim" / "inner", "train").check_writable()
+    assert not (tmp_path / "outer" / "slim").exists()
+
+
+def test_an_interrupted_replacement_is_put_back_by_the_next_command(tmp_path):
+    """A process killed after --overwrite set the old outputs aside (before the new run's first
+    checkpoint): the next command finds them and puts them back."""
+    run, _ = _open(tmp_path)
+    run.write_text("report.md", "old run")
+    run.complete()
+    _open(tmp_path, _with(recipe__epochs=9), overwrite=True)  # then killed: nothing else runs
+    assert not (tmp_path / "report.md").exists()
+    _, opening = _open(tmp_path)  # the original command again
+    assert opening.status == "complete" and (tmp_path / "report.md").read_text() == "old run"
+    assert not (tmp_path / REPLACED).exists()
+
+
+_HOLD = """
+import sys, time
+from prunekit.app.run_dir import RunDir
+run = RunDir(sys.argv[1], "train")
+run.check_writable()
+run.open({"recipe": {}, "world_size": 1, "data": "x"})
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_directory_in_use_by_another_process_is_refused_until_it_ends(tmp_path):
+    identity = {"recipe": {}, "world_size": 1, "data": "x"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
-    (tmp_path / LOCK).write_text(json.dumps({**other, "pid": int(dead.stdout)}))
-    run, opening = _open(tmp_path)  # a stale lock: its process is gone
-    assert (
-        opening.status == "resume"
-        and json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
-    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(
+            ConfigError, match=rf"in use by another prunekit process \(pid {holder.pid} "
+        ):
+            _open(tmp_path, identity)
+    finally:
+        holder.kill()  # killed: the kernel releases its lock; its lock file stays behind
+        holder.wait()
+    assert (tmp_path / LOCK).exists()
+    run = RunDir(tmp_path, "train")
+    run.check_writable()
+    assert run.open(identity).status == "resume"
     run.close()
     assert not (tmp_path / LOCK).exists()
 

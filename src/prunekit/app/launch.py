@@ -150,6 +150,7 @@ def launch_train(
             timeout=24 * 3600.0,
         )
     except BaseException:
+        run.recover()  # what a rank killed before its cleanup had set aside
         run.abandon()  # the directory this launcher created, if the ranks left it empty
         raise
     return dict(results[0])

@@ -219,8 +219,7 @@ def _epoch(
         if progress.skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS:
             raise NonFiniteLossError(
                 f"gradients were not finite for {progress.skipped_in_a_row} steps in a row (epoch "
-                f"{epoch + 1}, step {progress.step}); stopped. {_kept(run, progress)}: lower the "
-                "learning rate (or set optimizer.clip_grad_norm) and resume."
+                f"{epoch + 1}, step {progress.step}); stopped. {_kept(run, progress)}"
             )
         progress.step += 1
         loss_sum += loss_value
@@ -260,9 +259,16 @@ def _epoch(
 
 
 def _kept(run: RunDir, progress: Progress) -> str:
+    """What is left to resume from, and what to do (the sentence after "stopped.")."""
     if run.checkpoint.exists():
-        return f"The last good checkpoint ({run.checkpoint}, epoch {progress.epoch}) is intact"
-    return "No epoch had completed, so there is no checkpoint"
+        return (
+            f"The last good checkpoint ({run.checkpoint}, epoch {progress.epoch}) is intact: "
+            "lower the learning rate (or add lr_schedule.warmup_epochs) and resume."
+        )
+    return (
+        "No epoch had completed, so there is no checkpoint: lower the learning rate (or add "
+        "lr_schedule.warmup_epochs) and run again."
+    )
 
 
 def _step(
@@ -285,9 +291,7 @@ def _step(
     if diverged is not None:
         error = NonFiniteLossError if not math.isfinite(loss_value) else DivergenceError
         raise error(
-            f"{diverged} at epoch {epoch + 1}, step {progress.step}; stopped. "
-            f"{_kept(run, progress)}: lower the learning rate (or add lr_schedule.warmup_epochs) "
-            "and resume."
+            f"{diverged} at epoch {epoch + 1}, step {progress.step}; stopped. {_kept(run, progress)}"
         )
     t.optimizer.zero_grad(set_to_none=True)
     loss.backward()

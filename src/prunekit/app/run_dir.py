@@ -25,6 +25,7 @@ code that writes in it, and it keeps four promises:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -119,14 +120,13 @@ class Opening:
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
-def _pid_alive(pid: int) -> bool:
+def _holder(lock: Path) -> str:
+    """Who holds a lock file, as far as it says (never raises)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
+        holder = json.loads(lock.read_text(encoding="utf-8")[:200])
+        return f"pid {int(holder['pid'])} on {str(holder['host'])[:60]}"
+    except Exception:
+        return "a process that has not written its pid yet"
 
 
 class RunDir:
@@ -146,7 +146,8 @@ class RunDir:
         self._written: list[str] = []
         self._pending: dict[str, Any] | None = None  # identity to record at the next checkpoint
         self._replaced = False  # another run's outputs are set aside in REPLACED
-        self._locked = False
+        self._lock_fd: int | None = None
+        self._identity: dict[str, Any] | None = None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -168,8 +169,20 @@ class RunDir:
             raise ConfigError(
                 f"--out {self._given!r} is not a run directory; name a directory (e.g. runs/x)"
             )
+        if out.is_symlink() and not out.exists():
+            raise ConfigError(f"--out {out} is a symlink to nothing; choose a directory for --out")
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output directory {out} is a file; choose a directory for --out")
+        try:
+            parents = out.resolve().parents
+        except (OSError, RuntimeError):
+            raise ConfigError(f"--out {out} cannot be resolved (a symlink loop?)") from None
+        for parent in parents:
+            if (parent / MANIFEST).is_file():
+                raise ConfigError(
+                    f"--out {out} lies inside the run directory {parent}; choose a directory "
+                    "outside it"
+                )
         try:
             missing, p = [], out
             while not p.exists():
@@ -185,29 +198,29 @@ class RunDir:
             ) from None
 
     def _lock(self) -> None:
-        """Take ``.prunekit.lock``, or refuse while another live process holds it."""
+        """Take ``.prunekit.lock`` with ``flock`` (released by the kernel when the process ends,
+        even killed), or refuse while another process holds it. The file names its holder."""
         path = self.path / LOCK
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    holder = json.loads(path.read_text(encoding="utf-8"))
-                    pid, host = int(holder["pid"]), str(holder["host"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    pid, host = -1, "?"
-                if host == me["host"] and (pid == me["pid"] or not _pid_alive(pid)):
-                    path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 raise ConfigError(
-                    f"{self.path} is in use by another prunekit process (pid {pid} on {host}); "
-                    f"wait for it to end, or delete {path} if that process is gone"
+                    f"{self.path} is in use by another prunekit process ({_holder(path)}); wait "
+                    "for it to end"
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self._locked = True
-            return
+            try:  # the file may have been removed (and another made) since we opened it
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        self._lock_fd = fd
 
     def _read_record(self) -> tuple[dict[str, Any] | None, str | None]:
         """The run record, or why ``run.json`` is not one (``(None, None)``: no record)."""
@@ -216,7 +229,7 @@ class RunDir:
             return None, None
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             return None, f"is damaged ({type(exc).__name__})"
         if not (isinstance(record, dict) and isinstance(record.get("identity"), dict)):
             return None, "is not a prunekit run record"
@@ -239,7 +252,12 @@ class RunDir:
         Raises:
             ConfigError: naming ``what`` (e.g. ``model.run``).
         """
-        out, src = self.path.resolve(), source.resolve()
+        try:
+            out, src = self.path.resolve(), source.resolve()
+        except (OSError, RuntimeError):
+            raise ConfigError(
+                f"--out {self.path} or {what} {source} cannot be resolved (a symlink loop?)"
+            ) from None
         if src == out or out in src.parents:
             raise ConfigError(
                 f"--out {self.path} holds what this run reads ({what} {source}); choose another "
@@ -290,20 +308,14 @@ class RunDir:
         resumable: tuple[str, ...],
         same_when_complete: tuple[str, ...],
     ) -> Opening:
+        self._recover()
         record, problem = self._read_record()
         existing = self.existing_outputs()
-        if (self.path / REPLACED).exists():
+        if problem is not None:  # not a record this prunekit can vouch for: never replaced
             raise ConfigError(
-                f"{self.path / REPLACED} holds the outputs an interrupted --overwrite set aside; "
-                "move them back or delete that folder, then run again"
+                f"{self.path / MANIFEST} {problem}; move it (and that run's files) away or choose "
+                "another --out"
             )
-        if problem is not None:
-            if not overwrite:
-                raise ConfigError(
-                    f"{self.path / MANIFEST} {problem}; choose another --out, or pass --overwrite "
-                    "to replace that run"
-                )
-            return self._start(identity, replace=existing)
         if record is None:
             if existing:
                 raise ConfigError(
@@ -313,7 +325,7 @@ class RunDir:
                 )
             return self._start(identity, replace=[])
         if overwrite:
-            return self._start(identity, replace=existing)
+            return self._start(identity, replace=self._outputs_of(record))
         same_kind = record["kind"] == self.kind
         diff = differences(record["identity"], identity) if same_kind else {}
         done = record.get("status") == "complete"
@@ -324,11 +336,13 @@ class RunDir:
             return Opening("complete", diff)
         if same_kind and not diff and not done:
             if resume:
+                self._identity = identity
                 return Opening("resume")
-            return self._start(identity, replace=existing)  # --no-resume: this run again
+            return self._start(identity, replace=self._outputs_of(record))  # --no-resume
         if same_kind and not done and resume and all(k in resumable for k in diff):
             logger.warning("resuming %s with changed %s", self.path, _describe(diff))
             self._pending = identity  # recorded once the resumed run has checkpointed
+            self._identity = identity
             return Opening("resume", diff)
         raise ConfigError(self._conflict(record, diff, existing))
 
@@ -350,18 +364,74 @@ class RunDir:
         state = "a complete" if record.get("status") == "complete" else "an unfinished"
         return f"{self.path} holds {state} run that differs ({_describe(diff)}; {files}); {fix}"
 
+    def _outputs_of(self, record: dict[str, Any]) -> list[str]:
+        """The files a recorded run owns: those its record lists (complete), or the outputs its
+        kind writes (unfinished), and the record itself."""
+        listed = record.get("outputs")
+        names = (
+            [n for n in listed if isinstance(n, str) and n in OUTPUTS[record["kind"]]]
+            if isinstance(listed, list)
+            else list(OUTPUTS[record["kind"]])
+        )
+        return [n for n in [*names, MANIFEST] if (self.path / n).exists()]
+
     def _start(self, identity: dict[str, Any], replace: list[str]) -> Opening:
-        """A new run: ``replace`` (the outputs of the run it replaces) set aside, then recorded."""
+        """A new run: ``replace`` (the files of the run it replaces) set aside, then recorded."""
         if replace:
             aside = self.path / REPLACED
             aside.mkdir()
+            self._replaced = True  # before the moves: a failure half-way is put back too
             for name in replace:
                 os.replace(self.path / name, aside / name)
-            self._replaced = True
             logger.warning("replacing %s in %s", ", ".join(replace), self.path)
         self._started = True
+        self._identity = identity
         self._write_record(identity, "running")
         return Opening("new")
+
+    def _recover(self) -> None:
+        """Outputs an interrupted replacement set aside (the process was killed before it could
+        put them back): restored when the new run left no checkpoint, else refused."""
+        aside = self.path / REPLACED
+        if not aside.exists():
+            return
+        if self.checkpoint.exists():
+            raise ConfigError(
+                f"{aside} holds the outputs of a run that --overwrite or --no-resume replaced, "
+                f"and the new run has a checkpoint; keep one: delete {aside}, or move it back"
+            )
+        (self.path / MANIFEST).unlink(missing_ok=True)  # the record of the run that never began
+        self._replaced = True
+        self._put_back()
+        logger.warning("%s: restored the outputs an interrupted run had set aside", self.path)
+
+    def recover(self) -> None:
+        """After the processes of a run died without cleaning up (a launcher whose ranks were
+        killed): put back what a replacement set aside, if the new run has no checkpoint."""
+        if not (self.path / REPLACED).exists():
+            return
+        with contextlib.suppress(ConfigError):
+            self._lock()
+            try:
+                self._recover()
+            finally:
+                self._release()
+
+    def _put_back(self) -> None:
+        aside = self.path / REPLACED
+        if not (self._replaced and aside.is_dir()):
+            return
+        left = []
+        for item in aside.iterdir():
+            try:
+                os.replace(item, self.path / item.name)
+            except OSError:
+                left.append(item.name)
+        if left:
+            logger.error("could not put back %s: they are in %s", ", ".join(left), aside)
+        else:
+            aside.rmdir()
+        self._replaced = False
 
     def _write_record(self, identity: dict[str, Any], status: str, **extra: Any) -> None:
         record = {
@@ -412,7 +482,7 @@ class RunDir:
         path = self.path / "metrics.json"
         try:
             metrics = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             metrics = exc
         if not isinstance(metrics, dict):
             why = type(metrics).__name__
@@ -442,19 +512,20 @@ class RunDir:
     def complete(self) -> None:
         """Record the run as complete (running it again leaves its outputs as they are) and
         release the directory."""
-        record, _ = self._read_record()
-        assert record is not None, "complete() before open()"
-        identity = self._pending if self._pending is not None else record["identity"]
-        outputs = [n for n in self.existing_outputs() if n != MANIFEST]
+        identity = self._pending if self._pending is not None else self._identity
+        if identity is None:
+            raise RuntimeError("RunDir.complete() before open()")
+        outputs = [n for n in OUTPUTS[self.kind] if (self.path / n).exists()]
         self._write_record(identity, "complete", outputs=outputs)
         self._pending = None
         self._drop_replaced()
         self._release()
 
     def _release(self) -> None:
-        if self._locked:
-            (self.path / LOCK).unlink(missing_ok=True)
-            self._locked = False
+        if self._lock_fd is not None:
+            (self.path / LOCK).unlink(missing_ok=True)  # while still held: the next one is new
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def close(self) -> None:
         """Release the directory (idempotent)."""
@@ -471,12 +542,7 @@ class RunDir:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
-            aside = self.path / REPLACED
-            if self._replaced and aside.is_dir():
-                for item in aside.iterdir():
-                    os.replace(item, self.path / item.name)
-                aside.rmdir()
-                self._replaced = False
+            self._put_back()
         self._release()
         for directory in self._created:  # deepest first; only if empty: never another file
             with contextlib.suppress(OSError):

@@ -14,7 +14,7 @@ from typing import Any
 from prunekit.app.divergence import DivergenceError
 from prunekit.app.launch import launch_train
 from prunekit.app.recipe import load_recipe
-from prunekit.app.run_dir import MANIFEST, RunDir
+from prunekit.app.run_dir import OUTPUTS
 from prunekit.app.training import train
 from prunekit.config import ConfigError
 from prunekit.methods import available, get_method
@@ -24,9 +24,9 @@ from prunekit.structured.io import SlimSpecError
 from prunekit.structured.registry import available_structured, get_structured
 
 
-def _outputs_line(out: str, metrics: dict[str, Any]) -> str:
+def _outputs_line(out: str, metrics: dict[str, Any], kind: str) -> str:
     """What the run directory holds now, or that a complete run was left as it was."""
-    names = [n for n in RunDir(out, "train").existing_outputs() if n != MANIFEST]
+    names = [n for n in OUTPUTS[kind] if (Path(out) / n).exists()]
     listed = ", ".join(f"{n}/" if (Path(out) / n).is_dir() else n for n in names)
     if metrics.get("outputs_unchanged"):
         return f"{out} holds this run, complete; its outputs are left as they are: {listed}"
@@ -62,7 +62,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     keys = ("method", "model", "global_sparsity", "compression", "test_accuracy", "wall_seconds")
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
-    print(_outputs_line(args.out, metrics))
+    print(_outputs_line(args.out, metrics, "train"))
     return 0
 
 
@@ -85,7 +85,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         "compress_seconds",
     )
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
-    print(_outputs_line(args.out, metrics))
+    print(_outputs_line(args.out, metrics, "compress"))
     return 0
 
 
