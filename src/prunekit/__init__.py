@@ -12,6 +12,9 @@ or compress a trained model after the fact, with no retraining::
     report = prunekit.compress(model, calibration_batches, method="sparsegpt", sparsity=0.5)
 """
 
+import importlib
+from typing import Any
+
 from prunekit import methods, optim, posttrain
 from prunekit.api import sparsify
 from prunekit.config import ConfigError
@@ -21,6 +24,20 @@ from prunekit.posttrain import CompressionReport, compress
 from prunekit.serialization import CheckpointError, load_sparse, save_sparse
 
 __version__ = "0.1.0"  # the one place: pyproject.toml reads it
+
+#: subpackages imported on first use (``prunekit.structured.find_groups(...)``), so that
+#: ``import prunekit`` stays light
+_LAZY = ("core", "data", "distributed", "models", "schedules", "structured")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f"prunekit.{name}")
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
 __all__ = [

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from prunekit.core.targets import Target
 from prunekit.posttrain.calibration import Call
+from prunekit.posttrain.grid import compute_dtype as _compute_dtype
 from prunekit.posttrain.layers import LayerView
 from prunekit.posttrain.mfac import BlockFisherInverse, mfac_prune_step
 from prunekit.posttrain.mfac_model import _gradients, _relative_errors, split_calls
@@ -30,7 +31,6 @@ from prunekit.posttrain.obc import (
 )
 from prunekit.posttrain.obs import (
     _check_sparsity,
-    _compute_dtype,
     _JointGrid,
     _n_pruned,
     inverse_hessian_cholesky,

@@ -40,6 +40,7 @@ import math
 import torch
 from torch import Tensor
 
+from prunekit.posttrain.grid import compute_dtype
 from prunekit.posttrain.obs import HessianError
 
 logger = logging.getLogger(__name__)
@@ -48,14 +49,6 @@ __all__ = ["BlockFisherInverse", "FisherInverse", "mfac_prune_step"]
 
 #: Elements of the per-chunk ``(blocks, m, m)`` float64 work arrays (bounds memory to ~128 MiB).
 _CHUNK_ELEMS = 1 << 24
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    if not t.is_floating_point():
-        raise TypeError(
-            f"expected a floating-point tensor, got {t.dtype}; convert it with .float()"
-        )
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _chunks(n_blocks: int, m: int) -> list[slice]:
@@ -106,7 +99,7 @@ class BlockFisherInverse:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         if not (damp > 0 and math.isfinite(damp)):
             raise ValueError(f"damp must be a finite number > 0, got {damp}")
-        dtype = _compute_dtype(grads)
+        dtype = compute_dtype(grads)
         m, d = grads.shape
         B = min(block_size, d)
         nb = -(-d // B)

@@ -40,14 +40,19 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from prunekit.posttrain.grid import (
+    check_bits,
+    compute_dtype,
+    expand_grid,
+    fake_quantize,
+    minmax_grid,
+)
 from prunekit.posttrain.obs import (
     HessianError,
     _check_sparsity,
-    _compute_dtype,
     _n_pruned,
     prepare_hessian,
 )
-from prunekit.posttrain.quant import _check_bits, _quantize, expand_grid, minmax_grid
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +122,7 @@ def _check_layer(W: Tensor, H: Tensor) -> None:
 
 def _prepare(W: Tensor, H: Tensor, damp: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(W with dead columns zeroed, H⁻¹ of the damped H, dead bool mask, dead indices)``."""
-    dtype = _compute_dtype(W)
+    dtype = compute_dtype(W)
     h_d, info = prepare_hessian(H.to(dtype), damp=damp)
     L, err = torch.linalg.cholesky_ex(h_d)
     if int(err) != 0:
@@ -457,7 +462,7 @@ def obq_quantize(
         ``W``). Dead inputs get 0.
     """
     _check_layer(W, H)
-    _check_bits(bits)
+    check_bits(bits)
     d_out, d_in = W.shape
     Wc, hinv0, dead, _ = _prepare(W, H, damp)
     scale_g, zero_g = minmax_grid(Wc, bits, group_size)
@@ -488,7 +493,7 @@ def _greedy_quantize_rows_(
     for t in range(n_steps):
         s = scale.gather(1, free.cols)
         z = zero.gather(1, free.cols)
-        q = _quantize(free.w, s, z, maxq)
+        q = fake_quantize(free.w, s, z, maxq)
         err = (q - free.w).square().masked_fill(free.fixed, 0.0)
         diag = torch.diagonal(free.hinv, dim1=1, dim2=2)
         p = (err / diag).masked_fill(free.fixed, math.inf).argmin(dim=1)

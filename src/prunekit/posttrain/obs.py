@@ -29,6 +29,15 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
+from prunekit.posttrain.grid import (
+    check_bits,
+    check_group_size,
+    compute_dtype,
+    fake_quantize,
+    minmax_grid,
+    minmax_range,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -50,15 +59,6 @@ class HessianError(ValueError):
     """A layer Hessian that cannot be made positive definite by bounded damping."""
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    if not t.is_floating_point():
-        raise TypeError(
-            f"expected a floating-point tensor, got {t.dtype}; convert it with .float()"
-        )
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def layer_hessian(inputs: Tensor) -> Tensor:
     """Layer Hessian ``H = 2 XᵀX / n`` of the mean squared reconstruction error.
 
@@ -73,7 +73,7 @@ def layer_hessian(inputs: Tensor) -> Tensor:
             f"inputs must have shape (n, d_in) with n >= 1, got {tuple(inputs.shape)}; "
             "flatten batch and sequence dimensions first"
         )
-    x = inputs.to(_compute_dtype(inputs))
+    x = inputs.to(compute_dtype(inputs))
     return (2.0 / x.shape[0]) * (x.T @ x)
 
 
@@ -183,7 +183,7 @@ def prepare_hessian(
         raise ValueError(f"damp must be a finite number >= 0, got {damp}")
     if max_tries < 1:
         raise ValueError(f"max_tries must be >= 1, got {max_tries}")
-    h = H.to(_compute_dtype(H)).clone()
+    h = H.to(compute_dtype(H)).clone()
     if not torch.isfinite(h).all():
         raise HessianError("H contains NaN or inf; check the calibration inputs")
     d = h.shape[0]
@@ -246,7 +246,7 @@ def obs_remove_one(w: Tensor, H_inv: Tensor, p: int) -> tuple[Tensor, float]:
         )
     if not 0 <= p < w.shape[0]:
         raise IndexError(f"p={p} is out of range for a row of length {w.shape[0]}")
-    dtype = _compute_dtype(w)
+    dtype = compute_dtype(w)
     w64 = w.to(dtype)
     hinv = H_inv.to(dtype)
     d_pp = hinv[p, p]
@@ -384,7 +384,7 @@ def wanda_prune(
             f"W must be (d_out, d_in) and input_norms (d_in,), got {tuple(W.shape)} and "
             f"{tuple(input_norms.shape)}"
         )
-    scores = W.abs().to(_compute_dtype(W)) * input_norms.to(_compute_dtype(W)).unsqueeze(0)
+    scores = W.abs().to(compute_dtype(W)) * input_norms.to(compute_dtype(W)).unsqueeze(0)
     mask = _prune_mask(scores, sparsity, nm, _existing_zeros(W, input_norms == 0))
     return W.masked_fill(mask, 0.0)
 
@@ -597,7 +597,7 @@ def sparsegpt_prune(
         raise ValueError(f"block_size must be >= 1 (and a multiple of m for N:M), got {block_size}")
     if bits is None and (group_size is not None or return_grid):
         raise ValueError("group_size and return_grid need bits (joint pruning + quantization)")
-    dtype = _compute_dtype(W)
+    dtype = compute_dtype(W)
     h_d, info = prepare_hessian(H.to(dtype), damp=damp)
     Wc = W.to(dtype).clone()
     dead = torch.zeros(d_in, dtype=torch.bool, device=W.device)
@@ -679,10 +679,8 @@ class _JointGrid:
     """The quantizer of joint SparseGPT: per-row grid up front, or per group when reached."""
 
     def __init__(self, Wc: Tensor, bits: int, group_size: int | None, mask: Tensor) -> None:
-        from prunekit.posttrain.quant import _check_bits, _check_group_size, minmax_grid
-
-        _check_bits(bits)
-        _check_group_size(group_size)
+        check_bits(bits)
+        check_group_size(group_size)
         d_out, d_in = Wc.shape
         self.maxq = 2**bits - 1
         self.mask = mask
@@ -695,13 +693,11 @@ class _JointGrid:
             self.zero = torch.empty_like(self.scale)
 
     def __call__(self, W1: Tensor, i: int, j: int, q: Tensor) -> Tensor:
-        from prunekit.posttrain.quant import _minmax, _quantize
-
         g = 0
         if self.group_size is not None:
             g = j // self.group_size
             if j % self.group_size == 0:
                 gs = self.group_size
                 cur = W1[:, i : i + gs].masked_fill(self.mask[:, j : j + gs], 0.0)
-                self.scale[:, g], self.zero[:, g] = _minmax(cur, self.maxq)
-        return _quantize(q, self.scale[:, g], self.zero[:, g], self.maxq)
+                self.scale[:, g], self.zero[:, g] = minmax_range(cur, self.maxq)
+        return fake_quantize(q, self.scale[:, g], self.zero[:, g], self.maxq)

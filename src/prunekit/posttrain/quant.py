@@ -25,12 +25,16 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from prunekit.posttrain.obs import (
-    _compute_dtype,
-    inverse_hessian_cholesky,
-    obs_sweep_,
-    prepare_hessian,
+from prunekit.posttrain.grid import (
+    check_bits,
+    check_group_size,
+    compute_dtype,
+    expand_grid,
+    fake_quantize,
+    minmax_grid,
+    minmax_range,
 )
+from prunekit.posttrain.obs import inverse_hessian_cholesky, obs_sweep_, prepare_hessian
 
 logger = logging.getLogger(__name__)
 
@@ -43,99 +47,11 @@ __all__ = [
 ]
 
 
-def _check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ValueError(f"bits must be an integer in [1, 16], got {bits!r}")
-
-
-def _check_group_size(group_size: int | None) -> None:
-    if group_size is not None and (
-        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
-    ):
-        raise ValueError(f"group_size must be None or an integer >= 1, got {group_size!r}")
-
-
-def _minmax(w: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
-    """Grid of the last dimension of ``w`` (range widened to contain 0; all-zero → [-1, 1])."""
-    xmin = w.amin(dim=-1).clamp(max=0.0)
-    xmax = w.amax(dim=-1).clamp(min=0.0)
-    empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
-    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
-    scale = (xmax - xmin) / maxq
-    zero = torch.round(-xmin / scale)
-    return scale, zero
-
-
-def minmax_grid(W: Tensor, bits: int, group_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Asymmetric uniform grid per row, or per group of ``group_size`` consecutive inputs.
-
-    For the weights ``v`` of a row (or group), with the range widened to contain 0,
-    ``lo = min(min v, 0)``, ``hi = max(max v, 0)``::
-
-        scale = (hi - lo) / (2^bits - 1),   zero = round(-lo / scale)
-
-    An all-zero row or group gets the range ``[-1, 1]``. Because ``lo ≤ 0 ≤ hi``, ``zero`` lies
-    in ``[0, 2^bits - 1]`` and ``q(0) = 0`` exactly.
-
-    Args:
-        W: weights, shape ``(d_out, d_in)``.
-        bits: bits per weight, ``1 ≤ bits ≤ 16``.
-        group_size: ``None`` for one grid per row; otherwise columns ``[g·group_size,
-            (g+1)·group_size)`` share a grid (the last group may be shorter).
-
-    Returns:
-        ``(scale, zero)``, each of shape ``(d_out, n_groups)``: ``(d_out, 1)`` per row,
-        ``(d_out, ceil(d_in / group_size))`` per group. See :func:`expand_grid`.
-    """
-    _check_bits(bits)
-    _check_group_size(group_size)
-    if W.dim() != 2:
-        raise ValueError(f"W must have shape (d_out, d_in), got {tuple(W.shape)}")
-    maxq = 2**bits - 1
-    w = W.to(_compute_dtype(W))
-    if group_size is None or group_size >= w.shape[1]:
-        scale, zero = _minmax(w, maxq)
-        return scale.unsqueeze(1), zero.unsqueeze(1)
-    grids = [_minmax(w[:, i : i + group_size], maxq) for i in range(0, w.shape[1], group_size)]
-    return torch.stack([s for s, _ in grids], 1), torch.stack([z for _, z in grids], 1)
-
-
-def expand_grid(t: Tensor, d_in: int, group_size: int | None = None) -> Tensor:
-    """Repeat a per-group ``scale`` or ``zero`` of shape ``(d_out, n_groups)`` to ``(d_out, d_in)``.
-
-    Group ``k`` covers inputs ``[k·group_size, (k+1)·group_size)`` (the last group may be
-    shorter). ``group_size=None`` means one value per row (``n_groups = 1``). The group size
-    cannot be inferred from ``n_groups`` (``d_in = 18`` in groups of 8 and of 6 both give 3
-    groups), so it must be given whenever there are several groups.
-
-    Raises:
-        ValueError: several groups and no ``group_size``, or a ``group_size`` inconsistent with
-            ``n_groups``.
-    """
-    n_groups = t.shape[1]
-    if group_size is None:
-        if n_groups != 1:
-            raise ValueError(f"a grid of {n_groups} groups per row needs its group_size")
-        group_size = d_in
-    if math.ceil(d_in / group_size) != n_groups:
-        raise ValueError(
-            f"group_size={group_size} gives {math.ceil(d_in / group_size)} groups for d_in={d_in}, "
-            f"but the grid has {n_groups}"
-        )
-    return t.repeat_interleave(group_size, dim=1)[:, :d_in]
-
-
-def _quantize(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
-    """``q(w) = scale · (clamp(round(w / scale) + zero, 0, maxq) - zero)``."""
-    return scale * (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero)
-
-
 def quantize_rtn(W: Tensor, bits: int, group_size: int | None = None) -> Tensor:
     """Round-to-nearest on the min-max grid of :func:`minmax_grid` (per row or group; no update)."""
     scale, zero = minmax_grid(W, bits, group_size)
     d_in = W.shape[1]
-    q = _quantize(
+    q = fake_quantize(
         W.to(scale.dtype),
         expand_grid(scale, d_in, group_size),
         expand_grid(zero, d_in, group_size),
@@ -268,11 +184,11 @@ def gptq_quantize(
         raise ValueError(
             f"W must be (d_out, d_in) and H (d_in, d_in), got {tuple(W.shape)} and {tuple(H.shape)}"
         )
-    _check_bits(bits)
-    _check_group_size(group_size)
+    check_bits(bits)
+    check_group_size(group_size)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    dtype = _compute_dtype(W)
+    dtype = compute_dtype(W)
     maxq = 2**bits - 1
     d_in = W.shape[1]
     Wc = W.to(dtype).clone()
@@ -285,7 +201,7 @@ def gptq_quantize(
             Wc,
             U,
             block_size,
-            lambda W1, i: _quantize(W1[:, i : i + 1], scale, zero, maxq).squeeze(1),
+            lambda W1, i: fake_quantize(W1[:, i : i + 1], scale, zero, maxq).squeeze(1),
         )
     else:
         n_groups = math.ceil(d_in / group_size)
@@ -300,8 +216,8 @@ def gptq_quantize(
             j = i_block[0] + i
             g = j // group_size
             if j % group_size == 0:
-                scale[:, g], zero[:, g] = _minmax(W1[:, i : i + group_size], maxq)
-            return _quantize(W1[:, i], scale[:, g], zero[:, g], maxq)
+                scale[:, g], zero[:, g] = minmax_range(W1[:, i : i + group_size], maxq)
+            return fake_quantize(W1[:, i], scale[:, g], zero[:, g], maxq)
 
         obs_sweep_(Wc, U, _aligned_block_size(block_size, group_size), compress, start)
     Wq = Wc.to(W.dtype)
