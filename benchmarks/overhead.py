@@ -111,7 +111,7 @@ def main() -> None:
         "dense",
         "hard mask (prunekit)",
         "straight-through (prunekit)",
-        *prunekit.available(),
+        *prunekit.methods.available(),
         "torch.nn.utils.prune",
         "mask after step",
     ]

@@ -19,7 +19,7 @@ from prunekit import methods, optim, posttrain
 from prunekit.api import sparsify
 from prunekit.config import ConfigError
 from prunekit.core import MaskMode, NoPrunableLayersError, select_targets, sparsity_report
-from prunekit.methods import Pruner, available
+from prunekit.methods import Pruner
 from prunekit.posttrain import CompressionReport, compress
 from prunekit.serialization import CheckpointError, load_sparse, save_sparse
 
@@ -28,6 +28,29 @@ __version__ = "0.1.0"  # the one place: pyproject.toml reads it
 #: subpackages imported on first use (``prunekit.structured.find_groups(...)``), so that
 #: ``import prunekit`` stays light
 _LAZY = ("core", "data", "distributed", "models", "schedules", "structured")
+
+
+def available() -> dict[str, list[str]]:
+    """Every registered name, by kind of part::
+
+        {"methods": [...],      # sparse training: prunekit.sparsify(method=...)
+         "posttrain": [...],    # post-training: prunekit.compress(method=...)
+         "structured": [...],   # group-sparsity optimizers: structured: {optimizer: ...}
+         "distributed": [...]}  # gradient compression: compress_gradients(ddp, method)
+
+    Each list is that part's ``available*()`` (sorted); the parts load on first call.
+    """
+    from prunekit.distributed import available_codecs
+    from prunekit.methods import available as available_methods
+    from prunekit.posttrain import available_compressors
+    from prunekit.structured.registry import available_structured
+
+    return {
+        "methods": available_methods(),
+        "posttrain": available_compressors(),
+        "structured": available_structured(),
+        "distributed": available_codecs(),
+    }
 
 
 def __getattr__(name: str) -> Any:

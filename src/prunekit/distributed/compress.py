@@ -16,6 +16,7 @@ A NaN/±Inf gradient on any rank reaches every rank as NaN and is counted in
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from prunekit.distributed.hooks import (
     qsgd_hook,
 )
 from prunekit.distributed.topk import TopKConfig, TopKState, topk_hook
+from prunekit.registry import Registry
 
 __all__ = [
     "CodecEntry",
@@ -56,40 +58,63 @@ class CodecEntry:
     hook: Callable[..., Any]
 
 
-_CODECS: dict[str, CodecEntry] = {}
+_CODECS: Registry[CodecEntry] = Registry("gradient compression method")
 
 
 def register_codec(
-    name: str, config_class: type, state_class: type[CommState], hook: Callable[..., Any]
-) -> CodecEntry:
-    """Register ``name`` → (config, state, hook); re-registering the same triple is a no-op."""
-    entry = CodecEntry(name, config_class, state_class, hook)
-    if name in _CODECS and _CODECS[name] != entry:
-        raise ValueError(f"codec {name!r} is already registered")
-    _CODECS[name] = entry
-    return entry
+    name: str,
+    config_class: type,
+    state_class: type[CommState],
+    hook: Callable[..., Any] | None = None,
+) -> Any:
+    """Register a gradient compression method: ``name`` → (config, state, hook).
+
+    Used as a decorator on the hook::
+
+        @register_codec("mine", MyConfig, MyState)
+        def my_hook(state: MyState, bucket: dist.GradBucket) -> Future[Tensor]: ...
+
+    Registering the same triple again is a no-op. The call form with the hook as a fourth
+    argument still registers it but is deprecated (it returns the :class:`CodecEntry`).
+    """
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _CODECS.add(name, CodecEntry(name, config_class, state_class, fn))
+        return fn
+
+    if hook is None:
+        return register
+    warnings.warn(
+        "register_codec(name, config, state, hook) is deprecated; use it as a decorator: "
+        "@register_codec(name, config, state) on the hook",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    register(hook)
+    return _CODECS.get(name)
 
 
 def available_codecs() -> list[str]:
     """Names of the registered gradient codecs, sorted."""
-    return sorted(_CODECS)
+    return _CODECS.names()
 
 
 def get_codec(name: str) -> CodecEntry:
-    """The codec registered under ``name``; an unknown name lists the known ones."""
-    try:
-        return _CODECS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown gradient compression method {name!r}; available: "
-            f"{', '.join(available_codecs())}"
-        ) from None
+    """The codec registered under ``name``.
+
+    Raises:
+        ConfigError: unknown name (the message lists the known ones).
+    """
+    return _CODECS.get(name)
 
 
-register_codec("none", NoneConfig, NoneState, none_hook)
-register_codec("qsgd", QSGDConfig, QSGDState, qsgd_hook)
-register_codec("natural", NaturalConfig, NaturalState, natural_hook)
-register_codec("topk", TopKConfig, TopKState, topk_hook)
+for _name, _config, _state, _hook in (
+    ("none", NoneConfig, NoneState, none_hook),
+    ("qsgd", QSGDConfig, QSGDState, qsgd_hook),
+    ("natural", NaturalConfig, NaturalState, natural_hook),
+    ("topk", TopKConfig, TopKState, topk_hook),
+):
+    register_codec(_name, _config, _state)(_hook)
 
 
 def compress_gradients(

@@ -1,7 +1,8 @@
-"""Registry of method names → :class:`~prunekit.methods.base.Pruner` classes.
+"""Registry of sparse-training method names → :class:`~prunekit.methods.base.Pruner` classes.
 
 Tests enumerate :func:`available` so that a method is covered by the contract tests the moment it is
-registered. Users register their own methods with :func:`register_method`.
+registered. Users register their own methods with :func:`register_method`. The verbs are those of
+every prunekit registry (:class:`prunekit.registry.Registry`).
 """
 
 from __future__ import annotations
@@ -9,31 +10,29 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prunekit.methods.base import Pruner
+from prunekit.registry import Registry
 
-_METHODS: dict[str, type[Pruner]] = {}
+_METHODS: Registry[type[Pruner]] = Registry("method")
 
 
 def register_method(name: str) -> Callable[[type[Pruner]], type[Pruner]]:
     """Class decorator registering a pruner under ``name`` (which also becomes ``cls.name``)."""
 
-    def decorator(cls: type[Pruner]) -> type[Pruner]:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__name__}")
+    def prepare(cls: type[Pruner]) -> None:
         cls.name = name
-        _METHODS[name] = cls
-        return cls
 
-    return decorator
+    return _METHODS.decorator(name, prepare)
 
 
 def available() -> list[str]:
     """Names of the registered methods, sorted."""
-    return sorted(_METHODS)
+    return _METHODS.names()
 
 
 def get_method(name: str) -> type[Pruner]:
-    """The pruner class registered under ``name``; unknown names list the known ones."""
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(available())}") from None
+    """The pruner class registered under ``name``.
+
+    Raises:
+        ConfigError: unknown name (the message lists the known ones).
+    """
+    return _METHODS.get(name)

@@ -21,6 +21,7 @@ from torch import Tensor
 from prunekit.config import ConfigError, from_dict, to_dict
 from prunekit.core.patterns import parse_pattern
 from prunekit.posttrain import obc, obs, quant
+from prunekit.registry import Registry
 
 __all__ = [
     "CompressConfig",
@@ -212,26 +213,22 @@ class Compressor:
         return out
 
 
-_COMPRESSORS: dict[str, type[Compressor]] = {}
+_COMPRESSORS: Registry[type[Compressor]] = Registry("post-training method")
 
 
 def register_compressor(name: str) -> Callable[[type[Compressor]], type[Compressor]]:
     """Class decorator registering a post-training method under ``name``."""
 
-    def decorator(cls: type[Compressor]) -> type[Compressor]:
-        if name in _COMPRESSORS and _COMPRESSORS[name] is not cls:
-            raise ValueError(f"compressor {name!r} is already registered")
+    def prepare(cls: type[Compressor]) -> None:
         cls.name = name
         cls.config_class.method_name = name
-        _COMPRESSORS[name] = cls
-        return cls
 
-    return decorator
+    return _COMPRESSORS.decorator(name, prepare)
 
 
 def available_compressors() -> list[str]:
     """Names of the registered post-training methods, sorted."""
-    return sorted(_COMPRESSORS)
+    return _COMPRESSORS.names()
 
 
 def get_compressor(name: str) -> type[Compressor]:
@@ -240,12 +237,7 @@ def get_compressor(name: str) -> type[Compressor]:
     Raises:
         ConfigError: ``name`` is not a registered name (the message lists them).
     """
-    method = _COMPRESSORS.get(name) if isinstance(name, str) else None
-    if method is None:
-        raise ConfigError(
-            f"unknown post-training method {name!r}; available: {', '.join(available_compressors())}"
-        )
-    return method
+    return _COMPRESSORS.get(name)
 
 
 def _rtn_kept(compressor: Compressor, W: Tensor) -> Tensor:

@@ -15,10 +15,11 @@ from typing import Any, TypeVar
 from torch import Tensor, nn
 
 from prunekit.config import ConfigError, check_keys, from_dict
+from prunekit.registry import Registry
 from prunekit.structured.base import GroupSparseOptimizer
 from prunekit.structured.groups import Group
 
-_OPTIMIZERS: dict[str, type[GroupSparseOptimizer]] = {}
+_OPTIMIZERS: Registry[type[GroupSparseOptimizer]] = Registry("structured optimizer")
 
 #: the optimizer a ``structured:`` section without an ``optimizer`` key uses
 DEFAULT_STRUCTURED = "hesso"
@@ -32,34 +33,26 @@ def register_structured(name: str) -> Callable[[OptimizerClass], OptimizerClass]
     The class must set ``config_class`` and implement ``from_config``.
     """
 
-    def decorator(cls: OptimizerClass) -> OptimizerClass:
-        if name in _OPTIMIZERS and _OPTIMIZERS[name] is not cls:
-            raise ValueError(
-                f"structured optimizer {name!r} is already registered by "
-                f"{_OPTIMIZERS[name].__name__}"
-            )
+    def prepare(cls: OptimizerClass) -> None:
         if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
             raise TypeError(f"{cls.__name__} needs a config_class dataclass to be registered")
         cls.name = name
-        _OPTIMIZERS[name] = cls
-        return cls
 
-    return decorator
+    return _OPTIMIZERS.decorator(name, prepare)  # type: ignore[return-value]
 
 
 def available_structured() -> list[str]:
     """Names of the registered structured optimizers, sorted."""
-    return sorted(_OPTIMIZERS)
+    return _OPTIMIZERS.names()
 
 
 def get_structured(name: str) -> type[GroupSparseOptimizer]:
-    """The optimizer class registered under ``name``; an unknown name lists the known ones."""
-    try:
-        return _OPTIMIZERS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown structured optimizer {name!r}; available: {', '.join(available_structured())}"
-        ) from None
+    """The optimizer class registered under ``name``.
+
+    Raises:
+        ConfigError: unknown name (the message lists the known ones).
+    """
+    return _OPTIMIZERS.get(name)
 
 
 def config_keys(name: str) -> list[str]:
@@ -117,7 +110,7 @@ def build_structured(
         update: the update rule: ``lr``, ``momentum``, ``weight_decay``, ``nesterov``,
             ``variant`` (a recipe's ``optimizer:`` section).
     """
-    for cls in _OPTIMIZERS.values():
+    for cls in _OPTIMIZERS.entries():
         if type(config) is cls.config_class:
             return cls.from_config(
                 params,
