@@ -65,3 +65,17 @@ def test_a_taken_codec_name_is_refused_and_the_call_form_is_deprecated():
     with pytest.warns(DeprecationWarning, match="use it as a decorator"):
         again = register_codec("none", entry.config_class, entry.state_class, entry.hook)
     assert again == entry
+
+
+def test_one_word_one_meaning_for_ratio(monkeypatch):
+    """Top-k's ``ratio`` is the fraction of values sent; the state's traffic figure is
+    ``compression`` (bytes_dense / bytes_sent), its old name deprecated."""
+    from prunekit.distributed import TopKConfig, TopKState
+
+    assert TopKConfig(ratio=0.01).ratio == 0.01
+    monkeypatch.setattr(TopKState, "bytes_sent", property(lambda self: 10.0))
+    monkeypatch.setattr(TopKState, "bytes_dense", property(lambda self: 500.0))
+    state = object.__new__(TopKState)  # the traffic figures alone; no process group needed
+    assert state.compression == 50.0
+    with pytest.warns(DeprecationWarning, match="use CommState.compression"):
+        assert state.ratio == 50.0

@@ -29,7 +29,8 @@ Usage::
     python benchmarks/structured.py --parts accuracy --models resnet20 --epochs 4 --train-subset 20000 --flops-removed 0.72 --threads 1 --libraries prunekit --channel-multiple 16 --empty-branches
 
 Peers are benchmark extras: ``pip install torch-pruning==1.6.1 only-train-once==3.0.1 packaging``;
-only-train-once needs ``../shared/peers/oto_shim.py`` on torch 2.13 (found via ``--oto-shim``).
+only-train-once 3.0.1 does not import on torch 2.13 as published; pass a module that patches it
+with ``--oto-shim PATH`` (the benchmark skips only-train-once without one).
 """
 
 from __future__ import annotations

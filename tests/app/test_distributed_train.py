@@ -232,7 +232,7 @@ def test_compressed_run_records_its_traffic_and_resumes_with_each_ranks_residual
     assert comm["method"] == "topk" and comm["mode"] == "allgather"
     # fp32 ring all-reduce at W=2 sends 4 bytes per value; top-k 10% sends 8 bytes (int32 index
     # + float32 value) per kept value to the one other rank: 4 / (0.1 * 8) = 5x
-    assert comm["ratio"] == pytest.approx(5.0, rel=0.02)
+    assert comm["compression"] == pytest.approx(5.0, rel=0.02)
     assert resumed["history"] == full["history"]
     for rank in (r0, r1):
         for k, v in rank["finals"]["topk_full"].items():

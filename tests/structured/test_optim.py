@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import prunekit
 from prunekit.structured import emptiable, find_groups, slim
 from prunekit.structured.optim import DHSPG, HESSO, HSPG
 from tests.structured.zoo import ZOO
@@ -117,7 +118,7 @@ def test_resume_mid_run_continues_bit_exactly(name, variant):
 def test_no_prunable_groups_is_reported():
     model, x = ZOO["tied"]()
     groups = [g for g in find_groups(model, x) if not g.prunable]
-    with pytest.raises(ValueError, match="no prunable groups"):
+    with pytest.raises(prunekit.NoPrunableLayersError, match="no prunable groups"):
         HESSO(model.parameters(), groups, lr=0.1, pruning_steps=10)
 
 

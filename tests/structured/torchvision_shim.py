@@ -6,7 +6,7 @@ fake kernels for its detection ops. The classification model definitions are pur
 none of those ops. Import this module before torchvision: it lets those registrations fail quietly,
 and nothing else changes (detection ops such as nms stay unavailable).
 
-    import torchvision_shim  # noqa: F401  (with ../shared/peers on sys.path)
+    import torchvision_shim  # noqa: F401  (this file, on sys.path)
     from torchvision import models
     models.get_model("efficientnet_b0", weights=None)
 """

@@ -254,7 +254,7 @@ def attach_communication(
 
 def communication_metrics(state: CommState, ranks: Ranks) -> dict[str, Any]:
     """What the gradient exchange cost, for ``metrics.json``: bytes every rank sent (summed over
-    ranks), what fp32 ring all-reduce would have sent, their ratio and the summation mode."""
+    ranks), what fp32 ring all-reduce would have sent, their ratio (``compression``) and the summation mode."""
     counts = gather_object((float(state.bytes_sent), float(state.bytes_dense)), ranks)
     sent = sum(c[0] for c in counts)
     dense = sum(c[1] for c in counts)
@@ -264,7 +264,7 @@ def communication_metrics(state: CommState, ranks: Ranks) -> dict[str, Any]:
             "mode": state.mode,
             "bytes_sent": sent,
             "bytes_dense": dense,
-            "ratio": dense / sent if sent > 0 else None,
+            "compression": dense / sent if sent > 0 else None,
         }
     }
 

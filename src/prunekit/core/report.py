@@ -19,7 +19,8 @@ def sparsity_report(
     """Measure sparsity from the weight values themselves (zeros are counted, masks are not trusted).
 
     Compression is ``prunable weights / nonzero prunable weights`` — the definition of the
-    MNIST literature (Han et al. 2015) that ``../shared/METHODS.md`` §E uses.
+    MNIST literature (Han et al. 2015, "Learning both Weights and Connections for Efficient
+    Neural Networks"): a 98%-sparse model is 50× compressed.
 
     Returns:
         ``{"layers": [{"name", "shape", "numel", "nonzeros", "sparsity"}...], "total_weights",

@@ -4,7 +4,7 @@ A codec is a name mapped to ``(config dataclass, state class, hook function)``::
 
     state = compress_gradients(ddp_model, "qsgd", levels=16, bucket_size=512)
     ...train...
-    state.bytes_sent, state.bytes_dense, state.ratio, state.mode
+    state.bytes_sent, state.bytes_dense, state.compression, state.mode
 
 Built in: ``none`` (DDP's fp32 all-reduce, counted), ``qsgd``, ``natural``, ``topk``. Register
 another with :func:`register_codec`; tests enumerate :func:`available_codecs`.

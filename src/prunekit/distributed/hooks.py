@@ -52,6 +52,7 @@ on every rank alike::
 import logging
 import math
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -248,9 +249,21 @@ class CommState:
         return self.traffic.bytes_dense
 
     @property
-    def ratio(self) -> float:
-        """``bytes_dense / bytes_sent`` (1.0 while nothing was sent)."""
+    def compression(self) -> float:
+        """``bytes_dense / bytes_sent``: how many times fewer bytes than fp32 all-reduce (1.0 while
+        nothing was sent). Not top-k's ``ratio``, which is the fraction of values sent."""
         return self.bytes_dense / self.bytes_sent if self.bytes_sent else 1.0
+
+    @property
+    def ratio(self) -> float:
+        """Deprecated name of :attr:`compression` (it read as top-k's ``ratio``)."""
+        warnings.warn(
+            "CommState.ratio is deprecated (top-k's config uses 'ratio' for the fraction sent); "
+            "use CommState.compression",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.compression
 
     def generator(self, device: torch.device) -> torch.Generator:
         """This rank's generator on ``device`` (seeded ``seed + rank`` on first use)."""

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from prunekit.config import ConfigError
+from prunekit.core.targets import NoPrunableLayersError
 from prunekit.structured.group_index import GroupIndex
 from prunekit.structured.groups import Group
 
@@ -96,7 +97,7 @@ class GroupSparseOptimizer(Optimizer):
             raise ValueError(f"lr must be >= 0, got {lr}")
         prunable = [g for g in groups if g.prunable]
         if not prunable:
-            raise ValueError(
+            raise NoPrunableLayersError(
                 "no prunable groups: find_groups() found nothing this optimizer can zero"
             )
         defaults = dict(
