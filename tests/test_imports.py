@@ -107,3 +107,27 @@ def test_every_public_subpackage_is_an_attribute_and_import_stays_light():
     subprocess.run([sys.executable, "-c", code], check=True)
     for name in ("core", "data", "distributed", "methods", "models", "posttrain", "structured"):
         assert getattr(prunekit, name) is importlib.import_module(f"prunekit.{name}")
+
+
+def test_the_methods_need_the_ddp_helpers_not_the_gradient_compression_feature():
+    code = (
+        "import sys, prunekit, prunekit.structured\n"
+        "from prunekit.methods import cram\n"
+        "assert 'prunekit.core.ddp' in sys.modules\n"
+        "assert 'prunekit.distributed' not in sys.modules, 'gradient compression imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert "prunekit.distributed" not in GRAPH["prunekit.methods.cram"]
+
+
+def test_the_old_home_of_the_ddp_helpers_still_works_with_a_warning():
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from prunekit.distributed.sync import unwrap\n"
+        "from prunekit.core.ddp import unwrap as new\n"
+        "assert unwrap is new\n"
+        "assert any(issubclass(w.category, DeprecationWarning) for w in caught), caught\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

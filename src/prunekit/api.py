@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from prunekit.distributed.sync import broadcast_module_, unwrap
+from prunekit.core.ddp import broadcast_module_, unwrap
 from prunekit.methods.base import Pruner
 from prunekit.methods.registry import get_method
 

@@ -33,14 +33,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prunekit
-from prunekit.distributed import run_workers
-from prunekit.distributed.sync import (
+from prunekit.core.ddp import (
     all_reduce_mean_,
     broadcast_module_,
     differing_names,
     replicas_identical,
     unwrap,
 )
+from prunekit.distributed import run_workers
 from prunekit.structured import DHSPG, HESSO, HSPG, find_groups
 
 B = 6  # samples per rank and step

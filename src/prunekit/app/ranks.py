@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from prunekit.config import ConfigError
+from prunekit.core.ddp import broadcast_tensors_
 from prunekit.core.forward import count_correct
 from prunekit.distributed.compress import compress_gradients
 from prunekit.distributed.hooks import CommState
-from prunekit.distributed.sync import broadcast_tensors_
 
 __all__ = [
     "TORCHRUN_VARIABLES",

@@ -5,7 +5,7 @@ norm learned for the dense weights no longer match; CrAM (Peste et al., ICLR 202
 accuracies after re-estimating them on a few training batches. :func:`recalibrate_batchnorm_` resets
 the statistics and recomputes them as the plain average over the given batches (``momentum=None``),
 with gradients off and the model's modes and momenta restored afterwards. In data-parallel
-training, :func:`prunekit.distributed.sync.all_reduce_batchnorm_` then combines the statistics of
+training, :func:`prunekit.core.ddp.all_reduce_batchnorm_` then combines the statistics of
 every rank's batches.
 """
 

@@ -1,5 +1,15 @@
 """Data-parallel training: compressed gradient exchange (DDP communication hooks) and helpers."""
 
+from prunekit.core.ddp import (
+    all_reduce_batchnorm_,
+    all_reduce_mean_,
+    broadcast_module_,
+    broadcast_tensors_,
+    differing_names,
+    is_distributed,
+    replicas_identical,
+    unwrap,
+)
 from prunekit.distributed.codecs import NonFiniteGradientError, pack_bits, unpack_bits
 from prunekit.distributed.compress import (
     CodecEntry,
@@ -21,16 +31,6 @@ from prunekit.distributed.hooks import (
     qsgd_hook,
 )
 from prunekit.distributed.launch import WorkerError, free_port, run_workers
-from prunekit.distributed.sync import (
-    all_reduce_batchnorm_,
-    all_reduce_mean_,
-    broadcast_module_,
-    broadcast_tensors_,
-    differing_names,
-    is_distributed,
-    replicas_identical,
-    unwrap,
-)
 from prunekit.distributed.topk import TopKConfig, TopKState, topk_hook
 
 __all__ = [

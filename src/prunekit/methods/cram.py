@@ -27,7 +27,7 @@ so the gradient at the compressed point is all-reduced like the first one. The c
 is drawn from the pruner's own generator seeded with ``seed`` (not the global RNG), so every rank
 draws the same level; its state is in :meth:`state_dict`. At :meth:`finalize`, when a process
 group is initialised, the re-estimated batch-norm statistics are averaged over the ranks, weighted
-by the number of calibration batches each used (:func:`~prunekit.distributed.sync.all_reduce_batchnorm_`),
+by the number of calibration batches each used (:func:`~prunekit.core.ddp.all_reduce_batchnorm_`),
 so every rank ends with the statistics of all ranks' batches; ``finalize`` is then a collective
 and every rank must call it.
 """
@@ -45,8 +45,8 @@ from torch.optim import Optimizer
 from prunekit.config import ConfigError
 from prunekit.core.allocation import compute_masks
 from prunekit.core.batchnorm import recalibrate_batchnorm_
+from prunekit.core.ddp import all_reduce_batchnorm_
 from prunekit.core.hooks import OptimizerHooks
-from prunekit.distributed.sync import all_reduce_batchnorm_
 from prunekit.methods.base import Pruner, SparsityConfig
 from prunekit.methods.registry import register_method
 

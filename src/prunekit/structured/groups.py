@@ -29,8 +29,8 @@ from torch import Tensor, fx, nn
 from torch.fx.proxy import TraceError
 
 from prunekit.core.cost import module_macs
+from prunekit.core.ddp import unwrap
 from prunekit.core.forward import eval_mode, example_args
-from prunekit.distributed.sync import unwrap
 from prunekit.structured.channels import ROLES, ChannelGraph, Flow, Member, MemberTable
 from prunekit.structured.heads import head_rule, resolve_sites, split_rule
 from prunekit.structured.rules import (
