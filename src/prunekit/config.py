@@ -74,6 +74,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def short_repr(value: Any, width: int = 60) -> str:
+    """``repr(value)`` cut to ``width`` characters, for a value quoted in a one-line error."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 

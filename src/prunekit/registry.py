@@ -34,9 +34,7 @@ class Registry(Generic[T]):
         """
         if not isinstance(name, str) or not name:
             raise ConfigError(f"a {self.kind} name must be a non-empty string, got {name!r}")
-        old = self._entries.get(name)
-        if old is not None and old is not entry and old != entry:
-            raise ConfigError(f"{self.kind} {name!r} is already registered ({_label(old)})")
+        self._check_free(name, entry)
         self._entries[name] = entry
         return entry
 
@@ -53,6 +51,7 @@ class Registry(Generic[T]):
         return register
 
     def _check_free(self, name: str, entry: T) -> None:
+        """Refuse ``name`` if another entry holds it (before a decorator prepares ``entry``)."""
         old = self._entries.get(name)
         if old is not None and old is not entry and old != entry:
             raise ConfigError(f"{self.kind} {name!r} is already registered ({_label(old)})")

@@ -299,7 +299,9 @@ def test_cli_nproc_trains_end_to_end(tmp_path, capsys):
     assert _files(out) == before
 
 
-def test_an_interrupted_two_rank_run_resumes_only_with_two_ranks(two_ranks, data, tmp_path, capsys):
+def test_an_interrupted_two_rank_run_resumes_only_with_two_ranks(
+    two_ranks, data, tmp_path, capsys, monkeypatch
+):
     """Resuming at another world size would cut the schedule short (and a top-k run would index
     residuals of ranks that do not exist): refused, in one line, before any rank starts."""
     root, _ = two_ranks
@@ -310,9 +312,17 @@ def test_an_interrupted_two_rank_run_resumes_only_with_two_ranks(two_ranks, data
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(_dense_recipe()))
     argv = ["train", "--recipe", str(path), "--out", str(run), "--quiet", "--device", "cpu"]
+    import prunekit.distributed as distributed
+
+    spawned = []
+    monkeypatch.setattr(distributed, "run_workers", lambda *a, **k: spawned.append(a))
     assert main([*argv, "--nproc", "3"]) == 2
+    assert spawned == []  # refused by the launcher, before any rank starts
     err = capsys.readouterr().err
-    assert "interrupted at world size 2; resume it with --nproc 2, not 3" in err
+    assert (
+        "interrupted at world size 2 (checkpoint.pt); resume it with 2 ranks (--nproc 2), not 3"
+        in err
+    )
     assert err.count("\n") == 1 and "Traceback" not in err
     assert _files(run) == before
 

@@ -31,7 +31,7 @@ from prunekit.api import sparsify
 from prunekit.app.compress_recipe import CompressRecipe, FinetuneSpec
 from prunekit.app.data import calibration_batches, fingerprint, load_data
 from prunekit.app.loop import evaluate
-from prunekit.app.model import Source, build_recipe_model, load_state, resolve_source
+from prunekit.app.model import Source, build_source_model, resolve_source
 from prunekit.app.ranks import resolve_device
 from prunekit.app.recipe import DataSpec, ModelSpec, Recipe
 from prunekit.app.run_dir import RunDir, portable
@@ -117,10 +117,8 @@ def _compress_run(
     if run.open(identity, overwrite=overwrite, resume=False).status == "complete":
         logger.info("%s holds this run, complete: its outputs are left as they are", run.path)
         return {**run.read_metrics(), "outputs_unchanged": True}
-    model = build_recipe_model(source.name, source.kwargs, data)
     assert source.state is not None  # the compress recipe requires trained weights
-    load_state(model, source.state, source.where, source.name)
-    model.to(dev).eval()
+    model = build_source_model(source, data, dev).eval()
     input_acc = evaluate(model, data.x_test, data.y_test)
     input_sparsity = sparsity_report(model)["global_sparsity"]
     section = dict(recipe.compress)

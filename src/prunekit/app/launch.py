@@ -14,7 +14,6 @@ the run it holds: a resume with another world size is refused here, not in N tra
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch.distributed as dist
 
 from prunekit.app.ranks import resolve_device, under_torchrun
 from prunekit.app.recipe import Recipe
-from prunekit.app.run_dir import MANIFEST, RunDir
+from prunekit.app.run_dir import RunDir
 from prunekit.app.training import train
 from prunekit.config import ConfigError
 
@@ -61,24 +60,6 @@ def _train_rank(
     )
     progress = options.pop("progress") and rank == 0
     return train(recipe, out, device=device, progress=progress, **options)
-
-
-def _precheck(out: Path, nproc: int, overwrite: bool) -> None:
-    """Refuse, before spawning, a resume of ``out`` with another number of ranks."""
-    path = out / MANIFEST
-    if overwrite or not path.is_file():
-        return
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        world = record["identity"]["world_size"]
-        complete = record.get("status") == "complete"
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # the ranks' own check reports a damaged record
-    if record.get("kind") == "train" and world != nproc and not complete:
-        raise ConfigError(
-            f"{out} holds a run interrupted at world size {world}; resume it with --nproc {world}, "
-            f"not {nproc}, or pass --overwrite to start again"
-        )
 
 
 def launch_train(
@@ -133,7 +114,8 @@ def launch_train(
         )
     run = RunDir(out, "train")
     run.check_writable()
-    _precheck(Path(out), nproc, overwrite)
+    if not overwrite:
+        run.refuse_other_world_size(nproc)
     threads = max(1, cores // nproc)
     logger.info("launching %d ranks (%s, %d threads each)", nproc, backend, threads)
     try:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from prunekit.app.data import digest
 from prunekit.app.recipe import ModelSpec, Recipe, recipe_from_dict
-from prunekit.config import ConfigError
+from prunekit.config import ConfigError, short_repr
 from prunekit.data import ArrayDataset
 from prunekit.models import available_models, build_model
 from prunekit.serialization import SPARSE_FORMAT, CheckpointError, load_sparse, read_sparse_metadata
@@ -92,7 +92,7 @@ def resolve_source(spec: ModelSpec) -> Source:
         kwargs = meta.get("kwargs", recipe.model.kwargs)
         if name not in available_models() or not isinstance(kwargs, dict):
             raise ConfigError(
-                f"{sparse} records model {_short(name)} with kwargs {_short(kwargs)}, not a "
+                f"{sparse} records model {short_repr(name, 40)} with kwargs {short_repr(kwargs, 40)}, not a "
                 f"registered architecture; available: {', '.join(available_models())}"
             )
         where = f"model.run {run}"
@@ -167,11 +167,6 @@ def _apply_masks(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _short(value: Any, width: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
 def _check_finite(state: dict[str, Tensor], where: str) -> None:
     for name, t in state.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -225,6 +220,14 @@ def build_recipe_model(name: str, kwargs: dict[str, Any], data: ArrayDataset) ->
         raise ConfigError(
             f"model {name!r} refuses model.kwargs {kwargs} ({exc}); fix or remove them"
         ) from None
+
+
+def build_source_model(source: Source, data: ArrayDataset, device: torch.device) -> nn.Module:
+    """The architecture ``source`` names for ``data``, with its starting weights, on ``device``."""
+    model = build_recipe_model(source.name, source.kwargs, data)
+    if source.state is not None:
+        load_state(model, source.state, source.where, source.name)
+    return model.to(device)
 
 
 def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:

@@ -93,11 +93,6 @@ def _write(
     sparse_bytes = run.save_sparse(
         "model_sparse.pt", state, {"model": name, "kwargs": kwargs, "recipe": recipe.to_dict()}
     )
-    steps_per_epoch = len(
-        BatchIterator(
-            data.x_train, data.y_train, recipe.data.batch_size, world_size=ranks.world_size
-        )
-    )
     metrics: dict[str, Any] = {
         "method": recipe.method,
         "model": name,
@@ -110,7 +105,7 @@ def _write(
         "test_accuracy": acc,
         "test_error": 100.0 * (1.0 - acc),
         "epochs": recipe.epochs,
-        "steps": recipe.epochs * steps_per_epoch,
+        "steps": progress.step,  # epochs × steps per epoch: the loop counts every batch
         "skipped_steps": progress.skipped_steps,
         "world_size": ranks.world_size,
         "batch_size": recipe.data.batch_size,

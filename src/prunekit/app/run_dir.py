@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prunekit.atomic import save_atomic, write_text_atomic
-from prunekit.config import ConfigError
+from prunekit.config import ConfigError, short_repr
 from prunekit.serialization import save_sparse
 
 __all__ = ["MANIFEST", "OUTPUTS", "Opening", "RunDir", "differences", "portable"]
@@ -100,13 +100,11 @@ def portable(recipe: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _short(value: Any, width: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
 def _describe(diff: Mapping[str, tuple[Any, Any]], limit: int = 3) -> str:
-    items = [f"{k} {_short(old)} -> {_short(new)}" for k, (old, new) in list(diff.items())[:limit]]
+    items = [
+        f"{k} {short_repr(old)} -> {short_repr(new)}"
+        for k, (old, new) in list(diff.items())[:limit]
+    ]
     more = f" and {len(diff) - limit} more" if len(diff) > limit else ""
     return "; ".join(items) + more
 
@@ -148,9 +146,6 @@ class RunDir:
         self._replaced = False  # another run's outputs are set aside in REPLACED
         self._lock_fd: int | None = None
         self._identity: dict[str, Any] | None = None
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
 
     @property
     def checkpoint(self) -> Path:
@@ -234,13 +229,13 @@ class RunDir:
         if not (isinstance(record, dict) and isinstance(record.get("identity"), dict)):
             return None, "is not a prunekit run record"
         if record.get("kind") not in OUTPUTS:
-            return None, f"records an unknown kind of run ({_short(record.get('kind'))})"
+            return None, f"records an unknown kind of run ({short_repr(record.get('kind'))})"
         if (
             not isinstance(record.get("version", 1), int)
             or record.get("version", 1) > RECORD_VERSION
         ):
             return None, (
-                f"was written by a newer prunekit (record version {_short(record.get('version'))}"
+                f"was written by a newer prunekit (record version {short_repr(record.get('version'))}"
                 f", this one reads <= {RECORD_VERSION})"
             )
         return record, None
@@ -356,13 +351,31 @@ class RunDir:
                 f"{self.path} holds a {record['kind']} run ({files}), not a {self.kind} run; {fix}"
             )
         if record.get("status") != "complete" and set(diff) == {"world_size"}:
-            old, new = diff["world_size"]
-            return (
-                f"{self.path} holds a run interrupted at world size {old} ({files}); resume it "
-                f"with {old} ranks (--nproc {old}), not {new}, or pass --overwrite to start again"
-            )
+            return self._world_size_message(*diff["world_size"], files)
         state = "a complete" if record.get("status") == "complete" else "an unfinished"
         return f"{self.path} holds {state} run that differs ({_describe(diff)}; {files}); {fix}"
+
+    def _world_size_message(self, old: Any, new: int, files: str) -> str:
+        return (
+            f"{self.path} holds a run interrupted at world size {old} ({files}); resume it "
+            f"with {old} ranks (--nproc {old}), not {new}, or pass --overwrite to start again"
+        )
+
+    def refuse_other_world_size(self, world_size: int) -> None:
+        """Before any rank starts: refuse an unfinished run of this kind recorded at another
+        world size (the message the ranks' own check would give; a damaged record is left to
+        them).
+
+        Raises:
+            ConfigError: the run was interrupted at another world size.
+        """
+        record, _ = self._read_record()
+        if record is None or record["kind"] != self.kind or record.get("status") == "complete":
+            return
+        old = record["identity"].get("world_size")
+        if old != world_size:
+            files = ", ".join(n for n in self.existing_outputs() if n != MANIFEST)
+            raise ConfigError(self._world_size_message(old, world_size, files or "no outputs yet"))
 
     def _outputs_of(self, record: dict[str, Any]) -> list[str]:
         """The files a recorded run owns: those its record lists (complete), or the outputs its

@@ -39,7 +39,7 @@ from prunekit.app.model import (
     Source,
     build_optimizer,
     build_recipe_model,
-    load_state,
+    build_source_model,
     resolve_source,
 )
 from prunekit.app.outputs import finish
@@ -229,10 +229,7 @@ def build_trainable(
 ) -> Trainable:
     """The model (with its starting weights), its optimizer, and the pruner or structured groups
     the recipe asks for, on ``device``."""
-    model = build_recipe_model(source.name, source.kwargs, data)
-    if source.state is not None:
-        load_state(model, source.state, source.where, source.name)
-    model.to(device)
+    model = build_source_model(source, data, device)
     example = data.x_train[:2].to(device)
     if recipe.structured is not None:
         groups = find_groups(model, example)
