@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -9,6 +10,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import prunekit
+
+
+class MLP(nn.Module):
+    """Three Linear layers with ReLUs (``fc1``, ``fc2``, ``fc3``), widths ``d``."""
+
+    def __init__(self, d: tuple[int, ...] = (12, 16, 8, 4)) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = (nn.Linear(a, b) for a, b in itertools.pairwise(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
 def mlp(seed: int = 0) -> nn.Module:

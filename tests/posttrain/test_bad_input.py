@@ -2,7 +2,6 @@
 calibration item, the layer, the parameter, the module) and says what to do, and the model is
 left bitwise as it was."""
 
-import itertools
 import warnings
 
 import pytest
@@ -13,15 +12,7 @@ import prunekit
 from prunekit.config import ConfigError
 from prunekit.posttrain import HessianError, available_compressors
 from prunekit.posttrain.methods import get_compressor
-
-
-class MLP(nn.Module):
-    def __init__(self, d=(12, 16, 8, 4)):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = (nn.Linear(a, b) for a, b in itertools.pairwise(d))
-
-    def forward(self, x):
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+from tests.helpers import MLP
 
 
 class Overflow(nn.Module):

@@ -2,7 +2,6 @@
 feeding, N:M on convolutions, damping escalation, errors that leave the model as it was."""
 
 import copy
-import itertools
 
 import pytest
 import torch
@@ -22,15 +21,7 @@ from prunekit.posttrain import (
 from prunekit.posttrain.calibration import as_call
 from prunekit.posttrain.methods import get_compressor
 from prunekit.posttrain.sequential import execution_order, plan_units
-
-
-class MLP(nn.Module):
-    def __init__(self, d=(12, 16, 8, 4)):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = (nn.Linear(a, b) for a, b in itertools.pairwise(d))
-
-    def forward(self, x):
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+from tests.helpers import MLP
 
 
 class Block(nn.Module):

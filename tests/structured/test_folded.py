@@ -142,13 +142,9 @@ class _ConcatBranch(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(z, 1).flatten(1))
 
 
-def test_broadcast_constant_where_it_broadcasts_full_size_where_the_code_needs_it():
-    model, x = _settled_resnet20()
-    small = slim(model, x, _empty_branches(model, x, [3]))
-    folded = small.layers[3].conv2
-    assert isinstance(folded, FoldedConv) and folded.broadcast  # added to the shortcut
-    assert folded(torch.zeros(2, 0, 14, 14)).shape == (2, 32, 1, 1)
-
+def emptied_concat_branch() -> tuple[nn.Module, Tensor, list]:
+    """A :class:`_ConcatBranch` (seed 0, eval) whose branch's inner channels are all zeroed, its
+    input and its groups: slimming folds ``conv2`` into a constant."""
     torch.manual_seed(0)
     model = _ConcatBranch().eval()
     x = torch.randn(2, 3, 6, 6)
@@ -156,6 +152,17 @@ def test_broadcast_constant_where_it_broadcasts_full_size_where_the_code_needs_i
     for g in groups:
         if g.prunable and ("conv1.weight", 0) in g.slices("out"):
             g.zero_()
+    return model, x, groups
+
+
+def test_broadcast_constant_where_it_broadcasts_full_size_where_the_code_needs_it():
+    model, x = _settled_resnet20()
+    small = slim(model, x, _empty_branches(model, x, [3]))
+    folded = small.layers[3].conv2
+    assert isinstance(folded, FoldedConv) and folded.broadcast  # added to the shortcut
+    assert folded(torch.zeros(2, 0, 14, 14)).shape == (2, 32, 1, 1)
+
+    model, x, groups = emptied_concat_branch()
     with torch.no_grad():
         ref = model(x)
     small, plan = slim_with_plan(model, x, groups)

@@ -19,7 +19,7 @@ import prunekit.atomic
 from prunekit.structured import FoldedConv, find_groups, slim_with_plan
 from prunekit.structured import io as slim_io
 from prunekit.structured.io import SlimSpecError, load_slim, save_slim
-from tests.structured.test_folded import _ConcatBranch
+from tests.structured.test_folded import _ConcatBranch, emptied_concat_branch
 from tests.structured.zoo import ZOO
 
 slim_mod = importlib.import_module("prunekit.structured.slim")  # the package exports slim() too
@@ -98,13 +98,7 @@ def test_a_version_1_export_still_loads(tmp_path):
 
 
 def test_the_fold_layout_is_saved(tmp_path):
-    torch.manual_seed(0)
-    model = _ConcatBranch().eval()
-    x = torch.randn(2, 3, 6, 6)
-    groups = find_groups(model, x)
-    for g in groups:
-        if g.prunable and ("conv1.weight", 0) in g.slices("out"):
-            g.zero_()
+    model, x, groups = emptied_concat_branch()
     small, plan = slim_with_plan(model, x, groups)
     assert not plan.broadcast_folds  # the concatenation needs the constant at full size
     save_slim(small, plan.spec(), tmp_path)
@@ -205,13 +199,7 @@ def _export_kind(kind: str, directory: Path) -> tuple[nn.Module, Tensor, Callabl
     if kind == "attention":
         small, x = _export("head_attribute_attention", 2, directory)
         return small, x, lambda: ZOO["head_attribute_attention"]()[0]
-    torch.manual_seed(0)
-    model = _ConcatBranch().eval()
-    x = torch.randn(2, 3, 6, 6)
-    groups = find_groups(model, x)
-    for g in groups:
-        if g.prunable and ("conv1.weight", 0) in g.slices("out"):
-            g.zero_()
+    model, x, groups = emptied_concat_branch()
     small, plan = slim_with_plan(model, x, groups)
     assert isinstance(small.conv2, FoldedConv)
     save_slim(small, plan.spec(), directory)
