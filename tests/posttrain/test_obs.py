@@ -1,3 +1,7 @@
+"""The OBS family of :mod:`prunekit.posttrain.obs`: layer Hessians and damping, magnitude, Wanda,
+SparseGPT (alone and with joint quantization), against least squares and sequential references
+built from explicit inverses. GPTQ is in ``test_quant.py``, OBC/OBQ in ``test_obc.py``."""
+
 import logging
 
 import pytest
@@ -13,30 +17,12 @@ from prunekit.posttrain import (
     sparsegpt_prune,
     wanda_prune,
 )
-from prunekit.posttrain.quant import gptq_quantize, minmax_grid, quantize_rtn, quantize_to_ints
-
-
-def _correlated(n, d, seed=0, dtype=torch.float64):
-    """Inputs X = Z Aᵀ with a random mixing A: strongly correlated features."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, d, generator=g, dtype=dtype)
-    a = torch.randn(d, d, generator=g, dtype=dtype) + 2.0 * torch.eye(d, dtype=dtype)
-    return z @ a.T
-
-
-def _low_rank(n, d, rank, seed):
-    """Inputs on a rank-``rank`` subspace plus 10% noise: a few latent factors drive all inputs."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, rank, generator=g) @ torch.randn(rank, d, generator=g)
-    return z + 0.1 * torch.randn(n, d, generator=g)
-
-
-def _rel_err(W, W_hat, X):
-    return float((X @ (W - W_hat).T).square().sum() / (X @ W.T).square().sum())
+from prunekit.posttrain.quant import quantize_rtn, quantize_to_ints
+from tests.posttrain.layer_data import correlated, low_rank, reference_grid, rel_err
 
 
 def test_hessian_convention_and_accumulator():
-    X = _correlated(50, 6)
+    X = correlated(50, 6)
     H = layer_hessian(X)
     expected = 2.0 * sum(torch.outer(x, x) for x in X) / X.shape[0]
     torch.testing.assert_close(H, expected)
@@ -50,7 +36,7 @@ def test_hessian_convention_and_accumulator():
 @pytest.mark.parametrize("p", [0, 2, 4])
 def test_obs_remove_one_is_the_least_squares_optimum(p):
     n, d = 40, 5
-    X = _correlated(n, d, seed=1)
+    X = correlated(n, d, seed=1)
     w = torch.randn(d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     H = layer_hessian(X)
     w_hat, loss = obs_remove_one(w, torch.linalg.inv(H), p)
@@ -71,13 +57,13 @@ def test_obs_remove_one_is_the_least_squares_optimum(p):
 @pytest.mark.parametrize("sparsity", [0.5, 0.7])
 def test_sparsegpt_beats_magnitude_on_correlated_inputs(sparsity, block_size):
     d_out, d_in, n = 16, 64, 512
-    X = _low_rank(n, d_in, rank=16, seed=3)
+    X = low_rank(n, d_in, rank=16, seed=3)
     W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(4))
     H = layer_hessian(X)
     W_sg = sparsegpt_prune(W, H, sparsity, block_size=block_size)
     W_mag = magnitude_prune(W, sparsity)
     W_wanda = wanda_prune(W, X.norm(dim=0), sparsity)
-    err_sg, err_mag, err_wanda = (_rel_err(W, w, X) for w in (W_sg, W_mag, W_wanda))
+    err_sg, err_mag, err_wanda = (rel_err(W, w, X) for w in (W_sg, W_mag, W_wanda))
     # Same number of zeros per row for all three, so the comparison is fair.
     k = round(sparsity * d_in)
     for Wp in (W_sg, W_mag, W_wanda):
@@ -91,7 +77,7 @@ def test_sparsegpt_beats_magnitude_on_correlated_inputs(sparsity, block_size):
 
 def test_nm_pattern_exact_and_unstructured_rows_exact():
     d_out, d_in = 8, 48
-    X = _correlated(200, d_in, seed=5, dtype=torch.float32)
+    X = correlated(200, d_in, seed=5, dtype=torch.float32)
     W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(6))
     H = layer_hessian(X)
     for Wp in (
@@ -108,16 +94,16 @@ def test_nm_pattern_exact_and_unstructured_rows_exact():
 
 
 def test_sparsegpt_nm_beats_magnitude_nm():
-    X = _low_rank(400, 32, rank=8, seed=7)
+    X = low_rank(400, 32, rank=8, seed=7)
     W = torch.randn(8, 32, generator=torch.Generator().manual_seed(8))
     H = layer_hessian(X)
-    err_sg = _rel_err(W, sparsegpt_prune(W, H, 0.0, block_size=8, nm=(2, 4)), X)
-    err_mag = _rel_err(W, magnitude_prune(W, 0.0, nm=(2, 4)), X)
+    err_sg = rel_err(W, sparsegpt_prune(W, H, 0.0, block_size=8, nm=(2, 4)), X)
+    err_mag = rel_err(W, magnitude_prune(W, 0.0, nm=(2, 4)), X)
     assert err_sg < err_mag
 
 
 def test_damping_escalates_on_rank_deficient_hessian(caplog):
-    X = _correlated(3, 8, seed=9)  # 3 samples, 8 inputs: rank 3
+    X = correlated(3, 8, seed=9)  # 3 samples, 8 inputs: rank 3
     H = layer_hessian(X)
     with caplog.at_level(logging.WARNING, logger="prunekit.posttrain.obs"):
         H_d, info = prepare_hessian(H, damp=0.0)
@@ -127,12 +113,12 @@ def test_damping_escalates_on_rank_deficient_hessian(caplog):
     assert "retrying" in caplog.text
     torch.linalg.cholesky(H_d)  # accepted factor exists
     # Duplicated column: also rank deficient.
-    Xd = _correlated(40, 6, seed=10)
+    Xd = correlated(40, 6, seed=10)
     Xd[:, 3] = Xd[:, 1]
     _, info2 = prepare_hessian(layer_hessian(Xd), damp=0.0)
     assert info2.tries >= 2 and info2.damp > 0.0
     # Default damping needs no escalation on a full-rank Hessian.
-    _, info3 = prepare_hessian(layer_hessian(_correlated(40, 6)), damp=0.01)
+    _, info3 = prepare_hessian(layer_hessian(correlated(40, 6)), damp=0.01)
     assert info3.tries == 1 and info3.damp == 0.01
 
 
@@ -146,7 +132,7 @@ def test_non_psd_hessian_raises_after_the_cap():
 
 def test_dead_inputs_reported_zeroed_and_counted_as_sparsity():
     d_out, d_in = 6, 20
-    X = _correlated(100, d_in, seed=11)
+    X = correlated(100, d_in, seed=11)
     dead_cols = [3, 11]
     X[:, dead_cols] = 0.0
     H = layer_hessian(X)
@@ -191,7 +177,7 @@ def _sequential_obs_nm(W, H_d, n, m):
 def test_sparsegpt_equals_sequential_obs_with_explicit_inverses(block_size):
     d_out, d_in = 3, 12
     # Input scales spread over two decades, so the OBS score differs from plain magnitude.
-    X = _correlated(60, d_in, seed=13) * torch.logspace(-1, 1, d_in, dtype=torch.float64)
+    X = correlated(60, d_in, seed=13) * torch.logspace(-1, 1, d_in, dtype=torch.float64)
     W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
     H = layer_hessian(X)
     H_d = H + 0.01 * H.diagonal().mean() * torch.eye(d_in, dtype=torch.float64)
@@ -204,7 +190,7 @@ def test_sparsegpt_equals_sequential_obs_with_explicit_inverses(block_size):
 
 def test_block_mask_scope_keeps_the_layer_total_but_not_per_row():
     d_out, d_in = 8, 48
-    X = _low_rank(300, d_in, rank=12, seed=15) * torch.logspace(-1, 1, d_in)
+    X = low_rank(300, d_in, rank=12, seed=15) * torch.logspace(-1, 1, d_in)
     W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(16))
     W[:4] *= 3.0  # rows of different scale: a shared threshold prunes them unevenly
     H = layer_hessian(X)
@@ -217,52 +203,9 @@ def test_block_mask_scope_keeps_the_layer_total_but_not_per_row():
     assert ((Wp == 0).reshape(d_out, 3, 16).sum(dim=(0, 2)) == d_out * 8).all()
 
 
-def _grid(W, bits):
-    """Independent per-row min-max grid (range widened to contain 0)."""
-    lo = W.min(dim=1, keepdim=True).values.clamp(max=0)
-    hi = W.max(dim=1, keepdim=True).values.clamp(min=0)
-    scale = (hi - lo) / (2**bits - 1)
-    return scale, torch.round(-lo / scale)
-
-
-def test_gptq_equals_sequential_obs_and_stays_on_the_grid():
-    d_out, d_in, bits = 3, 12, 3
-    X = _correlated(60, d_in, seed=17) * torch.logspace(-1, 1, d_in, dtype=torch.float64)
-    W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
-    H = layer_hessian(X)
-    H_d = H + 0.01 * H.diagonal().mean() * torch.eye(d_in, dtype=torch.float64)
-    scale, zero = _grid(W, bits)
-    expected = W.clone()
-    for j in range(d_in):
-        hinv = torch.linalg.inv(H_d[j:, j:])
-        q = scale[:, 0] * (
-            torch.clamp(torch.round(expected[:, j] / scale[:, 0]) + zero[:, 0], 0, 7) - zero[:, 0]
-        )
-        expected[:, j:] -= ((expected[:, j] - q) / hinv[0, 0]).unsqueeze(1) * hinv[:, 0].unsqueeze(
-            0
-        )
-        expected[:, j] = q
-    for block_size in (4, 12):
-        got = gptq_quantize(W, H, bits, block_size=block_size)
-        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
-    levels = got / scale + zero
-    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-9)
-    assert (levels.round() >= 0).all() and (levels.round() <= 7).all()
-
-
-def test_gptq_beats_round_to_nearest():
-    X = _low_rank(512, 64, rank=16, seed=19)
-    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(20))
-    H = layer_hessian(X)
-    err_gptq = _rel_err(W, gptq_quantize(W, H, 3, block_size=16), X)
-    err_rtn = _rel_err(W, quantize_rtn(W, 3), X)
-    # Measured: GPTQ 0.0053, round-to-nearest 0.038 (3 bits, rank-16 inputs).
-    assert err_gptq < 0.5 * err_rtn, (err_gptq, err_rtn)
-
-
 def test_wanda_score_is_weight_times_input_norm():
     d_out, d_in, s = 6, 16, 0.5
-    X = _correlated(80, d_in, seed=25) * torch.logspace(-1, 1, d_in, dtype=torch.float64)
+    X = correlated(80, d_in, seed=25) * torch.logspace(-1, 1, d_in, dtype=torch.float64)
     W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(26), dtype=torch.float64)
     norms = X.norm(dim=0)
     got = wanda_prune(W, norms, s)
@@ -278,59 +221,12 @@ def test_wanda_score_is_weight_times_input_norm():
     assert not torch.equal(got == 0, magnitude_prune(W, s) == 0)  # the norms matter here
 
 
-def test_minmax_grid_contains_zero_for_an_all_positive_row():
-    W = torch.tensor([[0.0, 1.0, 1.5, 2.1], [1.0, 1.2, 1.4, 1.7]])  # nonnegative rows
-    scale, zero = minmax_grid(W, 3)
-    torch.testing.assert_close(scale[:, 0], torch.tensor([2.1, 1.7]) / 7)
-    assert zero.flatten().tolist() == [0.0, 0.0]
-    Wq = quantize_rtn(W, 3)
-    assert Wq[0, 0] == 0.0  # 0 is exactly on the grid
-    lone = torch.tensor([[5.0, 5.0, 5.0, 0.0]])
-    assert quantize_rtn(lone, 2)[0, 3] == 0.0
-    # Per group of 2 columns: each group widened on its own.
-    scale_g, _ = minmax_grid(W, 3, group_size=2)
-    torch.testing.assert_close(scale_g, torch.tensor([[1.0, 2.1], [1.2, 1.7]]) / 7)
-
-
-def _sequential_gptq_groups(W, H_d, bits, group_size):
-    """GPTQ from explicit inverses, one column at a time; the grid of a group is the min-max of
-    the group's current (OBS-updated) weights when its first column is reached."""
-    W = W.clone()
-    maxq = 2**bits - 1
-    for j in range(W.shape[1]):
-        if j % group_size == 0:
-            scale, zero = _grid(W[:, j : j + group_size], bits)
-        hinv = torch.linalg.inv(H_d[j:, j:])
-        q = scale[:, 0] * (
-            torch.clamp(torch.round(W[:, j] / scale[:, 0]) + zero[:, 0], 0, maxq) - zero[:, 0]
-        )
-        W[:, j:] -= ((W[:, j] - q) / hinv[0, 0]).unsqueeze(1) * hinv[:, 0].unsqueeze(0)
-        W[:, j] = q
-    return W
-
-
-@pytest.mark.parametrize(("group_size", "block_size"), [(4, 4), (4, 12), (6, 8)])
-def test_gptq_groups_use_the_updated_weights_of_the_group(group_size, block_size):
-    d_out, d_in, bits = 3, 12, 3
-    X = _correlated(60, d_in, seed=27) * torch.logspace(-1, 1, d_in, dtype=torch.float64)
-    W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(28), dtype=torch.float64)
-    H = layer_hessian(X)
-    H_d = H + 0.01 * H.diagonal().mean() * torch.eye(d_in, dtype=torch.float64)
-    expected = _sequential_gptq_groups(W, H_d, bits, group_size)
-    got, scale, _ = gptq_quantize(
-        W, H, bits, block_size=block_size, group_size=group_size, return_grid=True
-    )
-    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
-    # The grids of later groups differ from those of the original weights.
-    assert not torch.allclose(scale, minmax_grid(W, bits, group_size)[0])
-
-
 def _sequential_joint(W, H_d, sparsity, bits):
     """SparseGPT + per-row grid from explicit inverses: one block, mask from the first scores."""
     W = W.clone()
     d = W.shape[1]
     maxq = 2**bits - 1
-    scale, zero = _grid(W, bits)
+    scale, zero = reference_grid(W, bits)
     inv0 = torch.linalg.inv(H_d)
     u_diag_sq = torch.tensor([1.0 / float(torch.linalg.inv(H_d[j:, j:])[0, 0]) for j in range(d)])
     # Scores w² / U_jj² with U_jj² = 1 / [H_F⁻¹]_00⁻¹ ... computed from the explicit inverses:
@@ -352,7 +248,7 @@ def _sequential_joint(W, H_d, sparsity, bits):
 
 def test_joint_sparsegpt_quantization_equals_sequential_reference():
     d_out, d_in, bits, s = 3, 12, 3, 0.5
-    X = _correlated(60, d_in, seed=29) * torch.logspace(-1, 1, d_in, dtype=torch.float64)
+    X = correlated(60, d_in, seed=29) * torch.logspace(-1, 1, d_in, dtype=torch.float64)
     W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(30), dtype=torch.float64)
     H = layer_hessian(X)
     H_d = H + 0.01 * H.diagonal().mean() * torch.eye(d_in, dtype=torch.float64)
@@ -366,7 +262,7 @@ def test_joint_sparsegpt_quantization_equals_sequential_reference():
 def test_joint_pruning_and_quantization(group_size):
     bits = 3
     d_out, d_in, s = 16, 64, 0.5
-    X = _low_rank(512, d_in, rank=16, seed=31)
+    X = low_rank(512, d_in, rank=16, seed=31)
     W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(32))
     H = layer_hessian(X)
     Wj, scale, zero = sparsegpt_prune(
@@ -382,8 +278,8 @@ def test_joint_pruning_and_quantization(group_size):
             assert len(torch.unique(groups[r, g])) <= 2**bits
     quantize_to_ints(Wj, scale, zero, bits, group_size)  # on the returned grid
     W_sg = sparsegpt_prune(W, H, s, block_size=32)
-    err_joint = _rel_err(W, Wj, X)
-    err_two_step = _rel_err(W, quantize_rtn(W_sg, bits, group_size=group_size), X)
+    err_joint = rel_err(W, Wj, X)
+    err_two_step = rel_err(W, quantize_rtn(W_sg, bits, group_size=group_size), X)
     # Measured (3 bits, row / group 16): joint 0.052 / 0.049, prune-then-RTN 0.066 / 0.054.
     # At 4 bits joint is not reliably better here: the grid fixed before the sweep clips the
     # compensated weights, which outgrow the original range.
