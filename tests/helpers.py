@@ -30,6 +30,14 @@ def mlp(seed: int = 0) -> nn.Module:
     )
 
 
+def calibration_batches(
+    n: int = 4, shape: tuple[int, ...] = (16, 12), seed: int = 0
+) -> list[Tensor]:
+    """``n`` random input batches of ``shape``: calibration data for ``prunekit.compress``."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
 def small_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(

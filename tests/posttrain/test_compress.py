@@ -13,15 +13,13 @@ from prunekit.config import ConfigError
 from prunekit.core import select_targets
 from prunekit.posttrain import (
     HessianError,
-    available_compressors,
     layer_hessian,
     sparsegpt_prune,
     wanda_prune,
 )
 from prunekit.posttrain.calibration import as_call
-from prunekit.posttrain.methods import get_compressor
 from prunekit.posttrain.sequential import execution_order, plan_units
-from tests.helpers import MLP
+from tests.helpers import MLP, calibration_batches
 
 
 class Block(nn.Module):
@@ -72,11 +70,6 @@ class Stack(nn.Module):
         return self.head(h)
 
 
-def _batches(n=4, shape=(16, 12), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=g) for _ in range(n)]
-
-
 def _stack_batches(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [
@@ -112,7 +105,7 @@ def _sparsegpt_by_hand(W, X, sparsity):
 @pytest.mark.parametrize("sequential", [True, False])
 def test_each_layer_sees_the_compressed_predecessors_outputs(sequential):
     torch.manual_seed(0)
-    model, batches = MLP(), _batches()
+    model, batches = MLP(), calibration_batches()
     ref = copy.deepcopy(model)
     # the expected result, built layer by layer in the test: Wanda on the inputs each layer sees
     for name in ("fc1", "fc2", "fc3"):
@@ -129,7 +122,7 @@ def test_each_layer_sees_the_compressed_predecessors_outputs(sequential):
 def test_sequential_and_one_pass_differ():
     """The test above would pass for both settings if the setting did nothing."""
     torch.manual_seed(0)
-    a, batches = MLP(), _batches()
+    a, batches = MLP(), calibration_batches()
     b = copy.deepcopy(a)
     prunekit.compress(a, batches, "wanda", sparsity=0.5, sequential=True)
     prunekit.compress(b, batches, "wanda", sparsity=0.5, sequential=False)
@@ -185,7 +178,7 @@ def test_cached_chain_runs_each_block_once_per_item():
 
 def test_tensor_tuple_and_dict_items_are_the_same_calibration():
     torch.manual_seed(0)
-    model, batches = MLP(), _batches()
+    model, batches = MLP(), calibration_batches()
     outs = []
     for items in (batches, [(b,) for b in batches], [{"x": b} for b in batches]):
         m = copy.deepcopy(model)
@@ -201,7 +194,7 @@ def test_tensor_tuple_and_dict_items_are_the_same_calibration():
 
 def test_targets_ignore_and_overrides_are_honoured():
     torch.manual_seed(0)
-    model, batches = MLP(), _batches()
+    model, batches = MLP(), calibration_batches()
     before = copy.deepcopy(model)
     report = prunekit.compress(
         model, batches, "sparsegpt", sparsity=0.5, ignore=["fc3"], overrides={"fc2": 0.75}
@@ -262,7 +255,7 @@ def test_rank_deficient_hessian_escalates_damping_and_reports_it(caplog):
 def test_dead_inputs_are_reported_zeroed_and_counted_as_sparsity():
     torch.manual_seed(0)
     model = MLP()
-    batches = _batches()
+    batches = calibration_batches()
     for b in batches:
         b[:, [2, 7]] = 0.0  # two inputs always zero
     report = prunekit.compress(model, batches, "sparsegpt", sparsity=0.5, targets=["fc1"])
@@ -274,7 +267,7 @@ def test_dead_inputs_are_reported_zeroed_and_counted_as_sparsity():
 
 def test_non_finite_calibration_raises_naming_the_layer_and_restores_the_model():
     torch.manual_seed(0)
-    model, batches = MLP(), _batches()
+    model, batches = MLP(), calibration_batches()
     before = copy.deepcopy(model.state_dict())
     batches[1][0, 0] = float("inf")
     with pytest.raises(HessianError, match=r"fc1\.weight"):
@@ -297,7 +290,7 @@ def test_a_failure_after_some_layers_were_compressed_restores_them():
     model = nn.Sequential(nn.Linear(12, 16), Poison(), nn.Linear(16, 4))
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(HessianError, match=r"2\.weight"):
-        prunekit.compress(model, _batches(), "sparsegpt", sparsity=0.5)
+        prunekit.compress(model, calibration_batches(), "sparsegpt", sparsity=0.5)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -328,140 +321,7 @@ def test_hooks_are_removed_and_weights_restored_after_an_exception():
     assert not torch.equal(model.embed.weight, before["embed.weight"])
 
 
-# --- config, registry ---------------------------------------------------------------------------
-
-
-def test_config_errors_name_the_problem():
-    model, batches = MLP(), _batches()
-    with pytest.raises(ConfigError, match="valid keys"):
-        prunekit.compress(model, batches, "sparsegpt", sparsity=0.5, spasity=0.5)
-    with pytest.raises(ConfigError, match="sparsity"):
-        prunekit.compress(model, batches, "sparsegpt", sparsity=1.0)
-    with pytest.raises(ConfigError, match="bits"):
-        prunekit.compress(model, batches, "gptq", bits=9)
-    with pytest.raises(ConfigError, match="quantizes only"):
-        prunekit.compress(model, batches, "rtn", bits=4, sparsity=0.5)
-    with pytest.raises(ConfigError, match="does not quantize"):
-        prunekit.compress(model, batches, "obc", sparsity=0.5, bits=4)
-    with pytest.raises(ConfigError, match="nothing to do"):
-        prunekit.compress(model, batches, "sparsegpt")
-    with pytest.raises(ConfigError, match="fixes the sparsity"):
-        prunekit.compress(model, batches, "sparsegpt", sparsity=0.7, pattern="2:4")
-    with pytest.raises(ValueError, match="available: "):
-        prunekit.compress(model, batches, "magic", sparsity=0.5)
-
-
-PRUNERS = [m for m in available_compressors() if get_compressor(m).config_class.prunes]
-QUANTIZERS = [m for m in available_compressors() if get_compressor(m).config_class.quantizes]
-
-
-def test_the_registry_holds_the_issue_methods():
-    assert {"magnitude", "wanda", "sparsegpt", "obc", "rtn", "gptq", "obq"} <= set(
-        available_compressors()
-    )
-
-
-@pytest.mark.parametrize("method", PRUNERS)
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_every_pruner_reaches_its_sparsity_and_beats_nothing(method, pattern):
-    """Layer-wise methods: every layer exactly at the sparsity (N:M: every group); a global
-    method (M-FAC) spreads the same total over the layers."""
-    torch.manual_seed(0)
-    model, batches = MLP((16, 16, 8, 4)), _batches(shape=(32, 16))
-    kw = {"sparsity": 0.5} if pattern == "unstructured" else {"pattern": pattern}
-    layers = (model.fc1, model.fc2, model.fc3)
-    if get_compressor(method).global_method:
-        if pattern != "unstructured":
-            with pytest.raises(ConfigError, match="not supported"):
-                prunekit.compress(model, batches, method, **kw)
-            return
-        report = prunekit.compress(model, batches, method, ngrads=8, **kw)
-        nnz = sum(int((lin.weight != 0).sum()) for lin in layers)
-        assert nnz == sum(lin.weight.numel() for lin in layers) // 2
-    else:
-        report = prunekit.compress(model, batches, method, **kw)
-        for lin in layers:
-            nnz = (lin.weight.reshape(-1, 4) != 0).sum(1)
-            assert nnz.sum() == lin.weight.numel() // 2
-            if pattern == "2:4":
-                assert nnz.max() <= 2
-    assert all(0 < r.rel_error < 1 for r in report.layers)
-
-
-@pytest.mark.parametrize("method", QUANTIZERS)
-def test_every_quantizer_puts_each_row_on_at_most_2_to_the_bits_values(method):
-    torch.manual_seed(0)
-    model, batches = MLP((16, 16, 8, 4)), _batches(shape=(32, 16))
-    report = prunekit.compress(model, batches, method, bits=2)
-    for lin in (model.fc1, model.fc2, model.fc3):
-        assert max(len(torch.unique(row)) for row in lin.weight) <= 4
-    assert all(r.bits == 2 and r.rel_error < 1 for r in report.layers)
-
-
-def test_second_order_methods_beat_magnitude_on_a_trained_like_layer():
-    """On correlated inputs, the compensating methods reconstruct better, at the model level."""
-    torch.manual_seed(0)
-    mix = torch.randn(4, 16)  # four latent factors drive the 16 inputs
-    batches = [torch.randn(64, 4) @ mix + 0.1 * torch.randn(64, 16) for _ in range(4)]
-    errors = {}
-    for method in ("magnitude", "wanda", "sparsegpt", "obc"):
-        torch.manual_seed(1)
-        m = MLP((16, 12, 8, 4))
-        errors[method] = prunekit.compress(m, batches, method, sparsity=0.7).layer("fc1").rel_error
-    assert errors["obc"] <= errors["sparsegpt"] < 0.8 * errors["magnitude"]
-
-
-def test_obc_database_holds_every_requested_level():
-    torch.manual_seed(0)
-    model, batches = MLP(), _batches()
-    report = prunekit.compress(
-        model, batches, "obc", sparsity=0.5, targets=["fc1"], database_levels=[0.25, 0.75]
-    )
-    (db,) = report.extras["obc_database"]["fc1.weight"]
-    assert sorted(db.levels) == [0.25, 0.5, 0.75]
-    torch.testing.assert_close(db.weights_at(0.5), model.fc1.weight.detach())
-    assert (db.weights_at(0.75) == 0).sum(1).tolist() == [9] * 16
-
-
-def test_report_round_trips_through_json():
-    import json
-
-    model, batches = MLP(), _batches()
-    report = prunekit.compress(model, batches, "gptq", bits=4)
-    data = json.loads(json.dumps(report.to_dict()))
-    assert data["method"] == "gptq" and len(data["layers"]) == 3
-    assert data["config"]["bits"] == 4
-
-
-@pytest.mark.parametrize(
-    ("method", "kw"),
-    [
-        ("gptq", {"bits": 4, "group_size": 8}),
-        ("obq", {"bits": 3}),
-        ("sparsegpt", {"sparsity": 0.5, "bits": 4}),
-        ("rtn", {"bits": 2, "group_size": 16}),
-    ],
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_integer_export_reproduces_the_compressed_model_exactly(method, kw, dtype, tmp_path):
-    from prunekit.posttrain.export import load_quantized, save_quantized
-
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)
-    ).to(dtype)
-    report = prunekit.compress(model, [torch.randn(8, 4, 8, 8, dtype=dtype)], method, **kw)
-    size = save_quantized(model, report, tmp_path / "q.pt")
-    state = load_quantized(tmp_path / "q.pt")
-    for k, v in model.state_dict().items():
-        assert torch.equal(state[k], v), k
-    if dtype == torch.float32:
-        torch.save(model.state_dict(), tmp_path / "float.pt")
-        assert size < (tmp_path / "float.pt").stat().st_size  # a byte per code instead of four
-    with torch.no_grad():
-        model[3].weight.mul_(1.1)  # no longer on the grid: refused, not silently rounded
-    with pytest.raises(ValueError, match="grid"):
-        save_quantized(model, report, tmp_path / "q2.pt")
+# --- skipped layers, batch norm, conditional branches ---------------------------------------------
 
 
 class TiedLM(nn.Module):
@@ -489,7 +349,9 @@ def test_tied_embeddings_and_unsupported_layers_are_skipped_with_a_reason():
     report = prunekit.compress(conv3d, [torch.randn(4, 2, 5, 5, 5)], "magnitude", sparsity=0.5)
     assert "Conv3d" in report.skipped["0.weight"]
     with pytest.raises(ValueError, match="overrides keys matched no target"):
-        prunekit.compress(MLP(), _batches(), "sparsegpt", sparsity=0.5, overrides={"fc9": 0.9})
+        prunekit.compress(
+            MLP(), calibration_batches(), "sparsegpt", sparsity=0.5, overrides={"fc9": 0.9}
+        )
 
 
 def test_batchnorm_statistics_are_re_estimated_on_the_compressed_model():
@@ -521,7 +383,7 @@ def test_with_batchnorm_each_unit_sees_statistics_re_estimated_after_the_previou
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
-    batches = _batches()
+    batches = calibration_batches()
     model.train()
     for b in batches:
         model(b * 3)  # dense statistics that do not match the calibration data
