@@ -3,7 +3,7 @@ activations each target layer receives during the walk.
 
 Each failure is one line naming what is wrong (a parameter, a module, a layer) and what to do:
 a :class:`~prunekit.config.ConfigError` for a model that cannot be compressed as given, a
-:class:`NonFiniteInput` (a :class:`~prunekit.posttrain.obs.HessianError`) for a layer whose
+:class:`NonFiniteInput` (a :class:`~prunekit.posttrain.hessian.HessianError`) for a layer whose
 calibration inputs hold NaN or inf.
 """
 
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from prunekit.config import ConfigError
 from prunekit.core.targets import Target
-from prunekit.posttrain.obs import HessianError
+from prunekit.posttrain.hessian import HessianError
 
 __all__ = ["NonFiniteInput", "check_finite_input", "check_model", "check_target_weights"]
 

@@ -4,9 +4,9 @@ A weight ``w`` with ``scale`` and integer ``zero`` is stored as the code
 ``c = clamp(round(w / scale) + zero, 0, 2^bits - 1)`` and read back as ``q(w) = scale · (c - zero)``
 (:func:`fake_quantize`). A grid is per output row or per group of consecutive input columns
 (:func:`minmax_grid`, :func:`expand_grid`); its range always contains 0, so a pruned weight stays
-exactly 0. This module imports nothing else from the package: the OBS sweeps
-(:mod:`~prunekit.posttrain.obs`) and the quantizers (:mod:`~prunekit.posttrain.quant`) both build on
-it.
+exactly 0. This module imports nothing else from the package: the layer Hessian
+(:mod:`~prunekit.posttrain.hessian`), the OBS sweeps (:mod:`~prunekit.posttrain.obs`) and the
+quantizers (:mod:`~prunekit.posttrain.quant`) build on it.
 """
 
 from __future__ import annotations

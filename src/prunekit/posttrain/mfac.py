@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from prunekit.posttrain.grid import compute_dtype
-from prunekit.posttrain.obs import HessianError
+from prunekit.posttrain.hessian import HessianError
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """OBC and OBQ: exact greedy OBS per row (Frantar & Alistarh, NeurIPS 2022).
 
-Pure tensor maths, same conventions as :mod:`prunekit.posttrain.obs`: a layer ``W`` of shape
+Pure tensor maths, same conventions as :mod:`prunekit.posttrain.hessian`: a layer ``W`` of shape
 ``(d_out, d_in)``, ``H = 2 XᵀX / n`` (losses are mean squared errors per calibration sample).
 
 Every row is compressed on its own, greedily and exactly. With ``H⁻¹`` the inverse of the
@@ -47,12 +47,8 @@ from prunekit.posttrain.grid import (
     fake_quantize,
     minmax_grid,
 )
-from prunekit.posttrain.obs import (
-    HessianError,
-    _check_sparsity,
-    _n_pruned,
-    prepare_hessian,
-)
+from prunekit.posttrain.hessian import HessianError, prepare_hessian
+from prunekit.posttrain.obs import _check_sparsity, _n_pruned
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +296,7 @@ def obc_database(
         H: layer Hessian ``2 XᵀX / n``, shape ``(d_in, d_in)``.
         levels: sparsity levels in ``[0, 1]``: target fractions of zeros per row (per layer
             with ``mask_scope="layer"``), existing zeros included.
-        damp: relative damping, see :func:`~prunekit.posttrain.obs.prepare_hessian`.
+        damp: relative damping, see :func:`~prunekit.posttrain.hessian.prepare_hessian`.
         nm: ``(n, m)`` semi-structured pattern, e.g. ``(2, 4)``.
         row_batch: rows processed together (memory ``row_batch · d_in²`` floats); ``None``
             picks a batch of at most 256 MiB.
@@ -453,7 +449,7 @@ def obq_quantize(
         H: layer Hessian ``2 XᵀX / n``.
         bits: bits per weight (``1..16``).
         group_size: ``None`` (per-row grid) or the number of consecutive inputs sharing a grid.
-        damp: relative damping, see :func:`~prunekit.posttrain.obs.prepare_hessian`.
+        damp: relative damping, see :func:`~prunekit.posttrain.hessian.prepare_hessian`.
         row_batch: rows processed together; ``None`` picks a batch of at most 256 MiB.
 
     Returns:

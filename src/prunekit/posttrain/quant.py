@@ -1,6 +1,7 @@
 """Uniform min-max grids, round-to-nearest and GPTQ (Frantar et al., ICLR 2023).
 
-Same Hessian convention as :mod:`prunekit.posttrain.obs` (``H = 2 XᵀX / n``). Pure tensor maths.
+Same Hessian convention as :mod:`prunekit.posttrain.hessian` (``H = 2 XᵀX / n``). Pure tensor
+maths.
 
 Grids are asymmetric and uniform: a weight ``w`` with ``scale`` and integer ``zero`` is stored as
 the code ``c = clamp(round(w / scale) + zero, 0, 2^bits - 1)`` and read back as
@@ -34,7 +35,8 @@ from prunekit.posttrain.grid import (
     minmax_grid,
     minmax_range,
 )
-from prunekit.posttrain.obs import inverse_hessian_cholesky, obs_sweep_, prepare_hessian
+from prunekit.posttrain.hessian import inverse_hessian_cholesky, prepare_hessian
+from prunekit.posttrain.obs import obs_sweep_
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +173,7 @@ def gptq_quantize(
         H: layer Hessian ``2 XᵀX / n``, shape ``(d_in, d_in)``.
         bits: bits per weight (``1..16``).
         block_size: columns per lazy-update block.
-        damp: relative damping, see :func:`~prunekit.posttrain.obs.prepare_hessian`.
+        damp: relative damping, see :func:`~prunekit.posttrain.hessian.prepare_hessian`.
         group_size: ``None`` (per-row grid) or the number of consecutive inputs sharing a grid.
         return_grid: also return ``(scale, zero)`` of shape ``(d_out, n_groups)``, for
             :func:`quantize_to_ints`.

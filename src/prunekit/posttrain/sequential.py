@@ -36,7 +36,7 @@ from prunekit.config import ConfigError
 from prunekit.core.targets import Target
 from prunekit.posttrain.calibration import Call, describe, first_non_finite
 from prunekit.posttrain.checks import NonFiniteInput, check_finite_input
-from prunekit.posttrain.obs import HessianError
+from prunekit.posttrain.hessian import HessianError
 
 __all__ = ["HookSet", "StopForward", "Unit", "blame_item", "plan_units"]
 
@@ -105,8 +105,8 @@ def blame_item(index: int, call: Call | None = None) -> Iterator[None]:
     """Errors raised while calibration item ``index`` (``call``) runs, as one line naming it.
 
     :class:`StopForward`, :class:`~prunekit.config.ConfigError`, out-of-memory errors and
-    :class:`~prunekit.posttrain.obs.HessianError` pass through, a :class:`NonFiniteInput` with the
-    item named (and whether the item itself is to blame); any other exception (the model cannot
+    :class:`~prunekit.posttrain.hessian.HessianError` pass through, a :class:`NonFiniteInput` with
+    the item named (and whether the item itself is to blame); any other exception (the model cannot
     consume the item: a shape or dtype it does not take, an argument it does not know) becomes a
     :class:`~prunekit.config.ConfigError` naming the item, its input shapes and the first line of
     what was raised, which stays chained as the cause.

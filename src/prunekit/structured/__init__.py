@@ -23,6 +23,7 @@ from prunekit.structured.groups import (
     macs_rates,
 )
 from prunekit.structured.hesso import flops_target
+from prunekit.structured.module_rules import register_module_rule
 from prunekit.structured.optim import (
     DHSPG,
     HESSO,
@@ -37,7 +38,6 @@ from prunekit.structured.optim import (
     get_structured,
     register_structured,
 )
-from prunekit.structured.rules import register_module_rule
 from prunekit.structured.slim import (
     SlimError,
     SlimPlan,

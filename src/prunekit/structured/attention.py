@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from prunekit.structured.channels import Flow
-from prunekit.structured.rules import RuleContext, Value, pin_all, shape_of
+from prunekit.structured.rule_context import RuleContext, Value, pin_all, shape_of
 
 
 class SlimMultiheadAttention(nn.Module):

@@ -26,7 +26,7 @@ import torch
 import torch.fx
 from torch import Tensor, fx, nn
 
-from prunekit.structured.rules import RuleContext, Value, fresh_flow
+from prunekit.structured.rule_context import RuleContext, Value, fresh_flow
 
 
 def _conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

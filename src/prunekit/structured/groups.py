@@ -33,18 +33,17 @@ from prunekit.core.ddp import unwrap
 from prunekit.core.forward import eval_mode, example_args
 from prunekit.structured.channels import ROLES, ChannelGraph, Flow, Member, MemberTable
 from prunekit.structured.heads import head_rule, resolve_sites, split_rule
-from prunekit.structured.rules import (
+from prunekit.structured.module_rules import module_rule
+from prunekit.structured.rule_context import (
     Param,
     RuleContext,
-    RuleTracer,
     Value,
     fresh_flow,
-    function_rule,
-    module_rule,
     pin_all,
-    propagate_shapes,
     unknown,
 )
+from prunekit.structured.rules import function_rule
+from prunekit.structured.tracer import RuleTracer, propagate_shapes
 
 
 class CaptureError(RuntimeError):

@@ -35,15 +35,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from prunekit.structured.channels import Flow, Ids, as_ids
-from prunekit.structured.rules import (
+from prunekit.structured.rule_context import (
     RuleContext,
     Value,
     join_runs,
-    permute_rule,
     shape_of,
-    trace,
     unknown,
 )
+from prunekit.structured.rules import permute_rule
+from prunekit.structured.tracer import trace
 
 #: Element-wise ops that keep a head flow (or the structural flow of the scores) as it is.
 _KEEP_METHODS = {"contiguous", "clone", "detach", "float", "to", "type_as"}

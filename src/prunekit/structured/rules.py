@@ -1,513 +1,90 @@
-"""How each op moves channels: rules for modules (dispatch on type) and for functions/methods.
+"""How each op moves channels: the rules for function and method calls, and every rule's name.
 
-A rule receives the :class:`RuleContext`, the fx node and the flows of its tensor arguments, registers
-members and unions/pins ids, and returns the output flow. Anything without a rule pins the channels of
-its inputs and gives its output fresh pinned ids: an op that is not understood can make channels
-unprunable, never a wrong slim model. Users extend coverage with :func:`register_module_rule`.
+:func:`function_rule` dispatches a ``call_function`` or ``call_method`` node: element-wise ops,
+sums and products (with the gate of a product), concatenation, indexing, reshapes, reductions,
+permutes and splits. A rule receives the :class:`~prunekit.structured.rule_context.RuleContext`,
+the fx node and the values of its tensor arguments, registers members and unions/pins ids, and
+returns the value of its output. Anything without a rule pins the channels of its inputs and gives
+its output fresh pinned ids: an op that is not understood can make channels unprunable, never a
+wrong slim model.
+
+The rules' vocabulary (:mod:`~prunekit.structured.rule_context`), the rules for modules
+(:mod:`~prunekit.structured.module_rules`) and the tracer (:mod:`~prunekit.structured.tracer`)
+have their own modules; their names are re-exported here, so that ``prunekit.structured.rules``
+still names every rule, :func:`~prunekit.structured.module_rules.register_module_rule` and
+:func:`~prunekit.structured.tracer.trace`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import operator
 import sys
-from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import fx
 
-from prunekit.structured.channels import ChannelGraph, Flow, Ids
-
-
-@dataclass(frozen=True)
-class Param:
-    """A parameter or buffer read directly in ``forward`` (an fx ``get_attr`` node, such as a layer
-    scale ``γ`` in ``γ · x``), by canonical name."""
-
-    name: str
-    shape: tuple[int, ...]
-
-
-Value = Flow | Param | tuple[Any, ...] | None
-ModuleRule = Callable[["RuleContext", fx.Node, nn.Module, list[Value]], Value]
-
-CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-TRANSPOSED_CONVS: tuple[type[nn.Module], ...] = (
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
+from prunekit.structured.channels import Flow
+from prunekit.structured.module_rules import (
+    BATCH_NORMS,
+    CHANNEL_MIXING_NORMS,
+    CONVS,
+    ELEMENTWISE_MODULES,
+    TRANSPOSED_CONVS,
+    ZERO_PRESERVING_MODULES,
+    ModuleRule,
+    channel_norm_rule,
+    conv_rule,
+    elementwise_rule,
+    embedding_rule,
+    flatten_module_rule,
+    glu_module_rule,
+    grouped_conv,
+    linear_rule,
+    module_rule,
+    normalize_rule,
+    passthrough_rule,
+    pin_values,
+    pinning_passthrough_rule,
+    prelu_rule,
+    register_module_rule,
 )
-BATCH_NORMS: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
+from prunekit.structured.rule_context import (
+    Param,
+    RuleContext,
+    Value,
+    describe,
+    flatten,
+    fresh_flow,
+    glu,
+    join_runs,
+    pin_all,
+    shape_of,
+    unknown,
+    value_at_zero,
 )
-CHANNEL_MIXING_NORMS: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-)  # fmt: skip
-
-
-@dataclass
-class RuleContext:
-    """What rules need: the channel graph, canonical tensor names and the shapes of nodes."""
-
-    graph: ChannelGraph
-    names: dict[int, str]  # id(tensor) -> canonical qualified name
-    shared: set[str]  # canonical names of tensors used by several modules or calls
-    head_sites: list[Any] = field(default_factory=list)  # heads.HeadSite: splits and merges
-    coupled: list[int] = field(default_factory=list)  # one id per head joined by attention
-    head_attrs: dict[int, set[tuple[str, int]]] = field(default_factory=dict)
-    values: dict[fx.Node, Any] = field(default_factory=dict)  # each node's Value, filled in order
-
-    def tensor_name(self, module_name: str, attr: str, module: nn.Module) -> str | None:
-        t = getattr(module, attr, None)
-        if not isinstance(t, torch.Tensor):
-            return None
-        return self.names.get(id(t), f"{module_name}.{attr}" if module_name else attr)
-
-    def attach(self, ids: Ids, name: str | None, axis: int, role: str) -> None:
-        """Attach slice ``i`` of tensor ``name`` along ``axis`` to channel ``ids[i]``."""
-        if name is None:
-            return
-        self.graph.attach(ids, name, axis, role)
-        if name in self.shared:
-            self.graph.pin(ids, f"{name} is shared (tied weights or a module called twice)")
-
-
-def shape_of(node: Any) -> tuple[int, ...] | None:
-    """The shape of the tensor ``node`` makes (from :func:`propagate_shapes`), if it makes one."""
-    return node.meta.get("shape") if isinstance(node, fx.Node) else None
-
-
-def fresh_flow(
-    ctx: RuleContext, node: fx.Node, reason: str | None, dim: int | None = None
-) -> Flow | None:
-    """New ids for ``node``'s output (pinned with ``reason`` if given)."""
-    shape = shape_of(node)
-    if shape is None or len(shape) == 0:
-        return None
-    d = dim if dim is not None else (1 if len(shape) >= 2 else 0)
-    return Flow(d, ctx.graph.fresh(shape[d], reason))
-
-
-def pin_all(ctx: RuleContext, values: Sequence[Value], reason: str) -> None:
-    for v in values:
-        if isinstance(v, Flow):
-            ctx.graph.pin(v.ids, reason)
-        elif isinstance(v, tuple):
-            pin_all(ctx, list(v), reason)
-
-
-def join_runs(ctx: RuleContext, ids: Ids, size: int) -> None:
-    """Join each run of ``size`` consecutive ids (a norm group, a head)."""
-    runs = ids.reshape(-1, size)
-    ctx.graph.union_all(runs[:, :-1].ravel(), runs[:, 1:].ravel())
-
-
-def unknown(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
-    """Fallback: the op is a boundary. An op none of whose inputs carries channels (random noise,
-    an ``arange``, a parameter reshaped) makes a tensor without channels: ``None``, which a rule that
-    meets it treats as untracked (a product with it passes only where it broadcasts over channels)."""
-    if not _carries_flow(inputs):
-        return None
-    reason = f"op {describe(node)} is not understood (boundary)"
-    pin_all(ctx, inputs, reason)
-    return fresh_flow(ctx, node, reason)
-
-
-def _carries_flow(values: Sequence[Value]) -> bool:
-    return any(
-        isinstance(v, Flow) or (isinstance(v, tuple) and _carries_flow(list(v))) for v in values
-    )
-
-
-def describe(node: fx.Node) -> str:
-    target = node.target
-    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-    return f"{node.op}:{name}"
-
-
-# ------------------------------------------------------------------------------------ module rules
-def conv_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
-    assert isinstance(m, CONVS + TRANSPOSED_CONVS)
-    m = cast(nn.Conv2d, m)  # the attributes all convolutions share
-    x = inputs[0]
-    name = node.target if isinstance(node.target, str) else ""
-    weight = ctx.tensor_name(name, "weight", m)
-    bias = ctx.tensor_name(name, "bias", m)
-    if isinstance(x, Flow) and x.dim != 1:
-        ctx.graph.pin(x.ids, f"{name}: channels not on dim 1")
-        x = None
-    if isinstance(m, TRANSPOSED_CONVS):
-        reason = f"{name}: transposed convolution"
-        pin_all(ctx, [x], reason)
-        return fresh_flow(ctx, node, reason, dim=1)
-    if m.groups > 1:
-        return grouped_conv(ctx, node, m, x if isinstance(x, Flow) else None, weight, bias)
-    if isinstance(x, Flow):
-        ctx.attach(x.ids, weight, 1, "in")
-    out = fresh_flow(ctx, node, None, dim=1)
-    assert out is not None
-    ctx.attach(out.ids, weight, 0, "out")
-    ctx.attach(out.ids, bias, 0, "out")
-    return out
-
-
-def grouped_conv(
-    ctx: RuleContext,
-    node: fx.Node,
-    m: nn.Conv2d,
-    x: Flow | None,
-    weight: str | None,
-    bias: str | None,
-) -> Value:
-    """A convolution with ``g = groups > 1``: ``a`` input and ``b`` output channels per group.
-
-    With ``a == 1`` (depthwise, with or without a channel multiplier ``b``) input channel ``k`` and
-    output channels ``k·b … k·b+b-1`` are one channel: removing it removes a whole conv group (the
-    slim conv has fewer groups). With ``a > 1`` every conv group must keep the same width, so the
-    channels with the same index *within* their group are joined: input channels ``s, a+s, 2a+s, …``
-    (weight column ``s``) and output channels ``t, b+t, 2b+t, …`` (weight rows): removing them keeps
-    ``groups`` and narrows every group.
-    """
-    g = m.groups
-    a, b = m.in_channels // g, m.out_channels // g
-    shape = shape_of(node)
-    if shape is None:
-        return unknown(ctx, node, [x])
-    if a == 1:
-        ids = x.ids if x is not None else ctx.graph.fresh(m.in_channels, "untracked input")
-        out_ids = np.repeat(ids, b)
-        ctx.attach(out_ids, weight, 0, "out")
-        ctx.attach(out_ids, bias, 0, "out")
-        return Flow(1, out_ids)
-    if x is not None:  # x.ids[s::a] is column s of the (g, a) layout
-        by_group = x.ids.reshape(g, a)
-        ctx.graph.union_all(by_group[:-1].ravel(), by_group[1:].ravel())
-        # weight column s belongs to x.ids[s] (and so to its whole class)
-        ctx.attach(x.ids[:a], weight, 1, "in")
-    out = Flow(1, ctx.graph.fresh(m.out_channels))
-    by_group = out.ids.reshape(g, b)
-    ctx.graph.union_all(by_group[:-1].ravel(), by_group[1:].ravel())
-    ctx.attach(out.ids, weight, 0, "out")
-    ctx.attach(out.ids, bias, 0, "out")
-    return out
-
-
-def linear_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
-    x = inputs[0]
-    name = str(node.target)
-    weight = ctx.tensor_name(name, "weight", m)
-    shape = shape_of(node)
-    assert shape is not None
-    last = len(shape) - 1
-    if isinstance(x, Flow):
-        if x.dim == last:
-            ctx.attach(x.ids, weight, 1, "in")
-        else:
-            ctx.graph.pin(x.ids, f"{name}: channels not on the feature dimension")
-    out = Flow(last, ctx.graph.fresh(shape[last]))
-    ctx.attach(out.ids, weight, 0, "out")
-    ctx.attach(out.ids, ctx.tensor_name(name, "bias", m), 0, "out")
-    return out
-
-
-def channel_norm_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
-    """BatchNorm (statistics per channel) and GroupNorm (statistics per norm group of ``C / G``).
-
-    A GroupNorm's norm group can only go whole: its channels are joined. When they and their
-    ``γ``/``β`` are zero the norm group outputs ``0·γ + β = 0`` and no other statistics involve it,
-    so it is removed exactly (the slim GroupNorm has fewer ``num_groups``). Without affine
-    parameters batch norm maps a zero channel to ``−μ/σ`` and the slim width of a GroupNorm could
-    not be read from its weights: pinned.
-    """
-    assert isinstance(m, (*BATCH_NORMS, nn.GroupNorm))
-    x = inputs[0]
-    name = str(node.target)
-    if not isinstance(x, Flow) or x.dim != 1:
-        return unknown(ctx, node, inputs)
-    if not m.affine:
-        ctx.graph.pin(x.ids, f"{name}: {type(m).__name__} without affine parameters")
-    size = m.num_channels // m.num_groups if isinstance(m, nn.GroupNorm) else 1
-    join_runs(ctx, x.ids, size)
-    ctx.attach(x.ids, ctx.tensor_name(name, "weight", m), 0, "out")
-    ctx.attach(x.ids, ctx.tensor_name(name, "bias", m), 0, "out")
-    ctx.attach(x.ids, ctx.tensor_name(name, "running_mean", m), 0, "aux")
-    ctx.attach(x.ids, ctx.tensor_name(name, "running_var", m), 0, "aux")
-    return Flow(1, x.ids)
-
-
-def normalize_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
-    """LayerNorm / InstanceNorm mix channels (mean and variance across them): pinned."""
-    x = inputs[0]
-    pin_all(ctx, [x], f"{node.target}: {type(m).__name__} normalises across channels")
-    return Flow(x.dim, x.ids) if isinstance(x, Flow) else fresh_flow(ctx, node, "normalisation")
-
-
-def passthrough_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
-    x = inputs[0]
-    return Flow(x.dim, x.ids) if isinstance(x, Flow) else fresh_flow(ctx, node, "untracked input")
-
-
-def pin_values(ctx: RuleContext, node: fx.Node, values: Sequence[Value], reason: str) -> None:
-    """Value pins (see :class:`~prunekit.structured.channels.ChannelGraph`) at site ``node``: the
-    tensor ``node`` makes is not zero at these channels when they are zeroed."""
-    for v in values:
-        if isinstance(v, Flow):
-            ctx.graph.pin_value(v.ids, node.name, reason)
-        elif isinstance(v, tuple):
-            pin_values(ctx, node, list(v), reason)
-
-
-def pinning_passthrough_rule(
-    ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]
-) -> Value:
-    """Keeps the channels but pins them (softmax: its output at a zero channel is not zero)."""
-    pin_all(ctx, inputs, f"{node.target}: {type(m).__name__}(0) != 0")
-    return passthrough_rule(ctx, node, m, inputs)
-
-
-def value_at_zero(f: Callable[[Tensor], Any]) -> float | None:
-    """``f(0)`` for an element-wise ``f``, evaluated (``None`` if ``f`` does not run on a 0-d
-    float tensor or gives no single number)."""
-    try:
-        with torch.no_grad():
-            out = f(torch.zeros(()))
-    except Exception:  # any failure: f(0) is unknown
-        return None
-    return float(out) if isinstance(out, Tensor) and out.numel() == 1 else None
-
-
-def elementwise_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
-    """An element-wise activation keeps a zero channel zero only if ``f(0) = 0``, which depends on
-    its arguments (``Hardtanh(0.5, 1.0)(0) = 0.5``, ``Threshold(0.1, 2.0)(0) = 2``): ``f(0)`` is
-    evaluated on the module itself (a copy in eval mode, so a random activation draws nothing) and
-    the channels are pinned with the value unless it is exactly zero."""
-    f0 = _module_value_at_zero(m)
-    if f0 != 0.0:
-        shown = "could not be evaluated" if f0 is None else f"= {f0:g}"
-        pin_values(ctx, node, inputs, f"{node.target}: {m!r}(0) {shown}, not 0 (a zero channel is "
-                   "not zero)")  # fmt: skip
-    return passthrough_rule(ctx, node, m, inputs)
-
-
-_VALUE_AT_ZERO: dict[tuple[type[nn.Module], str], float | None] = {}
-
-
-def _module_value_at_zero(m: nn.Module) -> float | None:
-    """``m(0)`` on a copy in eval mode; for the built-in activations (no state beyond their
-    arguments, all shown by ``extra_repr``) remembered per type and arguments."""
-    key = (type(m), m.extra_repr())
-    builtin = type(m) in ELEMENTWISE_MODULES and not (
-        m._parameters or m._buffers or m._forward_hooks or m._forward_pre_hooks
-    )
-    if builtin and key in _VALUE_AT_ZERO:
-        return _VALUE_AT_ZERO[key]
-    f0 = value_at_zero(copy.deepcopy(m).eval())
-    if builtin:
-        _VALUE_AT_ZERO[key] = f0
-    return f0
-
-
-def prelu_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
-    x = inputs[0]
-    assert isinstance(m, nn.PReLU)
-    if isinstance(x, Flow) and m.num_parameters > 1:
-        ctx.attach(x.ids, ctx.tensor_name(str(node.target), "weight", m), 0, "aux")
-    return passthrough_rule(ctx, node, m, inputs)
-
-
-def flatten_module_rule(
-    ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]
-) -> Value:
-    assert isinstance(m, nn.Flatten)
-    return flatten(ctx, node, inputs[0], m.start_dim, m.end_dim)
-
-
-def glu_module_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
-    assert isinstance(m, nn.GLU)
-    return glu(ctx, node, inputs[0], m.dim)
-
-
-def embedding_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
-    shape = shape_of(node)
-    assert shape is not None
-    out = Flow(len(shape) - 1, ctx.graph.fresh(shape[-1]))
-    ctx.attach(out.ids, ctx.tensor_name(str(node.target), "weight", m), 1, "out")
-    return out
-
-
-#: Element-wise activations: prunable through them only where f(0) = 0 (see :func:`elementwise_rule`).
-ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.RReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.CELU, nn.SELU,
-    nn.Hardswish, nn.Hardtanh, nn.Mish, nn.Threshold, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink,
-    nn.Softsign, nn.Softplus, nn.Sigmoid, nn.Hardsigmoid, nn.LogSigmoid,
-)  # fmt: skip
-#: Modules that map a zero channel to a zero channel whatever their arguments.
-ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
-)  # fmt: skip
-
-_MODULE_RULES: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], ModuleRule]] = [
-    (CONVS + TRANSPOSED_CONVS, conv_rule),
-    (nn.Linear, linear_rule),
-    ((*BATCH_NORMS, nn.GroupNorm), channel_norm_rule),
-    (CHANNEL_MIXING_NORMS, normalize_rule),
-    (nn.PReLU, prelu_rule),
-    (nn.Flatten, flatten_module_rule),
-    (nn.GLU, glu_module_rule),
-    (nn.Embedding, embedding_rule),
-    (ELEMENTWISE_MODULES, elementwise_rule),
-    (ZERO_PRESERVING_MODULES, passthrough_rule),
-    ((nn.Softmax, nn.LogSoftmax), pinning_passthrough_rule),
-]
-
-
-def register_module_rule(module_type: type[nn.Module], rule: ModuleRule) -> None:
-    """Teach group discovery how channels flow through ``module_type`` (checked before built-ins)."""
-    _MODULE_RULES.insert(0, (module_type, rule))
-    _RULE_OF_TYPE.clear()
-
-
-class _AssignableProxy(fx.Proxy):
-    """A proxy that records item assignment (``h[:, 3] = 1.0``) as an ``operator.setitem`` node,
-    which :func:`function_rule` pins, instead of failing the whole trace."""
-
-    def __setitem__(self, index: Any, value: Any) -> None:
-        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
-
-
-class RuleTracer(fx.Tracer):
-    """``torch.fx`` tracer that keeps every module with a rule as one node (a leaf), so a rule
-    registered for a module defined outside ``torch.nn`` is applied instead of traced through, and
-    records item assignment (see :func:`setitem_rule`)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_rule(m) is not None or super().is_leaf_module(m, module_qualified_name)
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _AssignableProxy(node, self)
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """``model`` as a ``GraphModule`` traced by :class:`RuleTracer` (public ``torch.fx`` API)."""
-    tracer = RuleTracer()
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
-
-
-def _load(arg: Any, env: dict[fx.Node, Any]) -> Any:
-    """``arg`` with every node replaced by its value (``fx.node.map_arg`` without pytree)."""
-    if isinstance(arg, fx.Node):
-        return env[arg]
-    if isinstance(arg, tuple | list):
-        values = [_load(a, env) for a in arg]
-        return type(arg)(*values) if hasattr(arg, "_fields") else type(arg)(values)
-    if isinstance(arg, dict):
-        return {k: _load(v, env) for k, v in arg.items()}
-    if isinstance(arg, slice):
-        return slice(_load(arg.start, env), _load(arg.stop, env), _load(arg.step, env))
-    return arg
-
-
-def propagate_shapes(
-    root: nn.Module,
-    graph: fx.Graph,
-    inputs: Sequence[Any],
-    modules: dict[str, nn.Module] | None = None,
-) -> None:
-    """Run ``graph`` (traced from ``root``) on ``inputs`` and record on every node the shape of the
-    tensor it makes (``meta["shape"]``) or of the tensors of the tuple it makes
-    (``meta["shapes"]``).
-
-    A lean ``fx.Interpreter``: no ``GraphModule`` is compiled and nothing but shapes is recorded, and
-    each value is dropped after its last use. Call it under ``torch.no_grad()``. ``modules``:
-    ``dict(root.named_modules())`` if already made.
-    """
-    env: dict[fx.Node, Any] = {}
-    last_use: dict[fx.Node, fx.Node] = {}
-    for node in graph.nodes:
-        for used in node.all_input_nodes:
-            last_use[used] = node
-    done: dict[fx.Node, list[fx.Node]] = defaultdict(list)
-    for value_node, user in last_use.items():
-        done[user].append(value_node)
-    modules = dict(root.named_modules()) if modules is None else modules
-    pending = list(inputs)
-    value: Any
-    for node in graph.nodes:
-        if node.op == "output":
-            break
-        if node.op == "placeholder":
-            if str(node.target).startswith("*"):
-                value, pending = tuple(pending), []
-            elif pending:
-                value = pending.pop(0)
-            elif node.args:  # a default value
-                value = node.args[0]
-            else:
-                raise TypeError(f"missing example input for {node.target!r}")
-        elif node.op == "get_attr":
-            value = root
-            for part in str(node.target).split("."):
-                value = getattr(value, part)
-        else:
-            args, kwargs = _load(node.args, env), _load(node.kwargs, env)
-            if node.op == "call_module":
-                value = modules[str(node.target)](*args, **kwargs)
-            elif node.op == "call_function":
-                value = node.target(*args, **kwargs)
-            else:
-                value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
-        if isinstance(value, Tensor):
-            node.meta["shape"] = tuple(value.shape)
-        elif (
-            isinstance(value, list | tuple) and value and all(isinstance(v, Tensor) for v in value)
-        ):
-            node.meta["shapes"] = [tuple(v.shape) for v in value]
-        env[node] = value
-        for value_node in done.get(node, ()):
-            env.pop(value_node, None)
-
-
-_RULE_OF_TYPE: dict[type[nn.Module], ModuleRule | None] = {}
-
-
-def module_rule(module: nn.Module) -> ModuleRule | None:
-    """The rule for ``module``'s type: the first registered for it or a base class."""
-    kind = type(module)
-    if kind not in _RULE_OF_TYPE:
-        _RULE_OF_TYPE[kind] = next(
-            (rule for types, rule in _MODULE_RULES if issubclass(kind, types)), None
-        )
-    return _RULE_OF_TYPE[kind]
-
-
-# ------------------------------------------------------------------- function and method rules
-def flatten(ctx: RuleContext, node: fx.Node, x: Value, start: int, end: int) -> Value:
-    """Merging dims ``start..end``: each channel id repeats over the merged positions."""
-    in_shape = shape_of(node.args[0]) if node.args else None
-    if not isinstance(x, Flow) or in_shape is None:
-        return fresh_flow(ctx, node, "untracked input")
-    n = len(in_shape)
-    start, end = start % n, end % n
-    if x.dim < start:
-        return Flow(x.dim, x.ids)
-    if x.dim > end:
-        return Flow(x.dim - (end - start), x.ids)
-    outer = math.prod(in_shape[start : x.dim])
-    inner = math.prod(in_shape[x.dim + 1 : end + 1])
-    return Flow(start, np.tile(np.repeat(x.ids, inner), outer))
+from prunekit.structured.tracer import RuleTracer, propagate_shapes, trace
+
+#: What this module names: its own rules and, re-exported, the rules' vocabulary, the module rules
+#: and the tracer.
+__all__ = [
+    "BATCH_NORMS", "CHANNEL_MIXING_NORMS", "CONVS", "ELEMENTWISE_FUNCTIONS",
+    "ELEMENTWISE_MODULES", "OPTIONAL_ZERO_PRESERVING", "PASS_METHODS", "SHAPE_METHODS",
+    "SHAPE_ONLY_FUNCTIONS", "SHAPE_ONLY_METHODS", "TRANSPOSED_CONVS",
+    "ZERO_PRESERVING_FUNCTIONS", "ZERO_PRESERVING_MODULES", "ModuleRule", "Param",
+    "RuleContext", "RuleTracer", "Value", "cat_rule", "channel_norm_rule", "conv_rule",
+    "describe", "elementwise_function", "elementwise_rule", "embedding_rule", "flatten",
+    "flatten_module_rule", "fresh_flow", "function_rule", "getitem_rule", "glu",
+    "glu_module_rule", "grouped_conv", "join_rule", "join_runs", "linear_rule", "module_rule",
+    "normalize_rule", "passthrough_rule", "permute_rule", "pin_all", "pin_values",
+    "pinning_passthrough_rule", "prelu_rule", "propagate_shapes", "reduce_rule",
+    "register_module_rule", "reshape_rule", "setitem_rule", "shape_of", "split_rule", "trace",
+    "unknown", "value_at_zero",
+]  # fmt: skip
 
 
 def reshape_rule(ctx: RuleContext, node: fx.Node, x: Value) -> Value:
@@ -540,9 +117,10 @@ def join_rule(ctx: RuleContext, node: fx.Node, inputs: list[Value], zero_absorbi
       pins are waived (:func:`_gate`) and ``g``'s channel joins ``a``'s group, to be removed with it.
     * A constant operand passes the flow through when ``x ∘ c`` keeps zeros zero (mul, div) and
       value-pins it otherwise (add, sub: ``0 + c = c``).
-    * A parameter read in ``forward`` (:class:`Param`) with one entry per channel (layer scale
-      ``γ · x``, a bias ``x + β``) is sliced with the channel: for ``x · γ`` as a consumer (``in``:
-      ``0 · γ_c = 0``), for ``x ± β`` as a producer (``out``: ``0 + β_c = 0`` only when ``β_c = 0``).
+    * A parameter read in ``forward`` (:class:`~prunekit.structured.rule_context.Param`) with one
+      entry per channel (layer scale ``γ · x``, a bias ``x + β``) is sliced with the channel: for
+      ``x · γ`` as a consumer (``in``: ``0 · γ_c = 0``), for ``x ± β`` as a producer (``out``:
+      ``0 + β_c = 0`` only when ``β_c = 0``).
     * Any other tensor without channels (a per-sample random factor of stochastic depth / DropPath,
       a scalar parameter) passes the flow of a product through when it has size 1 on the channel
       dim: ``0 · r = 0`` for every sample and element.
@@ -850,25 +428,10 @@ def split_rule(ctx: RuleContext, node: fx.Node, x: Value, kind: str) -> Value:
     return pieces
 
 
-def glu(ctx: RuleContext, node: fx.Node, x: Value, dim: int) -> Value:
-    """``glu(x) = a · σ(b)`` with ``x = [a, b]`` halved along ``dim`` (Dauphin et al., 2017). Along
-    the channel dim, ``a``'s channel ``c`` and ``b``'s channel ``c`` are joined: when ``a_c = 0`` the
-    output is ``0 · σ(b_c) = 0`` whatever ``b_c`` is, and ``b_c`` is used nowhere else, so both go
-    with the group (the gate of :func:`join_rule`, inside one op). Along another dim the output
-    keeps ``x``'s channels (zero where ``x`` is)."""
-    shape = shape_of(node.args[0])
-    if not isinstance(x, Flow) or shape is None:
-        return unknown(ctx, node, [x])
-    if dim % len(shape) != x.dim:
-        return Flow(x.dim, x.ids)
-    half = len(x.ids) // 2
-    ctx.graph.union_all(x.ids[:half], x.ids[half:])
-    return Flow(x.dim, x.ids[:half])
-
-
 def elementwise_function(ctx: RuleContext, node: fx.Node, inputs: list[Value]) -> Value:
-    """:func:`elementwise_rule` for a call: ``f(0)`` with the call's constant arguments
-    (``F.hardtanh(x, 0.5, 1.0)``); pinned if it is not zero or an argument is a tensor."""
+    """:func:`~prunekit.structured.module_rules.elementwise_rule` for a call: ``f(0)`` with the
+    call's constant arguments (``F.hardtanh(x, 0.5, 1.0)``); pinned if it is not zero or an
+    argument is a tensor."""
     x = inputs[0] if inputs else None
     if not isinstance(x, Flow):
         return fresh_flow(ctx, node, "untracked input")

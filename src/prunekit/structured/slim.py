@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from prunekit.core.forward import eval_mode, example_args
 from prunekit.structured.folded import FoldedConv
 from prunekit.structured.groups import Group, find_groups
-from prunekit.structured.rules import BATCH_NORMS, CONVS
+from prunekit.structured.module_rules import BATCH_NORMS, CONVS
 
 log = logging.getLogger(__name__)
 
