@@ -1,91 +1,17 @@
+"""Group discovery, :func:`prunekit.structured.find_groups` (:mod:`prunekit.structured.groups`):
+the groups found on the tiny models, why a group is unprunable, and what capture leaves alone.
+Attention heads are in ``test_attention.py`` and ``test_heads.py``, the op rules in
+``test_rules.py``, removing groups in ``test_slim.py``."""
+
 import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from prunekit.structured import CaptureError, FoldedConv, find_groups, removal_plan, slim
+from prunekit.structured import CaptureError, FoldedConv, find_groups, slim
 from prunekit.structured.slim import apply_kept, slim_plan
 from tests.structured.zoo import ZOO
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _settle_bn(model: nn.Module, x: torch.Tensor) -> None:
-    """Give batch norms non-trivial running statistics."""
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(x if x.is_floating_point() is False else x + 0.1 * torch.randn_like(x))
-
-
-@pytest.mark.parametrize("name", list(ZOO))
-def test_zero_random_groups_then_slim_is_exact(name):
-    torch.manual_seed(0)
-    model, x = ZOO[name]()
-    _settle_bn(model, x)
-    groups = find_groups(model, x)
-    gen = torch.Generator().manual_seed(0)
-    chosen = [g for g in groups if torch.rand((), generator=gen) < 0.5]  # prunable or not
-    for g in chosen:
-        g.zero_()
-    model.eval()
-    with torch.no_grad():
-        ref = model(x)
-    small = slim(model, x, groups, check=False).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(small(x), ref, rtol=1e-5, atol=1e-6)
-    removed = [g for g in chosen if g.prunable]
-    if removed:
-        assert _params(small) < _params(model)
-    plan = removal_plan(groups)
-    for g in groups:  # unprunable groups are never removed
-        if not g.prunable:
-            for key, idx in g.slices().items():
-                assert not set(idx) & set(plan.get(key, [])), (g.details(), key)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "mlp",
-        "conv_bn_flatten",
-        "residual",
-        "concat_bn",
-        "inverted_residual",
-        "conv1d",
-        "grouped_unknown",
-        "groupnorm",
-        "head_attribute_attention",
-        "sdpa_attention",
-    ],
-)
-def test_slim_after_real_training_steps(name):
-    """Groups zeroed and held at zero while SGD with momentum and BN updates trains the rest."""
-    torch.manual_seed(0)
-    model, x = ZOO[name]()
-    groups = find_groups(model, x)
-    prunable = [g for g in groups if g.prunable]
-    chosen = prunable[::3]
-    for g in chosen:
-        g.zero_()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-    model.train()
-    for _ in range(20):
-        out = model(x + 0.05 * torch.randn_like(x))
-        loss = out.pow(2).mean() + F.cross_entropy(out, torch.zeros(len(x), dtype=torch.long))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        for g in chosen:  # projection onto the group-sparse set (what HSPG-style optimizers do)
-            g.zero_()
-    before = _params(model)
-    small = slim(model, x, groups)  # check=True: raises if the output differs
-    assert _params(small) < before
-    assert _params(model) == before  # the original is untouched
 
 
 def test_expected_groups_on_residual_and_concat():
@@ -222,133 +148,6 @@ def test_capture_leaves_model_state_alone():
     find_groups(model, x)
     assert model.training
     assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers(), strict=True))
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "residual",
-        "concat_bn",
-        "inverted_residual",
-        "embed_layernorm",
-        "groupnorm",
-        "head_attribute_attention",
-    ],
-)
-def test_save_and_load_slim_without_pickled_code(tmp_path, name):
-    from prunekit.structured.io import load_slim, save_slim, slim_spec
-
-    torch.manual_seed(0)
-    model, x = ZOO[name]()
-    groups = find_groups(model, x)
-    for g in [g for g in groups if g.prunable][::2]:
-        g.zero_()
-    small = slim(model, x, groups).eval()
-    save_slim(small, slim_spec(model, groups, x), tmp_path)
-    assert (tmp_path / "spec.json").read_text().startswith("{")
-    fresh, _ = ZOO[name]()  # a new instance of the original class
-    loaded = load_slim(fresh, tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), small(x))
-    assert [p.shape for p in loaded.parameters()] == [p.shape for p in small.parameters()]
-
-
-@pytest.mark.parametrize("name", ["attention", "attention_seq_first"])
-def test_attention_heads_are_groups_and_slim_drops_heads(name):
-    from prunekit.structured import SlimMultiheadAttention
-
-    torch.manual_seed(0)
-    model, x = ZOO[name]()
-    groups = find_groups(model, x)
-    heads = [g for g in groups if ("attn.in_proj_weight", 0) in g.slices("out")]
-    assert len(heads) == 4 and all(g.prunable for g in heads)
-    assert heads[1].slices("out")[("attn.in_proj_weight", 0)] == [
-        *range(4, 8),
-        *range(20, 24),
-        *range(36, 40),
-    ]
-    assert heads[1].slices("in")[("attn.out_proj.weight", 1)] == list(range(4, 8))
-    mlp = [g for g in groups if ("fc1.weight", 0) in g.slices("out")]
-    assert len(mlp) == 32 and all(g.prunable for g in mlp)
-    stream = [g for g in groups if ("embed.weight", 0) in g.slices("out")]
-    assert stream and not any(g.prunable for g in stream)  # through LayerNorm
-    heads[0].zero_()
-    heads[2].zero_()
-    small = slim(model, x, groups)
-    assert isinstance(small.attn, SlimMultiheadAttention) and small.attn.num_heads == 2
-
-
-def test_handwritten_attention_with_literal_head_count_is_pinned_but_exact():
-    model, x = ZOO["handwritten_attention"]()
-    groups = find_groups(model, x)
-    for proj in ("q.weight", "k.weight", "v.weight"):
-        gs = [g for g in groups if (proj, 0) in g.slices("out")]
-        assert gs and not any(g.prunable for g in gs)
-        assert all("head count 2 is a literal" in g.reason for g in gs)
-    assert all(g.prunable for g in groups if ("fc.weight", 0) in g.slices("out"))
-
-
-@pytest.mark.parametrize(
-    ("name", "attribute"), [("head_attribute_attention", "num_heads"), ("sdpa_attention", None)]
-)
-def test_handwritten_attention_heads_are_groups_and_slim_drops_heads(name, attribute):
-    torch.manual_seed(0)
-    model, x = ZOO[name]()
-    groups = find_groups(model, x)
-    heads = [g for g in groups if ("q.weight", 0) in g.slices("out")]
-    assert len(heads) == 4 and all(g.prunable for g in heads)
-    # head 1: rows 3..5 of q, k and v (and their biases) produce it; columns 3..5 of o consume it
-    for proj in ("q", "k", "v"):
-        assert heads[1].slices("out")[(f"{proj}.weight", 0)] == [3, 4, 5]
-        assert heads[1].slices("out")[(f"{proj}.bias", 0)] == [3, 4, 5]
-    assert heads[1].slices("in")[("o.weight", 1)] == [3, 4, 5]
-    assert heads[1].counters == ([(attribute, 4)] if attribute else [])
-    heads[1].zero_()
-    heads[3].zero_()
-    small = slim(model, x, groups)  # checks the output
-    assert small.q.out_features == small.v.out_features == small.o.in_features == 6
-    if attribute:
-        assert getattr(small, attribute) == 2 and small.depth == 4  # the unrelated int is untouched
-    assert getattr(model, attribute or "training") in (4, True)  # the original is untouched
-
-
-def test_only_the_value_rows_matter_for_exactness():
-    """A head whose q and k rows are nonzero but whose v rows are zero outputs exactly zero."""
-    torch.manual_seed(0)
-    model, x = ZOO["head_attribute_attention"]()
-    with torch.no_grad():
-        model.v.weight[3:6] = 0
-        model.v.bias[3:6] = 0
-    groups = find_groups(model, x)
-    head = next(g for g in groups if g.slices("out").get(("q.weight", 0)) == [3, 4, 5])
-    assert not head.is_zero()  # the group's q/k rows are not zero: slim keeps the head
-    model.eval()
-    with torch.no_grad():
-        ref = model(x)
-        model.q.weight[3:6] = 0  # what zeroing the rest of the group changes: nothing
-        model.k.weight[3:6] = 0
-        model.q.bias[3:6] = 0
-        model.k.bias[3:6] = 0
-        torch.testing.assert_close(model(x), ref, rtol=1e-6, atol=1e-6)
-    assert head.is_zero()
-    assert slim(model, x, groups).num_heads == 3
-
-
-def test_split_into_heads_outside_attention_is_pinned():
-    class Shuffle(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(4, 6)
-            self.b = nn.Linear(6, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.a(x).view(-1, 2, 3).transpose(1, 2).reshape(-1, 6)  # a channel shuffle
-            return self.b(F.relu(y))
-
-    x = torch.randn(5, 4)
-    groups = find_groups(Shuffle(), x)
-    gs = [g for g in groups if ("a.weight", 0) in g.slices("out")]
-    assert gs and all("outside attention" in g.reason for g in gs)
 
 
 def test_groupnorm_removes_whole_norm_groups():

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import prunekit.atomic
-from prunekit.structured import FoldedConv, find_groups, slim_with_plan
+from prunekit.structured import FoldedConv, find_groups, slim, slim_with_plan
 from prunekit.structured import io as slim_io
 from prunekit.structured.io import SlimSpecError, load_slim, save_slim
 from tests.structured.test_folded import _ConcatBranch, emptied_concat_branch
@@ -398,3 +398,32 @@ def test_a_non_finite_constant_the_model_holds_itself_still_loads(tmp_path):
     loaded = load_slim(_Masked(), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "residual",
+        "concat_bn",
+        "inverted_residual",
+        "embed_layernorm",
+        "groupnorm",
+        "head_attribute_attention",
+    ],
+)
+def test_save_and_load_slim_without_pickled_code(tmp_path, name):
+    from prunekit.structured.io import load_slim, save_slim, slim_spec
+
+    torch.manual_seed(0)
+    model, x = ZOO[name]()
+    groups = find_groups(model, x)
+    for g in [g for g in groups if g.prunable][::2]:
+        g.zero_()
+    small = slim(model, x, groups).eval()
+    save_slim(small, slim_spec(model, groups, x), tmp_path)
+    assert (tmp_path / "spec.json").read_text().startswith("{")
+    fresh, _ = ZOO[name]()  # a new instance of the original class
+    loaded = load_slim(fresh, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x))
+    assert [p.shape for p in loaded.parameters()] == [p.shape for p in small.parameters()]

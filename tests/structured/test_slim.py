@@ -1,4 +1,6 @@
-"""The exactness check of ``slim``: float32 rounding of a deep network passes, a wrong model not."""
+"""``slim`` (:mod:`prunekit.structured.slim`): zeroed groups are removed with the output unchanged
+on every tiny model, also after training steps, and the exactness check accepts the float32
+rounding of a deep network but not a wrong model."""
 
 import importlib
 from typing import Any
@@ -8,11 +10,90 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunekit.structured import SlimError, find_groups, slim
+from prunekit.structured import SlimError, find_groups, removal_plan, slim
+from tests.structured.zoo import ZOO
 
 slim_module = importlib.import_module(
     "prunekit.structured.slim"
 )  # the package's slim is the function
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _settle_bn(model: nn.Module, x: torch.Tensor) -> None:
+    """Give batch norms non-trivial running statistics."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x if x.is_floating_point() is False else x + 0.1 * torch.randn_like(x))
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zero_random_groups_then_slim_is_exact(name):
+    torch.manual_seed(0)
+    model, x = ZOO[name]()
+    _settle_bn(model, x)
+    groups = find_groups(model, x)
+    gen = torch.Generator().manual_seed(0)
+    chosen = [g for g in groups if torch.rand((), generator=gen) < 0.5]  # prunable or not
+    for g in chosen:
+        g.zero_()
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    small = slim(model, x, groups, check=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref, rtol=1e-5, atol=1e-6)
+    removed = [g for g in chosen if g.prunable]
+    if removed:
+        assert _params(small) < _params(model)
+    plan = removal_plan(groups)
+    for g in groups:  # unprunable groups are never removed
+        if not g.prunable:
+            for key, idx in g.slices().items():
+                assert not set(idx) & set(plan.get(key, [])), (g.details(), key)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mlp",
+        "conv_bn_flatten",
+        "residual",
+        "concat_bn",
+        "inverted_residual",
+        "conv1d",
+        "grouped_unknown",
+        "groupnorm",
+        "head_attribute_attention",
+        "sdpa_attention",
+    ],
+)
+def test_slim_after_real_training_steps(name):
+    """Groups zeroed and held at zero while SGD with momentum and BN updates trains the rest."""
+    torch.manual_seed(0)
+    model, x = ZOO[name]()
+    groups = find_groups(model, x)
+    prunable = [g for g in groups if g.prunable]
+    chosen = prunable[::3]
+    for g in chosen:
+        g.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    model.train()
+    for _ in range(20):
+        out = model(x + 0.05 * torch.randn_like(x))
+        loss = out.pow(2).mean() + F.cross_entropy(out, torch.zeros(len(x), dtype=torch.long))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for g in chosen:  # projection onto the group-sparse set (what HSPG-style optimizers do)
+            g.zero_()
+    before = _params(model)
+    small = slim(model, x, groups)  # check=True: raises if the output differs
+    assert _params(small) < before
+    assert _params(model) == before  # the original is untouched
 
 
 class _Block(nn.Module):
