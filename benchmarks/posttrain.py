@@ -39,11 +39,17 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.app import evaluate, load_data, load_recipe, train
-from prunekit.app.compress_recipe import CalibrationSpec, FinetuneSpec
-from prunekit.app.compression import sparse_finetune
-from prunekit.app.data import calibration_batches
-from prunekit.app.model import build_recipe_model
+from prunekit.app import (
+    CalibrationSpec,
+    FinetuneSpec,
+    calibration_batches,
+    evaluate,
+    load_data,
+    load_recipe,
+    sparse_finetune,
+    train,
+)
+from prunekit.models import build_model
 
 from common import RESULTS, environment, write_results
 
@@ -119,7 +125,9 @@ def dense_model(name: str) -> tuple[nn.Module, Any, float]:
         train(recipe, out, progress=False, device="cpu")
     data = load_data(recipe.data, recipe.seed)
     assert recipe.model.name is not None
-    model = build_recipe_model(recipe.model.name, recipe.model.kwargs, data)
+    model = build_model(
+        recipe.model.name, data.input_shape, data.num_classes, **recipe.model.kwargs
+    )
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     model.eval()
     return model, data, evaluate(model, data.x_test, data.y_test)

@@ -75,7 +75,6 @@ from torch import nn
 
 from common import RESULTS, environment, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "zoo"
 FRACTION = 0.3
 TIMING_KEYS = ("discovery_s", "tp_graph_s", "tp_dependency_graph_s")
@@ -92,9 +91,8 @@ T = TypeVar("T")
 
 
 def _torchvision_models() -> Any:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    importlib.import_module("tests.structured.torchvision_shim")  # before torchvision
+    import torchvision_shim  # noqa: F401  (before torchvision)
+
     return importlib.import_module("torchvision.models")
 
 

@@ -19,14 +19,14 @@ Five parts, every library run in this same process on the same models and data:
 
 One module per part (``discovery``, ``accuracy``, ``latency``, ``ceiling``), the shared
 models, loop and peer loaders in ``shared``, the markdown in ``tables``, the command line in ``cli``
-(run as ``python benchmarks/structured.py``).
+and the entry point in ``__main__``: run it as ``python -m structured`` from ``benchmarks/``.
 
-Usage::
+Usage (from ``benchmarks/``)::
 
-    python benchmarks/structured.py --parts discovery latency           # minutes
-    python benchmarks/structured.py --parts accuracy --epochs 4 --train-subset 20000 --flops-removed 0.72 --threads 1 [--seed 1]   # ~15 min
+    python -m structured --parts discovery latency           # minutes
+    python -m structured --parts accuracy --epochs 4 --train-subset 20000 --flops-removed 0.72 --threads 1 [--seed 1]   # ~15 min
     # prunekit variants (own rows and slim models): widths ×16, whole residual branches may go
-    python benchmarks/structured.py --parts accuracy --models resnet20 --epochs 4 --train-subset 20000 --flops-removed 0.72 --threads 1 --libraries prunekit --channel-multiple 16 --empty-branches
+    python -m structured --parts accuracy --models resnet20 --epochs 4 --train-subset 20000 --flops-removed 0.72 --threads 1 --libraries prunekit --channel-multiple 16 --empty-branches
 
 Peers are benchmark extras: ``pip install torch-pruning==1.6.1 only-train-once==3.0.1 packaging``;
 only-train-once 3.0.1 does not import on torch 2.13 as published; pass a module that patches it

@@ -1,5 +1,6 @@
-"""``python -m structured`` from ``benchmarks/``: the same as ``python benchmarks/structured.py``."""
+"""The entry point: ``python -m structured`` from ``benchmarks/`` (usage in the package docstring)."""
 
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,7 @@ from prunekit.data import load_mnist
 from prunekit.models import build_model
 from prunekit.structured import find_groups, slim
 
-from .shared import MODELS, SHAPE, accuracy, train_loop
+from .shared import HP, MODELS, SHAPE, accuracy, train_loop
 
 # Hand-picked architectures for the ``ceiling`` part: kept width per family (named by its first
 # producing tensor); families not named keep every channel, 0 removes a residual branch (folded).
@@ -76,7 +76,6 @@ def ceiling_accuracy(args: argparse.Namespace) -> list[dict[str, Any]]:
     and loop: could a method that found it meet the accuracy goal too?"""
     data = load_mnist().subset(args.train_subset, None)
     x1 = torch.randn(1, *SHAPE)
-    hp = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
     rows = []
     for name in args.models:
         torch.manual_seed(0)
@@ -89,7 +88,7 @@ def ceiling_accuracy(args: argparse.Namespace) -> list[dict[str, Any]]:
                     m.reset_parameters()
             torch.manual_seed(args.seed)
             train_loop(
-                model, torch.optim.SGD(model.parameters(), **hp), data, args.epochs, seed=args.seed
+                model, torch.optim.SGD(model.parameters(), **HP), data, args.epochs, seed=args.seed
             )
             rows.append(
                 {

@@ -9,7 +9,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +21,7 @@ from prunekit.models import build_model
 from prunekit.structured import find_groups, slim
 
 from .ceiling import ceiling_models
-from .shared import ENTRY, MODELS, SHAPE, SLIM_DIR, zero_random_groups
+from .shared import BENCHMARKS, ENTRY, MODELS, SHAPE, SLIM_DIR, zero_random_groups
 
 Runner = Callable[[torch.Tensor], Any]
 
@@ -159,8 +158,7 @@ def latency_over_processes(
     runs: list[list[dict[str, Any]]] = []
     for _ in range(args.processes):
         cmd = [
-            sys.executable,
-            str(ENTRY),
+            *ENTRY,
             "--latency-worker",
             name,
             "--runtime",
@@ -175,7 +173,12 @@ def latency_over_processes(
         if args.threads is not None:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(
-            cmd, env={**os.environ, **env}, capture_output=True, text=True, check=True
+            cmd,
+            cwd=BENCHMARKS,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
         )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = []

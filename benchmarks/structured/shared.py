@@ -25,9 +25,13 @@ SHAPE = (1, 28, 28)
 # HESSO (both libraries) prunes over this part of training; the rest is pruning-free. Ending at 40%
 # rather than 60% left 0.1-0.2 points more accuracy at 72% of the MACs removed (ResNet-20, VGG).
 PRUNE_START, PRUNE_END = 0.05, 0.4
+#: SGD's settings for every library and architecture (both HESSOs take them too)
+HP = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
 SLIM_DIR = Path(__file__).resolve().parents[2] / "runs" / "structured"  # gitignored
-#: the command-line entry, which the latency part starts afresh in worker processes
-ENTRY = Path(__file__).resolve().parents[1] / "structured.py"
+#: the command line (``python -m structured`` in ``BENCHMARKS``), which the latency part starts
+#: afresh in worker processes
+ENTRY = (sys.executable, "-m", "structured")
+BENCHMARKS = Path(__file__).resolve().parents[1]
 
 
 def load_oto(shim: Path) -> Any | None:

@@ -23,7 +23,7 @@ from prunekit.structured import rules as R
 
 
 def _tv_ops():
-    importlib.import_module("tests.structured.torchvision_shim")  # before torchvision
+    importlib.import_module("benchmarks.torchvision_shim")  # before torchvision
     return importlib.import_module("torchvision.ops")
 
 

@@ -36,7 +36,7 @@ FRACTION = 0.3
 
 
 def _models():
-    importlib.import_module("tests.structured.torchvision_shim")  # before torchvision
+    importlib.import_module("benchmarks.torchvision_shim")  # before torchvision
     return importlib.import_module("torchvision.models")
 
 

@@ -7,12 +7,22 @@ It sits on top of the library and the library never imports it. A run reads top 
 (:mod:`~prunekit.app.outputs`); :mod:`~prunekit.app.training` and :mod:`~prunekit.app.compression` are
 those steps in order, :mod:`~prunekit.app.launch` starts data-parallel ranks, and
 :mod:`~prunekit.app.ranks` is where a process stands among them.
+
+Besides running a recipe, the steps of a ``prunekit compress`` run that a caller can repeat on its
+own model are exported too: the calibration batches it draws (:func:`calibration_batches`, with
+:class:`CalibrationSpec`'s defaults) and its sparse fine-tuning (:func:`sparse_finetune`,
+:class:`FinetuneSpec`).
 """
 
 from prunekit.app.checkpoint import load_checkpoint, save_checkpoint
-from prunekit.app.compress_recipe import CompressRecipe, load_compress_recipe
-from prunekit.app.compression import compress_run
-from prunekit.app.data import load_data
+from prunekit.app.compress_recipe import (
+    CalibrationSpec,
+    CompressRecipe,
+    FinetuneSpec,
+    load_compress_recipe,
+)
+from prunekit.app.compression import compress_run, sparse_finetune
+from prunekit.app.data import calibration_batches, load_data
 from prunekit.app.divergence import DivergenceError, NonFiniteLossError
 from prunekit.app.launch import launch_train
 from prunekit.app.loop import evaluate, lr_factor
@@ -22,12 +32,15 @@ from prunekit.app.training import train, train_from_dict
 from prunekit.serialization import CheckpointError
 
 __all__ = [
+    "CalibrationSpec",
     "CheckpointError",
     "CompressRecipe",
     "DivergenceError",
+    "FinetuneSpec",
     "NonFiniteLossError",
     "Recipe",
     "RunDir",
+    "calibration_batches",
     "compress_run",
     "evaluate",
     "launch_train",
@@ -38,6 +51,7 @@ __all__ = [
     "lr_factor",
     "recipe_from_dict",
     "save_checkpoint",
+    "sparse_finetune",
     "train",
     "train_from_dict",
 ]

@@ -6,9 +6,13 @@ fake kernels for its detection ops. The classification model definitions are pur
 none of those ops. Import this module before torchvision: it lets those registrations fail quietly,
 and nothing else changes (detection ops such as nms stay unavailable).
 
-    import torchvision_shim  # noqa: F401  (this file, on sys.path)
+    import torchvision_shim  # noqa: F401  (a benchmark script: benchmarks/ is on sys.path)
     from torchvision import models
     models.get_model("efficientnet_b0", weights=None)
+
+It lives in ``benchmarks/`` because a benchmark script can import nothing above its own folder
+without editing ``sys.path``; the tests, run from the repository root, import it as
+``benchmarks.torchvision_shim``.
 """
 
 import torch
