@@ -1,4 +1,6 @@
-"""Capture: the lean shape pass records what ``torch.fx``'s own ``ShapeProp`` does."""
+"""Capture (:mod:`prunekit.structured.tracer`, through ``groups.capture``): the lean shape pass
+``propagate_shapes`` records what ``torch.fx``'s own ``ShapeProp`` does, and the model's state
+is left as it was."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from prunekit.structured import find_groups
 from prunekit.structured.groups import capture
-from prunekit.structured.rules import trace
+from prunekit.structured.tracer import trace
 
 from .zoo import ZOO
 
