@@ -184,6 +184,16 @@ def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(m.num_features, generator=gen))
 
 
+def _image_model(make: Callable[[], nn.Module]) -> tuple[nn.Module, Tensor, list]:
+    """``make()`` after ``torch.manual_seed(0)``, its batch norms randomised, a ``(2, 3, 6, 6)``
+    input and the model's groups."""
+    torch.manual_seed(0)
+    model = make()
+    _randomise_bn(model)
+    x = torch.randn(2, 3, 6, 6)
+    return model, x, find_groups(model, x)
+
+
 def _zero_and_slim(model: nn.Module, x: Tensor, group) -> nn.Module:
     """Zero ``group``, slim, and check exactness by hand (the masked output, computed here)."""
     group.zero_()
@@ -320,11 +330,7 @@ class _SENet(nn.Module):
 
 
 def test_se_gate_channel_fc1_column_and_fc2_row_form_one_group():
-    torch.manual_seed(0)
-    model = _SENet()
-    _randomise_bn(model)
-    x = torch.randn(2, 3, 6, 6)
-    groups = find_groups(model, x)
+    model, x, groups = _image_model(_SENet)
     g = _group_of(groups, "conv.weight", 3)
     assert g.prunable, g.reason
     assert g.slices("out") == {
@@ -506,11 +512,7 @@ class _InceptionLike(nn.Module):
 
 
 def test_inception_like_concat_offsets_each_branch():
-    torch.manual_seed(0)
-    model = _InceptionLike()
-    _randomise_bn(model)
-    x = torch.randn(2, 3, 6, 6)
-    groups = find_groups(model, x)
+    model, x, groups = _image_model(_InceptionLike)
     # the cat's channels: b1 at 0..2, b2b at 3..7, b3 at 8..9, the stem itself at 10..13
     for tensor, index, column in [("b1.weight", 1, 1), ("b2b.weight", 4, 7), ("b3.weight", 0, 8)]:
         g = _group_of(groups, tensor, index)
@@ -623,10 +625,7 @@ class _Shuffle(nn.Module):
 
 
 def test_channel_shuffle_joins_each_position_across_the_shuffled_groups():
-    torch.manual_seed(0)
-    model, x = _Shuffle(), torch.randn(2, 3, 6, 6)
-    _randomise_bn(model)
-    groups = find_groups(model, x)
+    model, x, groups = _image_model(_Shuffle)
     assert all(g.prunable for g in groups if ("conv.weight", 0) in g.slices())
     group = _group_of(groups, "conv.weight", 1)
     # input position g·4 + j goes to output position 2j + g: positions 1 and 5 (j = 1) go together
@@ -660,10 +659,7 @@ def test_shuffle_without_the_join_is_refused_by_slim(monkeypatch):
             ctx.graph.union_all = joins
 
     monkeypatch.setattr(heads, "_is_shuffle", no_join)
-    torch.manual_seed(0)
-    model, x = _Shuffle(), torch.randn(2, 3, 6, 6)
-    _randomise_bn(model)
-    groups = find_groups(model, x)
+    model, x, groups = _image_model(_Shuffle)
     _group_of(groups, "conv.weight", 1).zero_()
     with pytest.raises(SlimError):
         slim(model, x, groups)
