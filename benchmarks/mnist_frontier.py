@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from prunekit.app import DivergenceError, Recipe, load_data, load_recipe, train
-from prunekit.methods import available
+from prunekit.methods import available_methods
 
 from common import RESULTS, environment, write_results
 
@@ -271,7 +271,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--methods", nargs="+", default=["dense", *available()])
+    parser.add_argument("--methods", nargs="+", default=["dense", *available_methods()])
     parser.add_argument("--sparsities", nargs="+", type=float, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "frontier")

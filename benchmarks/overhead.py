@@ -111,7 +111,7 @@ def main() -> None:
         "dense",
         "hard mask (prunekit)",
         "straight-through (prunekit)",
-        *prunekit.methods.available(),
+        *prunekit.methods.available_methods(),
         "torch.nn.utils.prune",
         "mask after step",
     ]

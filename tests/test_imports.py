@@ -131,3 +131,31 @@ def test_the_old_home_of_the_ddp_helpers_still_works_with_a_warning():
         "assert any(issubclass(w.category, DeprecationWarning) for w in caught), caught\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+#: the modules longer than MAX_LINES, each with the one concept it holds (a new long module must be
+#: split, or added here with its one concept; an entry that is no longer long is removed)
+MAX_LINES = 400
+LONG_MODULES = {
+    "prunekit.app.run_dir": "the run directory: its record, overwriting and restoring, its lock",
+    "prunekit.distributed.codecs": "the wire formats of QSGD and natural compression",
+    "prunekit.posttrain.methods": "the table of post-training methods: one config and rule each",
+    "prunekit.posttrain.obc": "OBC/OBQ: greedy optimal brain compression of one layer",
+    "prunekit.posttrain.obs": "the OBS rules of one layer: SparseGPT, Wanda, magnitude",
+    "prunekit.posttrain.pipeline": "prunekit.compress: the walk over the model",
+    "prunekit.structured.groups": "zero-invariant groups and what they cost",
+    "prunekit.structured.heads": "attention heads as groups",
+    "prunekit.structured.hesso": "HESSO: its config, its FLOPs target and its update",
+    "prunekit.structured.rules": "the table of per-op rules of group discovery",
+    "prunekit.structured.slim": "the slim model built from the zero groups",
+}
+
+
+def test_a_long_module_holds_one_named_concept():
+    lengths = {
+        name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in MODULES.items()
+    }
+    unnamed = sorted(n for n, k in lengths.items() if k > MAX_LINES and n not in LONG_MODULES)
+    assert unnamed == [], f"over {MAX_LINES} lines: split them, or name their one concept"
+    stale = sorted(n for n in LONG_MODULES if lengths.get(n, 0) <= MAX_LINES)
+    assert stale == [], "no longer long (or gone): remove from LONG_MODULES"

@@ -4,8 +4,12 @@ import pytest
 
 import prunekit
 from prunekit.config import ConfigError
-from prunekit.distributed import available_codecs, get_codec, register_codec
-from prunekit.methods import available, get_method
+from prunekit.distributed import (
+    available_gradient_methods,
+    get_gradient_method,
+    register_gradient_method,
+)
+from prunekit.methods import available_methods, get_method
 from prunekit.posttrain import available_compressors, get_compressor
 from prunekit.registry import Registry
 from prunekit.structured.registry import available_structured, get_structured
@@ -40,7 +44,7 @@ def test_verbs_of_one_registry():
         (get_method, "method"),
         (get_compressor, "post-training method"),
         (get_structured, "structured optimizer"),
-        (get_codec, "gradient compression method"),
+        (get_gradient_method, "gradient compression method"),
     ],
 )
 def test_every_part_refuses_an_unknown_name_with_one_error(get, kind):
@@ -50,21 +54,33 @@ def test_every_part_refuses_an_unknown_name_with_one_error(get, kind):
 
 def test_prunekit_available_lists_every_part_by_kind():
     assert prunekit.available() == {
-        "methods": available(),
+        "methods": available_methods(),
         "posttrain": available_compressors(),
         "structured": available_structured(),
-        "distributed": available_codecs(),
+        "distributed": available_gradient_methods(),
     }
     assert all(prunekit.available().values())
 
 
-def test_a_taken_codec_name_is_refused_and_the_call_form_is_deprecated():
-    entry = get_codec("none")
+def test_a_taken_gradient_method_name_is_refused_and_the_old_names_are_deprecated():
+    entry = get_gradient_method("none")
     with pytest.raises(ConfigError, match="gradient compression method 'none' is already"):
-        register_codec("none", entry.config_class, entry.state_class)(lambda s, b: None)
-    with pytest.warns(DeprecationWarning, match="use it as a decorator"):
-        again = register_codec("none", entry.config_class, entry.state_class, entry.hook)
+        register_gradient_method("none", entry.state_class)(lambda s, b: None)
+    assert register_gradient_method("none", entry.state_class)(entry.hook) is entry.hook
+    assert get_gradient_method("none") == entry  # the same hook again: a no-op
+    with pytest.warns(DeprecationWarning, match="register_codec is deprecated"):
+        again = prunekit.distributed.register_codec(
+            "none", entry.config_class, entry.state_class, entry.hook
+        )
     assert again == entry
+    with pytest.warns(DeprecationWarning, match="use available_gradient_methods"):
+        assert prunekit.distributed.available_codecs() == available_gradient_methods()
+    with pytest.warns(DeprecationWarning, match="use get_gradient_method"):
+        assert prunekit.distributed.get_codec("qsgd") == get_gradient_method("qsgd")
+    with pytest.warns(DeprecationWarning, match="use GradientMethod"):
+        assert prunekit.distributed.CodecEntry is prunekit.distributed.GradientMethod
+    with pytest.warns(DeprecationWarning, match="use available_methods"):
+        assert prunekit.methods.available() == available_methods()
 
 
 def test_one_word_one_meaning_for_ratio(monkeypatch):

@@ -40,8 +40,8 @@ def available() -> dict[str, list[str]]:
 
     Each list is that part's ``available*()`` (sorted); the parts load on first call.
     """
-    from prunekit.distributed import available_codecs
-    from prunekit.methods import available as available_methods
+    from prunekit.distributed import available_gradient_methods
+    from prunekit.methods import available_methods
     from prunekit.posttrain import available_compressors
     from prunekit.structured.registry import available_structured
 
@@ -49,7 +49,7 @@ def available() -> dict[str, list[str]]:
         "methods": available_methods(),
         "posttrain": available_compressors(),
         "structured": available_structured(),
-        "distributed": available_codecs(),
+        "distributed": available_gradient_methods(),
     }
 
 

@@ -38,7 +38,7 @@ def sparsify(
     Args:
         model: any ``nn.Module``, on any device, or a ``DistributedDataParallel`` wrapper of one.
         optimizer: the optimizer that trains ``model``.
-        method: a registered name (see :func:`prunekit.methods.available`).
+        method: a registered name (see :func:`prunekit.methods.available_methods`).
         sparsity: final fraction of zeros among the pruned weights, in ``[0, 1)`` (required by
             every method but ``constant``, which keeps the model's current zeros).
         total_steps: number of optimizer steps the run will take (required likewise).

@@ -195,10 +195,10 @@ class Run:
 def structured_optimizer(name: str, model: nn.Module, groups: list[Any]) -> torch.optim.Optimizer:
     common: dict[str, Any] = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
     if name == "hesso":
-        return HESSO(model.parameters(), groups, start_step=2, pruning_steps=12, periods=3,
+        return HESSO(model.parameters(), groups, start_step=2, end_step=14, periods=3,
                      target_group_sparsity=0.3, **common)  # fmt: skip
     if name == "dhspg":
-        return DHSPG(model.parameters(), groups, start_step=4, project_end=16,
+        return DHSPG(model.parameters(), groups, start_step=4, end_step=16,
                      target_group_sparsity=0.3, **common)  # fmt: skip
     return HSPG(model.parameters(), groups, lambda_=2.0, subgradient_steps=6, **common)
 

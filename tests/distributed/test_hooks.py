@@ -24,9 +24,9 @@ from prunekit.config import ConfigError
 from prunekit.distributed import (
     QSGDState,
     TopKState,
-    available_codecs,
+    available_gradient_methods,
     compress_gradients,
-    get_codec,
+    get_gradient_method,
     run_workers,
     topk_hook,
 )
@@ -275,7 +275,7 @@ def _check_resume_qsgd(rank: int, world: int) -> dict[str, Any]:
     b = DDP(Linear1(N))
     sb = QSGDState(mode="allgather", seed=99)
     sb.load_state_dict(sa.state_dict())
-    b.register_comm_hook(sb, get_codec("qsgd").hook)
+    b.register_comm_hook(sb, get_gradient_method("qsgd").hook)
     for m in (a, b):
         m.zero_grad()
         m(g).backward()
@@ -287,8 +287,8 @@ def _check_resume_qsgd(rank: int, world: int) -> dict[str, Any]:
 
 def _check_registry_and_training(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in available_codecs():  # every registered codec, registered by hand
-        entry = get_codec(name)
+    for name in available_gradient_methods():  # every registered codec, registered by hand
+        entry = get_gradient_method(name)
         model = DDP(_mlp())
         state = entry.state_class()
         model.register_comm_hook(state, entry.hook)
@@ -441,7 +441,7 @@ def test_qsgd_resume_from_state_dict(results: Any) -> None:
 def test_registry_hooks_and_training_keep_replicas_identical(results: Any) -> None:
     _, res = results
     names = [k for k in res[0] if k.startswith("registry/")]
-    assert sorted(n.split("/", 1)[1] for n in names) == available_codecs()
+    assert sorted(n.split("/", 1)[1] for n in names) == available_gradient_methods()
     for key in [*names, "weights"]:
         assert all(r[key] == res[0][key] for r in res), key
     for key in names:
@@ -451,7 +451,7 @@ def test_registry_hooks_and_training_keep_replicas_identical(results: Any) -> No
 
 
 def test_config_validation() -> None:
-    assert available_codecs() == ["natural", "none", "qsgd", "topk"]
+    assert available_gradient_methods() == ["natural", "none", "qsgd", "topk"]
     with pytest.raises(ConfigError, match="bucket_size, levels, mode, seed"):
         compress_gradients(None, "qsgd", level=4)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="levels must be an integer >= 1"):

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from prunekit.config import ConfigError
 from prunekit.distributed import (
     NoneState,
-    available_codecs,
+    available_gradient_methods,
     compress_gradients,
     none_hook,
     run_workers,
@@ -205,7 +205,7 @@ def _all_nan(t: Tensor) -> bool:
 
 
 def test_every_codec_and_mode_is_covered() -> None:
-    assert sorted({method for method, _ in CASES.values()}) == available_codecs()
+    assert sorted({method for method, _ in CASES.values()}) == available_gradient_methods()
 
 
 @pytest.mark.parametrize("key", list(CASES))

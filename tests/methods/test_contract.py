@@ -10,7 +10,7 @@ import prunekit
 from prunekit.config import ConfigError
 from tests.helpers import QUICK, mlp, run, sgd, small_cnn, toy_data
 
-METHODS = prunekit.methods.available()
+METHODS = prunekit.methods.available_methods()
 STEPS = 120
 
 

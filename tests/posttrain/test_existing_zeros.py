@@ -247,7 +247,7 @@ def test_dense_mfac_gives_the_old_result(monkeypatch, sparsity, steps):
     kw = {"sparsity": sparsity, "ngrads": 8, "fisher_block": 32, "steps": steps}
     new = copy.deepcopy(model)
     prunekit.compress(new, xs, "mfac", **kw)
-    walk = importlib.import_module("prunekit.posttrain.compress")
+    walk = importlib.import_module("prunekit.posttrain.methods")
     monkeypatch.setattr(walk, "mfac_prune_model", _legacy.mfac_prune_model)
     old = copy.deepcopy(model)
     prunekit.compress(old, xs, "mfac", **kw)

@@ -105,7 +105,7 @@ def test_sparsegpt_nm_beats_magnitude_nm():
 def test_damping_escalates_on_rank_deficient_hessian(caplog):
     X = correlated(3, 8, seed=9)  # 3 samples, 8 inputs: rank 3
     H = layer_hessian(X)
-    with caplog.at_level(logging.WARNING, logger="prunekit.posttrain.obs"):
+    with caplog.at_level(logging.WARNING, logger="prunekit.posttrain.hessian"):
         H_d, info = prepare_hessian(H, damp=0.0)
     assert info.tries >= 2
     assert info.damp_history[0] == 0.0

@@ -158,7 +158,7 @@ def test_dhspg_adaptive_lambda_and_half_space_projection_by_hand():
     for epsilon, projected in ((0.0, set()), (0.93, {2})):
         model, groups, params = _tiny(DX, DG)
         # s* = 0.75 of 4 groups: K = ⌊4 · 0.8⌋ = 3 redundant
-        opt = DHSPG(params, groups, lr=LR, momentum=0.0, start_step=0, project_end=100,
+        opt = DHSPG(params, groups, lr=LR, momentum=0.0, start_step=0, end_step=100,
                     lambda_=DLAM, epsilon=epsilon, amplify=AMPLIFY, hat_coeff=HAT,
                     target_group_sparsity=0.75)  # fmt: skip
         opt.step()
@@ -172,10 +172,10 @@ def test_dhspg_adaptive_lambda_and_half_space_projection_by_hand():
 def test_dhspg_automatic_lambda_uses_each_parameters_own_lr():
     _, _, norm = _dhspg_by_hand()
     _model, groups, params = _tiny(DX, DG, lr_first=0.0)
-    opt = DHSPG(params, groups, lr=LR, momentum=0.0, start_step=0, project_end=10,
+    opt = DHSPG(params, groups, lr=LR, momentum=0.0, start_step=0, end_step=10,
                 target_group_sparsity=0.75)  # fmt: skip
     opt.step()
-    # median over the redundant groups (1, 2, 3) of ||x_g||/lr, over (project_end − start)/2
+    # median over the redundant groups (1, 2, 3) of ||x_g||/lr, over (end_step − start)/2
     expected = sorted(n / LR for n in norm[1:])[1] / 5
     assert opt.lambda_ == pytest.approx(expected)
 
@@ -188,7 +188,7 @@ def test_dhspg_margin_sizes_the_redundant_set_and_the_target_is_exact():
     model, x = ZOO["residual"]()
     groups = find_groups(model, x)
     opt = DHSPG(model.parameters(), groups, lr=0.05, momentum=0.9, start_step=5,
-                project_end=30, target_group_sparsity=0.5)  # fmt: skip
+                end_step=30, target_group_sparsity=0.5)  # fmt: skip
     _train(model, x, opt, 30)
     n = opt.index.num_groups
     assert int(opt.redundant.sum()) == int(n * 0.55) > round(0.5 * n)
@@ -223,7 +223,7 @@ def test_hesso_importance_terms_by_hand(criterion):
     terms = _hesso_terms_by_hand()
     _model, groups, params = _tiny(HX, HG)
     weights = {criterion: 1.0} if criterion else None
-    opt = HESSO(params, groups, lr=LR, pruning_steps=10, criteria=weights)
+    opt = HESSO(params, groups, lr=LR, end_step=10, criteria=weights)
     if criterion is None:  # the default mixture: equal weights 0.2
         expected = [sum(0.2 * t[g] for t in terms.values()) for g in range(4)]
     else:
@@ -236,7 +236,7 @@ def test_hesso_decaying_group_takes_the_gradient_step_then_is_scaled():
     mixture = [sum(0.2 * t[g] for t in terms.values()) for g in range(4)]
     least = min(range(4), key=lambda g: mixture[g])
     model, groups, params = _tiny(HX, HG)
-    opt = HESSO(params, groups, lr=LR, momentum=0.0, start_step=0, pruning_steps=4, periods=1,
+    opt = HESSO(params, groups, lr=LR, momentum=0.0, start_step=0, end_step=4, periods=1,
                 target_group_sparsity=0.25)  # fmt: skip
     opt.step()
     assert {i for i in range(4) if bool(opt.decaying[i])} == {least}
@@ -250,7 +250,7 @@ def test_dhspg_penalty_and_projection_stop_once_the_target_is_reached():
     _, lams, norm = _dhspg_by_hand()
     model, groups, params = _tiny(DX, DG)
     # s* = 0.25 (one group) with a margin of 0.5: K = ⌊4 · 0.75⌋ = 3 redundant groups
-    opt = DHSPG(params, groups, lr=LR, momentum=0.0, start_step=0, project_end=100,
+    opt = DHSPG(params, groups, lr=LR, momentum=0.0, start_step=0, end_step=100,
                 lambda_=DLAM, epsilon=0.99, margin=0.5, amplify=AMPLIFY, hat_coeff=HAT,
                 target_group_sparsity=0.25)  # fmt: skip
     opt.step()

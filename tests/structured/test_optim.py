@@ -19,9 +19,9 @@ def _make(name, params, groups, variant="sgd", target=0.5):
         lam = 2.0 if variant == "sgd" else 20.0
         return HSPG(params, groups, lambda_=lam, subgradient_steps=TOTAL // 4, **common)
     if name == "dhspg":
-        return DHSPG(params, groups, start_step=TOTAL // 5, project_end=int(0.8 * TOTAL), **common)
+        return DHSPG(params, groups, start_step=TOTAL // 5, end_step=int(0.8 * TOTAL), **common)
     return HESSO(
-        params, groups, start_step=TOTAL // 5, pruning_steps=TOTAL // 2, periods=5, **common
+        params, groups, start_step=TOTAL // 5, end_step=TOTAL // 5 + TOTAL // 2, periods=5, **common
     )
 
 
@@ -66,7 +66,7 @@ def test_hesso_decays_linearly_to_zero_within_a_period():
     torch.manual_seed(0)
     model, x = ZOO["residual"]()
     groups = find_groups(model, x)
-    opt = HESSO(model.parameters(), groups, lr=0.0, momentum=0.0, start_step=0, pruning_steps=10, periods=1,
+    opt = HESSO(model.parameters(), groups, lr=0.0, momentum=0.0, start_step=0, end_step=10, periods=1,
                 target_group_sparsity=0.25)  # fmt: skip
     norms0 = opt.index.sq_norms().sqrt()
     ratios = []
@@ -119,7 +119,7 @@ def test_no_prunable_groups_is_reported():
     model, x = ZOO["tied"]()
     groups = [g for g in find_groups(model, x) if not g.prunable]
     with pytest.raises(prunekit.NoPrunableLayersError, match="no prunable groups"):
-        HESSO(model.parameters(), groups, lr=0.1, pruning_steps=10)
+        HESSO(model.parameters(), groups, lr=0.1, end_step=10)
 
 
 def test_group_macs_price_what_slimming_saves():
@@ -142,7 +142,7 @@ def test_group_macs_price_what_slimming_saves():
         assert c == pytest.approx(saved, rel=1e-6)  # one group alone: no shared slices
 
 
-def test_hesso_cost_target_removes_that_share_of_the_cost_expensive_first():
+def test_hesso_cost_removed_removes_that_share_of_the_cost_expensive_first():
     torch.manual_seed(0)
     model, x = ZOO["residual"]()
     groups = find_groups(model, x)
@@ -150,7 +150,7 @@ def test_hesso_cost_target_removes_that_share_of_the_cost_expensive_first():
     costs = [1.0] * n
     costs[3] = float(n)  # one group costs as much as all the others together
     opt = HESSO(model.parameters(), groups, lr=0.05, start_step=TOTAL // 5,
-                pruning_steps=TOTAL // 2, periods=5, group_costs=costs, cost_target=0.45)  # fmt: skip
+                end_step=TOTAL // 5 + TOTAL // 2, periods=5, group_costs=costs, cost_removed=0.45)  # fmt: skip
     _train(model, x, opt, TOTAL)
     zero = opt.index.sq_norms() == 0
     removed = float(torch.tensor(costs)[zero].sum()) / sum(costs)
@@ -162,9 +162,9 @@ def test_hesso_cost_target_removes_that_share_of_the_cost_expensive_first():
             model.parameters(),
             groups,
             lr=0.05,
-            pruning_steps=10,
+            end_step=10,
             group_costs=[1.0],
-            cost_target=0.5,
+            cost_removed=0.5,
         )
 
 
@@ -177,8 +177,8 @@ def test_hesso_exact_macs_target_meets_the_model_macs_fraction(multiple):
     model, x = ZOO["residual"]()
     groups = find_groups(model, x)
     before = count_macs(model, x[:1])
-    opt = HESSO(model.parameters(), groups, lr=0.05, start_step=TOTAL // 5, pruning_steps=TOTAL // 2,
-                periods=5, group_costs=group_macs(model, groups, x[:1]), cost_target=0.5,
+    opt = HESSO(model.parameters(), groups, lr=0.05, start_step=TOTAL // 5, end_step=TOTAL // 5 + TOTAL // 2,
+                periods=5, group_costs=group_macs(model, groups, x[:1]), cost_removed=0.5,
                 cost_rates=macs_rates(model, x[:1]), channel_multiple=multiple)  # fmt: skip
     _train(model, x, opt, TOTAL)
     small = slim(model, x, groups)
@@ -198,8 +198,8 @@ def test_hesso_cost_power_sets_how_much_cost_discounts_importance(power, monkeyp
     costs[3] = float(n)  # half of all the cost in one group, the most important one
     importance = torch.ones(n)
     importance[3] = 3.0
-    opt = HESSO(model.parameters(), groups, lr=0.05, pruning_steps=10, group_costs=costs,
-                cost_target=0.1, max_layer_fraction=1.0, cost_power=power)  # fmt: skip
+    opt = HESSO(model.parameters(), groups, lr=0.05, end_step=10, group_costs=costs,
+                cost_removed=0.1, max_layer_fraction=1.0, cost_power=power)  # fmt: skip
     monkeypatch.setattr(opt, "importance", lambda: importance)
     opt._select_by_cost(1.0)
     # score of group 3 relative to a cheap one: 3 / n**power (costs relative to their mean)
@@ -207,16 +207,16 @@ def test_hesso_cost_power_sets_how_much_cost_discounts_importance(power, monkeyp
     assert bool(opt.decaying[3]) == expensive_first
     assert int(opt.decaying.sum()) == (1 if expensive_first else math.ceil(0.1 * (2 * n - 1)))
     with pytest.raises(ValueError, match="cost_power"):
-        HESSO(model.parameters(), groups, lr=0.05, pruning_steps=10, group_costs=costs,
-              cost_target=0.1, cost_power=2.0)  # fmt: skip
+        HESSO(model.parameters(), groups, lr=0.05, end_step=10, group_costs=costs,
+              cost_removed=0.1, cost_power=2.0)  # fmt: skip
 
 
 def test_hesso_channel_multiple_is_validated():
     model, x = ZOO["residual"]()
     groups = find_groups(model, x)
     with pytest.raises(ValueError, match="channel_multiple"):
-        HESSO(model.parameters(), groups, lr=0.05, pruning_steps=10, group_costs=[1.0] * 40,
-              cost_target=0.1, channel_multiple=0)  # fmt: skip
+        HESSO(model.parameters(), groups, lr=0.05, end_step=10, group_costs=[1.0] * 40,
+              cost_removed=0.1, channel_multiple=0)  # fmt: skip
 
 
 def test_emptiable_allows_residual_branches_and_refuses_every_path():
@@ -271,8 +271,8 @@ def test_hesso_may_empty_lifts_the_layer_cap_for_a_branch_that_slim_folds(may, m
     assert len(branch) == 16
     importance = torch.ones(len(groups))
     importance[branch] = 0.01  # the least important: taken first
-    opt = HESSO(model.parameters(), groups, lr=0.05, pruning_steps=10, group_costs=group_macs(model, groups, x[:1]),
-                cost_target=0.15, cost_rates=macs_rates(model, x[:1]), max_layer_fraction=0.5, cost_power=0.0,
+    opt = HESSO(model.parameters(), groups, lr=0.05, end_step=10, group_costs=group_macs(model, groups, x[:1]),
+                cost_removed=0.15, cost_rates=macs_rates(model, x[:1]), max_layer_fraction=0.5, cost_power=0.0,
                 may_empty=emptiable(model, groups, x) if may else None)  # fmt: skip
     monkeypatch.setattr(opt, "importance", lambda: importance)
     opt._select_by_cost(1.0)
@@ -283,5 +283,5 @@ def test_hesso_may_empty_lifts_the_layer_cap_for_a_branch_that_slim_folds(may, m
     small = slim(model, x, groups)
     assert isinstance(small.layers[1].conv2, FoldedConv) == may
     with pytest.raises(ValueError, match="may_empty"):
-        HESSO(model.parameters(), groups, lr=0.05, pruning_steps=10, group_costs=[1.0] * len(groups),
-              cost_target=0.1, may_empty=[True])  # fmt: skip
+        HESSO(model.parameters(), groups, lr=0.05, end_step=10, group_costs=[1.0] * len(groups),
+              cost_removed=0.1, may_empty=[True])  # fmt: skip

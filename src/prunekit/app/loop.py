@@ -44,7 +44,7 @@ from prunekit.app.run_dir import RunDir
 from prunekit.core.forward import count_correct
 from prunekit.core.report import sparsity_report
 from prunekit.data import ArrayDataset, BatchIterator
-from prunekit.distributed.hooks import CommState
+from prunekit.distributed.state import CommState
 from prunekit.methods.base import Pruner
 from prunekit.schedules import cosine, linear
 from prunekit.structured import Group, GroupSparseOptimizer

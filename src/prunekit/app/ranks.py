@@ -26,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from prunekit.config import ConfigError
 from prunekit.core.ddp import broadcast_tensors_
 from prunekit.core.forward import count_correct
-from prunekit.distributed.compress import compress_gradients
-from prunekit.distributed.hooks import CommState
+from prunekit.distributed.registry import compress_gradients
+from prunekit.distributed.state import CommState
 
 __all__ = [
     "TORCHRUN_VARIABLES",

@@ -177,7 +177,7 @@ class Recipe:
     #: without ``optimizer`` the section is for HESSO. Fractions of training become steps when
     #: training starts; the update rule comes from the ``optimizer`` section.
     structured: dict[str, Any] | None = None
-    #: data-parallel runs: the gradient compression (a codec of ``prunekit.distributed``) and its
+    #: data-parallel runs: the gradient compression (a gradient compression method of ``prunekit.distributed``) and its
     #: config, e.g. ``{method: qsgd, levels: 16}``; ignored (with a warning) by a single process
     communication: dict[str, Any] | None = None
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
@@ -254,13 +254,13 @@ def validate_pruning(section: dict[str, Any], total_steps: int = 1_000_000) -> N
 
 
 def validate_communication(section: dict[str, Any]) -> None:
-    """Check a ``communication`` section against its codec's config class."""
-    from prunekit.distributed.compress import get_codec
+    """Check a ``communication`` section against its gradient compression method's config class."""
+    from prunekit.distributed import get_gradient_method
 
     if not isinstance(section, dict) or "method" not in section:
         raise ConfigError("communication needs a 'method' key (e.g. communication: {method: qsgd})")
     try:
-        entry = get_codec(str(section["method"]))
+        entry = get_gradient_method(str(section["method"]))
     except ConfigError as exc:
         raise ConfigError(f"communication.method: {exc}") from None
     valid = [f.name for f in dataclasses.fields(entry.config_class)] + ["method"]

@@ -66,7 +66,7 @@ def finish_structured(
         "target_group_sparsity": None
         if getattr(optimizer, "capped", True) is False
         else optimizer.target,
-        "flops_target": getattr(optimizer, "cost_target", None),
+        "flops_target": getattr(optimizer, "cost_removed", None),
         "params_before": params,
         "params_after": slim_params,
         "macs_before": macs,

@@ -17,7 +17,7 @@ from prunekit.app.recipe import load_recipe
 from prunekit.app.run_dir import OUTPUTS
 from prunekit.app.training import train
 from prunekit.config import ConfigError
-from prunekit.methods import available, get_method
+from prunekit.methods import available_methods, get_method
 from prunekit.posttrain import HessianError, available_compressors, get_compressor
 from prunekit.serialization import CheckpointError
 from prunekit.structured.io import SlimSpecError
@@ -92,7 +92,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 def _cmd_methods(args: argparse.Namespace) -> int:
     del args
     print("sparse training (prunekit train, prunekit.sparsify):")
-    for name in available():
+    for name in available_methods():
         cls = get_method(name)
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         print(f"  {name:9s} {doc}")

@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prunekit.config import ConfigError, from_dict
+from prunekit.config import Config, ConfigError, check_range
 from prunekit.distributed import exchange
-from prunekit.distributed.hooks import CommState, Future, _done
+from prunekit.distributed.state import CommState, Future, completed
 
 __all__ = ["TopKConfig", "TopKState", "topk_hook"]
 
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class TopKConfig:
+class TopKConfig(Config):
     """Top-k sparsification.
 
     Attributes:
@@ -51,18 +51,13 @@ class TopKConfig:
     ratio: float = 0.01
     error_feedback: bool = True
 
-    version: ClassVar[int] = 1
+    method_name: ClassVar[str] = "topk"
 
     def __post_init__(self) -> None:
-        r = self.ratio
-        if not (isinstance(r, int | float) and not isinstance(r, bool) and 0 < r <= 1):
-            raise ConfigError(f"ratio must be in (0, 1], got {r!r}")
+        super().__post_init__()
+        check_range("ratio", self.ratio, 0.0, 1.0, low_open=True)
         if not isinstance(self.error_feedback, bool):
             raise ConfigError(f"error_feedback must be a bool, got {self.error_feedback!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TopKConfig":
-        return from_dict(cls, data, "topk")
 
 
 class TopKState(CommState):
@@ -151,7 +146,7 @@ def _topk_mean(state: TopKState, bucket: dist.GradBucket, buffer: Tensor) -> Fut
     """The future of the averaged bucket; ``None``, residuals untouched, when some rank's bucket
     is non-finite."""
     if state.mode == "none":  # one rank: nothing to exchange (a NaN is found in _finish)
-        return _done(buffer)
+        return completed(buffer)
     if exchange.any_nonfinite(buffer, state.group, state.traffic):
         return None
     w = state.world_size

@@ -1,4 +1,4 @@
-"""Sparse-training methods. Importing this package registers them; :func:`available` lists them."""
+"""Sparse-training methods. Importing this package registers them; :func:`available_methods` lists them."""
 
 from prunekit.methods.acdc import ACDC, ACDCConfig
 from prunekit.methods.base import Pruner, SparsityConfig
@@ -8,7 +8,7 @@ from prunekit.methods.dpf import DPF, DPFConfig
 from prunekit.methods.gap import GaP, GaPConfig
 from prunekit.methods.gmp import GMP, GMPConfig
 from prunekit.methods.imp import IMP, IMPConfig
-from prunekit.methods.registry import available, get_method, register_method
+from prunekit.methods.registry import available, available_methods, get_method, register_method
 from prunekit.methods.rigl import RigL, RigLConfig
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "RigLConfig",
     "SparsityConfig",
     "available",
+    "available_methods",
     "get_method",
     "register_method",
 ]

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from prunekit.atomic import save_atomic
-from prunekit.config import ConfigError
+from prunekit.config import ConfigError, check_fraction, check_positive
 from prunekit.core.masks import Masker, MaskMode, state_without_masks
-from prunekit.methods.base import Pruner, SparsityConfig, check_fraction
+from prunekit.methods.base import Pruner, SparsityConfig
 from prunekit.methods.registry import register_method
 from prunekit.schedules import alternating_phase
 
@@ -40,11 +40,10 @@ class ACDCConfig(SparsityConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("warmup", "period", "alternate_end", "final_start"):
-            check_fraction(name, getattr(self, name))
+            check_fraction(name, getattr(self, name), closed=True)
         if not self.warmup <= self.alternate_end <= self.final_start < 1.0:
             raise ConfigError("need warmup <= alternate_end <= final_start < 1")
-        if self.period <= 0:
-            raise ConfigError(f"period must be positive, got {self.period}")
+        check_positive("period", self.period)
 
 
 @register_method("acdc")

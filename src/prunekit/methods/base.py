@@ -18,9 +18,8 @@ so ``model.state_dict()`` carries them.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,79 +27,42 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from prunekit.config import ConfigError, from_dict, to_dict
+from prunekit.config import ConfigError, fraction_step
 from prunekit.core.allocation import ALLOCATIONS, compute_masks
 from prunekit.core.masks import Masker
 from prunekit.core.patterns import NMPattern, nm_compatible, parse_pattern
+from prunekit.core.sparsity import SparsitySpec
 from prunekit.core.targets import Target, require_values, select_targets
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class SparsityConfig:
-    """Fields shared by all sparse-training methods.
+class SparsityConfig(SparsitySpec):
+    """Fields shared by all sparse-training methods (``sparsity``, ``pattern``, ``targets`` and
+    ``ignore`` are :class:`~prunekit.core.sparsity.SparsitySpec`'s, as in post-training).
 
     Attributes:
         sparsity: final fraction of zero weights among the targets, in ``[0, 1)``.
         total_steps: number of ``pruner.step()`` calls the run will make (optimizer steps).
-        targets: module/parameter names or ``re:`` patterns to prune; ``None`` = all Linear/Conv.
-        ignore: names or ``re:`` patterns to keep dense.
         allocation: ``global`` (one magnitude threshold), ``uniform`` or ``erk``.
-        pattern: ``unstructured`` or ``N:M`` (then ``sparsity`` must be ``1 − N/M``).
     """
 
-    sparsity: float
     total_steps: int
-    targets: list[str] | None = None
-    ignore: list[str] = field(default_factory=list)
     allocation: str = "global"
-    pattern: str = "unstructured"
-
-    version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.sparsity, int | float) and 0.0 <= self.sparsity < 1.0):
-            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        super().__post_init__()
         if not isinstance(self.total_steps, int) or self.total_steps < 1:
             raise ConfigError(f"total_steps must be a positive integer, got {self.total_steps!r}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(
                 f"allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}"
             )
-        try:
-            nm = parse_pattern(self.pattern)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if nm is not None and not math.isclose(self.sparsity, nm.sparsity, abs_tol=1e-9):
-            raise ConfigError(
-                f"pattern {self.pattern} fixes the sparsity at {nm.sparsity}, got sparsity={self.sparsity}"
-            )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SparsityConfig:
-        """Strict construction: unknown keys and wrong types raise :class:`ConfigError`."""
-        return from_dict(cls, data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
 
     def fraction_step(self, fraction: float) -> int:
         """A point of the run given as a fraction of ``total_steps``, in steps."""
-        return round(fraction * self.total_steps)
-
-
-def check_fraction(name: str, value: float, *, allow_one: bool = True) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is a fraction of training in ``[0, 1]``."""
-    upper_ok = value <= 1.0 if allow_one else value < 1.0
-    if not (value >= 0.0 and upper_ok):
-        raise ConfigError(f"{name} is a fraction of training and must be in [0, 1], got {value!r}")
-
-
-def check_positive(name: str, value: float) -> None:
-    """Raise :class:`ConfigError` unless ``value > 0``."""
-    if not value > 0:
-        raise ConfigError(f"{name} must be positive, got {value!r}")
+        return fraction_step(fraction, self.total_steps)
 
 
 class Pruner:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from prunekit.config import ConfigError
+from prunekit.config import ConfigError, check_int, check_non_negative
 from prunekit.core.allocation import compute_masks
 from prunekit.core.batchnorm import recalibrate_batchnorm_
 from prunekit.core.ddp import all_reduce_batchnorm_
@@ -72,14 +72,9 @@ class CrAMConfig(SparsityConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.bn_recalibration_batches < 0:
-            raise ConfigError(
-                f"bn_recalibration_batches must be >= 0, got {self.bn_recalibration_batches}"
-            )
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
-        if self.rho < 0:
-            raise ConfigError(f"rho must be >= 0, got {self.rho}")
+        check_int("bn_recalibration_batches", self.bn_recalibration_batches, 0)
+        check_int("seed", self.seed, 0)
+        check_non_negative("rho", self.rho)
         if not self.sparsities or any(not 0.0 <= s < 1.0 for s in self.sparsities):
             raise ConfigError(
                 f"sparsities must be a non-empty list in [0, 1), got {self.sparsities}"

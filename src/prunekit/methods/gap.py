@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from prunekit.config import ConfigError
+from prunekit.config import ConfigError, check_fraction, check_int
 from prunekit.core.allocation import compute_masks
 from prunekit.core.masks import Masker, MaskMode
-from prunekit.methods.base import Pruner, SparsityConfig, check_fraction
+from prunekit.methods.base import Pruner, SparsityConfig
 from prunekit.methods.registry import register_method
 
 
@@ -38,9 +38,9 @@ class GaPConfig(SparsityConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.partitions < 0 or self.cycles < 1:
-            raise ConfigError("partitions must be >= 0 and cycles >= 1")
-        check_fraction("grow_end", self.grow_end)
+        check_int("partitions", self.partitions, 0)
+        check_int("cycles", self.cycles, 1)
+        check_fraction("grow_end", self.grow_end, closed=True)
 
 
 @register_method("gap")

@@ -38,9 +38,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from prunekit.config import ConfigError
+from prunekit.config import ConfigError, check_fraction, check_int, check_range
 from prunekit.core.masks import Masker, MaskMode, state_without_masks
-from prunekit.methods.base import Pruner, SparsityConfig, check_fraction
+from prunekit.methods.base import Pruner, SparsityConfig
 from prunekit.methods.registry import register_method
 from prunekit.schedules import constant, cosine, linear
 
@@ -61,9 +61,8 @@ class IMPConfig(SparsityConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rounds < 1:
-            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
-        check_fraction("pretrain", self.pretrain, allow_one=False)
+        check_int("rounds", self.rounds, 1)
+        check_fraction("pretrain", self.pretrain)
         if self.retrain_schedule not in RETRAIN_SCHEDULES:
             raise ConfigError(
                 f"retrain_schedule must be one of {list(RETRAIN_SCHEDULES)}, got {self.retrain_schedule!r}"
@@ -72,8 +71,7 @@ class IMPConfig(SparsityConfig):
             raise ConfigError(
                 f"base_schedule must be one of {list(BASE_SCHEDULES)}, got {self.base_schedule!r}"
             )
-        if not 0 < self.ft_lr_factor <= 1:
-            raise ConfigError(f"ft_lr_factor must be in (0, 1], got {self.ft_lr_factor}")
+        check_range("ft_lr_factor", self.ft_lr_factor, 0.0, 1.0, low_open=True)
         if self.total_steps - self.fraction_step(self.pretrain) < self.rounds:
             raise ConfigError("total_steps leaves fewer retraining steps than rounds")
         if self.rewind_to is not None and not 0.0 <= self.rewind_to <= self.pretrain:

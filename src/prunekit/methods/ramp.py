@@ -9,9 +9,9 @@ from typing import ClassVar
 from torch import nn
 from torch.optim import Optimizer
 
-from prunekit.config import ConfigError
+from prunekit.config import ConfigError, check_fraction, check_int, check_positive
 from prunekit.core.masks import Masker, MaskMode
-from prunekit.methods.base import Pruner, SparsityConfig, check_fraction
+from prunekit.methods.base import Pruner, SparsityConfig
 from prunekit.schedules import polynomial
 
 
@@ -31,20 +31,18 @@ class RampConfig(SparsityConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_fraction("start", self.start)
-        check_fraction("end", self.end)
+        check_fraction("start", self.start, closed=True)
+        check_fraction("end", self.end, closed=True)
         if self.end < self.start:
             raise ConfigError(f"end ({self.end}) must not be before start ({self.start})")
         if not 0.0 <= self.initial_sparsity <= self.sparsity:
             raise ConfigError(
                 f"initial_sparsity must be in [0, sparsity], got {self.initial_sparsity}"
             )
-        if self.update_every < 1:
-            raise ConfigError(f"update_every must be >= 1, got {self.update_every}")
+        check_int("update_every", self.update_every, 1)
         if self.update_until is not None:
-            check_fraction("update_until", self.update_until)
-        if self.power <= 0:
-            raise ConfigError(f"power must be positive, got {self.power}")
+            check_fraction("update_until", self.update_until, closed=True)
+        check_positive("power", self.power)
 
 
 def ramp_sparsity(config: RampConfig, step: int) -> float:

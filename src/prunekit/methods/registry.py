@@ -1,12 +1,13 @@
 """Registry of sparse-training method names → :class:`~prunekit.methods.base.Pruner` classes.
 
-Tests enumerate :func:`available` so that a method is covered by the contract tests the moment it is
+Tests enumerate :func:`available_methods` so that a method is covered by the contract tests the moment it is
 registered. Users register their own methods with :func:`register_method`. The verbs are those of
 every prunekit registry (:class:`prunekit.registry.Registry`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from prunekit.methods.base import Pruner
@@ -24,9 +25,19 @@ def register_method(name: str) -> Callable[[type[Pruner]], type[Pruner]]:
     return _METHODS.decorator(name, prepare)
 
 
-def available() -> list[str]:
-    """Names of the registered methods, sorted."""
+def available_methods() -> list[str]:
+    """Names of the registered sparse-training methods, sorted."""
     return _METHODS.names()
+
+
+def available() -> list[str]:
+    """Deprecated: :func:`available_methods` (the verb every prunekit registry has)."""
+    warnings.warn(
+        "prunekit.methods.available is deprecated; use available_methods",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return available_methods()
 
 
 def get_method(name: str) -> type[Pruner]:

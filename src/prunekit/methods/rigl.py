@@ -31,10 +31,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from prunekit.config import ConfigError
+from prunekit.config import ConfigError, check_fraction, check_int, check_range
 from prunekit.core.allocation import random_masks
 from prunekit.core.masks import Masker, MaskMode
-from prunekit.methods.base import Pruner, SparsityConfig, check_fraction
+from prunekit.methods.base import Pruner, SparsityConfig
 from prunekit.methods.registry import register_method
 from prunekit.schedules import cosine
 
@@ -60,13 +60,10 @@ class RigLConfig(SparsityConfig):
             )
         if self.pattern != "unstructured":
             raise ConfigError("RigL supports only unstructured sparsity")
-        if self.update_every < 1:
-            raise ConfigError(f"update_every must be >= 1, got {self.update_every}")
-        if not 0.0 < self.drop_fraction < 1.0:
-            raise ConfigError(f"drop_fraction must be in (0, 1), got {self.drop_fraction}")
-        check_fraction("end", self.end)
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        check_int("update_every", self.update_every, 1)
+        check_range("drop_fraction", self.drop_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        check_fraction("end", self.end, closed=True)
+        check_int("seed", self.seed, 0)
 
 
 def uniform_first_dense_masks(

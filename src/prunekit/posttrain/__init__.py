@@ -6,7 +6,6 @@ block; the per-layer maths are pure tensor functions (:mod:`.obs`, :mod:`.quant`
 :mod:`.mfac`) usable on their own.
 """
 
-from prunekit.posttrain.compress import compress
 from prunekit.posttrain.export import load_quantized, save_quantized
 from prunekit.posttrain.methods import (
     CompressConfig,
@@ -28,6 +27,7 @@ from prunekit.posttrain.obs import (
     sparsegpt_prune,
     wanda_prune,
 )
+from prunekit.posttrain.pipeline import compress
 from prunekit.posttrain.quant import (
     expand_grid,
     gptq_quantize,

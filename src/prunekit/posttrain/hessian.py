@@ -30,9 +30,7 @@ from torch import Tensor
 
 from prunekit.posttrain.grid import compute_dtype
 
-# prepare_hessian logs under the name it had when it lived in prunekit.posttrain.obs, so that
-# logging configured (or captured in tests) for that name still sees its messages.
-logger = logging.getLogger("prunekit.posttrain.obs")
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "HessianAccumulator",

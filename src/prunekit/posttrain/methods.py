@@ -3,7 +3,7 @@
 A method is a :class:`Compressor` subclass registered with :func:`register_compressor`; its
 :meth:`Compressor.compress_matrix` turns one weight matrix ``W (d_out, d_in)`` and its layer
 Hessian ``H = 2XᵀX/n`` into the compressed matrix. The model-level walk (calibration, hooks,
-sequential order, report) is :func:`prunekit.posttrain.compress.compress`; the maths lives in
+sequential order, report) is :func:`prunekit.posttrain.pipeline.compress`; the maths lives in
 :mod:`~prunekit.posttrain.obs`, :mod:`~prunekit.posttrain.quant` and
 :mod:`~prunekit.posttrain.obc`.
 """
@@ -16,11 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from prunekit.config import ConfigError, from_dict, to_dict
-from prunekit.core.patterns import parse_pattern
+from prunekit.config import ConfigError, check_fraction, check_int, check_range
+from prunekit.core.sparsity import SparsitySpec
+from prunekit.core.targets import Target
 from prunekit.posttrain import obc, obs, quant
+from prunekit.posttrain.calibration import Call
+from prunekit.posttrain.layers import LayerView
+from prunekit.posttrain.mfac_model import mfac_prune_model
+from prunekit.posttrain.report import CompressionReport
+from prunekit.posttrain.sequential import check_layer_inputs
 from prunekit.registry import Registry
 
 __all__ = [
@@ -35,8 +41,9 @@ NM = tuple[int, int] | None
 
 
 @dataclass(kw_only=True)
-class CompressConfig:
-    """Fields shared by every post-training method.
+class CompressConfig(SparsitySpec):
+    """Fields shared by every post-training method (``sparsity``, ``pattern``, ``targets`` and
+    ``ignore`` are :class:`~prunekit.core.sparsity.SparsitySpec`'s, as in sparse training).
 
     Attributes:
         sparsity: target fraction of zeros in every target layer, in ``[0, 1)``, counting the
@@ -46,15 +53,10 @@ class CompressConfig:
             with ``max(z, round(sparsity·d))`` and never loses one. The unit is an output row
             for magnitude, Wanda, SparseGPT and OBC (``mask_scope="row"``), the layer for
             SparseGPT ``mask_scope="block"`` and OBC ``mask_scope="layer"``, and all targets
-            together for M-FAC.
-        pattern: ``"unstructured"`` or ``"N:M"`` (keep N of every M consecutive inputs; the
-            sparsity is then ``1 − N/M``).
+            together for M-FAC. ``0`` (the default) for a method that only quantizes.
         bits: bits per weight of an asymmetric min-max grid, 2–8; ``None`` = no quantization.
         group_size: quantization grid per group of this many consecutive inputs (``None`` = one
             grid per output channel).
-        targets: module/parameter names or ``re:`` patterns to compress; ``None`` = every
-            Linear/Conv layer.
-        ignore: names or ``re:`` patterns to leave unchanged.
         overrides: per-layer sparsity, ``{name or re:pattern: sparsity}`` (first match wins).
         sequential: compress blocks in forward order, each seeing the outputs of the already
             compressed ones (``False``: every layer sees the dense model's activations).
@@ -65,28 +67,22 @@ class CompressConfig:
     """
 
     sparsity: float = 0.0
-    pattern: str = "unstructured"
     bits: int | None = None
     group_size: int | None = None
-    targets: list[str] | None = None
-    ignore: list[str] = field(default_factory=list)
     overrides: dict[str, float] = field(default_factory=dict)
     sequential: bool = True
     recalibrate_batchnorm: bool = True
 
-    version: ClassVar[int] = 1
     #: the method removes weights
     prunes: ClassVar[bool] = True
     #: the method puts weights on a grid
     quantizes: ClassVar[bool] = False
-    #: the method needs the layer Hessian (others get it for the report only)
-    method_name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         where = self.method_name or type(self).__name__
-        _check_fraction("sparsity", self.sparsity)
         for pat, s in self.overrides.items():
-            _check_fraction(f"overrides[{pat!r}]", s)
+            check_fraction(f"overrides[{pat!r}]", s)
             if pat.startswith("re:"):
                 try:
                     re.compile(pat[3:])
@@ -94,30 +90,14 @@ class CompressConfig:
                     raise ConfigError(
                         f"overrides key {pat!r} is not a valid regex: {exc}"
                     ) from None
-        try:
-            nm = parse_pattern(self.pattern)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if nm is not None:
-            if self.sparsity not in (0.0, nm.sparsity) and not math.isclose(
-                self.sparsity, nm.sparsity
-            ):
-                raise ConfigError(
-                    f"pattern {self.pattern} fixes the sparsity at {nm.sparsity}, "
-                    f"got sparsity={self.sparsity}"
-                )
-            if self.overrides:
-                raise ConfigError("overrides (per-layer sparsity) need pattern='unstructured'")
-            self.sparsity = nm.sparsity
-        if self.bits is not None and not (
-            isinstance(self.bits, int) and not isinstance(self.bits, bool) and 2 <= self.bits <= 8
-        ):
-            raise ConfigError(f"bits must be an integer in [2, 8] or None, got {self.bits!r}")
+        if self.nm_pattern is not None and self.overrides:
+            raise ConfigError("overrides (per-layer sparsity) need pattern='unstructured'")
+        if self.bits is not None:
+            check_range("bits", self.bits, 2, 8, integer=True)
         if self.group_size is not None:
             if self.bits is None:
                 raise ConfigError("group_size sets the quantization grid: it needs bits")
-            if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise ConfigError(f"group_size must be a positive integer, got {self.group_size!r}")
+            check_int("group_size", self.group_size, 1)
         prunes = self.sparsity > 0 or bool(self.overrides)
         if prunes and not self.prunes:
             raise ConfigError(f"{where} quantizes only: sparsity/pattern/overrides are not allowed")
@@ -134,7 +114,7 @@ class CompressConfig:
 
     @property
     def nm(self) -> NM:
-        p = parse_pattern(self.pattern)
+        p = self.nm_pattern
         return None if p is None else (p.n, p.m)
 
     def layer_sparsity(self, name: str) -> float:
@@ -147,19 +127,6 @@ class CompressConfig:
             elif pat in (name, module):
                 return s
         return self.sparsity
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CompressConfig:
-        """Strict construction: unknown keys and wrong types raise :class:`ConfigError`."""
-        return from_dict(cls, data, cls.method_name or cls.__name__)
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1):
-        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
 
 
 def _check_damp(damp: float) -> None:
@@ -201,7 +168,22 @@ class Compressor:
         """Compressed ``W`` for one layer (``damp`` is the checked, possibly escalated damping).
 
         A quantizing method also sets :attr:`grid` to the grid it used."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} compresses the whole model at once")
+
+    def compress_model(
+        self,
+        model: nn.Module,
+        targets: list[Target],
+        views: dict[str, LayerView],
+        calls: list[Call],
+        report: CompressionReport,
+        labels: list[Tensor] | None,
+    ) -> None:
+        """A global method (:attr:`global_method`) compresses all ``targets`` of ``model`` in
+        place here, from the calibration ``calls`` (and ``labels``), and adds one
+        :class:`~prunekit.posttrain.report.LayerReport` per target to ``report``. The pipeline
+        restores the weights if it raises."""
+        raise NotImplementedError(f"{type(self).__name__} compresses one layer at a time")
 
     def _gptq(
         self, W: Tensor, H: Tensor, bits: int, block_size: int, damp: float, group: int | None
@@ -321,8 +303,7 @@ class SparseGPTConfig(CompressConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_damp(self.damp)
-        if self.block_size < 1:
-            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        check_int("block_size", self.block_size, 1)
         nm = self.nm
         if nm is not None and self.block_size % nm[1]:
             raise ConfigError(f"block_size must be a multiple of M={nm[1]} for N:M")
@@ -394,7 +375,7 @@ class OBCConfig(CompressConfig):
         if self.mask_scope not in ("row", "layer"):
             raise ConfigError(f"mask_scope must be 'row' or 'layer', got {self.mask_scope!r}")
         for s in self.database_levels or []:
-            _check_fraction("database_levels entry", s)
+            check_fraction("database_levels entry", s)
         if self.database_levels and self.nm is not None:
             raise ConfigError("database_levels need pattern='unstructured' (N:M has one level)")
 
@@ -464,8 +445,7 @@ class GPTQConfig(CompressConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_damp(self.damp)
-        if self.block_size < 1:
-            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        check_int("block_size", self.block_size, 1)
 
 
 @register_compressor("gptq")
@@ -538,8 +518,7 @@ class MFACConfig(CompressConfig):
         if not (math.isfinite(self.damp) and self.damp > 0):
             raise ConfigError(f"damp must be a finite number > 0, got {self.damp!r}")
         for name in ("ngrads", "fisher_block", "steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+            check_int(name, getattr(self, name), 1)
         if self.nm is not None or self.overrides:
             raise ConfigError("mfac prunes globally: pattern N:M and overrides are not supported")
         if self.sequential:
@@ -553,3 +532,29 @@ class MFAC(Compressor):
     config_class = MFACConfig
     uses_hessian = False
     global_method = True
+
+    def compress_model(
+        self,
+        model: nn.Module,
+        targets: list[Target],
+        views: dict[str, LayerView],
+        calls: list[Call],
+        report: CompressionReport,
+        labels: list[Tensor] | None,
+    ) -> None:
+        cfg = self.config
+        assert isinstance(cfg, MFACConfig)
+        check_layer_inputs(model, targets, calls)
+        mfac_prune_model(
+            model,
+            targets,
+            views,
+            calls,
+            report,
+            sparsity=cfg.sparsity,
+            ngrads=cfg.ngrads,
+            fisher_block=cfg.fisher_block,
+            damp=cfg.damp,
+            steps=cfg.steps,
+            labels=labels,
+        )

@@ -1,8 +1,9 @@
 """The machinery HSPG, DHSPG and HESSO share: the SGD/Adam step with some groups held at zero, the
-group bookkeeping, the optimizer state that a resume needs, and the range checks of their configs."""
+group bookkeeping, and the optimizer state that a resume needs."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from prunekit.config import ConfigError
+from prunekit.config import Config
 from prunekit.core.targets import NoPrunableLayersError
 from prunekit.structured.group_index import GroupIndex
 from prunekit.structured.groups import Group
@@ -18,35 +19,9 @@ from prunekit.structured.groups import Group
 VARIANTS = ("sgd", "adam", "adamw")
 
 
-def check_unit_interval(name: str, value: float | None, *, closed: bool = False) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is ``None`` or in ``[0, 1)`` (``[0, 1]`` with
-    ``closed``)."""
-    if value is None:
-        return
-    ok = 0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0
-    if not ok:
-        valid = "[0, 1]" if closed else "[0, 1)"
-        raise ConfigError(f"{name} must be in {valid}, got {value!r}")
-
-
-def check_non_negative(name: str, value: float | None) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is ``None`` or ``>= 0``."""
-    if value is not None and not value >= 0.0:
-        raise ConfigError(f"{name} must be >= 0, got {value!r}")
-
-
-def check_window(start: float, end: float) -> None:
-    """Raise :class:`ConfigError` unless ``0 <= start < end <= 1`` (fractions of training)."""
-    if not 0.0 <= start < end <= 1.0:
-        raise ConfigError(
-            f"start and end are fractions of training with 0 <= start < end <= 1, "
-            f"got start={start!r}, end={end!r}"
-        )
-
-
-def fraction_step(fraction: float, total_steps: int) -> int:
-    """A point of training given as a fraction of ``total_steps``, in steps."""
-    return round(fraction * total_steps)
+def deprecated_argument(owner: str, old: str, new: str) -> None:
+    """Warn that keyword ``old`` of ``owner`` is deprecated in favour of ``new``."""
+    warnings.warn(f"{owner}({old}=...) is deprecated; use {new}", DeprecationWarning, stacklevel=3)
 
 
 class GroupSparseOptimizer(Optimizer):
@@ -70,7 +45,7 @@ class GroupSparseOptimizer(Optimizer):
     #: the registry name (set by :func:`~prunekit.structured.registry.register_structured`)
     name: ClassVar[str] = ""
     #: the config dataclass of the subclass
-    config_class: ClassVar[type[Any]]
+    config_class: ClassVar[type[Config]]
     config: Any = None
 
     def __init__(

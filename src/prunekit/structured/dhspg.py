@@ -10,14 +10,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from prunekit.config import ConfigError, from_dict, to_dict
-from prunekit.structured.base import (
-    GroupSparseOptimizer,
+from prunekit.config import (
+    Config,
+    ConfigError,
+    check_fraction,
     check_non_negative,
-    check_unit_interval,
     check_window,
     fraction_step,
 )
+from prunekit.structured.base import GroupSparseOptimizer, deprecated_argument
 from prunekit.structured.groups import Group
 from prunekit.structured.registry import register_structured
 from prunekit.structured.selection import adaptive_lambda, half_space_mask, redundancy_score
@@ -27,7 +28,7 @@ ADAPTIVE_DEFAULTS = {"sgd": (2.0, 10.0), "adam": (20.0, 1e3), "adamw": (20.0, 1e
 
 
 @dataclass(kw_only=True)
-class DHSPGConfig:
+class DHSPGConfig(Config):
     """DHSPG's settings, as a recipe's ``structured: {optimizer: dhspg, ...}`` section holds them.
 
     Attributes:
@@ -50,12 +51,12 @@ class DHSPGConfig:
     amplify: float | None = None
     hat_coeff: float | None = None
 
-    version: ClassVar[int] = 1
-
     def __post_init__(self) -> None:
-        check_unit_interval("target_group_sparsity", self.target_group_sparsity)
+        super().__post_init__()
+        check_fraction("target_group_sparsity", self.target_group_sparsity)
         check_window(self.start, self.end)
-        check_non_negative("lambda_", self.lambda_)
+        if self.lambda_ is not None:  # None: picked from the redundant groups' norms
+            check_non_negative("lambda_", self.lambda_)
         check_non_negative("epsilon", self.epsilon)
         check_non_negative("margin", self.margin)
         for name in ("amplify", "hat_coeff"):
@@ -64,14 +65,6 @@ class DHSPGConfig:
                 raise ConfigError(
                     f"{name} must be > 0 (or None for the reference's), got {value!r}"
                 )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DHSPGConfig:
-        """Strict construction: unknown keys and wrong types raise :class:`ConfigError`."""
-        return from_dict(cls, data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
 
 
 @register_structured("dhspg")
@@ -91,13 +84,13 @@ class DHSPG(GroupSparseOptimizer):
 
     Two departures from the reference keep the target exact: projections in one step stop at
     ``N·s*`` (crossing groups of smallest norm first; the reference may overshoot), and at
-    ``project_end`` the redundant groups of smallest norm are zeroed until ``N·s*`` are zero
+    ``end_step`` the redundant groups of smallest norm are zeroed until ``N·s*`` are zero
     (the reference relies on ``λ`` alone). Each parameter uses its own param group's ``lr``.
 
     Args:
         start_step: steps of plain training before the redundant groups are chosen.
-        project_end: step by which ``N·s*`` groups are zero.
-        lambda_: base ``λ``; ``None`` picks ``λ = median_g(||x_g|| / lr_g) / ((project_end −
+        end_step: step by which ``N·s*`` groups are zero.
+        lambda_: base ``λ``; ``None`` picks ``λ = median_g(||x_g|| / lr_g) / ((end_step −
             start_step) / 2)`` over the redundant groups at selection, so a typical redundant
             group reaches zero halfway under ``λ`` alone.
         epsilon: half-space control ``ε``.
@@ -114,7 +107,7 @@ class DHSPG(GroupSparseOptimizer):
         groups: Sequence[Group],
         *,
         start_step: int = 0,
-        project_end: int,
+        end_step: int | None = None,
         lambda_: float | None = None,
         epsilon: float = 0.0,
         margin: float = 0.05,
@@ -122,12 +115,17 @@ class DHSPG(GroupSparseOptimizer):
         hat_coeff: float | None = None,
         **kwargs: Any,
     ):
+        if "project_end" in kwargs:
+            deprecated_argument("DHSPG", "project_end", "end_step")
+            end_step = kwargs.pop("project_end")
         super().__init__(params, groups, **kwargs)
-        if project_end <= start_step:
-            raise ValueError("project_end must be after start_step")
+        if end_step is None:
+            raise TypeError("DHSPG needs end_step, the step by which N·s* groups are zero")
+        if end_step <= start_step:
+            raise ValueError("end_step must be after start_step")
         if epsilon < 0 or margin < 0 or (lambda_ is not None and lambda_ < 0):
             raise ValueError("lambda_, epsilon and margin must be >= 0")
-        self.start_step, self.project_end, self.epsilon = start_step, project_end, epsilon
+        self.start_step, self.end_step, self.epsilon = start_step, end_step, epsilon
         self.lambda_ = lambda_
         default_amplify, default_hat = ADAPTIVE_DEFAULTS[self.variant]
         self.amplify = default_amplify if amplify is None else amplify
@@ -160,7 +158,7 @@ class DHSPG(GroupSparseOptimizer):
             params,
             groups,
             start_step=fraction_step(config.start, total_steps),
-            project_end=fraction_step(config.end, total_steps),
+            end_step=fraction_step(config.end, total_steps),
             lambda_=config.lambda_,
             epsilon=config.epsilon,
             margin=config.margin,
@@ -191,7 +189,7 @@ class DHSPG(GroupSparseOptimizer):
             usable = self.redundant & (lr > 0)
             ratio = x_norm[usable] / lr[usable]
             median = float(ratio.median()) if ratio.numel() else 0.0
-            self.lambda_ = median / max(1.0, (self.project_end - self.start_step) / 2)
+            self.lambda_ = median / max(1.0, (self.end_step - self.start_step) / 2)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -222,7 +220,7 @@ class DHSPG(GroupSparseOptimizer):
             trial_dot_x = index.dots([p.detach() for p in index.params], before)
             cross = half_space_mask(trial_dot_x, sq, self.epsilon) & active
             self._zero_smallest(cross, room)
-        if self.num_steps + 1 >= self.project_end:
+        if self.num_steps + 1 >= self.end_step:
             self._zero_smallest(
                 self.redundant & ~self.zero, self.target_count - int(self.zero.sum())
             )

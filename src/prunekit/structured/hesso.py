@@ -14,13 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from prunekit.config import ConfigError, from_dict, to_dict
-from prunekit.structured.base import (
-    GroupSparseOptimizer,
-    check_unit_interval,
-    check_window,
-    fraction_step,
-)
+from prunekit.config import Config, ConfigError, check_fraction, check_window, fraction_step
+from prunekit.structured.base import GroupSparseOptimizer, deprecated_argument
 from prunekit.structured.groups import Group, group_macs, macs_rates
 from prunekit.structured.registry import register_structured
 from prunekit.structured.selection import combine_terms, importance_terms
@@ -30,7 +25,7 @@ HESSO_CRITERIA = ("magnitude", "avg_magnitude", "cosine", "taylor_first", "taylo
 
 
 @dataclass(kw_only=True)
-class HESSOConfig:
+class HESSOConfig(Config):
     """HESSO's settings, as a recipe's ``structured: {optimizer: hesso, ...}`` section holds them.
 
     Attributes:
@@ -62,10 +57,9 @@ class HESSOConfig:
     max_layer_fraction: float = 0.7
     cost_power: float = 0.5
 
-    version: ClassVar[int] = 1
-
     def __post_init__(self) -> None:
-        check_unit_interval("target_group_sparsity", self.target_group_sparsity)
+        super().__post_init__()
+        check_fraction("target_group_sparsity", self.target_group_sparsity)
         check_window(self.start, self.end)
         if not self.periods >= 1:
             raise ConfigError(f"periods must be an integer >= 1, got {self.periods!r}")
@@ -98,15 +92,7 @@ class HESSOConfig:
             raise ConfigError(
                 f"max_layer_fraction must be in (0, 1], got {self.max_layer_fraction!r}"
             )
-        check_unit_interval("cost_power", self.cost_power, closed=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HESSOConfig:
-        """Strict construction: unknown keys and wrong types raise :class:`ConfigError`."""
-        return from_dict(cls, data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        check_fraction("cost_power", self.cost_power, closed=True)
 
 
 def flops_target(
@@ -126,7 +112,7 @@ def flops_target(
     rates = macs_rates(model, example)
     cost: dict[str, Any] = {
         "group_costs": group_macs(model, groups, example, rates),
-        "cost_target": flops_removed,
+        "cost_removed": flops_removed,
         "cost_rates": rates,
         "max_layer_fraction": max_layer_fraction,
         "cost_power": cost_power,
@@ -170,20 +156,21 @@ class HESSO(GroupSparseOptimizer):
     layers of different fan-in).
 
     Args:
-        start_step: steps of plain training before the first period.
-        pruning_steps: total length of the pruning periods.
+        start_step: steps of plain training before the first period (the config's ``start``, in
+            steps).
+        end_step: the step at which the last period ends (the config's ``end``, in steps).
         periods: number of periods; each selects ``N·s*/periods`` more groups and decays them
             linearly to exactly zero by its end.
         criteria: weights of the importance terms (see :data:`HESSO_CRITERIA`), equal by default.
         group_costs: what each of ``groups`` costs (or each prunable one), e.g. its MACs from
-            :func:`~prunekit.structured.groups.group_macs`; with ``cost_target`` the target is a
+            :func:`~prunekit.structured.groups.group_macs`; with ``cost_removed`` the target is a
             fraction of the total cost instead of a group count.
-        cost_target: fraction of ``sum(group_costs)`` to remove (e.g. 0.7 for 70% of the FLOPs).
+        cost_removed: fraction of ``sum(group_costs)`` to remove (e.g. 0.7 for 70% of the FLOPs).
             Each period then selects the groups of least ``importance / (cost / mean cost) **
             cost_power`` until its share of the target is reached, so expensive, unimportant groups
             go first.
-        max_layer_fraction: with ``cost_target``, the most of any layer's channels that may go.
-        may_empty: with ``cost_target``, per group (or per prunable group) whether its layers may
+        max_layer_fraction: with ``cost_removed``, the most of any layer's channels that may go.
+        may_empty: with ``cost_removed``, per group (or per prunable group) whether its layers may
             lose all their channels despite ``max_layer_fraction`` — from
             :func:`~prunekit.structured.slim.emptiable`, true for a residual branch's inner
             channels. An emptied branch is folded by :func:`~prunekit.structured.slim.slim`, which
@@ -196,14 +183,17 @@ class HESSO(GroupSparseOptimizer):
             4 of 16 stage-1 channels left, 0.2–0.3 points below ``0.5`` with ``0.7`` as the cap, on
             two seeds and on VGG as well). ``0`` ignores cost in the ranking (cost still sets when
             to stop); it leaves the early layers wide, which costs CPU latency.
-        channel_multiple: with ``cost_target``, groups that remove channels of the same layers
+        channel_multiple: with ``cost_removed``, groups that remove channels of the same layers
             are taken in units that keep the layer's width a multiple of this (runtimes with
             blocked layouts, such as onnxruntime's 8-channel blocks, run odd widths slowly); a
             unit ranks by the mean score of its groups.
         cost_rates: MACs per weight element by weight name
             (:func:`~prunekit.structured.groups.macs_rates`); with them the MACs a set of groups
             saves is computed exactly (a weight slice shared by two removed groups counts once),
-            so ``cost_target`` is a fraction of the model's MACs.
+            so ``cost_removed`` is a fraction of the model's MACs (the config's ``flops_removed``).
+
+    ``pruning_steps`` (``end_step − start_step``) and ``cost_target`` (``cost_removed``) are the
+    names before one release; they still work, with a ``DeprecationWarning``.
     """
 
     config_class: ClassVar[type[HESSOConfig]] = HESSOConfig
@@ -214,11 +204,11 @@ class HESSO(GroupSparseOptimizer):
         groups: Sequence[Group],
         *,
         start_step: int = 0,
-        pruning_steps: int,
+        end_step: int | None = None,
         periods: int = 10,
         criteria: dict[str, float] | None = None,
         group_costs: Sequence[float] | None = None,
-        cost_target: float | None = None,
+        cost_removed: float | None = None,
         max_layer_fraction: float = 0.7,
         cost_rates: dict[str, float] | None = None,
         cost_power: float = 0.5,
@@ -226,16 +216,25 @@ class HESSO(GroupSparseOptimizer):
         may_empty: Sequence[bool] | None = None,
         **kwargs: Any,
     ):
+        if "pruning_steps" in kwargs:
+            deprecated_argument("HESSO", "pruning_steps", "end_step (= start_step + pruning_steps)")
+            end_step = start_step + kwargs.pop("pruning_steps")
+        if "cost_target" in kwargs:
+            deprecated_argument("HESSO", "cost_target", "cost_removed")
+            cost_removed = kwargs.pop("cost_target")
         super().__init__(params, groups, **kwargs)
+        if end_step is None:
+            raise TypeError("HESSO needs end_step, the step at which the last period ends")
+        pruning_steps = end_step - start_step
         if pruning_steps < periods or periods < 1:
-            raise ValueError("need periods >= 1 and pruning_steps >= periods")
-        if (group_costs is None) != (cost_target is None):
-            raise ValueError("group_costs and cost_target go together")
+            raise ValueError("need periods >= 1 and end_step - start_step >= periods")
+        if (group_costs is None) != (cost_removed is None):
+            raise ValueError("group_costs and cost_removed go together")
         self.costs: Tensor | None = None
-        self.cost_target = cost_target
-        if group_costs is not None and cost_target is not None:
-            if not 0.0 <= cost_target < 1.0:
-                raise ValueError(f"cost_target must be in [0, 1), got {cost_target}")
+        self.cost_removed = cost_removed
+        if group_costs is not None and cost_removed is not None:
+            if not 0.0 <= cost_removed < 1.0:
+                raise ValueError(f"cost_removed must be in [0, 1), got {cost_removed}")
             costs = self._per_prunable("group_costs", group_costs, groups)
             self.costs = torch.tensor(costs, dtype=torch.float64)
             if not 0.0 < max_layer_fraction <= 1.0:
@@ -325,7 +324,7 @@ class HESSO(GroupSparseOptimizer):
             params,
             groups,
             start_step=start,
-            pruning_steps=end - start,
+            end_step=end,
             periods=min(config.periods, max(1, end - start)),
             criteria=config.criteria,
             channel_multiple=config.channel_multiple,
@@ -396,7 +395,7 @@ class HESSO(GroupSparseOptimizer):
         ``cost_rates`` the MACs the whole selected set saves are computed exactly; otherwise the
         group costs are summed.
         """
-        assert self.costs is not None and self.cost_target is not None
+        assert self.costs is not None and self.cost_removed is not None
         taken = self.zero | self.decaying
         layers: dict[tuple[str, int], int] = {}  # channels removed per (tensor, axis) of producers
         removed: dict[tuple[str, int], int] = {}  # slices removed per (weight, axis), for MACs
@@ -419,9 +418,9 @@ class HESSO(GroupSparseOptimizer):
             add(i)
         per_name = {n: saved(n) for n in self._shapes}
         if self._rates:
-            wanted, reached = self.cost_target * share * self._total_macs, sum(per_name.values())
+            wanted, reached = self.cost_removed * share * self._total_macs, sum(per_name.values())
         else:
-            wanted = self.cost_target * share * float(self.costs.sum())
+            wanted = self.cost_removed * share * float(self.costs.sum())
             reached = float(self.costs[taken].sum())
         costs = self.costs.tolist()
         relative = (self.costs / self.costs.mean().clamp_min(1e-30)).clamp_min(1e-12)

@@ -11,21 +11,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from prunekit.config import from_dict, to_dict
-from prunekit.structured.base import (
-    GroupSparseOptimizer,
-    check_non_negative,
-    check_unit_interval,
-    fraction_step,
-    unit_directions,
-)
+from prunekit.config import Config, check_fraction, check_non_negative, fraction_step
+from prunekit.structured.base import GroupSparseOptimizer, unit_directions
 from prunekit.structured.groups import Group
 from prunekit.structured.registry import register_structured
 from prunekit.structured.selection import half_space_mask
 
 
 @dataclass(kw_only=True)
-class HSPGConfig:
+class HSPGConfig(Config):
     """HSPG's settings, as a recipe's ``structured: {optimizer: hspg, ...}`` section holds them.
 
     Attributes:
@@ -42,21 +36,13 @@ class HSPGConfig:
     lambda_: float = 1e-3
     epsilon: float = 0.0
 
-    version: ClassVar[int] = 1
-
     def __post_init__(self) -> None:
-        check_unit_interval("target_group_sparsity", self.target_group_sparsity)
-        check_unit_interval("start", self.start)
+        super().__post_init__()
+        if self.target_group_sparsity is not None:  # None: no cap
+            check_fraction("target_group_sparsity", self.target_group_sparsity)
+        check_fraction("start", self.start)
         check_non_negative("lambda_", self.lambda_)
         check_non_negative("epsilon", self.epsilon)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HSPGConfig:
-        """Strict construction: unknown keys and wrong types raise :class:`ConfigError`."""
-        return from_dict(cls, data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
 
 
 @register_structured("hspg")

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
-from prunekit.config import ConfigError, check_keys, from_dict
+from prunekit.config import Config, ConfigError, check_keys, from_dict
 from prunekit.registry import Registry
 from prunekit.structured.base import GroupSparseOptimizer
 from prunekit.structured.groups import Group
@@ -34,8 +34,12 @@ def register_structured(name: str) -> Callable[[OptimizerClass], OptimizerClass]
     """
 
     def prepare(cls: OptimizerClass) -> None:
-        if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
-            raise TypeError(f"{cls.__name__} needs a config_class dataclass to be registered")
+        config_class = getattr(cls, "config_class", None)
+        if not (isinstance(config_class, type) and issubclass(config_class, Config)):
+            raise TypeError(
+                f"{cls.__name__} needs a config_class derived from prunekit.config.Config to be "
+                "registered"
+            )
         cls.name = name
 
     return _OPTIMIZERS.decorator(name, prepare)  # type: ignore[return-value]
