@@ -17,9 +17,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prunekit
-from prunekit.distributed import available_codecs, compress_gradients, get_codec, run_workers
+from prunekit.distributed import (
+    available_gradient_methods,
+    compress_gradients,
+    get_gradient_method,
+    run_workers,
+)
 
-NAMES = available_codecs()
+NAMES = available_gradient_methods()
 N = 2000  # entries of each rank's gradient: one DDP bucket
 WORLD = 2
 
@@ -80,7 +85,7 @@ class Linear1(nn.Module):
 def _exchange(rank: int, world: int) -> dict[str, Tensor]:
     """Every rank: one backward per method, its gradient through the method's hook."""
     out = {}
-    for name in available_codecs():
+    for name in available_gradient_methods():
         if name not in CONFIGS:
             continue  # test_every_method_has_a_config_here fails for it
         model = DDP(Linear1())
@@ -109,7 +114,7 @@ def test_every_method_has_a_config_here():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_config_round_trips_through_to_dict_and_json(name: str) -> None:
-    cls = get_codec(name).config_class
+    cls = get_gradient_method(name).config_class
     config = cls.from_dict(CONFIGS[name])
     fields = {f.name: f for f in dataclasses.fields(cls)}
     assert all(v != _default(fields[k]) for k, v in CONFIGS[name].items())
@@ -124,7 +129,7 @@ def test_config_round_trips_through_to_dict_and_json(name: str) -> None:
 def test_an_unknown_key_is_a_config_error_naming_it(name: str) -> None:
     assert issubclass(prunekit.ConfigError, ValueError)
     with pytest.raises(prunekit.ConfigError, match="unknown key 'bucket_sise'"):
-        get_codec(name).config_class.from_dict({**CONFIGS[name], "bucket_sise": 64})
+        get_gradient_method(name).config_class.from_dict({**CONFIGS[name], "bucket_sise": 64})
     with pytest.raises(prunekit.ConfigError, match="unknown key 'bucket_sise'"):
         compress_gradients(None, name, bucket_sise=64)  # type: ignore[arg-type]
 
