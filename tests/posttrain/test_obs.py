@@ -1,15 +1,12 @@
-"""The OBS family of :mod:`prunekit.posttrain.obs`: layer Hessians and damping, magnitude, Wanda,
+"""The OBS family of :mod:`prunekit.posttrain.obs`: the single OBS step, magnitude, Wanda and
 SparseGPT (alone and with joint quantization), against least squares and sequential references
-built from explicit inverses. GPTQ is in ``test_quant.py``, OBC/OBQ in ``test_obc.py``."""
-
-import logging
+built from explicit inverses. The layer Hessian is in ``test_hessian.py``, GPTQ in
+``test_quant.py``, OBC/OBQ in ``test_obc.py``."""
 
 import pytest
 import torch
 
 from prunekit.posttrain import (
-    HessianAccumulator,
-    HessianError,
     layer_hessian,
     magnitude_prune,
     obs_remove_one,
@@ -19,18 +16,6 @@ from prunekit.posttrain import (
 )
 from prunekit.posttrain.quant import quantize_rtn, quantize_to_ints
 from tests.posttrain.layer_data import correlated, low_rank, reference_grid, rel_err
-
-
-def test_hessian_convention_and_accumulator():
-    X = correlated(50, 6)
-    H = layer_hessian(X)
-    expected = 2.0 * sum(torch.outer(x, x) for x in X) / X.shape[0]
-    torch.testing.assert_close(H, expected)
-    acc = HessianAccumulator(6, dtype=torch.float64)
-    acc.add(X[:7])
-    acc.add(X[7:].reshape(43, 1, 6))
-    assert acc.n_samples == 50
-    torch.testing.assert_close(acc.hessian, expected)
 
 
 @pytest.mark.parametrize("p", [0, 2, 4])
@@ -100,34 +85,6 @@ def test_sparsegpt_nm_beats_magnitude_nm():
     err_sg = rel_err(W, sparsegpt_prune(W, H, 0.0, block_size=8, nm=(2, 4)), X)
     err_mag = rel_err(W, magnitude_prune(W, 0.0, nm=(2, 4)), X)
     assert err_sg < err_mag
-
-
-def test_damping_escalates_on_rank_deficient_hessian(caplog):
-    X = correlated(3, 8, seed=9)  # 3 samples, 8 inputs: rank 3
-    H = layer_hessian(X)
-    with caplog.at_level(logging.WARNING, logger="prunekit.posttrain.hessian"):
-        H_d, info = prepare_hessian(H, damp=0.0)
-    assert info.tries >= 2
-    assert info.damp_history[0] == 0.0
-    assert info.damp > 0.0
-    assert "retrying" in caplog.text
-    torch.linalg.cholesky(H_d)  # accepted factor exists
-    # Duplicated column: also rank deficient.
-    Xd = correlated(40, 6, seed=10)
-    Xd[:, 3] = Xd[:, 1]
-    _, info2 = prepare_hessian(layer_hessian(Xd), damp=0.0)
-    assert info2.tries >= 2 and info2.damp > 0.0
-    # Default damping needs no escalation on a full-rank Hessian.
-    _, info3 = prepare_hessian(layer_hessian(correlated(40, 6)), damp=0.01)
-    assert info3.tries == 1 and info3.damp == 0.01
-
-
-def test_non_psd_hessian_raises_after_the_cap():
-    H = -torch.eye(5, dtype=torch.float64)
-    with pytest.raises(HessianError, match="not positive definite"):
-        prepare_hessian(H, damp=0.01, max_tries=3)
-    with pytest.raises(HessianError):
-        sparsegpt_prune(torch.randn(3, 5, dtype=torch.float64), H, 0.5)
 
 
 def test_dead_inputs_reported_zeroed_and_counted_as_sparsity():
