@@ -1,5 +1,6 @@
-"""The model-level walk of ``prunekit.compress``: targets, order, calibration forms, sequential
-feeding, N:M on convolutions, damping escalation, errors that leave the model as it was."""
+"""The model-level walk of ``prunekit.compress`` (:mod:`prunekit.posttrain.pipeline`): targets,
+order, calibration forms, sequential feeding, N:M on convolutions, damping escalation, errors that
+leave the model as it was."""
 
 import copy
 
