@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prunekit.structured import find_groups, slim
-from tests.structured.zoo import ZOO
+from tests.structured.tiny_models import TINY_MODELS
 
 
 @pytest.mark.parametrize("name", ["attention", "attention_seq_first"])
@@ -13,7 +13,7 @@ def test_attention_heads_are_groups_and_slim_drops_heads(name):
     from prunekit.structured import SlimMultiheadAttention
 
     torch.manual_seed(0)
-    model, x = ZOO[name]()
+    model, x = TINY_MODELS[name]()
     groups = find_groups(model, x)
     heads = [g for g in groups if ("attn.in_proj_weight", 0) in g.slices("out")]
     assert len(heads) == 4 and all(g.prunable for g in heads)

@@ -20,7 +20,7 @@ from prunekit.structured import (
     find_groups,
     get_structured,
 )
-from tests.structured.zoo import ZOO
+from tests.structured.tiny_models import TINY_MODELS
 
 NAMES = available_structured()
 TOTAL = 60
@@ -166,7 +166,7 @@ def _leaky_mlp():
     return model, torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
 
 
-MODELS = {"residual": lambda: ZOO["residual"](), "leaky_mlp": _leaky_mlp}
+MODELS = {"residual": lambda: TINY_MODELS["residual"](), "leaky_mlp": _leaky_mlp}
 
 
 def _batches(seed, steps, x):
@@ -223,7 +223,7 @@ def test_state_dict_resume_is_bit_exact(name):
     """Stopped mid-pruning (HESSO inside a period, DHSPG after its selection, HSPG in the
     half-space phase), saved and restored into a fresh model and optimizer: the same weights."""
     torch.manual_seed(0)
-    model, x = ZOO["residual"]()
+    model, x = TINY_MODELS["residual"]()
     batches = _batches(2, TOTAL, x)
     groups = find_groups(model, x)
     opt = _build(name, model, groups, x)
@@ -234,7 +234,7 @@ def test_state_dict_resume_is_bit_exact(name):
     for xb in batches[stop:]:
         _step(model, opt, xb)
 
-    fresh, _ = ZOO["residual"]()
+    fresh, _ = TINY_MODELS["residual"]()
     fresh.load_state_dict(saved[0])
     resumed = _build(name, fresh, find_groups(fresh, x), x)
     resumed.load_state_dict(saved[1])

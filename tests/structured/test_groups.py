@@ -11,11 +11,11 @@ from torch import nn
 
 from prunekit.structured import CaptureError, FoldedConv, find_groups, slim
 from prunekit.structured.slim import apply_kept, slim_plan
-from tests.structured.zoo import ZOO
+from tests.structured.tiny_models import TINY_MODELS
 
 
 def test_expected_groups_on_residual_and_concat():
-    model, x = ZOO["residual"]()
+    model, x = TINY_MODELS["residual"]()
     groups = find_groups(model, x)
     first = next(g for g in groups if ("stem.weight", 0) in g.slices("out"))
     # the residual add joins stem/bn0 with c2/b2 (same channel), consumed by c1, c3, proj
@@ -28,7 +28,7 @@ def test_expected_groups_on_residual_and_concat():
         ("b2.bias", 0),
     }
     assert set(first.slices("in")) == {("c1.weight", 1), ("c3.weight", 1), ("proj.weight", 1)}
-    model, x = ZOO["concat_bn"]()
+    model, x = TINY_MODELS["concat_bn"]()
     groups = find_groups(model, x)
     g = next(g for g in groups if g.slices("out").get(("b.weight", 0)) == [2])
     assert g.slices("out")[("bn.weight", 0)] == [5 + 2]  # offset by the 5 channels of branch a
@@ -38,12 +38,12 @@ def test_expected_groups_on_residual_and_concat():
 
 
 def test_depthwise_joins_its_input_group():
-    model, x = ZOO["inverted_residual"]()
+    model, x = TINY_MODELS["inverted_residual"]()
     groups = find_groups(model, x)
     g = next(g for g in groups if g.slices("out").get(("expand.0.weight", 0)) == [3])
     assert g.prunable
     assert g.slices("out")[("dw.0.weight", 0)] == [3]
-    small_model, x = ZOO["inverted_residual"]()
+    small_model, x = TINY_MODELS["inverted_residual"]()
     small_groups = find_groups(small_model, x)
     for gg in small_groups:
         if gg.prunable and gg.slices("out").get(("dw.0.weight", 0)):
@@ -59,7 +59,7 @@ def test_depthwise_joins_its_input_group():
 
 
 def test_grouped_conv_groups_keep_conv_groups_balanced():
-    model, x = ZOO["grouped_unknown"]()
+    model, x = TINY_MODELS["grouped_unknown"]()
     groups = find_groups(model, x)
     # g has 2 conv groups of 4 inputs: a's channels s and 4+s feed the same weight column s
     a_groups = [g for g in groups if ("a.weight", 0) in g.slices("out")]
@@ -91,14 +91,14 @@ def test_grouped_conv_groups_keep_conv_groups_balanced():
     ],
 )
 def test_unprunable_groups_say_why(name, tensor, reason):
-    model, x = ZOO[name]()
+    model, x = TINY_MODELS[name]()
     groups = [g for g in find_groups(model, x) if any(k[0] == tensor for k in g.slices("out"))]
     assert groups and all(not g.prunable for g in groups)
     assert all(re.search(reason, g.reason) for g in groups), groups[0].reason
 
 
 def test_tied_model_keeps_unshared_groups_prunable():
-    model, x = ZOO["tied"]()
+    model, x = TINY_MODELS["tied"]()
     groups = find_groups(model, x)
     # dec's channels feed the shared weight: unprunable; extra's touch nothing shared: prunable
     assert not any(g.prunable for g in groups if ("dec.weight", 0) in g.slices("out"))
@@ -107,13 +107,13 @@ def test_tied_model_keeps_unshared_groups_prunable():
 
 
 def test_embed_layernorm_mlp_hidden_stays_prunable():
-    model, x = ZOO["embed_layernorm"]()
+    model, x = TINY_MODELS["embed_layernorm"]()
     hidden = [g for g in find_groups(model, x) if ("fc1.weight", 0) in g.slices("out")]
     assert len(hidden) == 16 and all(g.prunable for g in hidden)
 
 
 def test_group_is_printable_and_zero_is_exact():
-    model, x = ZOO["conv_bn_flatten"]()
+    model, x = TINY_MODELS["conv_bn_flatten"]()
     g = next(
         g
         for g in find_groups(model, x)
@@ -142,7 +142,7 @@ def test_untraceable_model_gives_clear_error():
 
 
 def test_capture_leaves_model_state_alone():
-    model, x = ZOO["conv_bn_flatten"]()
+    model, x = TINY_MODELS["conv_bn_flatten"]()
     model.train()
     stats = [b.clone() for b in model.buffers()]
     find_groups(model, x)
@@ -152,7 +152,7 @@ def test_capture_leaves_model_state_alone():
 
 def test_groupnorm_removes_whole_norm_groups():
     torch.manual_seed(0)
-    model, x = ZOO["groupnorm"]()
+    model, x = TINY_MODELS["groupnorm"]()
     groups = find_groups(model, x)
     n1 = [g for g in groups if ("n1.weight", 0) in g.slices("out")]
     n2 = [g for g in groups if ("n2.weight", 0) in g.slices("out")]

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.structured import find_groups, slim
-from tests.structured.zoo import ZOO
+from tests.structured.tiny_models import TINY_MODELS
 
 
 def test_handwritten_attention_with_literal_head_count_is_pinned_but_exact():
-    model, x = ZOO["handwritten_attention"]()
+    model, x = TINY_MODELS["handwritten_attention"]()
     groups = find_groups(model, x)
     for proj in ("q.weight", "k.weight", "v.weight"):
         gs = [g for g in groups if (proj, 0) in g.slices("out")]
@@ -26,7 +26,7 @@ def test_handwritten_attention_with_literal_head_count_is_pinned_but_exact():
 )
 def test_handwritten_attention_heads_are_groups_and_slim_drops_heads(name, attribute):
     torch.manual_seed(0)
-    model, x = ZOO[name]()
+    model, x = TINY_MODELS[name]()
     groups = find_groups(model, x)
     heads = [g for g in groups if ("q.weight", 0) in g.slices("out")]
     assert len(heads) == 4 and all(g.prunable for g in heads)
@@ -48,7 +48,7 @@ def test_handwritten_attention_heads_are_groups_and_slim_drops_heads(name, attri
 def test_only_the_value_rows_matter_for_exactness():
     """A head whose q and k rows are nonzero but whose v rows are zero outputs exactly zero."""
     torch.manual_seed(0)
-    model, x = ZOO["head_attribute_attention"]()
+    model, x = TINY_MODELS["head_attribute_attention"]()
     with torch.no_grad():
         model.v.weight[3:6] = 0
         model.v.bias[3:6] = 0

@@ -20,15 +20,15 @@ from prunekit.structured import FoldedConv, find_groups, slim, slim_with_plan
 from prunekit.structured import io as slim_io
 from prunekit.structured.io import SlimSpecError, load_slim, save_slim
 from tests.structured.test_folded import _ConcatBranch, emptied_concat_branch
-from tests.structured.zoo import ZOO
+from tests.structured.tiny_models import TINY_MODELS
 
 slim_mod = importlib.import_module("prunekit.structured.slim")  # the package exports slim() too
 
 
 def _export(name: str, every: int, directory: Path) -> tuple[nn.Module, Tensor]:
-    """Zero every ``every``-th prunable group of a fresh ZOO model, slim it and save it."""
+    """Zero every ``every``-th prunable group of a fresh TINY_MODELS model, slim it and save it."""
     torch.manual_seed(0)
-    model, x = ZOO[name]()
+    model, x = TINY_MODELS[name]()
     groups = find_groups(model, x)
     for g in [g for g in groups if g.prunable][::every]:
         g.zero_()
@@ -42,7 +42,7 @@ def _shapes(model: nn.Module) -> list[tuple[int, ...]]:
 
 
 def _load(name: str, directory: Path) -> nn.Module:
-    fresh, _ = ZOO[name]()
+    fresh, _ = TINY_MODELS[name]()
     return load_slim(fresh, directory).eval()
 
 
@@ -184,7 +184,7 @@ def test_a_crafted_spec_is_refused(tmp_path, craft, message):
     assert spec["attributes"] == {"num_heads": 2} and len(_kept(spec, "q.weight")) == 6
     craft(spec)
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    fresh, _ = ZOO["head_attribute_attention"]()
+    fresh, _ = TINY_MODELS["head_attribute_attention"]()
     forward = fresh.forward
     with pytest.raises(SlimSpecError, match=message):
         load_slim(fresh, tmp_path)
@@ -198,7 +198,7 @@ def _export_kind(kind: str, directory: Path) -> tuple[nn.Module, Tensor, Callabl
     by its folded constant (module replacement); its inputs and a factory of fresh models."""
     if kind == "attention":
         small, x = _export("head_attribute_attention", 2, directory)
-        return small, x, lambda: ZOO["head_attribute_attention"]()[0]
+        return small, x, lambda: TINY_MODELS["head_attribute_attention"]()[0]
     model, x, groups = emptied_concat_branch()
     small, plan = slim_with_plan(model, x, groups)
     assert isinstance(small.conv2, FoldedConv)
@@ -415,14 +415,14 @@ def test_save_and_load_slim_without_pickled_code(tmp_path, name):
     from prunekit.structured.io import load_slim, save_slim, slim_spec
 
     torch.manual_seed(0)
-    model, x = ZOO[name]()
+    model, x = TINY_MODELS[name]()
     groups = find_groups(model, x)
     for g in [g for g in groups if g.prunable][::2]:
         g.zero_()
     small = slim(model, x, groups).eval()
     save_slim(small, slim_spec(model, groups, x), tmp_path)
     assert (tmp_path / "spec.json").read_text().startswith("{")
-    fresh, _ = ZOO[name]()  # a new instance of the original class
+    fresh, _ = TINY_MODELS[name]()  # a new instance of the original class
     loaded = load_slim(fresh, tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), small(x))

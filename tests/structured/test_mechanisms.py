@@ -182,10 +182,10 @@ def test_dhspg_automatic_lambda_uses_each_parameters_own_lr():
 
 def test_dhspg_margin_sizes_the_redundant_set_and_the_target_is_exact():
     from tests.structured.test_optim import _train
-    from tests.structured.zoo import ZOO
+    from tests.structured.tiny_models import TINY_MODELS
 
     torch.manual_seed(0)
-    model, x = ZOO["residual"]()
+    model, x = TINY_MODELS["residual"]()
     groups = find_groups(model, x)
     opt = DHSPG(model.parameters(), groups, lr=0.05, momentum=0.9, start_step=5,
                 end_step=30, target_group_sparsity=0.5)  # fmt: skip

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import prunekit
 from prunekit.structured import emptiable, find_groups, slim
 from prunekit.structured.optim import DHSPG, HESSO, HSPG
-from tests.structured.zoo import ZOO
+from tests.structured.tiny_models import TINY_MODELS
 
 TOTAL = 120
 
@@ -43,7 +43,7 @@ def _train(model, x, opt, steps, check=None):
 @pytest.mark.parametrize("model_name", ["residual", "concat_bn"])
 def test_reaches_target_group_sparsity_and_zero_groups_stay_zero(name, variant, model_name):
     torch.manual_seed(0)
-    model, x = ZOO[model_name]()
+    model, x = TINY_MODELS[model_name]()
     groups = find_groups(model, x)
     opt = _make(name, model.parameters(), groups, variant)
     seen_zero = torch.zeros(opt.index.num_groups, dtype=torch.bool)
@@ -64,7 +64,7 @@ def test_reaches_target_group_sparsity_and_zero_groups_stay_zero(name, variant, 
 
 def test_hesso_decays_linearly_to_zero_within_a_period():
     torch.manual_seed(0)
-    model, x = ZOO["residual"]()
+    model, x = TINY_MODELS["residual"]()
     groups = find_groups(model, x)
     opt = HESSO(model.parameters(), groups, lr=0.0, momentum=0.0, start_step=0, end_step=10, periods=1,
                 target_group_sparsity=0.25)  # fmt: skip
@@ -88,7 +88,7 @@ def test_resume_mid_run_continues_bit_exactly(name, variant):
 
     def build():
         torch.manual_seed(0)
-        model, x = ZOO["residual"]()
+        model, x = TINY_MODELS["residual"]()
         groups = find_groups(model, x)
         return model, x, _make(name, model.parameters(), groups, variant)
 
@@ -116,7 +116,7 @@ def test_resume_mid_run_continues_bit_exactly(name, variant):
 
 
 def test_no_prunable_groups_is_reported():
-    model, x = ZOO["tied"]()
+    model, x = TINY_MODELS["tied"]()
     groups = [g for g in find_groups(model, x) if not g.prunable]
     with pytest.raises(prunekit.NoPrunableLayersError, match="no prunable groups"):
         HESSO(model.parameters(), groups, lr=0.1, end_step=10)
@@ -127,14 +127,14 @@ def test_group_macs_price_what_slimming_saves():
     from prunekit.structured import group_macs
 
     torch.manual_seed(0)
-    model, x = ZOO["conv_bn_flatten"]()
+    model, x = TINY_MODELS["conv_bn_flatten"]()
     groups = find_groups(model, x)
     costs = group_macs(model, groups, x[:1])
     total = count_macs(model, x[:1])
     for g, c in zip(groups, costs, strict=True):
         if not g.prunable:
             continue
-        m, _ = ZOO["conv_bn_flatten"]()
+        m, _ = TINY_MODELS["conv_bn_flatten"]()
         m.load_state_dict(model.state_dict())
         sub = find_groups(m, x)
         sub[g.index].zero_()
@@ -144,7 +144,7 @@ def test_group_macs_price_what_slimming_saves():
 
 def test_hesso_cost_removed_removes_that_share_of_the_cost_expensive_first():
     torch.manual_seed(0)
-    model, x = ZOO["residual"]()
+    model, x = TINY_MODELS["residual"]()
     groups = find_groups(model, x)
     n = sum(g.prunable for g in groups)
     costs = [1.0] * n
@@ -174,7 +174,7 @@ def test_hesso_exact_macs_target_meets_the_model_macs_fraction(multiple):
     from prunekit.structured import group_macs, macs_rates
 
     torch.manual_seed(0)
-    model, x = ZOO["residual"]()
+    model, x = TINY_MODELS["residual"]()
     groups = find_groups(model, x)
     before = count_macs(model, x[:1])
     opt = HESSO(model.parameters(), groups, lr=0.05, start_step=TOTAL // 5, end_step=TOTAL // 5 + TOTAL // 2,
@@ -191,7 +191,7 @@ def test_hesso_exact_macs_target_meets_the_model_macs_fraction(multiple):
 
 @pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
 def test_hesso_cost_power_sets_how_much_cost_discounts_importance(power, monkeypatch):
-    model, x = ZOO["residual"]()
+    model, x = TINY_MODELS["residual"]()
     groups = find_groups(model, x)
     n = sum(g.prunable for g in groups)
     costs = [1.0] * n
@@ -212,7 +212,7 @@ def test_hesso_cost_power_sets_how_much_cost_discounts_importance(power, monkeyp
 
 
 def test_hesso_channel_multiple_is_validated():
-    model, x = ZOO["residual"]()
+    model, x = TINY_MODELS["residual"]()
     groups = find_groups(model, x)
     with pytest.raises(ValueError, match="channel_multiple"):
         HESSO(model.parameters(), groups, lr=0.05, end_step=10, group_costs=[1.0] * 40,
@@ -242,7 +242,7 @@ def test_emptiable_allows_residual_branches_and_refuses_every_path():
 
 def test_emptiable_with_token_inputs_and_the_emptied_mlp_branch_is_exact():
     torch.manual_seed(0)
-    model, idx = ZOO["embed_layernorm"]()  # h + fc2(gelu(fc1(h))): the MLP is a branch
+    model, idx = TINY_MODELS["embed_layernorm"]()  # h + fc2(gelu(fc1(h))): the MLP is a branch
     model.eval()
     groups = find_groups(model, idx)
     flags = emptiable(model, groups, idx)

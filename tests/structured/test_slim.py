@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit.structured import SlimError, find_groups, removal_plan, slim
-from tests.structured.zoo import ZOO
+from tests.structured.tiny_models import TINY_MODELS
 
 slim_module = importlib.import_module(
     "prunekit.structured.slim"
@@ -30,10 +30,10 @@ def _settle_bn(model: nn.Module, x: torch.Tensor) -> None:
             model(x if x.is_floating_point() is False else x + 0.1 * torch.randn_like(x))
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_zero_random_groups_then_slim_is_exact(name):
     torch.manual_seed(0)
-    model, x = ZOO[name]()
+    model, x = TINY_MODELS[name]()
     _settle_bn(model, x)
     groups = find_groups(model, x)
     gen = torch.Generator().manual_seed(0)
@@ -74,7 +74,7 @@ def test_zero_random_groups_then_slim_is_exact(name):
 def test_slim_after_real_training_steps(name):
     """Groups zeroed and held at zero while SGD with momentum and BN updates trains the rest."""
     torch.manual_seed(0)
-    model, x = ZOO[name]()
+    model, x = TINY_MODELS[name]()
     groups = find_groups(model, x)
     prunable = [g for g in groups if g.prunable]
     chosen = prunable[::3]

@@ -14,8 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from prunekit.structured import find_groups
 from prunekit.structured.groups import capture
 from prunekit.structured.tracer import trace
-
-from .zoo import ZOO
+from tests.structured.tiny_models import TINY_MODELS
 
 
 def reference_shapes(model: nn.Module, x: Tensor) -> dict[str, object]:
@@ -34,10 +33,10 @@ def reference_shapes(model: nn.Module, x: Tensor) -> dict[str, object]:
     return out
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_shapes_equal_fx_shape_prop(name: str) -> None:
     torch.manual_seed(0)
-    model, x = ZOO[name]()
+    model, x = TINY_MODELS[name]()
     model.eval()
     graph = capture(model, (x,))
     ours = {
@@ -65,7 +64,7 @@ def test_placeholder_defaults_are_used() -> None:
 
 
 def test_training_flags_and_gc_are_restored() -> None:
-    model, x = ZOO["residual"]()
+    model, x = TINY_MODELS["residual"]()
     model.train()
     model.layer = nn.BatchNorm2d(1).eval()  # a frozen sub-module keeps its flag
     enabled = gc.isenabled()

@@ -1,4 +1,5 @@
-"""Small architectures covering every construct group discovery must handle."""
+"""Tiny models (``TINY_MODELS``: name → a model and an example input) covering every construct group
+discovery must handle. Not the torchvision zoo (``test_zoo.py``, ``benchmarks/zoo.py``)."""
 
 from __future__ import annotations
 
@@ -203,7 +204,7 @@ def _img(c: int = 3, s: int = 8) -> Tensor:
     return torch.randn(4, c, s, s, generator=torch.Generator().manual_seed(1))
 
 
-ZOO: dict[str, Callable[[], tuple[nn.Module, Tensor]]] = {
+TINY_MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor]]] = {
     "mlp": lambda: (MLP(), torch.randn(4, 12, generator=torch.Generator().manual_seed(1))),
     "conv_bn_flatten": lambda: (ConvBNFlatten(), _img()),
     "residual": lambda: (Residual(), _img()),
@@ -273,8 +274,8 @@ def _seq(c: int) -> Tensor:
     return torch.randn(3, 5, c, generator=torch.Generator().manual_seed(1))
 
 
-ZOO["attention"] = lambda: (AttentionBlock(), _seq(6))
-ZOO["attention_seq_first"] = lambda: (
+TINY_MODELS["attention"] = lambda: (AttentionBlock(), _seq(6))
+TINY_MODELS["attention_seq_first"] = lambda: (
     AttentionBlock(batch_first=False),
     _seq(6).transpose(0, 1).contiguous(),
 )
@@ -330,6 +331,6 @@ class SDPAAttention(nn.Module):
         return self.head(F.relu(self.o(a.transpose(1, 2).reshape(b, t, -1))).mean(1))
 
 
-ZOO["handwritten_attention"] = lambda: (HandWrittenAttention(), _seq(8))
-ZOO["head_attribute_attention"] = lambda: (HeadAttributeAttention(), _seq(6))
-ZOO["sdpa_attention"] = lambda: (SDPAAttention(), _seq(8))
+TINY_MODELS["handwritten_attention"] = lambda: (HandWrittenAttention(), _seq(8))
+TINY_MODELS["head_attribute_attention"] = lambda: (HeadAttributeAttention(), _seq(6))
+TINY_MODELS["sdpa_attention"] = lambda: (SDPAAttention(), _seq(8))
