@@ -1,5 +1,6 @@
 """Synthetic layers for the layer-wise tests: correlated and low-rank inputs, the relative
-reconstruction error, and a min-max grid computed independently of :mod:`prunekit.posttrain.grid`."""
+reconstruction error, and a min-max grid computed independently of
+:mod:`prunekit.posttrain.grid`."""
 
 import torch
 
