@@ -167,3 +167,23 @@ def test_groupnorm_removes_whole_norm_groups():
     assert (small.n1.num_groups, small.n1.num_channels) == (1, 4)
     assert (small.n2.num_groups, small.n2.num_channels) == (3, 9)
     assert small.c2.weight.shape == (9, 4, 3, 3)
+
+
+def test_group_macs_price_what_slimming_saves():
+    from prunekit.core import count_macs
+    from prunekit.structured import group_macs
+
+    torch.manual_seed(0)
+    model, x = TINY_MODELS["conv_bn_flatten"]()
+    groups = find_groups(model, x)
+    costs = group_macs(model, groups, x[:1])
+    total = count_macs(model, x[:1])
+    for g, c in zip(groups, costs, strict=True):
+        if not g.prunable:
+            continue
+        m, _ = TINY_MODELS["conv_bn_flatten"]()
+        m.load_state_dict(model.state_dict())
+        sub = find_groups(m, x)
+        sub[g.index].zero_()
+        saved = total - count_macs(slim(m, x, sub), x[:1])
+        assert c == pytest.approx(saved, rel=1e-6)  # one group alone: no shared slices

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunekit.structured import SlimError, find_groups, removal_plan, slim
+from prunekit.structured import SlimError, emptiable, find_groups, removal_plan, slim
 from tests.structured.tiny_models import TINY_MODELS
 
 slim_module = importlib.import_module(
@@ -94,6 +94,46 @@ def test_slim_after_real_training_steps(name):
     small = slim(model, x, groups)  # check=True: raises if the output differs
     assert _params(small) < before
     assert _params(model) == before  # the original is untouched
+
+
+def test_emptiable_allows_residual_branches_and_refuses_every_path():
+    from prunekit.models import build_model
+
+    torch.manual_seed(0)
+    for name, kwargs in (("resnet20", {}), ("vgg_bn", {"width": 0.25})):
+        model, x = build_model(name, (1, 28, 28), 10, **kwargs), torch.randn(2, 1, 28, 28)
+        groups = find_groups(model, x)
+        flags = emptiable(model, groups, x)
+        by_layer = {}
+        for g, f in zip(groups, flags, strict=True):
+            if g.prunable:
+                by_layer.setdefault(min(n for n, _ in g.slices("out")), set()).add(f)
+        assert all(len(v) == 1 for v in by_layer.values())  # a whole family or nothing
+        may = {k for k, v in by_layer.items() if v == {True}}
+        if name == "vgg_bn":  # a chain: every layer is on every path
+            assert not may
+        else:  # the 9 branches' inner channels; not the stem/stage streams
+            assert may == {f"layers.{b}.bn1.bias" for b in range(9)}
+        assert not any(f for g, f in zip(groups, flags, strict=True) if not g.prunable)
+
+
+def test_emptiable_with_token_inputs_and_the_emptied_mlp_branch_is_exact():
+    torch.manual_seed(0)
+    model, idx = TINY_MODELS["embed_layernorm"]()  # h + fc2(gelu(fc1(h))): the MLP is a branch
+    model.eval()
+    groups = find_groups(model, idx)
+    flags = emptiable(model, groups, idx)
+    hidden = [i for i, g in enumerate(groups) if ("fc1.weight", 0) in g.slices("out")]
+    assert len(hidden) == 16 and all(flags[i] for i in hidden)
+    assert not any(f for i, f in enumerate(flags) if i not in hidden)
+    for i in hidden:
+        groups[i].zero_()
+    with torch.no_grad():
+        ref = model(idx)
+    small = slim(model, idx, groups)
+    assert small.fc1.out_features == 0 and small.fc2.in_features == 0  # nothing left to compute
+    with torch.no_grad():
+        torch.testing.assert_close(small(idx), ref)
 
 
 class _Block(nn.Module):

@@ -1,5 +1,6 @@
 """Tiny models (``TINY_MODELS``: name → a model and an example input) covering every construct group
-discovery must handle. Not the torchvision zoo (``test_zoo.py``, ``benchmarks/zoo.py``)."""
+discovery must handle, the 4-group model of the optimizers' by-hand tests, and the short training
+loop of the optimizer tests. Not the torchvision zoo (``test_zoo.py``, ``benchmarks/zoo.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from prunekit.structured import find_groups
 
 
 class MLP(nn.Module):
@@ -334,3 +337,53 @@ class SDPAAttention(nn.Module):
 TINY_MODELS["handwritten_attention"] = lambda: (HandWrittenAttention(), _seq(8))
 TINY_MODELS["head_attribute_attention"] = lambda: (HeadAttributeAttention(), _seq(6))
 TINY_MODELS["sdpa_attention"] = lambda: (SDPAAttention(), _seq(8))
+
+
+def four_groups(rows, grads, lr_first=None):
+    """The 4-group model of the optimizers' by-hand tests: ``Linear(3, 4) → ReLU → Linear(4, 2)``,
+    one group per hidden unit (the row of the first weight and its bias entry, ``x_g ∈ R⁴``), with
+    ``x_g = rows[g]`` (3 weights, then the bias) and gradients ``grads``; with ``lr_first`` the
+    unmanaged second layer is a first param group with that lr."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    groups = find_groups(model, torch.randn(2, 3))
+    assert [g.slices("out") for g in groups if g.prunable] == [
+        {("0.bias", 0): [i], ("0.weight", 0): [i]} for i in range(4)
+    ]
+    x, g = torch.tensor(rows), torch.tensor(grads)
+    with torch.no_grad():
+        model[0].weight.copy_(x[:, :3])
+        model[0].bias.copy_(x[:, 3])
+    model[0].weight.grad, model[0].bias.grad = g[:, :3].clone(), g[:, 3].clone()
+    for p in model[2].parameters():
+        p.grad = torch.zeros_like(p)
+    params = (
+        list(model.parameters())
+        if lr_first is None
+        else [{"params": model[2].parameters(), "lr": lr_first}, {"params": model[0].parameters()}]
+    )
+    return model, groups, params
+
+
+def group_rows(model):
+    """The 4 groups of :func:`four_groups`'s model as rows ``x_g``."""
+    return torch.cat([model[0].weight.detach(), model[0].bias.detach()[:, None]], dim=1)
+
+
+def dot(a, b):
+    """The inner product of two rows written out as lists (for values computed by hand)."""
+    return sum(u * v for u, v in zip(a, b, strict=True))
+
+
+def train_steps(model, x, opt, steps, check=None):
+    """``steps`` optimizer steps of a 2-class cross-entropy on noisy copies of ``x`` (``check()``
+    after each)."""
+    y = torch.arange(len(x)) % 2
+    model.train()
+    for _ in range(steps):
+        out = model(x + 0.05 * torch.randn_like(x))
+        loss = F.cross_entropy(out[:, :2], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if check is not None:
+            check()
