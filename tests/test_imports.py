@@ -143,6 +143,7 @@ LONG_MODULES = {
     "prunekit.posttrain.obc": "OBC/OBQ: greedy optimal brain compression of one layer",
     "prunekit.posttrain.obs": "the OBS rules of one layer: SparseGPT, Wanda, magnitude",
     "prunekit.posttrain.pipeline": "prunekit.compress: the walk over the model",
+    "prunekit.posttrain.sequential": "the order of the units and the forwards that feed them",
     "prunekit.structured.groups": "zero-invariant groups and what they cost",
     "prunekit.structured.heads": "attention heads as groups",
     "prunekit.structured.hesso": "HESSO: its config, its FLOPs target and its update",

@@ -71,6 +71,11 @@ class Stack(nn.Module):
         return self.head(h)
 
 
+#: every layer of a Stack: the embedding and head lie outside its blocks, which a model with a
+#: block list leaves by default (test_a_model_with_a_block_list_is_compressed_inside_its_blocks)
+STACK_ALL = ["embed", "re:layers\\..*", "head"]
+
+
 def _stack_batches(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [
@@ -146,7 +151,7 @@ def test_blocks_of_a_layer_list_see_compressed_blocks(variant):
         for layer, X in zip(unit, inputs, strict=True):
             with torch.no_grad():
                 layer.weight.copy_(_sparsegpt_by_hand(layer.weight, X, 0.5))
-    report = prunekit.compress(model, batches, "sparsegpt", sparsity=0.5)
+    report = prunekit.compress(model, batches, "sparsegpt", sparsity=0.5, targets=STACK_ALL)
     for (name, p), p_ref in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, p_ref, msg=name)
     chained = [u.chained for u in plan_units(model, execution_order(model, select_targets(model),
@@ -156,6 +161,28 @@ def test_blocks_of_a_layer_list_see_compressed_blocks(variant):
     assert [r.name for r in report.layers] == [
         n for n, p in model.named_parameters() if p.dim() == 2
     ]
+
+
+def test_a_model_with_a_block_list_is_compressed_inside_its_blocks():
+    """The default targets of a model with a block list are the layers inside its blocks; the
+    embedding and head are left, each reported with the reason. A model without one keeps every
+    layer (the MLP)."""
+    torch.manual_seed(0)
+    model, batches = Stack(), _stack_batches()
+    before = copy.deepcopy(model)
+    report = prunekit.compress(model, batches, "sparsegpt", sparsity=0.5)
+    assert [r.name for r in report.layers] == [
+        f"layers.{i}.{n}.weight" for i in range(3) for n in ("up", "down")
+    ]
+    for name in ("embed.weight", "head.weight"):
+        assert "outside the blocks of 'layers'" in report.skipped[name]
+    assert torch.equal(model.embed.weight, before.embed.weight)
+    assert torch.equal(model.head.weight, before.head.weight)
+    assert (model.layers[0].up.weight == 0).float().mean() == 0.5
+    mlp = MLP()
+    report = prunekit.compress(mlp, calibration_batches(), "sparsegpt", sparsity=0.5)
+    assert [r.name for r in report.layers] == ["fc1.weight", "fc2.weight", "fc3.weight"]
+    assert report.skipped == {}
 
 
 def test_cached_chain_runs_each_block_once_per_item():
@@ -311,14 +338,16 @@ def test_hooks_are_removed_and_weights_restored_after_an_exception():
     handle = model.layers[2].register_forward_pre_hook(bomb, with_kwargs=True)
     # what the model raised on an item comes back as one line naming the item (cause chained)
     with pytest.raises(ConfigError, match=r"calibration item 2 .*RuntimeError: boom"):
-        prunekit.compress(model, batches, "sparsegpt", sparsity=0.5)
+        prunekit.compress(model, batches, "sparsegpt", sparsity=0.5, targets=STACK_ALL)
     handle.remove()
     for m in model.modules():
         assert not m._forward_pre_hooks and not m._forward_hooks, m
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert model.training  # the mode is restored too
-    prunekit.compress(model, batches[:2], "sparsegpt", sparsity=0.5)  # and it still works
+    prunekit.compress(
+        model, batches[:2], "sparsegpt", sparsity=0.5, targets=STACK_ALL
+    )  # still works
     assert not torch.equal(model.embed.weight, before["embed.weight"])
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.core.forward import eval_mode, example_args
-from prunekit.core.targets import DEFAULT_TYPES
+from prunekit.core.targets import DEFAULT_TYPES, is_selected_type, is_transposed_linear
 
 
 def count_params(model: nn.Module, nonzero: bool = False) -> int:
@@ -50,13 +50,15 @@ def module_macs(
             return
         if isinstance(module, nn.Linear):
             macs = output.numel() * module.in_features
+        elif is_transposed_linear(module):  # weight is (in, out)
+            macs = output.numel() * weight.shape[0]
         else:  # convolution: weight is (out, in/groups, *kernel)
             macs = output.numel() * math.prod(weight.shape[1:])
         before = out.get(names[module], (0, 0))[0]
         out[names[module]] = (before + macs, weight.numel())
 
     handles = [
-        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DEFAULT_TYPES)
+        m.register_forward_hook(hook) for m in model.modules() if is_selected_type(m, DEFAULT_TYPES)
     ]
     try:
         with eval_mode(model):

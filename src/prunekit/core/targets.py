@@ -1,7 +1,9 @@
 """Which parameters of a model are pruned.
 
 A *target* is one parameter of one module, named by its fully qualified name (``"features.0.weight"``).
-Selection is by module type (dispatch on ``isinstance``, never on class-name strings) and by names:
+Selection is by module type (dispatch on ``isinstance``; the one exception is ``transformers``'
+``Conv1D``, recognised by :func:`is_transposed_linear` so that ``transformers`` is never imported)
+and by names:
 a plain string matches a module or parameter name exactly, a string starting with ``re:`` is a regular
 expression matched in full against the parameter's fully qualified name. Biases and normalisation
 layers are excluded by default because they are not in :data:`DEFAULT_TYPES` and only ``weight`` is
@@ -17,6 +19,31 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is ``transformers``' ``Conv1D`` (GPT-2 and its kin): a linear layer
+    ``y = x W + b`` whose weight is stored ``(in, out)``, the transpose of ``nn.Linear``'s.
+
+    Recognised by its class name, its ``nf`` attribute (the output width) and a 2-D weight of
+    ``nf`` columns, so that ``transformers`` need not be imported. It counts as a Linear wherever
+    ``nn.Linear`` is a selected type.
+    """
+    weight = getattr(module, "weight", None)
+    nf = getattr(module, "nf", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(nf, int)
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and weight.shape[1] == nf
+    )
+
+
+def is_selected_type(module: nn.Module, types: Sequence[type[nn.Module]]) -> bool:
+    """Whether ``module`` is one of ``types`` (a transposed linear counts as ``nn.Linear``)."""
+    kinds = tuple(types)
+    return isinstance(module, kinds) or (nn.Linear in kinds and is_transposed_linear(module))
 
 
 class NoPrunableLayersError(ValueError):
@@ -51,6 +78,11 @@ class Target:
     def param(self) -> Tensor:
         return getattr(self.module, self.param_name)
 
+    @property
+    def transposed(self) -> bool:
+        """The weight is stored ``(in, out)`` (:func:`is_transposed_linear`)."""
+        return self.param_name == "weight" and is_transposed_linear(self.module)
+
 
 def _matches(pattern: str, module_name: str, param_name: str) -> bool:
     full = f"{module_name}.{param_name}" if module_name else param_name
@@ -82,7 +114,8 @@ def select_targets(
             selects every module of one of ``types``.
         ignore: names or ``re:`` patterns to leave dense (e.g. the classifier); a plain name of a
             module also leaves every layer inside it dense.
-        types: module types considered when ``targets`` is ``None``.
+        types: module types considered when ``targets`` is ``None`` (with ``nn.Linear``, also
+            ``transformers``' ``Conv1D``: :func:`is_transposed_linear`).
         param_name: the parameter of each module that is pruned.
 
     Returns:
@@ -122,7 +155,7 @@ def select_targets(
         if not isinstance(param, nn.Parameter) or param.dim() < 2:
             continue
         if targets is None:
-            if not isinstance(module, type_tuple):
+            if not is_selected_type(module, type_tuple):
                 continue
         else:
             hits = [p for p in targets if _matches(p, module_name, param_name)]

@@ -65,6 +65,12 @@ class SparsityConfig(SparsitySpec):
         return fraction_step(fraction, self.total_steps)
 
 
+def _out_in_shape(target: Target) -> tuple[int, ...]:
+    """The weight's shape as ``(out, in, *kernel)`` (a transposed linear's is reversed)."""
+    shape = tuple(target.param.shape)
+    return shape[::-1] if target.transposed else shape
+
+
 class Pruner:
     """Base of all sparse-training methods (the contract; behaviour lives in the subclasses).
 
@@ -95,7 +101,7 @@ class Pruner:
         if self.pattern is not None:
             m = self.pattern.m
             self.dense_targets = [
-                t.name for t in self.targets if not nm_compatible(tuple(t.param.shape), m)
+                t.name for t in self.targets if not nm_compatible(_out_in_shape(t), m)
             ]
             if self.dense_targets:
                 logger.warning(
@@ -210,7 +216,25 @@ class Pruner:
                 else [t.param.detach() for t in self.targets]
             )
             scores = [w.abs() for w in weights]
-        return compute_masks(scores, sparsity, self.config.allocation, self.pattern)
+        return self.compute_masks(scores, sparsity)
+
+    def compute_masks(
+        self,
+        scores: list[Tensor],
+        sparsity: float,
+        allocation: str | None = None,
+        targets: list[Target] | None = None,
+    ) -> list[Tensor]:
+        """:func:`~prunekit.core.allocation.compute_masks` for ``targets`` (default: all) with
+        this method's allocation and pattern; an N:M group runs along each target's inputs, also
+        for a weight stored ``(in, out)`` (``transformers``' ``Conv1D``)."""
+        chosen = self.targets if targets is None else targets
+        flip = [self.pattern is not None and t.transposed for t in chosen]
+        oriented = [s.t() if f else s for s, f in zip(scores, flip, strict=True)]
+        masks = compute_masks(
+            oriented, sparsity, allocation or self.config.allocation, self.pattern
+        )
+        return [m.t().contiguous() if f else m for m, f in zip(masks, flip, strict=True)]
 
     def target_nonzeros(self) -> int:
         """How many weights the final model keeps at most (the method's masks at the target)."""

@@ -43,7 +43,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from prunekit.config import ConfigError, check_int, check_non_negative
-from prunekit.core.allocation import compute_masks
 from prunekit.core.batchnorm import recalibrate_batchnorm_
 from prunekit.core.ddp import all_reduce_batchnorm_
 from prunekit.core.hooks import OptimizerHooks
@@ -127,7 +126,7 @@ class CrAM(Pruner):
             ]
             scores = [t.param.detach().abs() for t in self.targets]
             level = self.pattern.sparsity if self.pattern is not None else self.last_compression
-            masks = compute_masks(scores, level, cfg.allocation, self.pattern)
+            masks = self.compute_masks(scores, level)
             for t, m in zip(self.targets, masks, strict=True):
                 t.param.mul_(m)
         with torch.enable_grad():

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from prunekit.config import ConfigError, check_fraction, check_int
-from prunekit.core.allocation import compute_masks
 from prunekit.core.masks import Masker, MaskMode
 from prunekit.methods.base import Pruner, SparsityConfig
 from prunekit.methods.registry import register_method
@@ -103,7 +102,9 @@ class GaP(Pruner):
             self.pattern.sparsity if self.pattern is not None else 1.0 - self._budgets[part] / total
         )
         allocation = "global" if self.config.allocation == "global" else self.config.allocation
-        part_masks = compute_masks(scores, sparsity, allocation, self.pattern)
+        part_masks = self.compute_masks(
+            scores, sparsity, allocation, [self.targets[i] for i in layers]
+        )
         masks = list(self.masker.masks)
         for i, m in zip(layers, part_masks, strict=True):
             masks[i] = m

@@ -176,3 +176,13 @@ def first_non_finite(call: Call) -> str | None:
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             return where
     return None
+
+
+def token_mask(call: Call) -> Tensor | None:
+    """The token positions that count in layer statistics: ``attention_mask != 0`` when the call's
+    keyword inputs carry a 2-D ``attention_mask`` (batch, sequence), as a tokenizer's padded
+    batch does; ``None`` (every position counts) otherwise."""
+    mask = call[1].get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        return mask != 0
+    return None

@@ -8,6 +8,10 @@ Column layout of a convolution matrix: ``(kernel position, input channel)``, cha
 ``m`` consecutive columns are ``m`` input channels at one kernel position — the grouping of the
 N:M pattern (as in :func:`prunekit.core.patterns.nm_mask`) and of group-wise quantization.
 
+A ``transformers`` ``Conv1D`` (GPT-2), whose weight is stored ``(in, out)``, is a Linear layer
+with a transposed weight: its matrix is ``weight.T``
+(:func:`~prunekit.core.targets.is_transposed_linear`).
+
 Dispatch is on the module type; :func:`register_layer_view` adds new types.
 """
 
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from prunekit.core.targets import is_transposed_linear
 
 __all__ = [
     "LayerView",
@@ -46,6 +52,11 @@ class LayerView:
     d_in: int
     channels: int
     _inputs: Callable[[Tensor], Tensor]
+    #: the weight is stored ``(in, out)``: its matrix is ``weight.T``
+    transposed: bool = False
+    #: inputs are ``(..., d_in)`` feature vectors, one per token (a Linear layer): an attention
+    #: mask over the leading ``(batch, sequence)`` dimensions says which rows count
+    per_token: bool = False
 
     @property
     def weight(self) -> Tensor:
@@ -58,13 +69,17 @@ class LayerView:
         """The weight (or ``weight``, of the same shape) as ``(groups, d_out/groups, d_in)``
         (a copy, in the weight's dtype)."""
         w = (self.weight if weight is None else weight).detach()
+        if self.transposed:
+            w = w.t()
         return weight_to_matrices(w, self.groups).clone()
 
     def write_(self, matrices: Tensor) -> None:
         """Write ``(groups, d_out/groups, d_in)`` matrices back into the layer's weight."""
         w = self.weight
+        shape = tuple(w.shape)[::-1] if self.transposed else tuple(w.shape)
+        new = matrices_to_weight(matrices.to(device=w.device), shape)
         with torch.no_grad():
-            w.copy_(matrices_to_weight(matrices.to(device=w.device), tuple(w.shape)))
+            w.copy_(new.t() if self.transposed else new)
 
     def inputs(self, x: Tensor) -> Tensor:
         """The layer's input batch as ``(groups, n, d_in)``, one row per output position.
@@ -93,15 +108,18 @@ def matrices_to_weight(matrices: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 
 def _linear_view(module: nn.Module) -> LayerView:
-    assert isinstance(module, nn.Linear)
-    d_in = module.in_features
+    transposed = is_transposed_linear(module)
+    assert isinstance(module, nn.Linear) or transposed
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    d_in = int(weight.shape[0 if transposed else 1])
 
     def inputs(x: Tensor) -> Tensor:
         if x.dim() == 0 or x.shape[-1] != d_in:
             raise ValueError(f"takes inputs of {d_in} features, got shape {tuple(x.shape)}")
         return x.reshape(1, -1, d_in)
 
-    return LayerView(module, 1, d_in, d_in, inputs)
+    return LayerView(module, 1, d_in, d_in, inputs, transposed, per_token=True)
 
 
 def _conv_view(module: nn.Module) -> LayerView:
@@ -159,11 +177,13 @@ def view_of(module: nn.Module, name: str = "") -> LayerView:
     Raises:
         TypeError: the module type has no registered view (the message lists the supported ones).
     """
+    if is_transposed_linear(module):
+        return _linear_view(module)
     for kind in type(module).__mro__:
         factory = _VIEWS.get(kind)
         if factory is not None:
             return factory(module)
-    supported = ", ".join(sorted(t.__name__ for t in _VIEWS))
+    supported = ", ".join(sorted([*(t.__name__ for t in _VIEWS), "transformers' Conv1D"]))
     raise TypeError(
         f"{name or type(module).__name__}: post-training compression supports {supported}; "
         f"{type(module).__name__} is not one of them (pass it in ignore=[...])"

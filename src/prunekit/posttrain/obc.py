@@ -35,7 +35,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -421,6 +421,36 @@ def obc_prune(
     return obc_database(W, H, [sparsity], damp, nm, row_batch, mask_scope).weights[0]
 
 
+@overload
+def obq_quantize(
+    W: Tensor,
+    H: Tensor,
+    bits: int,
+    group_size: int | None = ...,
+    damp: float = ...,
+    row_batch: int | None = ...,
+    *,
+    sym: bool = ...,
+    mse: bool = ...,
+    return_grid: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def obq_quantize(
+    W: Tensor,
+    H: Tensor,
+    bits: int,
+    group_size: int | None = ...,
+    damp: float = ...,
+    row_batch: int | None = ...,
+    *,
+    sym: bool = ...,
+    mse: bool = ...,
+    return_grid: Literal[True],
+) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
 def obq_quantize(
     W: Tensor,
     H: Tensor,
@@ -428,12 +458,16 @@ def obq_quantize(
     group_size: int | None = None,
     damp: float = 0.01,
     row_batch: int | None = None,
-) -> Tensor:
+    *,
+    sym: bool = False,
+    mse: bool = False,
+    return_grid: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """OBQ (Optimal Brain Quantizer, OBC paper): greedy OBS quantization of every row.
 
     The grid is fixed up front from the original weights (dead inputs zeroed):
-    :func:`~prunekit.posttrain.quant.minmax_grid` per row or per group of ``group_size``
-    consecutive inputs. Then, per row, until every weight is on the grid: among the weights not
+    :func:`~prunekit.posttrain.quant.minmax_grid` (asymmetric min-max, or ``sym``/``mse``) per
+    row or per group of ``group_size`` consecutive inputs. Then, per row, until every weight is on the grid: among the weights not
     yet quantized pick ``p`` minimising ``(q(w_p) - w_p)² / [H⁻¹]_pp``, set ``w_p = q(w_p)``,
     update the others by ``δ = -((w_p - q(w_p)) / [H⁻¹]_pp) H⁻¹[:, p]`` and eliminate ``p``
     from ``H⁻¹`` (rank-1 downdate).
@@ -451,17 +485,21 @@ def obq_quantize(
         group_size: ``None`` (per-row grid) or the number of consecutive inputs sharing a grid.
         damp: relative damping, see :func:`~prunekit.posttrain.hessian.prepare_hessian`.
         row_batch: rows processed together; ``None`` picks a batch of at most 256 MiB.
+        sym: symmetric grid.
+        mse: grid clipped to the least rounding error.
+        return_grid: also return the grid's ``(scale, zero)``, each ``(d_out, n_groups)``.
 
     Returns:
         The quantized weights (dequantized values on the grid of
-        ``minmax_grid(W with dead columns zeroed, bits, group_size)``; new tensor, dtype of
-        ``W``). Dead inputs get 0.
+        ``minmax_grid(W with dead columns zeroed, bits, group_size, sym=sym, mse=mse)``; new
+        tensor, dtype of ``W``), or ``(weights, scale, zero)`` with ``return_grid``. Dead
+        inputs get 0.
     """
     _check_layer(W, H)
     check_bits(bits)
     d_out, d_in = W.shape
     Wc, hinv0, dead, _ = _prepare(W, H, damp)
-    scale_g, zero_g = minmax_grid(Wc, bits, group_size)
+    scale_g, zero_g = minmax_grid(Wc, bits, group_size, sym=sym, mse=mse)
     scale = expand_grid(scale_g, d_in, group_size)
     zero = expand_grid(zero_g, d_in, group_size)
     maxq = 2**bits - 1
@@ -470,6 +508,8 @@ def obq_quantize(
     for r1 in range(0, d_out, batch):
         r2 = min(r1 + batch, d_out)
         _greedy_quantize_rows_(Wc[r1:r2], hinv0, dead, n_steps, scale[r1:r2], zero[r1:r2], maxq)
+    if return_grid:
+        return Wc.to(W.dtype), scale_g, zero_g
     return Wc.to(W.dtype)
 
 

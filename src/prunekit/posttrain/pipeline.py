@@ -30,13 +30,20 @@ from torch import Tensor, nn
 from prunekit.config import ConfigError
 from prunekit.core.batchnorm import recalibrate_batchnorm_, tracked_batchnorms
 from prunekit.core.targets import Target, require_values, select_targets
-from prunekit.posttrain.calibration import Call, batch_size, model_device, prepare_calibration
+from prunekit.posttrain.calibration import (
+    Call,
+    batch_size,
+    model_device,
+    prepare_calibration,
+    token_mask,
+)
 from prunekit.posttrain.checks import check_model, check_target_weights
 from prunekit.posttrain.layers import LayerView, view_of
 from prunekit.posttrain.methods import Compressor, get_compressor
 from prunekit.posttrain.obs import HessianAccumulator, HessianError, prepare_hessian
 from prunekit.posttrain.quant import quantize_to_ints
 from prunekit.posttrain.report import CompressionReport, LayerReport, QuantGrid
+from prunekit.posttrain.scope import check_coverage, inside_blocks
 from prunekit.posttrain.sequential import (
     HookSet,
     Unit,
@@ -110,8 +117,11 @@ def compress(
     targets = select_targets(model, cfg.targets, cfg.ignore)
     require_values(targets, f"compress(method={method!r})")
     check_target_weights(targets)
-    _check_overrides(cfg.overrides, targets)
     report = CompressionReport(method=method, config=cfg.to_dict())
+    if cfg.targets is None:
+        targets = inside_blocks(model, targets, report)
+        check_coverage(model, targets, report)
+    _check_overrides(cfg.overrides, targets)
     targets, views = _usable(model, targets, report)
     calls = prepare_calibration(calibration, model_device(model))
     label_list = None if labels is None else _check_labels(labels, calls)
@@ -294,19 +304,22 @@ def _run(
     for i, unit in enumerate(tqdm(units, desc=f"compress:{compressor.name}", disable=not show)):
         chain_next = i + 1 < len(units) and units[i + 1].chained
         accs = _hessians(unit, views)
+        current = _TokenMask(calls)
         with HookSet() as hooks:
-            _collect(hooks, unit, views, accs)
+            _collect(hooks, unit, views, accs, current)
             if unit.module is model:
                 for j, call in enumerate(calls):
+                    current.select(j)
                     run_call(model, call, j)
             elif unit.chained or chain_next:
                 if cache is None:
                     cache = capture_inputs(model, unit.module, calls)
                 for j, (args, kwargs) in enumerate(cache):
+                    current.select(j)
                     with blame_item(j, calls[j]):
                         unit.module(*fresh(args), **kwargs)
             else:
-                feed_unit(model, unit, calls)
+                feed_unit(model, unit, calls, before=current.select)
         _check_unit_inputs(model, unit, accs, calls)
         for t in unit.targets:
             grids: list[QuantGrid] = []
@@ -333,19 +346,42 @@ def _hessians(unit: Unit, views: dict[str, LayerView]) -> dict[str, list[Hessian
     return out
 
 
+class _TokenMask:
+    """The attention mask of the calibration item being run (see :func:`token_mask`)."""
+
+    def __init__(self, calls: Sequence[Call]) -> None:
+        self.masks = [token_mask(call) for call in calls]
+        self.current: Tensor | None = None
+
+    def select(self, index: int) -> None:
+        self.current = self.masks[index]
+
+    def rows(self, view: LayerView, x: Tensor) -> Tensor:
+        """``x`` without its padded token positions, for a per-token layer input shaped
+        ``(batch, sequence, ...)`` like the mask; ``x`` itself otherwise."""
+        mask = self.current
+        if mask is None or not view.per_token or x.dim() < 3 or x.shape[:2] != mask.shape:
+            return x
+        return x[mask.to(x.device)]
+
+
 def _collect(
     hooks: HookSet,
     unit: Unit,
     views: dict[str, LayerView],
     accs: dict[str, list[HessianAccumulator]],
+    current: _TokenMask,
 ) -> None:
+    """Hooks adding each target's inputs to its Hessians; padded token positions (an
+    ``attention_mask`` of the calibration item) are not counted."""
     for t in unit.targets:
 
         def add(module: nn.Module, args: Any, t: Target = t) -> None:
             if not args or not isinstance(args[0], Tensor):
                 raise TypeError(f"{t.name}: expected a tensor as the layer's first input")
+            view = views[t.name]
             try:
-                x = views[t.name].inputs(args[0].detach())
+                x = view.inputs(current.rows(view, args[0].detach()))
             except ValueError as exc:
                 raise ValueError(f"{t.name} {exc}") from None
             for g, acc in enumerate(accs[t.name]):

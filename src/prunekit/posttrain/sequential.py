@@ -38,7 +38,7 @@ from prunekit.posttrain.calibration import Call, describe, first_non_finite
 from prunekit.posttrain.checks import NonFiniteInput, check_finite_input
 from prunekit.posttrain.hessian import HessianError
 
-__all__ = ["HookSet", "StopForward", "Unit", "blame_item", "plan_units"]
+__all__ = ["HookSet", "StopForward", "Unit", "blame_item", "layer_list", "plan_units"]
 
 
 class StopForward(Exception):
@@ -184,7 +184,7 @@ def execution_order(
     return order, [t for t in targets if t not in order]
 
 
-def _layer_list(model: nn.Module, targets: Sequence[Target]) -> tuple[str, nn.ModuleList] | None:
+def layer_list(model: nn.Module, targets: Sequence[Target]) -> tuple[str, nn.ModuleList] | None:
     """The ``ModuleList`` whose children hold the most targets (ties: the outermost), if any."""
     best: tuple[int, str, nn.ModuleList] | None = None
     target_modules = {id(t.module) for t in targets}
@@ -204,7 +204,7 @@ def _layer_list(model: nn.Module, targets: Sequence[Target]) -> tuple[str, nn.Mo
 
 def plan_units(model: nn.Module, ordered: Sequence[Target], call: Call) -> list[Unit]:
     """Units in forward order, with the chained ones marked (see the module docstring)."""
-    found = _layer_list(model, ordered)
+    found = layer_list(model, ordered)
     block_of: dict[int, tuple[str, nn.Module]] = {}
     if found is not None:
         list_name, layers = found
@@ -339,8 +339,14 @@ def capture_inputs(model: nn.Module, module: nn.Module, calls: Sequence[Call]) -
     return captured
 
 
-def feed_unit(model: nn.Module, unit: Unit, calls: Sequence[Call]) -> None:
-    """Run the model on every call, stopping right after ``unit`` has run."""
+def feed_unit(
+    model: nn.Module,
+    unit: Unit,
+    calls: Sequence[Call],
+    before: Callable[[int], None] | None = None,
+) -> None:
+    """Run the model on every call, stopping right after ``unit`` has run (``before(i)`` is
+    called before call ``i``)."""
 
     def stop(m: nn.Module, args: Any, out: Any) -> None:
         raise StopForward
@@ -348,6 +354,8 @@ def feed_unit(model: nn.Module, unit: Unit, calls: Sequence[Call]) -> None:
     with HookSet() as hooks:
         hooks.post(unit.module, stop)
         for i, call in enumerate(calls):
+            if before is not None:
+                before(i)
             run_call(model, call, i)
 
 
