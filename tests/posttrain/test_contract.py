@@ -24,20 +24,23 @@ _COMMON = {"targets": ["fc1", "re:fc[23]"], "ignore": ["fc3"], "recalibrate_batc
 
 #: per method, a valid config that sets as many fields as the method allows away from their
 #: defaults (a method that only quantizes takes no sparsity, pattern or overrides; M-FAC no
-#: pattern, overrides or sequential); a new method needs its entry here
+#: pattern, overrides or sequential; SparseGPT's sym/mse need sparsity 0); a new method needs its
+#: entry here
 NON_DEFAULT = {
     "magnitude": {**_COMMON, "sequential": False, "sparsity": 0.6, "overrides": {"fc2": 0.25},
-                  "bits": 4, "group_size": 8},
-    "wanda": {**_COMMON, "sequential": False, "pattern": "2:4", "bits": 3, "group_size": 4},
+                  "bits": 4, "group_size": 8, "sym": True, "mse": True},
+    "wanda": {**_COMMON, "sequential": False, "pattern": "2:4", "bits": 3, "group_size": 4,
+              "sym": True, "mse": True},
     "sparsegpt": {**_COMMON, "sequential": False, "sparsity": 0.7, "overrides": {"re:fc.*": 0.3},
                   "bits": 4, "group_size": 16, "block_size": 64, "damp": 0.05,
                   "mask_scope": "block"},
     "obc": {**_COMMON, "sequential": False, "sparsity": 0.4, "overrides": {"fc1": 0.2},
             "damp": 0.02, "mask_scope": "layer", "database_levels": [0.25, 0.75]},
-    "rtn": {**_COMMON, "sequential": False, "bits": 3, "group_size": 8},
+    "rtn": {**_COMMON, "sequential": False, "bits": 3, "group_size": 8, "sym": True, "mse": True},
     "gptq": {**_COMMON, "sequential": False, "bits": 4, "group_size": 32, "block_size": 32,
-             "damp": 0.1},
-    "obq": {**_COMMON, "sequential": False, "bits": 2, "group_size": 16, "damp": 0.05},
+             "damp": 0.1, "sym": True, "mse": True, "act_order": True, "static_groups": True},
+    "obq": {**_COMMON, "sequential": False, "bits": 2, "group_size": 16, "damp": 0.05,
+            "sym": True, "mse": True},
     "mfac": {**_COMMON, "sparsity": 0.8, "ngrads": 16, "fisher_block": 32, "damp": 1e-4,
              "steps": 2},
 }  # fmt: skip

@@ -1,6 +1,6 @@
 """The integer export of :mod:`prunekit.posttrain.export`: ``save_quantized`` / ``load_quantized``
-give back the compressed model bitwise, smaller than the float file, and refuse weights that left
-their grid."""
+give back the compressed model bitwise (min-max, symmetric and MSE grids, act-order GPTQ), smaller
+than the float file, and refuse weights that left their grid."""
 
 import pytest
 import torch
@@ -13,12 +13,17 @@ from prunekit.posttrain.export import load_quantized, save_quantized
 @pytest.mark.parametrize(
     ("method", "kw"),
     [
-        ("gptq", {"bits": 4, "group_size": 8}),
+        ("gptq", {"bits": 4, "group_size": 6}),
         ("obq", {"bits": 3}),
         ("sparsegpt", {"sparsity": 0.5, "bits": 4}),
-        ("rtn", {"bits": 2, "group_size": 16}),
+        ("rtn", {"bits": 2, "group_size": 9}),
+        ("gptq", {"bits": 4, "group_size": 6, "sym": True, "act_order": True}),
+        ("gptq", {"bits": 3, "mse": True, "act_order": True, "static_groups": True,
+                  "group_size": 9}),
+        ("obq", {"bits": 3, "sym": True, "mse": True}),
+        ("rtn", {"bits": 4, "sym": True, "group_size": 18}),
     ],
-)
+)  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_integer_export_reproduces_the_compressed_model_exactly(method, kw, dtype, tmp_path):
     torch.manual_seed(0)
@@ -27,6 +32,7 @@ def test_integer_export_reproduces_the_compressed_model_exactly(method, kw, dtyp
     ).to(dtype)
     report = prunekit.compress(model, [torch.randn(8, 4, 8, 8, dtype=dtype)], method, **kw)
     size = save_quantized(model, report, tmp_path / "q.pt")
+    assert torch.load(tmp_path / "q.pt", weights_only=True)["sym"] == kw.get("sym", False)
     state = load_quantized(tmp_path / "q.pt")
     for k, v in model.state_dict().items():
         assert torch.equal(state[k], v), k

@@ -4,7 +4,9 @@ After ``prunekit.compress(..., bits=b)`` the model holds dequantized weights
 ``scale · (code − zero)``. :func:`save_quantized` stores, for every quantized layer, the integer
 ``code`` (one ``uint8`` per weight), and per output row (or group of ``group_size`` inputs) the
 float ``scale`` and the integer ``zero``; every other tensor is stored as is. :func:`load_quantized`
-rebuilds the exact dequantized state dict. Written atomically.
+rebuilds the exact dequantized state dict. Written atomically. Any grid of
+:mod:`prunekit.posttrain.grid` exports the same way; the file's ``"sym"`` says whether the grids
+are symmetric (``zero = 2^(bits-1)`` in every row and group, which a kernel can take as a constant).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def save_quantized(
             "version": _VERSION,
             "bits": bits,
             "group_size": report.config.get("group_size"),
+            "sym": bool(report.config.get("sym", False)),
             "layers": layers,
             "tensors": state,
             "metadata": dict(metadata or {}),

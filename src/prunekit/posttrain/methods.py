@@ -54,9 +54,18 @@ class CompressConfig(SparsitySpec):
             for magnitude, Wanda, SparseGPT and OBC (``mask_scope="row"``), the layer for
             SparseGPT ``mask_scope="block"`` and OBC ``mask_scope="layer"``, and all targets
             together for M-FAC. ``0`` (the default) for a method that only quantizes.
-        bits: bits per weight of an asymmetric min-max grid, 2–8; ``None`` = no quantization.
+        bits: bits per weight of a uniform grid (asymmetric min-max unless ``sym``/``mse``), 2–8;
+            ``None`` = no quantization.
         group_size: quantization grid per group of this many consecutive inputs (``None`` = one
-            grid per output channel).
+            grid per output channel). It must divide the inputs of every target layer that has
+            more inputs than ``group_size`` (a layer with fewer has one group per row): a
+            ragged last group is refused with a :class:`~prunekit.ConfigError` naming the layer,
+            before the layer changes (leave such a layer out with ``ignore``).
+        sym: symmetric grids, zero point at the mid code, ``scale = max|w| / ((2^bits − 1)/2)``
+            (see :func:`~prunekit.posttrain.grid.minmax_grid`); needs ``bits``.
+        mse: grids clipped to the least rounding error (the range shrunk by the factor, from 1
+            down to 0.21 in steps of 0.01, whose ``Σ|q(w) − w|^2.4`` is smallest per row or
+            group); needs ``bits``.
         overrides: per-layer sparsity, ``{name or re:pattern: sparsity}`` (first match wins).
         sequential: compress blocks in forward order, each seeing the outputs of the already
             compressed ones (``False``: every layer sees the dense model's activations).
@@ -69,6 +78,8 @@ class CompressConfig(SparsitySpec):
     sparsity: float = 0.0
     bits: int | None = None
     group_size: int | None = None
+    sym: bool = False
+    mse: bool = False
     overrides: dict[str, float] = field(default_factory=dict)
     sequential: bool = True
     recalibrate_batchnorm: bool = True
@@ -98,6 +109,9 @@ class CompressConfig(SparsitySpec):
             if self.bits is None:
                 raise ConfigError("group_size sets the quantization grid: it needs bits")
             check_int("group_size", self.group_size, 1)
+        for name in ("sym", "mse"):
+            if getattr(self, name) and self.bits is None:
+                raise ConfigError(f"{name} sets the quantization grid: it needs bits")
         prunes = self.sparsity > 0 or bool(self.overrides)
         if prunes and not self.prunes:
             raise ConfigError(f"{where} quantizes only: sparsity/pattern/overrides are not allowed")
@@ -186,10 +200,31 @@ class Compressor:
         raise NotImplementedError(f"{type(self).__name__} compresses one layer at a time")
 
     def _gptq(
-        self, W: Tensor, H: Tensor, bits: int, block_size: int, damp: float, group: int | None
+        self,
+        W: Tensor,
+        H: Tensor,
+        bits: int,
+        block_size: int,
+        damp: float,
+        group: int | None,
+        *,
+        act_order: bool = False,
+        static_groups: bool = False,
     ) -> Tensor:
+        _check_groups(self, W)
+        cfg = self.config
         out, scale, zero = quant.gptq_quantize(
-            W, H, bits, block_size, damp, group_size=group, return_grid=True
+            W,
+            H,
+            bits,
+            block_size,
+            damp,
+            group_size=group,
+            return_grid=True,
+            sym=cfg.sym,
+            mse=cfg.mse,
+            act_order=act_order,
+            static_groups=static_groups,
         )
         self.grid = (scale, zero)
         return out
@@ -222,14 +257,29 @@ def get_compressor(name: str) -> type[Compressor]:
     return _COMPRESSORS.get(name)
 
 
+def _check_groups(compressor: Compressor, W: Tensor) -> None:
+    """Refuse a ``group_size`` that leaves ``W`` (``(d_out, d_in)``) a ragged last group (see
+    :attr:`CompressConfig.group_size`), naming the layer being compressed."""
+    group, d_in = compressor.config.group_size, W.shape[1]
+    if compressor.config.bits is not None and group is not None and group < d_in and d_in % group:
+        raise ConfigError(
+            f"{compressor.current_layer or 'the layer'} has {d_in} inputs per output, which "
+            f"group_size={group} does not divide (its last group would hold {d_in % group}); "
+            "choose a group_size that divides it, or leave the layer out with ignore"
+        )
+
+
 def _rtn_kept(compressor: Compressor, W: Tensor) -> Tensor:
-    """Round the weights to their min-max grid (zeros stay exactly 0: 0 is always on the grid);
-    the grid is recorded on the compressor for the integer export."""
+    """Round the weights to their grid (min-max, ``sym`` or ``mse`` as configured; zeros stay
+    exactly 0: 0 is always on the grid); the grid is recorded on the compressor for the integer
+    export."""
     cfg = compressor.config
     if cfg.bits is None:
         return W
-    compressor.grid = quant.minmax_grid(W, cfg.bits, cfg.group_size)
-    return quant.quantize_rtn(W, cfg.bits, group_size=cfg.group_size)
+    _check_groups(compressor, W)
+    scale, zero = quant.minmax_grid(W, cfg.bits, cfg.group_size, sym=cfg.sym, mse=cfg.mse)
+    compressor.grid = (scale, zero)
+    return quant.round_to_grid(W, scale, zero, cfg.bits, cfg.group_size)
 
 
 # --- magnitude, Wanda ---------------------------------------------------------------------------
@@ -309,6 +359,11 @@ class SparseGPTConfig(CompressConfig):
             raise ConfigError(f"block_size must be a multiple of M={nm[1]} for N:M")
         if self.mask_scope not in ("row", "block"):
             raise ConfigError(f"mask_scope must be 'row' or 'block', got {self.mask_scope!r}")
+        if (self.sym or self.mse) and (self.sparsity > 0 or self.overrides or self.nm):
+            raise ConfigError(
+                "sparsegpt quantizes the weights it keeps on the asymmetric min-max grid only: "
+                "sym/mse need sparsity=0 (plain GPTQ); or prune, then quantize with method='gptq'"
+            )
 
 
 @register_compressor("sparsegpt")
@@ -326,6 +381,7 @@ class SparseGPT(Compressor):
                 return W
             return self._gptq(W, H, cfg.bits, cfg.block_size, damp, cfg.group_size)
         if cfg.bits is not None:
+            _check_groups(self, W)
             out, scale, zero = obs.sparsegpt_prune(
                 W,
                 H,
@@ -411,7 +467,8 @@ class OBC(Compressor):
 
 @dataclass(kw_only=True)
 class RTNConfig(CompressConfig):
-    """Round-to-nearest on an asymmetric min-max grid (per output channel or per group)."""
+    """Round-to-nearest on a uniform grid (per output channel or per group; asymmetric min-max,
+    or ``sym``/``mse``)."""
 
     prunes: ClassVar[bool] = False
     quantizes: ClassVar[bool] = True
@@ -430,15 +487,23 @@ class RTN(Compressor):
 
 @dataclass(kw_only=True)
 class GPTQConfig(CompressConfig):
-    """GPTQ (Frantar et al., ICLR 2023).
+    """GPTQ (Frantar et al., ICLR 2023); see :func:`~prunekit.posttrain.quant.gptq_quantize`.
 
     Attributes:
         block_size: columns per lazy-update block (GPTQ: 128).
         damp: relative damping (GPTQ: 0.01).
+        act_order: quantize the input columns by decreasing ``H_jj`` instead of in order
+            (GPTQ's "act-order"); the result is permuted back, and with ``group_size`` the
+            groups stay consecutive original inputs.
+        static_groups: with ``group_size``, compute every group's grid up front from the
+            original weights instead of when the sweep reaches the group; needs
+            ``group_size``.
     """
 
     block_size: int = 128
     damp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
     prunes: ClassVar[bool] = False
     quantizes: ClassVar[bool] = True
 
@@ -446,6 +511,8 @@ class GPTQConfig(CompressConfig):
         super().__post_init__()
         _check_damp(self.damp)
         check_int("block_size", self.block_size, 1)
+        if self.static_groups and self.group_size is None:
+            raise ConfigError("static_groups fixes the grids of groups: it needs group_size")
 
 
 @register_compressor("gptq")
@@ -458,7 +525,16 @@ class GPTQ(Compressor):
     def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
         cfg = self.config
         assert isinstance(cfg, GPTQConfig) and cfg.bits is not None
-        return self._gptq(W, H, cfg.bits, cfg.block_size, damp, cfg.group_size)
+        return self._gptq(
+            W,
+            H,
+            cfg.bits,
+            cfg.block_size,
+            damp,
+            cfg.group_size,
+            act_order=cfg.act_order,
+            static_groups=cfg.static_groups,
+        )
 
 
 @dataclass(kw_only=True)
@@ -488,11 +564,19 @@ class OBQ(Compressor):
     def compress_matrix(self, W: Tensor, H: Tensor, sparsity: float, damp: float) -> Tensor:
         cfg = self.config
         assert isinstance(cfg, OBQConfig) and cfg.bits is not None
-        # OBQ's grid: min-max of the weights with dead inputs zeroed, fixed up front
-        self.grid = quant.minmax_grid(
-            W.masked_fill((H.diagonal() == 0).unsqueeze(0), 0.0), cfg.bits, cfg.group_size
+        _check_groups(self, W)
+        out, scale, zero = obc.obq_quantize(
+            W,
+            H,
+            cfg.bits,
+            group_size=cfg.group_size,
+            damp=damp,
+            sym=cfg.sym,
+            mse=cfg.mse,
+            return_grid=True,
         )
-        return obc.obq_quantize(W, H, cfg.bits, group_size=cfg.group_size, damp=damp)
+        self.grid = (scale, zero)
+        return out
 
 
 @dataclass(kw_only=True)
