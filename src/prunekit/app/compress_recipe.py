@@ -9,6 +9,14 @@ Example::
     compress: {method: sparsegpt, sparsity: 0.5}             # the method's config
     finetune: {epochs: 1, lr: 0.01}                          # optional: sparse fine-tuning
 
+A Hugging Face causal language model, from a local folder, with plain-text calibration and
+evaluation (:class:`LMCompressRecipe`)::
+
+    model: {pretrained: models/llama-tiny}                 # a save_pretrained folder, read offline
+    calibration: {text: data/train.txt, samples: 128, seq_len: 512, seed: 0}
+    evaluation: {text: data/test.txt}                      # perplexity before and after
+    compress: {method: sparsegpt, sparsity: 0.5}
+
 Every section is a dataclass validated strictly; the ``compress`` section against the method's own
 config class (:mod:`prunekit.posttrain.methods`).
 """
@@ -21,13 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.app.recipe import DataSpec, ModelSpec, apply_overrides, read_recipe_file
-from prunekit.config import ConfigError, check_keys, from_dict, to_dict
+from prunekit.config import ConfigError, check_int, check_keys, from_dict, to_dict
 from prunekit.posttrain.methods import get_compressor
 
 __all__ = [
     "CalibrationSpec",
     "CompressRecipe",
     "FinetuneSpec",
+    "LMCompressRecipe",
+    "PretrainedSpec",
+    "TextCalibrationSpec",
+    "TextEvaluationSpec",
     "compress_recipe_from_dict",
     "load_compress_recipe",
 ]
@@ -87,15 +99,7 @@ class CompressRecipe:
                 "model.weights is required with model.name: compressing an untrained model is "
                 "meaningless (or give model.run, a prunekit output directory)"
             )
-        section = dict(self.compress)
-        method = section.pop("method", None)
-        if method is None:
-            raise ConfigError("compress needs a 'method' key (e.g. method: sparsegpt)")
-        try:
-            cls = get_compressor(str(method))
-        except ValueError as exc:
-            raise ConfigError(f"compress.method: {exc}") from None
-        cfg = cls.config_class.from_dict(section)
+        cfg = _check_method(self.compress)
         if self.finetune is not None and cfg.bits is not None:
             raise ConfigError(
                 "finetune after quantization would move the weights off the grid (and lose the "
@@ -106,6 +110,94 @@ class CompressRecipe:
         return to_dict(self)
 
 
+def _check_method(section: dict[str, Any]) -> Any:
+    """The compress section's method config (validated), or a one-line error."""
+    fields = dict(section)
+    method = fields.pop("method", None)
+    if method is None:
+        raise ConfigError("compress needs a 'method' key (e.g. method: sparsegpt)")
+    try:
+        cls = get_compressor(str(method))
+    except ValueError as exc:
+        raise ConfigError(f"compress.method: {exc}") from None
+    return cls.config_class.from_dict(fields)
+
+
+@dataclass(kw_only=True)
+class PretrainedSpec:
+    """A Hugging Face model folder (``save_pretrained``'s), read offline."""
+
+    pretrained: str
+
+
+@dataclass(kw_only=True)
+class TextCalibrationSpec:
+    """Calibration from a text file: ``samples`` sequences of ``seq_len`` tokens (default: the
+    smaller of 2048 and the model's longest), drawn from the packed text with ``seed``."""
+
+    text: str
+    samples: int = 128
+    seq_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("calibration.samples", self.samples, 1)
+        if self.seq_len is not None:
+            check_int("calibration.seq_len", self.seq_len, 2)
+        check_int("calibration.seed", self.seed, 0)
+
+
+@dataclass(kw_only=True)
+class TextEvaluationSpec:
+    """Perplexity on a text file, packed into sequences of ``seq_len`` tokens (default: the
+    calibration's)."""
+
+    text: str
+    seq_len: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.seq_len is not None:
+            check_int("evaluation.seq_len", self.seq_len, 2)
+        check_int("evaluation.batch_size", self.batch_size, 1)
+
+
+@dataclass(kw_only=True)
+class LMCompressRecipe:
+    """A validated ``prunekit compress`` recipe for a Hugging Face causal language model."""
+
+    model: PretrainedSpec
+    compress: dict[str, Any]
+    calibration: TextCalibrationSpec
+    evaluation: TextEvaluationSpec | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_method(self.compress)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+_LM_SECTIONS: dict[str, type] = {
+    "model": PretrainedSpec,
+    "calibration": TextCalibrationSpec,
+    "evaluation": TextEvaluationSpec,
+}
+
+
+def _lm_recipe_from_dict(data: dict[str, Any]) -> LMCompressRecipe:
+    check_keys(data, [*_LM_SECTIONS, "compress", "name"], "compress recipe (pretrained model)")
+    for key in ("compress", "calibration"):
+        if key not in data:
+            raise ConfigError(f"compress recipe needs a '{key}' section")
+    values = dict(data)
+    for key, cls in _LM_SECTIONS.items():
+        if values.get(key) is not None:
+            values[key] = from_dict(cls, values[key], where=key)
+    return from_dict(LMCompressRecipe, values, where="compress recipe")
+
+
 _SECTIONS: dict[str, type] = {
     "model": ModelSpec,
     "data": DataSpec,
@@ -114,10 +206,14 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def compress_recipe_from_dict(data: dict[str, Any]) -> CompressRecipe:
-    """Strict construction from plain data (unknown keys name the valid ones)."""
+def compress_recipe_from_dict(data: dict[str, Any]) -> CompressRecipe | LMCompressRecipe:
+    """Strict construction from plain data (unknown keys name the valid ones); a ``model`` section
+    with ``pretrained`` makes a :class:`LMCompressRecipe`."""
     if not isinstance(data, dict):
         raise ConfigError(f"a compress recipe must be a mapping, got {type(data).__name__}")
+    model = data.get("model")
+    if isinstance(model, dict) and "pretrained" in model:
+        return _lm_recipe_from_dict(data)
     check_keys(data, [*_SECTIONS, "compress", "name"], "compress recipe")
     for key in ("model", "compress"):
         if key not in data:
@@ -132,7 +228,9 @@ def compress_recipe_from_dict(data: dict[str, Any]) -> CompressRecipe:
     return from_dict(CompressRecipe, values, where="compress recipe")
 
 
-def load_compress_recipe(path: str | Path, overrides: list[str] | None = None) -> CompressRecipe:
+def load_compress_recipe(
+    path: str | Path, overrides: list[str] | None = None
+) -> CompressRecipe | LMCompressRecipe:
     """Read and validate a YAML compress recipe, applying ``section.key=value`` overrides."""
     path = Path(path)
     data = read_recipe_file(path)

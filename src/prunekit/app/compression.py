@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.api import sparsify
-from prunekit.app.compress_recipe import CompressRecipe, FinetuneSpec
+from prunekit.app.compress_recipe import CompressRecipe, FinetuneSpec, LMCompressRecipe
 from prunekit.app.data import calibration_batches, fingerprint, load_data
+from prunekit.app.lm_compression import compress_lm_run
 from prunekit.app.loop import evaluate
 from prunekit.app.model import Source, build_source_model, resolve_source
 from prunekit.app.ranks import resolve_device
@@ -49,7 +50,7 @@ __all__ = ["compress_run", "sparse_finetune"]
 
 
 def compress_run(
-    recipe: CompressRecipe,
+    recipe: CompressRecipe | LMCompressRecipe,
     out_dir: str | Path,
     *,
     device: str | torch.device | None = None,
@@ -59,7 +60,8 @@ def compress_run(
     """Compress the recipe's trained model and write the outputs (see the module docstring).
 
     Args:
-        recipe: a validated compress recipe.
+        recipe: a validated compress recipe (a :class:`LMCompressRecipe` runs
+            :func:`~prunekit.app.lm_compression.compress_lm_run`).
         out_dir: the run directory (created); see :class:`~prunekit.app.run_dir.RunDir`.
         device: where to compress; defaults to CUDA when available, else CPU.
         progress: show a progress bar.
@@ -73,6 +75,10 @@ def compress_run(
         ConfigError: a bad device, source model, ``out_dir`` or compress config; the files of
             ``out_dir`` and of the source are left as they were.
     """
+    if isinstance(recipe, LMCompressRecipe):  # a Hugging Face language model folder
+        return compress_lm_run(
+            recipe, out_dir, device=device, progress=progress, overwrite=overwrite
+        )
     dev = resolve_device(device)
     source = resolve_source(recipe.model)
     run = RunDir(out_dir, "compress")

@@ -70,6 +70,7 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
         "model.pt",
         "model_sparse.pt",
         "model_quantized.pt",
+        "model",
         "metrics.json",
         "report.md",
         "layer_error.png",

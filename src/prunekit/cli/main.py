@@ -66,11 +66,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_compress(args: argparse.Namespace) -> int:
-    from prunekit.app.compress_recipe import load_compress_recipe
-    from prunekit.app.compression import compress_run
+def _lm_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The compress recipe that ``--model DIR --calibration TEXT ...`` spell out."""
+    if args.recipe is not None:
+        raise ConfigError("give either --recipe or --model (with --calibration), not both")
+    if args.calibration is None:
+        raise ConfigError("--model needs --calibration TEXT (a text file to calibrate on)")
+    section: dict[str, Any] = {"method": args.method}
+    for key in ("sparsity", "pattern", "bits", "group_size"):
+        if getattr(args, key) is not None:
+            section[key] = getattr(args, key)
+    calibration: dict[str, Any] = {"text": args.calibration, "samples": args.samples}
+    if args.seq_len is not None:
+        calibration["seq_len"] = args.seq_len
+    recipe: dict[str, Any] = {
+        "model": {"pretrained": args.model},
+        "calibration": calibration,
+        "compress": section,
+    }
+    if args.eval is not None:
+        recipe["evaluation"] = {"text": args.eval}
+    return recipe
 
-    recipe = load_compress_recipe(args.recipe, args.set)
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from prunekit.app.compress_recipe import compress_recipe_from_dict, load_compress_recipe
+    from prunekit.app.compression import compress_run
+    from prunekit.app.recipe import apply_overrides
+
+    if args.model is not None:
+        recipe = compress_recipe_from_dict(apply_overrides(_lm_recipe(args), args.set))
+    elif args.recipe is None:
+        raise ConfigError("give --recipe FILE, or --model DIR --calibration TEXT")
+    else:
+        recipe = load_compress_recipe(args.recipe, args.set)
     metrics = compress_run(
         recipe, args.out, device=args.device, progress=not args.quiet, overwrite=args.overwrite
     )
@@ -79,13 +108,25 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         "model",
         "input_global_sparsity",
         "input_test_accuracy",
+        "input_perplexity",
         "global_sparsity",
         "test_accuracy",
+        "perplexity",
         "finetuned_test_accuracy",
         "compress_seconds",
     )
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
     print(_outputs_line(args.out, metrics, "compress"))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from prunekit.app.lm_compression import evaluate_pretrained
+
+    result = evaluate_pretrained(
+        args.model, args.eval, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device
+    )
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -173,9 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compress",
-        help="compress a trained model one-shot (SparseGPT, GPTQ, OBC, ...) from a recipe",
+        help="compress a trained model one-shot (SparseGPT, GPTQ, OBC, ...) from a recipe, or a "
+        "Hugging Face language model folder with --model",
     )
-    p.add_argument("--recipe", required=True, help="YAML compress recipe file")
+    p.add_argument("--recipe", default=None, help="YAML compress recipe file")
+    p.add_argument(
+        "--model", default=None, help="a Hugging Face causal LM folder (instead of --recipe)"
+    )
+    p.add_argument("--calibration", default=None, help="with --model: calibration text file")
+    p.add_argument("--eval", default=None, help="with --model: text file for perplexity")
+    p.add_argument("--method", default="sparsegpt", help="with --model: the method")
+    p.add_argument("--sparsity", type=float, default=None)
+    p.add_argument("--pattern", default=None, help="unstructured or N:M, e.g. 2:4")
+    p.add_argument("--bits", type=int, default=None)
+    p.add_argument("--group-size", dest="group_size", type=int, default=None)
+    p.add_argument("--samples", type=int, default=128, help="calibration sequences")
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="tokens per sequence")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override an entry"
@@ -188,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the outputs of another run in --out (otherwise refused)",
     )
     p.set_defaults(func=_cmd_compress)
+
+    p = sub.add_parser("evaluate", help="perplexity of a Hugging Face language model on a text")
+    p.add_argument("--model", required=True, help="a Hugging Face causal LM folder")
+    p.add_argument("--eval", required=True, help="text file")
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="tokens per sequence")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("methods", help="list the registered sparse-training methods")
     p.set_defaults(func=_cmd_methods)
