@@ -171,3 +171,17 @@ def test_a_minority_of_unsupported_layers_is_reported_left_with_a_warning(caplog
         report = prunekit.compress(model, [torch.randn(8, 8)], "sparsegpt", sparsity=0.5)
     assert report.skipped == {"3": "layer type _Mixer is not compressed"}
     assert "_Mixer (1)" in caplog.text
+
+
+def test_gpt2_integer_export_round_trips_its_conv1d_weights(tmp_path):
+    """GPTQ on GPT-2 then the integer export: the Conv1D codes are of weight.T, and loading
+    gives back every compressed weight exactly, in its (in, out) layout."""
+    from prunekit.posttrain import load_quantized, save_quantized
+
+    model = _gpt2()
+    report = prunekit.compress(model, _tokens(4, 12, 5), "gptq", bits=4, group_size=16)
+    assert "transformer.h.0.attn.c_attn.weight" in report.grids
+    save_quantized(model, report, tmp_path / "q.pt")
+    state = load_quantized(tmp_path / "q.pt")
+    for name, value in model.state_dict().items():
+        assert torch.equal(state[name], value), name

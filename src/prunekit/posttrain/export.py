@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.atomic import save_atomic
+from prunekit.core.targets import is_transposed_linear
 from prunekit.posttrain.layers import matrices_to_weight
 from prunekit.posttrain.quant import expand_grid
 from prunekit.posttrain.report import CompressionReport
@@ -51,18 +52,23 @@ def save_quantized(
     layers: dict[str, Any] = {}
     for name, grids in report.grids.items():
         weight = state.pop(name)
+        # a weight stored (in, out) (transformers' Conv1D): its matrix, and the codes, are weight.T
+        transposed = is_transposed_linear(model.get_submodule(name.rpartition(".")[0]))
+        matrix_weight = weight.t() if transposed else weight
         dequantized = torch.stack(
             [_dequantize(q.codes, q.scale, q.zero, group_size) for q in grids]
         )
         if not torch.equal(
-            matrices_to_weight(dequantized, tuple(weight.shape)).to(weight.dtype), weight
+            matrices_to_weight(dequantized, tuple(matrix_weight.shape)).to(weight.dtype),
+            matrix_weight,
         ):
             raise ValueError(
                 f"{name} is no longer on its quantization grid (changed after compression, e.g. "
                 "by fine-tuning); compress again before exporting"
             )
         layers[name] = {
-            "shape": list(weight.shape),
+            "shape": list(matrix_weight.shape),
+            "transposed": transposed,
             "dtype": str(weight.dtype).removeprefix("torch."),
             "codes": torch.stack([q.codes for q in grids]),
             "scale": torch.stack([q.scale for q in grids]),
@@ -105,5 +111,6 @@ def load_quantized(path: str | Path) -> dict[str, Tensor]:
             [_dequantize(codes[g], scale[g], zero[g], group_size) for g in range(codes.shape[0])]
         )
         dtype = getattr(torch, entry["dtype"])
-        out[name] = matrices_to_weight(mats, tuple(entry["shape"])).to(dtype)
+        weight = matrices_to_weight(mats, tuple(entry["shape"])).to(dtype)
+        out[name] = weight.t().contiguous() if entry.get("transposed", False) else weight
     return out
