@@ -29,7 +29,8 @@ def is_transposed_linear(module: nn.Module) -> bool:
     ``nf`` columns, so that ``transformers`` need not be imported. It counts as a Linear wherever
     ``nn.Linear`` is a selected type.
     """
-    weight = getattr(module, "weight", None)
+    # the registered parameter itself: while torch.fx traces, module.weight is a proxy
+    weight = module._parameters.get("weight")
     nf = getattr(module, "nf", None)
     return (
         type(module).__name__ == "Conv1D"

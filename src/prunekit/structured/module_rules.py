@@ -17,6 +17,7 @@ from typing import cast
 import numpy as np
 from torch import fx, nn
 
+from prunekit.core.targets import is_transposed_linear
 from prunekit.structured.channels import Flow
 from prunekit.structured.rule_context import (
     RuleContext,
@@ -130,6 +131,28 @@ def linear_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Valu
             ctx.graph.pin(x.ids, f"{name}: channels not on the feature dimension")
     out = Flow(last, ctx.graph.fresh(shape[last]))
     ctx.attach(out.ids, weight, 0, "out")
+    ctx.attach(out.ids, ctx.tensor_name(name, "bias", m), 0, "out")
+    return out
+
+
+def transposed_linear_rule(
+    ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]
+) -> Value:
+    """``transformers``' ``Conv1D`` (GPT-2): a Linear whose weight is stored ``(in, out)``, so its
+    input channels are the weight's rows and its output channels its columns."""
+    x = inputs[0]
+    name = str(node.target)
+    weight = ctx.tensor_name(name, "weight", m)
+    shape = shape_of(node)
+    assert shape is not None
+    last = len(shape) - 1
+    if isinstance(x, Flow):
+        if x.dim == last:
+            ctx.attach(x.ids, weight, 0, "in")
+        else:
+            ctx.graph.pin(x.ids, f"{name}: channels not on the feature dimension")
+    out = Flow(last, ctx.graph.fresh(shape[last]))
+    ctx.attach(out.ids, weight, 1, "out")
     ctx.attach(out.ids, ctx.tensor_name(name, "bias", m), 0, "out")
     return out
 
@@ -287,8 +310,12 @@ _RULE_OF_TYPE: dict[type[nn.Module], ModuleRule | None] = {}
 
 
 def module_rule(module: nn.Module) -> ModuleRule | None:
-    """The rule for ``module``'s type: the first registered for it or a base class."""
+    """The rule for ``module``'s type: the first registered for it or a base class
+    (``transformers``' ``Conv1D``: :func:`transposed_linear_rule`, recognised without importing
+    ``transformers``)."""
     kind = type(module)
+    if is_transposed_linear(module) and not any(issubclass(kind, t) for t, _ in _MODULE_RULES):
+        return transposed_linear_rule
     if kind not in _RULE_OF_TYPE:
         _RULE_OF_TYPE[kind] = next(
             (rule for types, rule in _MODULE_RULES if issubclass(kind, types)), None

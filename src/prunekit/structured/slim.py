@@ -68,6 +68,15 @@ def _fix_linear(m: nn.Module) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
+def _fix_transposed_linear(m: nn.Module) -> None:
+    """``transformers``' ``Conv1D``: its widths ``nx`` and ``nf`` are the weight's rows and
+    columns."""
+    weight = m.weight
+    assert isinstance(weight, torch.Tensor)
+    setattr(m, "nx", int(weight.shape[0]))  # noqa: B010 - Module attributes mypy cannot see
+    setattr(m, "nf", int(weight.shape[1]))  # noqa: B010
+
+
 def _fix_bn(m: nn.Module) -> nn.Module | None:
     assert isinstance(m, BATCH_NORMS)
     m = cast(nn.BatchNorm2d, m)
@@ -263,6 +272,9 @@ def apply_kept(
         touched.add(module_name)
     for module_name in sorted(touched, key=lambda n: -n.count(".")):  # children before parents
         module = new.get_submodule(module_name)
+        if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # is_transposed_linear
+            _fix_transposed_linear(module)  # before the fix its nf no longer matches its weight
+            continue
         for types, fix in _FIXUPS:
             if isinstance(module, types):
                 replacement = fix(module)
