@@ -108,6 +108,7 @@ def test_perplexity_is_the_exponential_of_the_mean_next_token_loss(folder):
         ("short-text", "fewer than one sequence of 32"),
         ("missing-text", "does not exist"),
         ("bad-method", "unknown post-training method 'nope'"),
+        ("quantize-only", "rtn quantizes only: sparsity/pattern/overrides are not allowed"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(folder, tmp_path, capsys, change, message):
@@ -126,6 +127,8 @@ def test_bad_input_is_one_line_and_writes_nothing(folder, tmp_path, capsys, chan
         (src / "train.txt").write_text("def f ( x ) :")
     elif change == "missing-text":
         (src / "train.txt").unlink()
+    elif change == "quantize-only":
+        extra = ["--method", "rtn"]  # with --sparsity 0.5: a method that does not fit the ask
     else:
         extra = ["--method", "nope"]
     before = {f.name: f.read_bytes() for f in (src / "model").iterdir()}
