@@ -309,7 +309,8 @@ def mfac_prune_model(
         n_prune = goal - int(pruned.sum())
         if n_prune <= 0:
             continue
-        G = _gradients(model, targets, micro, micro_labels, ngrads, pruned)
+        G = _gradients(model, targets, micro, micro_labels, ngrads)
+        G[:, pruned] = 0.0
         finv = BlockFisherInverse(G, fisher_block, damp)
         w = torch.cat([p.detach().reshape(-1).float() for p in params])
         w, pruned = mfac_prune_step(w, finv, n_prune, pruned)

@@ -7,7 +7,7 @@ scopes and M-FAC (one target here, so global = layer): the existing zeros ``z`` 
 kept, never pruned "in addition". Expected counts come from the counts of the test's own layer.
 
 On a dense layer (no zero weight, no dead input) every method gives bitwise the output of the
-code before this rule (:mod:`tests.posttrain._legacy`, a frozen copy).
+code before this rule (:mod:`tests.posttrain._legacy`, a frozen copy); M-FAC in one step only.
 """
 
 import copy
@@ -238,13 +238,16 @@ def test_dense_obc_gives_the_old_result(dtype):
     _same_database(obc_database(W, H, [], nm=(2, 4)), _legacy.obc_database(W, H, [], nm=(2, 4)))
 
 
-@pytest.mark.parametrize(("sparsity", "steps"), [(0.6, 3), (0.3, 7)])
-def test_dense_mfac_gives_the_old_result(monkeypatch, sparsity, steps):
+@pytest.mark.parametrize("sparsity", [0.6, 0.3])
+def test_dense_mfac_gives_the_old_result(monkeypatch, sparsity):
+    """One step only: since issue 20 the gradual steps follow the reference's geometric density
+    schedule over Fisher blocks of live weights (tests/posttrain/test_mfac_model.py), which the
+    frozen copy does not; a single step from a dense model is the same in both."""
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 5))  # 208 weights
     g = torch.Generator().manual_seed(10)
     xs = [torch.randn(8, 8, generator=g) for _ in range(4)]
-    kw = {"sparsity": sparsity, "ngrads": 8, "fisher_block": 32, "steps": steps}
+    kw = {"sparsity": sparsity, "ngrads": 8, "fisher_block": 32, "steps": 1}
     new = copy.deepcopy(model)
     prunekit.compress(new, xs, "mfac", **kw)
     walk = importlib.import_module("prunekit.posttrain.methods")

@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from prunekit.posttrain.mfac import BlockFisherInverse, FisherInverse, mfac_prune_step
+from prunekit.posttrain.mfac import (
+    BlockFisherInverse,
+    FisherInverse,
+    mfac_prune_live_step,
+    mfac_prune_step,
+)
 
 F64 = torch.float64
 
@@ -114,6 +119,98 @@ def test_prune_step_selects_lowest_saliency_and_is_the_constrained_minimiser(blo
     torch.testing.assert_close(w_new, w + delta, rtol=1e-7, atol=1e-9)
 
 
+def test_removal_update_is_the_constrained_minimiser_with_few_or_many_removals_per_block():
+    """Both forms of the joint update (``|S_b| ≤ m/4``: the ``|S_b| × |S_b|`` solve; more: the
+    ``m × m`` Woodbury solve) against the KKT solution of the block-diagonal Fisher."""
+    m, B, damp = 16, 10, 1e-2  # m/4 = 4 removals per block or fewer take the small solve
+    G = _grads(m, 6 * B, seed=11) * torch.logspace(-1, 1, 6 * B, dtype=F64)
+    w = torch.randn(6 * B, generator=torch.Generator().manual_seed(12), dtype=F64)
+    remove = torch.zeros(6 * B, dtype=torch.bool)
+    for block, picks in enumerate([[], [3], [0, 4, 7, 9], [1, 2, 5, 6, 8], list(range(B)), [2]]):
+        remove[[block * B + j for j in picks]] = True
+    F = _block_diag(_fisher(G, damp), B)
+    expected = _kkt_update(F, w, remove.nonzero().flatten())
+    delta = BlockFisherInverse(G, B, damp).removal_update(w, remove)
+    torch.testing.assert_close(delta, expected, rtol=1e-7, atol=1e-9)
+    assert torch.equal(delta[remove], -w[remove])  # exactly
+
+
+def test_removal_update_where_the_small_solve_cancels_takes_the_stable_form():
+    """One coordinate's gradients are 10⁵ times the others': its ``1 − Σ V_i²`` cancels (to 0 in
+    float32, as the diagonal of ``F⁻¹`` shows; to about 1e-15 in float64), so ``I − V_SᵀV_S``
+    is (nearly) singular and the block takes the ``m × m`` form. Expected: that form written out
+    in float64 (``R`` excludes the large coordinate, so it is well conditioned)."""
+    gen = torch.Generator().manual_seed(0)
+    m, d, damp = 8, 16, 1e-5
+    G = torch.randn(m, d, generator=gen, dtype=F64)
+    G[:, 0] *= 1e5
+    w = torch.randn(d, generator=gen, dtype=F64)
+    remove = torch.zeros(d, dtype=torch.bool)
+    remove[[0, 5]] = True  # 2 ≤ m/4 removals: the small solve is tried first
+    GR, GS = G[:, ~remove], G[:, remove]
+    K = damp * m * torch.eye(m, dtype=F64) + GR @ GR.T
+    expected = torch.empty(d, dtype=F64)
+    expected[~remove] = GR.T @ torch.linalg.solve(K, GS @ w[remove])
+    expected[remove] = -w[remove]
+    f32 = BlockFisherInverse(G.float(), d, damp)
+    assert float(f32.diag()[0]) == 0.0  # the cancellation
+    assert _rel(f32.removal_update(w.float(), remove), expected) < 1e-5  # measured 5e-7
+    f64 = BlockFisherInverse(G, d, damp).removal_update(w, remove)
+    assert _rel(f64, expected) < 1e-9  # measured 6e-15; the small solve gave 3e-5
+
+
+def _live_block_expectation(w, G, pruned, n_prune, B, damp):
+    """Explicit inverses: Fisher over the live coordinates, blocks of B consecutive *live* ones."""
+    live = (~pruned).nonzero().flatten()
+    F = _block_diag(_fisher(G[:, live], damp), B)
+    rho = w[live].square() / (2 * torch.diagonal(torch.linalg.inv(F)))
+    order = torch.argsort(rho)
+    assert rho[order[n_prune]] > rho[order[n_prune - 1]] * (1 + 1e-6)  # no tie at the cut
+    S = order[:n_prune]
+    out = w.clone()
+    out[live] = w[live] + _kkt_update(F, w[live], S)
+    out[pruned] = 0.0
+    mask = pruned.clone()
+    mask[live[S]] = True
+    return out, mask
+
+
+def test_live_step_forms_the_fisher_blocks_over_the_live_weights():
+    """Half the weights are already pruned: the blocks hold B live weights each (as the paper's
+    code builds them), not the B coordinates of a fixed block, about half of them dead."""
+    m, d, B, damp, n_prune = 10, 48, 6, 1e-2, 5
+    gen = torch.Generator().manual_seed(13)
+    w = torch.randn(d, generator=gen, dtype=F64)
+    pruned = torch.zeros(d, dtype=torch.bool)
+    pruned[torch.randperm(d, generator=gen)[: d // 2]] = True
+    w[pruned] = 0.0
+    G = _grads(m, d, seed=14) * torch.logspace(-1, 1, d, dtype=F64)
+    G[:, pruned] = 1e3  # whatever the gradients of pruned weights are, they are not used
+
+    w_new, mask = mfac_prune_live_step(w, G, pruned, n_prune, B, damp)
+
+    expected, expected_mask = _live_block_expectation(w, G, pruned, n_prune, B, damp)
+    assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(w_new, expected, rtol=1e-7, atol=1e-9)
+    assert bool((w_new[mask] == 0).all()) and int(mask.sum()) == d // 2 + n_prune
+    # fixed blocks over all d coordinates (pruned columns zeroed) give other weights (measured:
+    # the same mask here, weights up to 0.24 apart)
+    G0 = G.masked_fill(pruned, 0.0)
+    fixed, _ = mfac_prune_step(w, BlockFisherInverse(G0, B, damp), n_prune, pruned)
+    assert float((fixed - expected).abs().max()) > 0.1
+
+
+def test_live_step_without_pruned_weights_is_one_prune_step():
+    G = _grads(8, 30, seed=15)
+    w = torch.randn(30, generator=torch.Generator().manual_seed(16), dtype=F64)
+    none = torch.zeros(30, dtype=torch.bool)
+    got = mfac_prune_live_step(w, G, none, 9, 8, 1e-2)
+    want = mfac_prune_step(w, BlockFisherInverse(G, 8, 1e-2), 9)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    w_same, m_same = mfac_prune_live_step(w, G, got[1], 0, 8, 1e-2)
+    assert torch.equal(m_same, got[1]) and torch.equal(w_same, w.masked_fill(got[1], 0.0))
+
+
 def test_prune_step_beats_magnitude_on_correlated_gradients():
     """Quadratic loss ½δᵀFδ of the OBS step vs magnitude pruning (δ = −w_S) of the same count,
     and vs the reference code's sum of independent single-weight OBS updates on the same mask.
@@ -170,3 +267,9 @@ def test_invalid_input_is_rejected():
     old[0] = True
     with pytest.raises(ValueError, match="already-pruned"):
         mfac_prune_step(torch.ones(10, dtype=F64), finv, 1, old)
+    with pytest.raises(ValueError, match="n_prune"):
+        mfac_prune_live_step(torch.ones(10, dtype=F64), G, old, 10, 4)
+    with pytest.raises(ValueError, match="grads"):
+        mfac_prune_live_step(torch.ones(9, dtype=F64), G, old, 1, 4)
+    with pytest.raises(ValueError, match="pruned"):
+        mfac_prune_live_step(torch.ones(10, dtype=F64), G, old.float(), 1, 4)

@@ -586,15 +586,17 @@ class MFACConfig(CompressConfig):
 
     Attributes:
         ngrads: gradients ``m`` (one per calibration micro-batch; batches are split if needed).
-        fisher_block: consecutive weights per diagonal block of ``F``.
+        fisher_block: consecutive live (not yet pruned) weights per diagonal block of ``F``.
         damp: absolute damping ``λ`` of ``F = λI + (1/m) Σ g gᵀ`` (reference: 1e-5).
-        steps: pruning steps to the target, gradients recomputed before each (gradual OBS).
+        steps: pruning steps to the target (the reference's 16 recomputations), the density
+            falling geometrically; before each, the gradients are recomputed at the current
+            weights and the Fisher blocks re-formed over the weights still alive.
     """
 
     ngrads: int = 64
     fisher_block: int = 128
     damp: float = 1e-5
-    steps: int = 4
+    steps: int = 16
     sequential: bool = False
 
     def __post_init__(self) -> None:

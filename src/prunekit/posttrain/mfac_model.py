@@ -2,10 +2,19 @@
 
 Unlike the layer-wise methods, M-FAC looks at the loss: ``m`` gradients of the loss, one per
 calibration micro-batch, give ``F = λI + (1/m) Σ g gᵀ`` over all target weights (block-diagonal,
-blocks of ``fisher_block`` consecutive weights), and the weights of smallest OBS saliency
+blocks of ``fisher_block`` consecutive live weights), and the weights of smallest OBS saliency
 ``w_q² / (2[F⁻¹]_qq)`` across *all* layers are removed with the joint OBS compensation
-(:func:`~prunekit.posttrain.mfac.mfac_prune_step`). As in the paper, pruning is gradual:
-``steps`` steps to the target, with the gradients recomputed at the current weights each time.
+(:func:`~prunekit.posttrain.mfac.mfac_prune_step`). As in the paper's code, pruning is gradual:
+``steps`` steps (16 by default) to the target, each one recomputing the ``m`` gradients at the
+current (pruned and compensated) weights and re-forming the Fisher blocks over the weights still
+alive (:func:`~prunekit.posttrain.mfac.mfac_prune_live_step`), with the density (fraction of
+non-zero weights) falling geometrically (:func:`mfac_schedule`)::
+
+    density_k = ρ_0 · (ρ_T / ρ_0)^(k / steps),   k = 1 … steps,
+
+from ``ρ_0 = 1 − E/d`` (the existing zeros, below) to ``ρ_T = 1 − sparsity``: every step removes
+the same fraction of the weights still alive, so the later steps, on a sparser model, remove
+fewer weights than the first ones.
 
 Existing zeros count toward the target: the zero weights of the targets, and the weights of their
 dead inputs (zero on every calibration sample; they are zeroed first), ``E`` of the ``d`` target
@@ -37,13 +46,13 @@ from prunekit.config import ConfigError
 from prunekit.core.targets import Target
 from prunekit.posttrain.calibration import Call, batch_size
 from prunekit.posttrain.layers import LayerView, matrices_to_weight
-from prunekit.posttrain.mfac import BlockFisherInverse, mfac_prune_step
+from prunekit.posttrain.mfac import mfac_prune_live_step
 from prunekit.posttrain.report import CompressionReport, LayerReport
 from prunekit.posttrain.sequential import HookSet
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["mfac_prune_model", "split_calls"]
+__all__ = ["mfac_prune_model", "mfac_schedule", "split_calls"]
 
 
 def _slice(obj: Any, sl: slice) -> Any:
@@ -139,12 +148,12 @@ def _gradients(
     calls: Sequence[Call],
     labels: Sequence[Tensor] | None,
     m: int,
-    pruned: Tensor,
 ) -> Tensor:
-    """``(m, d)``: one flattened gradient of the targets per micro-batch (pruned columns 0)."""
+    """``(m, d)``: one flattened gradient of the targets per micro-batch, at the current weights
+    (the columns of pruned weights included; the caller drops them)."""
     params = [t.param for t in targets]
-    d = sum(p.numel() for p in params)
-    G = torch.empty(m, d, dtype=torch.float32, device=params[0].device)
+    sizes = [p.numel() for p in params]
+    G = torch.empty(m, sum(sizes), dtype=torch.float32, device=params[0].device)
     frozen = [p for p in params if not p.requires_grad]
     for p in frozen:  # the Fisher needs their gradients even if the user froze them
         p.requires_grad_(True)
@@ -154,17 +163,45 @@ def _gradients(
             with torch.enable_grad():
                 loss = _loss(model(*args, **kwargs), None if labels is None else labels[i])
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
-            G[i] = torch.cat(
-                [
-                    (torch.zeros_like(p) if g is None else g).reshape(-1).float()
-                    for p, g in zip(params, grads, strict=True)
-                ]
-            )
+            for row, g in zip(torch.split(G[i], sizes), grads, strict=True):
+                if g is None:
+                    row.zero_()
+                else:
+                    row.copy_(g.reshape(-1))
     finally:
         for p in frozen:
             p.requires_grad_(False)
-    G[:, pruned] = 0.0
     return G
+
+
+def mfac_schedule(d: int, existing: int, sparsity: float, steps: int) -> list[int]:
+    """The number of zeros after each of the ``steps`` gradual M-FAC steps.
+
+    The density falls geometrically, as in the paper's code: after step ``k`` the
+    ``(d − E) · ((1 − sparsity) d / (d − E))^(k / steps)`` weights still alive are kept (rounded
+    to the nearest count; the paper's code truncates), where ``E`` = ``existing`` zeros. The last
+    step reaches ``max(E, round(sparsity · d))`` exactly; with ``E`` at or above it nothing is
+    pruned.
+
+    Args:
+        d: number of weights.
+        existing: weights already zero (``0 ≤ existing ≤ d``).
+        sparsity: target fraction of zeros in ``[0, 1]``.
+        steps: number of steps, ``≥ 1``.
+
+    Returns:
+        ``steps`` non-decreasing counts, each between ``existing`` and the final one.
+    """
+    total = max(existing, math.floor(sparsity * d + 0.5))
+    alive = d - existing
+    if total == existing:
+        return [existing] * steps
+    ratio = (1.0 - sparsity) * d / alive
+    counts = [
+        min(total, max(existing, d - math.floor(alive * ratio ** (k / steps) + 0.5)))
+        for k in range(1, steps)
+    ]
+    return [*counts, total]
 
 
 def mfac_prune_model(
@@ -196,24 +233,14 @@ def mfac_prune_model(
             p.masked_fill_(mask, 0.0)
     # existing zeros (zero weights, dead inputs) stay zero and count toward the target
     pruned = torch.cat([p.detach().reshape(-1) == 0 for p in params])
-    existing = int(pruned.sum())
-    total = max(existing, math.floor(sparsity * d + 0.5))
-    rate = sparsity - existing * (1.0 - sparsity) / (d - existing) if d > existing else 0.0
-    for step in range(1, steps + 1):
-        # gradual: from the existing zeros to the target, the rest pruned at the rate that
-        # reaches it (rate = sparsity when nothing is zero yet)
-        goal = (
-            existing + math.floor(rate * step / steps * (d - existing) + 0.5)
-            if step < steps
-            else total
-        )
+    schedule = mfac_schedule(d, int(pruned.sum()), sparsity, steps)
+    for step, goal in enumerate(schedule, start=1):
         n_prune = goal - int(pruned.sum())
         if n_prune <= 0:
             continue
-        G = _gradients(model, targets, micro, micro_labels, ngrads, pruned)
-        finv = BlockFisherInverse(G, fisher_block, damp)
+        G = _gradients(model, targets, micro, micro_labels, ngrads)
         w = torch.cat([p.detach().reshape(-1).float() for p in params])
-        w, pruned = mfac_prune_step(w, finv, n_prune, pruned)
+        w, pruned = mfac_prune_live_step(w, G, pruned, n_prune, fisher_block, damp)
         with torch.no_grad():
             for p, chunk in zip(params, torch.split(w, sizes), strict=True):
                 p.copy_(chunk.view_as(p))
