@@ -13,6 +13,7 @@ from prunekit.posttrain.obs import (
 )
 from prunekit.posttrain.quant import minmax_grid, quantize_rtn, quantize_to_ints
 from tests.posttrain.layer_data import correlated, low_rank, rel_err
+from tests.posttrain.reference import hessian, obq_reference
 
 
 def _layer(d_out, d_in, n, seed, dtype=torch.float64):
@@ -295,3 +296,15 @@ def test_bad_arguments_raise_clear_errors():
     W1 = obc_prune(W, layer_hessian(X), 0.0, nm=(2, 4))
     assert (W1[:, :3] == 0).all() and (W1[:, 3] != 0).all()
     assert ((W1[:, 4:] != 0).sum(dim=1) == 2).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_obq_equals_the_reference_port_on_a_4x8_layer(bits):
+    """The OBC reference's ``TrueOBS.quantize`` (greedy OBS quantization with rank-1 downdates,
+    outliers first), ported in ``tests/posttrain/reference.py``, at the default damping."""
+    X = low_rank(40, 8, rank=3, seed=7).double()
+    W = torch.randn(4, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    H = hessian(X)
+    expected = obq_reference(W, H, bits)
+    assert torch.equal(obq_quantize(W, H, bits), expected)
+    assert not torch.equal(expected, quantize_rtn(W, bits))

@@ -16,6 +16,7 @@ from prunekit.posttrain import (
 )
 from prunekit.posttrain.quant import quantize_rtn, quantize_to_ints
 from tests.posttrain.layer_data import correlated, low_rank, reference_grid, rel_err
+from tests.posttrain.reference import hessian, reference_layer, sparsegpt_reference
 
 
 @pytest.mark.parametrize("p", [0, 2, 4])
@@ -245,3 +246,84 @@ def test_joint_pruning_and_quantization(group_size):
     # fixed at the group's first column may clip a weight that later crosses 0 to 0.)
     W16 = sparsegpt_prune(W, H, s, block_size=32, bits=16)
     assert ((W16 == 0).sum(dim=1) == k).all()
+
+
+# --- against the reference code (tests/posttrain/reference.py) ----------------------------------
+
+
+#: (inputs, d_out, d_in, block_size, sparsity, seed): every block's share s·(block columns) is
+#: whole, so the reference's count int(s·numel) is prunekit's (see reference._block_mask); 300
+#: columns in blocks of 128 leave a last block of 44. The seeds give layers where the adaptive
+#: masks differ from those of the original weights in both scopes (by 2 to 100 weights).
+REFERENCE_LAYERS = [
+    ("random", 8, 48, 16, 0.5, 2),
+    ("correlated", 8, 48, 16, 0.5, 56),
+    ("low_rank", 8, 48, 16, 0.25, 2),
+    ("correlated", 6, 40, 8, 0.75, 46),
+    ("correlated", 16, 300, 128, 0.5, 316),
+    ("low_rank", 12, 300, 128, 0.5, 312),
+]
+
+
+@pytest.mark.parametrize("scope", ["block", "row"])
+@pytest.mark.parametrize(
+    ("kind", "d_out", "d_in", "block_size", "sparsity", "seed"), REFERENCE_LAYERS
+)
+def test_sparsegpt_equals_the_reference_port(kind, d_out, d_in, block_size, sparsity, seed, scope):
+    """``mask_scope="block"`` is the reference's ``fasterprune`` (one threshold per block over all
+    rows, from the weights the earlier blocks updated; its count aligned, see
+    ``reference._block_mask``); ``"row"`` the same sweep with prunekit's per-row counts. Masks
+    identical, weights equal to float64 rounding."""
+    W, H = reference_layer(kind, d_out, d_in, seed)
+    expected, mask = sparsegpt_reference(W, H, sparsity, block_size, scope=scope)
+    got = sparsegpt_prune(W, H, sparsity, block_size=block_size, mask_scope=scope)
+    assert torch.equal(got == 0, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert int(mask.sum()) == d_out * round(sparsity * d_in)
+    if scope == "block":  # the layer can tell the scopes apart
+        assert len(set(mask.sum(1).tolist())) > 1
+    # the layer can tell the adaptive mask from one chosen on the original weights
+    _, look_alike = sparsegpt_reference(
+        W, H, sparsity, block_size, scope=scope, scores_of="original"
+    )
+    assert not torch.equal(mask, look_alike)
+
+
+def test_sparsegpt_row_scope_equals_the_port_at_a_sparsity_blocks_split_unevenly():
+    """At 30% of 300 columns in blocks of 128 the rows' shares are 38, 39, 13 (round(0.3·128),
+    round(0.3·256) − 38, 90 − 77): the per-row cumulative rounding of the row scope. (The block
+    scope has no reference count here: the reference's int(0.3·numel) per block is not
+    prunekit's, see reference._block_mask.)"""
+    W, H = reference_layer("correlated", 10, 300, seed=77)
+    expected, mask = sparsegpt_reference(W, H, 0.3, 128, scope="row")
+    got = sparsegpt_prune(W, H, 0.3, block_size=128)
+    assert torch.equal(got == 0, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    shares = [mask[:, a:b].sum(1).unique().tolist() for a, b in ((0, 128), (128, 256), (256, 300))]
+    assert shares == [[38], [39], [13]]
+
+
+@pytest.mark.parametrize(
+    ("scope", "dead_cols"),
+    [
+        ("block", [3, 20, 40]),  # one per block: the reference's per-block count is prunekit's
+        ("row", [3, 20, 40]),
+        ("row", [3, 4, 5, 6, 7, 8, 9, 10, 11, 40]),  # 9 of block 0's 16 columns
+    ],
+)
+@pytest.mark.parametrize("sparsity", [0.25, 0.5])
+def test_sparsegpt_with_dead_inputs_equals_the_reference_port(scope, dead_cols, sparsity):
+    """Dead inputs (H_jj = 0, set to 1 before damping; their weights zeroed and counted) as the
+    reference handles them. (With dead inputs spread unevenly over the blocks the block scope
+    departs from the reference: the reference counts a block's dead weights within that block's
+    share, prunekit spreads the layer's remaining count over all blocks by their live weights.)"""
+    d_out, d_in = 6, 48
+    X = correlated(200, d_in, seed=1) * torch.logspace(-1, 1, d_in, dtype=torch.float64)
+    X[:, dead_cols] = 0.0
+    W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    H = hessian(X)
+    expected, mask = sparsegpt_reference(W, H, sparsity, 16, scope=scope)
+    got = sparsegpt_prune(W, H, sparsity, block_size=16, mask_scope=scope)
+    assert torch.equal(got == 0, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert (got[:, dead_cols] == 0).all()

@@ -17,6 +17,7 @@ from prunekit.posttrain.quant import (
     quantize_to_ints,
 )
 from tests.posttrain.layer_data import correlated, low_rank, reference_grid, rel_err
+from tests.posttrain.reference import gptq_reference, hessian, reference_layer
 
 
 def test_minmax_grid_contains_zero_for_an_all_positive_row():
@@ -367,3 +368,48 @@ def test_grouped_gptq_reads_the_updated_weights_and_beats_the_block_start_weight
         stale.append(rel_err(W, _gptq_block_start_grids(W, H_d, 4, 32, 128), X))
     # Measured: total 4-bit error of the five layers 0.00233 (ours) vs 0.00245 (ratio 0.95).
     assert sum(ours) < 0.97 * sum(stale), (ours, stale)
+
+
+# --- against the reference code (tests/posttrain/reference.py) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "d_out", "d_in", "block_size", "bits"),
+    [
+        ("random", 8, 48, 16, 3),
+        ("correlated", 8, 48, 16, 2),
+        ("low_rank", 6, 40, 8, 4),
+        ("correlated", 16, 300, 128, 3),  # the reference's block of 128, a last block of 44
+        ("low_rank", 12, 300, 128, 4),
+    ],
+)
+def test_gptq_equals_the_reference_port(kind, d_out, d_in, block_size, bits):
+    """The reference's ``fasterquant`` (per-channel asymmetric min-max grid, no groups, no
+    act-order): the same grid and the same quantized weights, bit for bit (every value is
+    ``scale · (code − zero)`` of the same grid, so equal codes give equal floats)."""
+    W, H = reference_layer(kind, d_out, d_in, seed=d_in + bits)
+    expected, scale, zero = gptq_reference(W, H, bits, block_size)
+    got, got_scale, got_zero = gptq_quantize(W, H, bits, block_size=block_size, return_grid=True)
+    assert torch.equal(got_scale, scale) and torch.equal(got_zero, zero)
+    assert torch.equal(got, expected)
+    # the layer tells GPTQ from round-to-nearest on the same grid
+    assert not torch.equal(expected, quantize_rtn(W, bits))
+
+
+def test_gptq_with_dead_inputs_equals_the_reference_port_with_the_grid_after_zeroing_them():
+    """Dead inputs (H_jj = 0) get weight 0 and H_jj = 1 before damping, as in the reference. The
+    grid differs, as prunekit documents: its grid is of the weights with the dead inputs' zeroed,
+    while the reference's ``find_params`` runs before ``W[:, dead] = 0`` (the port's
+    ``grid_before_dead``), so there a large dead weight still widens its row's grid."""
+    d_out, d_in, bits = 6, 48, 3
+    X = correlated(200, d_in, seed=5) * torch.logspace(-1, 1, d_in, dtype=torch.float64)
+    X[:, [3, 4, 30]] = 0.0
+    W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    W[:, 30] = 4.0 * W.abs().max()  # the largest weight of every row, on a dead input
+    H = hessian(X)
+    got = gptq_quantize(W, H, bits, block_size=16)
+    expected, _, _ = gptq_reference(W, H, bits, 16, grid_before_dead=False)
+    assert torch.equal(got, expected)
+    assert (expected[:, [3, 4, 30]] == 0).all()
+    as_the_reference, _, _ = gptq_reference(W, H, bits, 16)
+    assert not torch.equal(got, as_the_reference)
