@@ -27,7 +27,7 @@ __version__ = "0.1.0"  # the one place: pyproject.toml reads it
 
 #: subpackages imported on first use (``prunekit.structured.find_groups(...)``), so that
 #: ``import prunekit`` stays light
-_LAZY = ("core", "data", "distributed", "models", "schedules", "structured")
+_LAZY = ("core", "data", "distributed", "export", "models", "schedules", "structured")
 
 
 def available() -> dict[str, list[str]]:
