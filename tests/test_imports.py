@@ -140,6 +140,7 @@ LONG_MODULES = {
     "prunekit.app.run_dir": "the run directory: its record, overwriting and restoring, its lock",
     "prunekit.distributed.codecs": "the wire formats of QSGD and natural compression",
     "prunekit.posttrain.methods": "the table of post-training methods: one config and rule each",
+    "prunekit.posttrain.mfac": "the blocked inverse empirical Fisher and M-FAC's pruning step",
     "prunekit.posttrain.obc": "OBC/OBQ: greedy optimal brain compression of one layer",
     "prunekit.posttrain.obs": "the OBS rules of one layer: SparseGPT, Wanda, magnitude",
     "prunekit.posttrain.pipeline": "prunekit.compress: the walk over the model",

@@ -52,12 +52,16 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
-def _compress(folder: Path, out: Path, *extra: str) -> int:
-    return main([
+def _argv(folder: Path, out: Path) -> list[str]:
+    return [
         "compress", "--model", str(folder / "model"), "--calibration", str(folder / "train.txt"),
         "--eval", str(folder / "test.txt"), "--method", "sparsegpt", "--sparsity", "0.5",
-        "--samples", "8", "--seq-len", "32", "--out", str(out), "--quiet", *extra,
-    ])  # fmt: skip
+        "--samples", "8", "--seq-len", "32", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+
+
+def _compress(folder: Path, out: Path, *extra: str) -> int:
+    return main([*_argv(folder, out), *extra])
 
 
 def test_compress_a_model_folder_from_text_and_evaluate_the_output(folder, tmp_path, capsys):
@@ -138,3 +142,25 @@ def test_bad_input_is_one_line_and_writes_nothing(folder, tmp_path, capsys, chan
     assert len(err) == 1 and message in err[0], err
     assert not out.exists() or not any(p for p in out.iterdir() if not p.name.startswith("."))
     assert {f.name: f.read_bytes() for f in (src / "model").iterdir()} == before
+
+
+def test_a_quantized_model_is_written_in_the_compressed_tensors_layout(folder, tmp_path, capsys):
+    """GPTQ 4-bit: model/ holds the compressed-tensors pack-quantized layout (a
+    quantization_config, int32-packed codes), smaller than the dense folder, and `prunekit
+    evaluate` on it decompresses it exactly: the perplexity the run measured."""
+    out = tmp_path / "gptq"
+    args = ["--method", "gptq", "--bits", "4", "--group-size", "16"]
+    argv = [a for a in _argv(folder, out) if a not in ("--sparsity", "0.5")]
+    assert main([*argv, *args]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert "model.layers.0.mlp.down_proj.weight" in metrics["export"]["layers"]
+    assert metrics["export"]["total_bytes"] < sum(
+        f.stat().st_size for f in (folder / "model").glob("*.safetensors")
+    )
+    capsys.readouterr()
+    evaluate = ["evaluate", "--model", str(out / "model"), "--eval", str(folder / "test.txt")]
+    assert main([*evaluate, "--seq-len", "32"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["perplexity"] == pytest.approx(metrics["perplexity"], rel=1e-6)

@@ -10,9 +10,10 @@ A run reads top to bottom:
    with its tokenizer and packed into sequences (:mod:`prunekit.app.text`);
 4. **compress** — perplexity before, :func:`prunekit.compress` on the calibration sequences (one
    progress bar step per block), perplexity after;
-5. **outputs** — ``model/`` (a ``save_pretrained`` folder with the tokenizer: ``from_pretrained``
-   and ``prunekit evaluate --model OUT/model`` read it), ``metrics.json``, ``report.md`` and
-   ``layer_error.png``, each written atomically.
+5. **outputs** — ``model/`` (a model folder with the tokenizer: ``save_pretrained``'s, or, for a
+   quantized model, the compressed-tensors ``pack-quantized`` layout that ``transformers`` and
+   vLLM read; ``prunekit evaluate --model OUT/model`` reads either), ``metrics.json``,
+   ``report.md`` and ``layer_error.png``, each written atomically.
 """
 
 from __future__ import annotations
@@ -185,19 +186,28 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def _save_folder(pretrained: Pretrained, path: Path) -> None:
-    """``save_pretrained`` of the model and tokenizer into folder ``path``, atomically: written
-    beside it, then renamed."""
+def _save_folder(pretrained: Pretrained, report: CompressionReport, path: Path) -> dict[str, Any]:
+    """The model and tokenizer in folder ``path``, atomically (written beside it, then renamed): a
+    quantized model in the compressed-tensors ``pack-quantized`` layout
+    (:func:`prunekit.export.save_compressed`), any other with ``save_pretrained``. Returns what the
+    compressed-tensors export wrote (``{}`` for ``save_pretrained``)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    written: dict[str, Any] = {}
     try:
-        pretrained.model.save_pretrained(tmp)  # type: ignore[operator]
+        if report.grids:
+            from prunekit.export import save_compressed
+
+            written = save_compressed(pretrained.model, report, tmp).to_dict()
+        else:
+            pretrained.model.save_pretrained(tmp)  # type: ignore[operator]
         pretrained.tokenizer.save_pretrained(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return written
 
 
 def _folder_bytes(path: Path) -> int:
@@ -213,8 +223,10 @@ def _write_outputs(
 ) -> None:
     from prunekit.app.plots import plot_layer_error
 
-    run.write_with("model", lambda path: _save_folder(pretrained, path))
+    export = run.write_with("model", lambda path: _save_folder(pretrained, report, path))
     metrics["model_folder_bytes"] = _folder_bytes(run.path / "model")
+    if export:
+        metrics["export"] = export
     metrics["report"] = report.to_dict()
     metrics["compress_recipe"] = recipe.to_dict()
     run.write_metrics(metrics)

@@ -15,6 +15,7 @@ perplexity.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,10 @@ def load_pretrained(path: str | Path, device: torch.device | None = None) -> Pre
         )
     tf = _transformers()
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        if "quantization_config" in json.loads((folder / "config.json").read_text("utf-8")):
+            model = _load_compressed(tf, folder)
+        else:
+            model = tf.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"model folder {folder}: not a causal language model ({first})") from None
@@ -94,6 +98,37 @@ def load_pretrained(path: str | Path, device: torch.device | None = None) -> Pre
     if device is not None:
         model = model.to(device)
     return Pretrained(folder, model.eval(), tokenizer)
+
+
+def _load_compressed(tf: Any, folder: Path) -> nn.Module:
+    """A compressed-tensors folder as a dense model: the architecture from its config, the
+    weights decompressed exactly by :func:`prunekit.export.load_compressed`."""
+    from prunekit.export import load_compressed
+
+    config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = tf.AutoModelForCausalLM.from_config(config)
+    state = load_compressed(folder)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in _tied_names(model)]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    model.tie_weights()
+    return model
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """State-dict names of parameters shared with an earlier name (tied weights)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            tied.add(name)
+        seen.setdefault(id(tensor), name)
+    return tied
 
 
 def token_sequences(tokenizer: Any, path: str | Path, seq_len: int, what: str) -> Tensor:
