@@ -185,3 +185,25 @@ def test_gpt2_integer_export_round_trips_its_conv1d_weights(tmp_path):
     state = load_quantized(tmp_path / "q.pt")
     for name, value in model.state_dict().items():
         assert torch.equal(state[name], value), name
+
+
+def test_padded_positions_do_not_enter_the_mfac_loss():
+    """M-FAC's gradients come from the loss over the unpadded tokens only: two sequences as two
+    unpadded items, or as one right-padded batch (split into one micro-batch per sequence), give
+    the same pruned model."""
+    a, b = _tokens(1, 12, 6)[0], _tokens(1, 7, 7)[0]
+    unpadded = [
+        {"input_ids": a, "attention_mask": torch.ones_like(a)},
+        {"input_ids": b, "attention_mask": torch.ones_like(b)},
+    ]
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    ids[0], mask[0] = a[0], 1
+    ids[1, :7], mask[1, :7] = b[0], 1
+    padded = [{"input_ids": ids, "attention_mask": mask}]
+    kw = {"sparsity": 0.5, "ngrads": 2, "fisher_block": 16, "steps": 2}
+    one, two = _llama(), _llama()
+    prunekit.compress(one, unpadded, "mfac", **kw)
+    prunekit.compress(two, padded, "mfac", **kw)
+    for (name, p), q in zip(one.named_parameters(), two.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from prunekit.config import ConfigError
 from prunekit.core.targets import Target
-from prunekit.posttrain.calibration import Call, batch_size
+from prunekit.posttrain.calibration import Call, batch_size, token_mask
 from prunekit.posttrain.layers import LayerView, matrices_to_weight
 from prunekit.posttrain.mfac import mfac_prune_live_step
 from prunekit.posttrain.report import CompressionReport, LayerReport
@@ -114,9 +114,10 @@ def _logits(output: Any) -> Any:
     return output
 
 
-def _loss(output: Any, label: Tensor | None) -> Tensor:
+def _loss(output: Any, label: Tensor | None, mask: Tensor | None = None) -> Tensor:
     """Cross-entropy of the logits ``(N, ..., C)`` against ``label`` ``(N, ...)`` or, without
-    labels, against the model's own argmax predictions."""
+    labels, against the model's own argmax predictions; with a token ``mask`` ``(N, T)`` (the
+    item's attention mask) over logits ``(N, T, C)``, only the unpadded positions count."""
     logits = _logits(output)
     if not isinstance(logits, Tensor) or logits.dim() < 2:
         raise ValueError(
@@ -125,8 +126,12 @@ def _loss(output: Any, label: Tensor | None) -> Tensor:
             f"{getattr(logits, 'shape', type(logits).__name__)}"
         )
     flat = logits.reshape(-1, logits.shape[-1])
+    keep = None
+    if mask is not None and logits.dim() == 3 and logits.shape[:2] == mask.shape:
+        keep = mask.to(flat.device).reshape(-1)
     if label is None:
-        return F.cross_entropy(flat, flat.detach().argmax(1))
+        rows = flat if keep is None else flat[keep]
+        return F.cross_entropy(rows, rows.detach().argmax(1))
     target = label.to(flat.device).reshape(-1)
     if target.numel() != flat.shape[0]:
         raise ConfigError(
@@ -139,6 +144,8 @@ def _loss(output: Any, label: Tensor | None) -> Tensor:
             f"labels hold class {int(target[out_of_range][0])} but the model's logits have "
             f"{flat.shape[1]} classes (0 … {flat.shape[1] - 1}; -100 is ignored)"
         )
+    if keep is not None:
+        flat, target = flat[keep], target[keep]
     return F.cross_entropy(flat, target)
 
 
@@ -161,7 +168,8 @@ def _gradients(
         for i in range(m):
             args, kwargs = calls[i]
             with torch.enable_grad():
-                loss = _loss(model(*args, **kwargs), None if labels is None else labels[i])
+                label = None if labels is None else labels[i]
+                loss = _loss(model(*args, **kwargs), label, token_mask(calls[i]))
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             for row, g in zip(torch.split(G[i], sizes), grads, strict=True):
                 if g is None:
