@@ -207,3 +207,13 @@ def test_padded_positions_do_not_enter_the_mfac_loss():
     prunekit.compress(two, padded, "mfac", **kw)
     for (name, p), q in zip(one.named_parameters(), two.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kw", [{"mask_scope": "block"}, {"pattern": "2:4"}, {"mask_scope": "row"}])
+def test_gpt2_sparsegpt_every_mask_scope(kw):
+    """The transposed matrix is contiguous: SparseGPT's block scope views it flat."""
+    model = _gpt2()
+    sparsity = {} if "pattern" in kw else {"sparsity": 0.5}
+    report = prunekit.compress(model, _tokens(4, 12, 8), "sparsegpt", **sparsity, **kw)
+    assert len(report.layers) == 8
+    assert all(abs(r.sparsity - 0.5) < 1e-6 for r in report.layers)

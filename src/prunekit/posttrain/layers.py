@@ -71,7 +71,8 @@ class LayerView:
         w = (self.weight if weight is None else weight).detach()
         if self.transposed:
             w = w.t()
-        return weight_to_matrices(w, self.groups).clone()
+        # contiguous: a transposed weight's matrix is a strided view; the maths views it flat
+        return weight_to_matrices(w, self.groups).clone(memory_format=torch.contiguous_format)
 
     def write_(self, matrices: Tensor) -> None:
         """Write ``(groups, d_out/groups, d_in)`` matrices back into the layer's weight."""
