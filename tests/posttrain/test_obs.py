@@ -327,3 +327,13 @@ def test_sparsegpt_with_dead_inputs_equals_the_reference_port(scope, dead_cols, 
     assert torch.equal(got == 0, mask)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     assert (got[:, dead_cols] == 0).all()
+
+
+def test_a_transposed_weight_is_pruned_like_its_contiguous_copy():
+    """Any strides in: SparseGPT's block scope views the mask flat."""
+    torch.manual_seed(0)
+    W = torch.randn(64, 32).T  # (32, 64), column-major
+    H = layer_hessian(torch.randn(200, 64))
+    for scope in ("block", "row"):
+        out = sparsegpt_prune(W, H, 0.5, mask_scope=scope)
+        assert torch.equal(out, sparsegpt_prune(W.contiguous(), H, 0.5, mask_scope=scope))

@@ -126,7 +126,7 @@ def _prepare(W: Tensor, H: Tensor, damp: float) -> tuple[Tensor, Tensor, Tensor,
     hinv = torch.cholesky_inverse(L)
     dead = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
     dead[info.dead] = True
-    Wc = W.to(dtype).clone()
+    Wc = W.to(dtype).clone(memory_format=torch.contiguous_format)  # any strides in
     Wc[:, dead] = 0.0
     return Wc, hinv, dead, info.dead
 

@@ -423,7 +423,7 @@ def sparsegpt_prune(
         raise ValueError("group_size and return_grid need bits (joint pruning + quantization)")
     dtype = compute_dtype(W)
     h_d, info = prepare_hessian(H.to(dtype), damp=damp)
-    Wc = W.to(dtype).clone()
+    Wc = W.to(dtype).clone(memory_format=torch.contiguous_format)  # any strides in
     dead = torch.zeros(d_in, dtype=torch.bool, device=W.device)
     dead[info.dead] = True
     Wc[:, dead] = 0.0

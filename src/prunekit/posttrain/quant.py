@@ -245,7 +245,7 @@ def gptq_quantize(
     dtype = compute_dtype(W)
     maxq = 2**bits - 1
     d_in = W.shape[1]
-    Wc = W.to(dtype).clone()
+    Wc = W.to(dtype).clone(memory_format=torch.contiguous_format)  # any strides in
     Hc = H.to(dtype)
     perm = activation_order(Hc) if act_order else None
     if perm is not None:
