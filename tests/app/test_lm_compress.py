@@ -73,6 +73,7 @@ def test_compress_a_model_folder_from_text_and_evaluate_the_output(folder, tmp_p
     assert metrics["calibration_sequences"] == 8 and metrics["seq_len"] == 32
     assert metrics["global_sparsity"] == pytest.approx(0.5)
     assert "lm_head.weight" in metrics["report"]["skipped"]  # left by default
+    assert metrics["report"]["config"]["mask_scope"] == "block"  # a decoder LM's default
     assert "perplexity" in (out / "report.md").read_text()
     # the output folder is a model folder: it loads, holds the compressed weights, and
     # `prunekit evaluate` on it gives the perplexity the run measured
@@ -164,3 +165,17 @@ def test_a_quantized_model_is_written_in_the_compressed_tensors_layout(folder, t
     assert main([*evaluate, "--seq-len", "32"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["perplexity"] == pytest.approx(metrics["perplexity"], rel=1e-6)
+
+
+def test_sparsegpt_on_a_language_model_defaults_to_the_block_mask_unless_told():
+    from prunekit.app.compress_recipe import compress_recipe_from_dict
+
+    base = {"model": {"pretrained": "m"}, "calibration": {"text": "t.txt"}}
+    recipe = compress_recipe_from_dict(
+        {**base, "compress": {"method": "sparsegpt", "sparsity": 0.5}}
+    )
+    assert recipe.compress["mask_scope"] == "block"
+    explicit = {"method": "sparsegpt", "sparsity": 0.5, "mask_scope": "row"}
+    assert compress_recipe_from_dict({**base, "compress": explicit}).compress["mask_scope"] == "row"
+    wanda = compress_recipe_from_dict({**base, "compress": {"method": "wanda", "sparsity": 0.5}})
+    assert "mask_scope" not in wanda.compress
