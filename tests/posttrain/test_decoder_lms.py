@@ -103,6 +103,21 @@ def test_a_decoder_lm_keeps_its_head_and_embeddings_by_default():
     assert report.layers[-1].name == "lm_head.weight"  # asked for by name: compressed
 
 
+def _unpadded_and_padded(seed_a: int, seed_b: int) -> tuple[list[dict], list[dict]]:
+    """Two sequences of 12 and 7 tokens: as two unpadded items, and as one right-padded batch
+    with its attention mask."""
+    a, b = _tokens(1, 12, seed_a)[0], _tokens(1, 7, seed_b)[0]
+    unpadded = [
+        {"input_ids": a, "attention_mask": torch.ones_like(a)},
+        {"input_ids": b, "attention_mask": torch.ones_like(b)},
+    ]
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    ids[0], mask[0] = a[0], 1
+    ids[1, :7], mask[1, :7] = b[0], 1
+    return unpadded, [{"input_ids": ids, "attention_mask": mask}]
+
+
 def _hessians(monkeypatch, model, calibration, sequential) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
     original = pipeline._compress_target
@@ -124,16 +139,7 @@ def test_padded_positions_do_not_enter_the_hessians(monkeypatch, sequential):
     layer's when each sees the dense model (``sequential=False``, full forwards), the first
     block's when blocks are fed from the cached chain (later blocks see compressed blocks, whose
     masks may break near-ties differently)."""
-    a, b = _tokens(1, 12, 3)[0], _tokens(1, 7, 4)[0]
-    unpadded = [
-        {"input_ids": a, "attention_mask": torch.ones_like(a)},
-        {"input_ids": b, "attention_mask": torch.ones_like(b)},
-    ]
-    ids = torch.zeros(2, 12, dtype=torch.long)
-    mask = torch.zeros(2, 12, dtype=torch.long)
-    ids[0], mask[0] = a[0], 1
-    ids[1, :7], mask[1, :7] = b[0], 1
-    padded = [{"input_ids": ids, "attention_mask": mask}]
+    unpadded, padded = _unpadded_and_padded(3, 4)
     model = _llama()
     h_unpadded = _hessians(monkeypatch, copy.deepcopy(model), unpadded, sequential)
     h_padded = _hessians(monkeypatch, copy.deepcopy(model), padded, sequential)
@@ -191,16 +197,7 @@ def test_padded_positions_do_not_enter_the_mfac_loss():
     """M-FAC's gradients come from the loss over the unpadded tokens only: two sequences as two
     unpadded items, or as one right-padded batch (split into one micro-batch per sequence), give
     the same pruned model."""
-    a, b = _tokens(1, 12, 6)[0], _tokens(1, 7, 7)[0]
-    unpadded = [
-        {"input_ids": a, "attention_mask": torch.ones_like(a)},
-        {"input_ids": b, "attention_mask": torch.ones_like(b)},
-    ]
-    ids = torch.zeros(2, 12, dtype=torch.long)
-    mask = torch.zeros(2, 12, dtype=torch.long)
-    ids[0], mask[0] = a[0], 1
-    ids[1, :7], mask[1, :7] = b[0], 1
-    padded = [{"input_ids": ids, "attention_mask": mask}]
+    unpadded, padded = _unpadded_and_padded(6, 7)
     kw = {"sparsity": 0.5, "ngrads": 2, "fisher_block": 16, "steps": 2}
     one, two = _llama(), _llama()
     prunekit.compress(one, unpadded, "mfac", **kw)

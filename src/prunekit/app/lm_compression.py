@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import time
@@ -174,16 +175,9 @@ def _compress_lm_run(
 
 def _target_sparsity(report: CompressionReport) -> float:
     """The fraction of zeros over the compressed layers."""
-    total = sum(_numel(r.shape) for r in report.layers)
-    zeros = sum(r.sparsity * _numel(r.shape) for r in report.layers)
+    total = sum(math.prod(r.shape) for r in report.layers)
+    zeros = sum(r.sparsity * math.prod(r.shape) for r in report.layers)
     return zeros / total if total else 0.0
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _save_folder(pretrained: Pretrained, report: CompressionReport, path: Path) -> dict[str, Any]:

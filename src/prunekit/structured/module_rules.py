@@ -117,7 +117,11 @@ def grouped_conv(
     return out
 
 
-def linear_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
+def _linear(
+    ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value], in_axis: int
+) -> Value:
+    """A linear layer whose weight holds its input channels on ``in_axis`` and its output
+    channels on the other axis; the bias holds the output channels."""
     x = inputs[0]
     name = str(node.target)
     weight = ctx.tensor_name(name, "weight", m)
@@ -126,13 +130,17 @@ def linear_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Valu
     last = len(shape) - 1
     if isinstance(x, Flow):
         if x.dim == last:
-            ctx.attach(x.ids, weight, 1, "in")
+            ctx.attach(x.ids, weight, in_axis, "in")
         else:
             ctx.graph.pin(x.ids, f"{name}: channels not on the feature dimension")
     out = Flow(last, ctx.graph.fresh(shape[last]))
-    ctx.attach(out.ids, weight, 0, "out")
+    ctx.attach(out.ids, weight, 1 - in_axis, "out")
     ctx.attach(out.ids, ctx.tensor_name(name, "bias", m), 0, "out")
     return out
+
+
+def linear_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
+    return _linear(ctx, node, m, inputs, in_axis=1)
 
 
 def transposed_linear_rule(
@@ -140,21 +148,7 @@ def transposed_linear_rule(
 ) -> Value:
     """``transformers``' ``Conv1D`` (GPT-2): a Linear whose weight is stored ``(in, out)``, so its
     input channels are the weight's rows and its output channels its columns."""
-    x = inputs[0]
-    name = str(node.target)
-    weight = ctx.tensor_name(name, "weight", m)
-    shape = shape_of(node)
-    assert shape is not None
-    last = len(shape) - 1
-    if isinstance(x, Flow):
-        if x.dim == last:
-            ctx.attach(x.ids, weight, 0, "in")
-        else:
-            ctx.graph.pin(x.ids, f"{name}: channels not on the feature dimension")
-    out = Flow(last, ctx.graph.fresh(shape[last]))
-    ctx.attach(out.ids, weight, 1, "out")
-    ctx.attach(out.ids, ctx.tensor_name(name, "bias", m), 0, "out")
-    return out
+    return _linear(ctx, node, m, inputs, in_axis=0)
 
 
 def channel_norm_rule(ctx: RuleContext, node: fx.Node, m: nn.Module, inputs: list[Value]) -> Value:
