@@ -1,40 +1,12 @@
-"""Tiny Hugging Face decoder LMs, their calibration tokens and compressed copies, for the export
-tests (the settings of tests/posttrain/test_decoder_lms.py)."""
+"""Compressed copies of the tiny Hugging Face decoder LMs (tests/hf_models.py), for the export
+tests."""
 
 import functools
 
-import benchmarks.torchvision_shim  # noqa: F401  (before transformers imports torchvision)
-import torch
-import transformers
 from torch import nn
 
 import prunekit
-
-transformers.logging.set_verbosity_error()
-
-
-def llama(dtype: torch.dtype = torch.float32) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=97, max_position_embeddings=32, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval().to(dtype)
-
-
-def gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=97, n_positions=16, bos_token_id=0,
-        eos_token_id=0,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-def tokens(n: int = 4, length: int = 12, seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 97, (1, length), generator=g) for _ in range(n)]
+from tests.hf_models import gpt2, llama, tokens
 
 
 @functools.cache

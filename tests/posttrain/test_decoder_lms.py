@@ -5,7 +5,6 @@ models whose weights mostly live in layers prunekit cannot compress."""
 import copy
 import logging
 
-import benchmarks.torchvision_shim  # noqa: F401  (before transformers imports torchvision)
 import pytest
 import torch
 from torch import nn
@@ -14,32 +13,10 @@ import prunekit
 from prunekit.config import ConfigError
 from prunekit.posttrain import pipeline
 
-transformers = pytest.importorskip("transformers")
-transformers.logging.set_verbosity_error()
-
-
-def _gpt2(tie: bool = True) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=97, n_positions=16, tie_word_embeddings=tie,
-        bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=97, max_position_embeddings=32, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def _tokens(n: int, length: int, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 97, (1, length), generator=g) for _ in range(n)]
+pytest.importorskip("transformers")
+from tests.hf_models import gpt2 as _gpt2
+from tests.hf_models import llama as _llama
+from tests.hf_models import tokens as _tokens
 
 
 @pytest.mark.parametrize("tie", [True, False])
