@@ -21,6 +21,13 @@ from torch import Tensor, nn
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is of ``transformers``' ``Conv1D`` class (its class name and its integer
+    ``nf``, the output width), without importing ``transformers`` and whatever its weight's shape
+    (:func:`is_transposed_linear` also checks the weight)."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+
+
 def is_transposed_linear(module: nn.Module) -> bool:
     """Whether ``module`` is ``transformers``' ``Conv1D`` (GPT-2 and its kin): a linear layer
     ``y = x W + b`` whose weight is stored ``(in, out)``, the transpose of ``nn.Linear``'s.
@@ -31,13 +38,11 @@ def is_transposed_linear(module: nn.Module) -> bool:
     """
     # the registered parameter itself: while torch.fx traces, module.weight is a proxy
     weight = module._parameters.get("weight")
-    nf = getattr(module, "nf", None)
     return (
-        type(module).__name__ == "Conv1D"
-        and isinstance(nf, int)
+        is_hf_conv1d(module)
         and isinstance(weight, Tensor)
         and weight.dim() == 2
-        and weight.shape[1] == nf
+        and weight.shape[1] == module.nf
     )
 
 

@@ -301,10 +301,10 @@ def _run(
     if bn_between:
         for u in units:
             u.chained = False  # statistics change between units: cached activations go stale
+    current = _TokenMask(calls)  # the calibration items' attention masks, once
     for i, unit in enumerate(tqdm(units, desc=f"compress:{compressor.name}", disable=not show)):
         chain_next = i + 1 < len(units) and units[i + 1].chained
         accs = _hessians(unit, views)
-        current = _TokenMask(calls)
         with HookSet() as hooks:
             _collect(hooks, unit, views, accs, current)
             if unit.module is model:

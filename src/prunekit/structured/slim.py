@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.core.forward import eval_mode, example_args
+from prunekit.core.targets import is_hf_conv1d
 from prunekit.structured.folded import FoldedConv
 from prunekit.structured.groups import Group, find_groups
 from prunekit.structured.module_rules import BATCH_NORMS, CONVS
@@ -272,8 +273,8 @@ def apply_kept(
         touched.add(module_name)
     for module_name in sorted(touched, key=lambda n: -n.count(".")):  # children before parents
         module = new.get_submodule(module_name)
-        if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # is_transposed_linear
-            _fix_transposed_linear(module)  # before the fix its nf no longer matches its weight
+        if is_hf_conv1d(module):  # sliced: its nf no longer matches its weight
+            _fix_transposed_linear(module)
             continue
         for types, fix in _FIXUPS:
             if isinstance(module, types):
