@@ -84,13 +84,8 @@ def compress_run(
     run = RunDir(out_dir, "compress")
     if source.path is not None:
         run.refuse_inside(source.path, source.what)
-    try:
+    with run:  # abandoned if it raises, released either way
         return _compress_run(recipe, source, run, dev, progress, overwrite)
-    except BaseException:
-        run.abandon()
-        raise
-    finally:
-        run.close()
 
 
 def _training_recipe(recipe: CompressRecipe, source: Source) -> Recipe:

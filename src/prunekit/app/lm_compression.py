@@ -100,13 +100,8 @@ def compress_lm_run(
     folder = Path(recipe.model.pretrained)
     run = RunDir(out_dir, "compress")
     run.refuse_inside(folder, "model.pretrained")
-    try:
+    with run:  # abandoned if it raises, released either way
         return _compress_lm_run(recipe, folder, run, dev, progress, overwrite)
-    except BaseException:
-        run.abandon()
-        raise
-    finally:
-        run.close()
 
 
 def _compress_lm_run(

@@ -545,6 +545,18 @@ class RunDir:
         """Release the directory (idempotent)."""
         self._release()
 
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        """A run that raised (an interrupt included) is :meth:`abandon`-ed; the directory is
+        released either way."""
+        try:
+            if kind is not None:
+                self.abandon()
+        finally:
+            self.close()
+
     def abandon(self) -> None:
         """After an error: if this process started the run and left no checkpoint to resume
         from, remove what it wrote and its record, put back the outputs it was replacing, and
